@@ -1,0 +1,183 @@
+"""Configuration: one TOML file validated by pydantic v2.
+
+Every section is a frozen model that forbids unknown keys, so a typo is an
+error naming its key path (``stats.poll_intervall: Extra inputs are not
+permitted``) instead of a silently ignored setting. A missing file section
+takes its defaults; no file at all is a valid configuration.
+
+Errors: :func:`load_settings` raises :class:`ConfigError` carrying every
+problem found (TOML syntax, unknown keys, bad values), each as
+``"key.path: message"``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .policy.config import PolicySettings
+
+
+class Section(BaseModel):
+    """Base for config sections: frozen, unknown keys rejected."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LibvirtSettings(Section):
+    """``[libvirt]``: how to reach libvirtd and keep the connection alive."""
+
+    uri: str = Field("qemu:///system", description="libvirt connection URI")
+    read_only: Literal["auto", "yes", "no"] = Field(
+        "auto", description="'auto': read-only unless policy actions need write access"
+    )
+    keepalive_interval: int = Field(5, ge=1, le=3600, description="seconds between keepalive probes")
+    keepalive_count: int = Field(3, ge=0, le=100, description="unanswered probes before the connection is dead")
+    reconnect_min_delay: float = Field(0.5, gt=0, le=3600, description="first reconnect delay, seconds")
+    reconnect_max_delay: float = Field(30.0, gt=0, le=86400, description="reconnect delay cap, seconds")
+    max_calls_in_flight: int = Field(4, ge=1, le=64, description="concurrent libvirt calls (libvirtd allows 5 per client)")
+    call_timeout: float = Field(30.0, gt=0, le=3600, description="deadline for one libvirt call, seconds")
+    resync_interval: float = Field(300.0, ge=0, description="periodic full state resync, seconds (0 = only after connect)")
+
+
+StatsGroup = Literal["state", "cpu", "balloon", "vcpu", "interface", "block", "perf", "iothread", "memory", "dirtyrate", "vm"]
+
+
+class StatsSettings(Section):
+    """``[stats]``: the bulk statistics poll."""
+
+    poll_interval: float = Field(15.0, ge=0.1, le=3600, description="seconds between polls")
+    poll_timeout: float = Field(10.0, gt=0, le=3600, description="deadline for one poll, seconds")
+    groups: tuple[StatsGroup, ...] = Field(
+        ("state", "cpu", "balloon", "vcpu", "interface", "block"), description="getAllDomainStats groups"
+    )
+    host: bool = Field(True, description="also collect node, storage pool and network figures")
+
+    @field_validator("groups")
+    @classmethod
+    def _non_empty(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v:
+            raise ValueError("at least one stats group is needed")
+        return tuple(dict.fromkeys(v))
+
+
+class HTTPSettings(Section):
+    """``[http]``: the metrics/HTTP endpoint."""
+
+    listen: str = Field(":9177", description="HOST:PORT; ':9177' listens on every address")
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_listen(v)
+        return v
+
+
+class LogSettings(Section):
+    """``[log]``: structured logging."""
+
+    format: Literal["json", "console"] = "json"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    events: bool = Field(True, description="log every libvirt event as one line")
+
+
+class DaemonSettings(Section):
+    """``[daemon]``: files the daemon owns."""
+
+    state_dir: str = Field("/var/lib/virtwatch", description="SQLite state and journal live here")
+    socket: str = Field("/run/virtwatch/virtwatch.sock", description="operator Unix socket")
+    shutdown_timeout: float = Field(20.0, gt=0, le=600, description="bound on orderly shutdown, seconds")
+
+
+class Settings(Section):
+    """The whole configuration (the TOML file's top level)."""
+
+    libvirt: LibvirtSettings = LibvirtSettings()
+    stats: StatsSettings = StatsSettings()
+    http: HTTPSettings = HTTPSettings()
+    log: LogSettings = LogSettings()
+    daemon: DaemonSettings = DaemonSettings()
+    policy: PolicySettings = PolicySettings()
+
+
+class ConfigError(Exception):
+    """Invalid configuration. ``errors`` lists every problem as ``"path: message"``."""
+
+    def __init__(self, source: str, errors: list[str]) -> None:
+        self.source = source
+        self.errors = errors
+        super().__init__(f"{source}: " + "; ".join(errors))
+
+
+def parse_listen(value: str) -> tuple[str | None, int]:
+    """Split ``HOST:PORT`` / ``[V6]:PORT`` / ``:PORT`` into (host or None, port).
+
+    Raises ValueError for a missing or out-of-range port.
+    """
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    host = host.strip("[]")
+    return (host or None), int(port)
+
+
+def _format_errors(err: pydantic.ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def settings_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Settings:
+    """Validate a parsed TOML mapping. Raises :class:`ConfigError` with every problem."""
+    try:
+        return Settings.model_validate(dict(data))
+    except pydantic.ValidationError as err:
+        raise ConfigError(source, _format_errors(err)) from None
+
+
+def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load ``path`` (None: defaults only), then apply dotted ``overrides``.
+
+    ``overrides`` maps ``"section.key"`` to a value (command-line flags); they
+    win over the file. Raises :class:`ConfigError` for unreadable files, TOML
+    syntax errors and every validation problem.
+    """
+    data: dict[str, Any] = {}
+    source = str(path) if path else "<defaults>"
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as err:
+            raise ConfigError(source, [f"cannot read file: {err.strerror or err}"]) from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(source, [f"TOML syntax: {err}"]) from None
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return settings_from_mapping(data, source)
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Valid but suspicious settings, as human-readable lines (may be empty)."""
+    warnings = []
+    if settings.stats.poll_timeout > settings.stats.poll_interval:
+        warnings.append("stats.poll_timeout is longer than stats.poll_interval: stuck polls delay the next")
+    if settings.libvirt.reconnect_min_delay > settings.libvirt.reconnect_max_delay:
+        warnings.append("libvirt.reconnect_min_delay exceeds libvirt.reconnect_max_delay")
+    warnings.extend(settings.policy.warnings())
+    return warnings

@@ -1,0 +1,1 @@
+"""Prometheus metrics: names, collector, self-instrumentation, HTTP."""

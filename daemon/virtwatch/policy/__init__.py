@@ -1,0 +1,1 @@
+"""Policy engine: keep guests running by policy (restart, autostart, restore)."""

@@ -1,0 +1,1 @@
+"""libvirt access: event loop, connection, events, stats."""
