@@ -1,0 +1,324 @@
+"""Alertmanager v2 API client: per-Alertmanager bounded queues, retries, self-metrics.
+
+Every configured Alertmanager gets its own queue and sender task, so one dead
+member of a cluster neither delays nor starves the others, and each receives
+every alert once it is reachable again. A queue holds the *latest state* of
+each alert (keyed by ``(alertname, domain)``): a newer update replaces a pending
+one, so repeated re-posts during an outage do not grow it. Past ``queue_size``
+the oldest pending alert is dropped and counted.
+
+Payloads are built when sent, not when queued: a firing alert gets
+``endsAt = now + 4 x resend_interval`` (like Prometheus does, so the alerts of a
+dead daemon expire by themselves); a resolved one gets ``endsAt =
+max(resolved time, startsAt + min_firing_duration)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import dataclasses
+import datetime
+import random
+import ssl
+from typing import Any, Awaitable, Callable, Mapping
+
+import aiohttp
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from .config import AlertSettings
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], Awaitable[None]]
+SessionFactory = Callable[[], Any]
+
+MAX_BATCH = 64
+_RETRYABLE_4XX = frozenset({408, 429})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One state of one alert, as queued for delivery.
+
+    Attributes:
+        labels: the full label set (``alertname``, ``severity``, ``instance``...).
+        annotations: summary, description and any others.
+        starts_at: epoch seconds the condition started.
+        ends_at: epoch seconds it cleared; ``None`` while firing.
+        key: ``(alertname, domain)`` identity used for coalescing.
+    """
+
+    labels: Mapping[str, str]
+    annotations: Mapping[str, str]
+    starts_at: float
+    ends_at: float | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """``(alertname, domain)``."""
+        return (self.labels.get("alertname", ""), self.labels.get("domain", ""))
+
+    @property
+    def firing(self) -> bool:
+        """True unless resolved."""
+        return self.ends_at is None
+
+
+def rfc3339(t: float) -> str:
+    """Epoch seconds as an RFC 3339 UTC timestamp with milliseconds."""
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z"
+    )
+
+
+def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings) -> dict[str, Any]:
+    """The Alertmanager v2 JSON object for ``rec`` sent at time ``now``."""
+    if rec.ends_at is None:
+        ends = now + 4 * settings.resend_interval
+    else:
+        ends = max(rec.ends_at, rec.starts_at + settings.min_firing_duration)
+    out: dict[str, Any] = {
+        "labels": {k: v for k, v in rec.labels.items() if v},
+        "annotations": {k: v for k, v in rec.annotations.items() if v},
+        "startsAt": rfc3339(rec.starts_at),
+        "endsAt": rfc3339(ends),
+    }
+    if settings.generator_url:
+        out["generatorURL"] = settings.generator_url
+    return out
+
+
+def alerts_endpoint(base: str) -> str:
+    """``base`` + ``/api/v2/alerts`` unless it already names the endpoint."""
+    base = base.rstrip("/")
+    return base if base.endswith("/api/v2/alerts") else base + "/api/v2/alerts"
+
+
+def backoff_delay(attempt: int, settings: AlertSettings, jitter: float) -> float:
+    """Delay before retry number ``attempt`` (0-based): capped exponential, equal jitter.
+
+    ``jitter`` in [0, 1) scales the delay between 50 % and 100 % of the capped value.
+    """
+    base = min(settings.retry_max_delay, settings.retry_min_delay * (2 ** min(attempt, 60)))
+    return base * (0.5 + 0.5 * jitter)
+
+
+class AlertMetrics:
+    """The client's self-metrics, registered in the caller's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.sent = Counter(
+            "virtwatch_alerts_sent_total", "Alerts accepted by an Alertmanager", ["alertmanager"], registry=registry
+        )
+        self.failed = Counter(
+            "virtwatch_alerts_failed_total",
+            "Alerts in POSTs that failed (each attempt counts; retried unless rejected)",
+            ["alertmanager"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "virtwatch_alerts_dropped_total",
+            "Alerts given up: queue_full (oldest dropped), rejected (4xx), shutdown (unsent at stop)",
+            ["alertmanager", "reason"],
+            registry=registry,
+        )
+        self.queue_length = Gauge(
+            "virtwatch_alerts_queue_length", "Alerts waiting to be sent", ["alertmanager"], registry=registry
+        )
+
+
+@dataclasses.dataclass
+class _Target:
+    url: str
+    endpoint: str
+    pending: collections.OrderedDict[tuple[str, str], AlertRecord] = dataclasses.field(
+        default_factory=collections.OrderedDict
+    )
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    attempt: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+class AlertmanagerClient:
+    """Delivers :class:`AlertRecord` s to every configured Alertmanager.
+
+    Args:
+        settings: the ``[alerts]`` section.
+        registry: where the self-metrics are registered.
+        clock: wall clock (epoch seconds) used for ``endsAt``.
+        sleep: awaitable sleep used for retry backoff.
+        session_factory: returns an ``aiohttp.ClientSession``-like object
+            (``post(url, json=, headers=, ssl=, timeout=)`` as an async context
+            manager, ``close()``); called once in :meth:`start`.
+        jitter: returns a float in [0, 1) for backoff jitter.
+        logger: a structlog logger.
+    """
+
+    def __init__(
+        self,
+        settings: AlertSettings,
+        registry: CollectorRegistry,
+        *,
+        clock: Clock,
+        sleep: Sleep = asyncio.sleep,
+        session_factory: SessionFactory | None = None,
+        jitter: Callable[[], float] | None = None,
+        logger: Any = None,
+    ) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._sleep = sleep
+        self._session_factory = session_factory or aiohttp.ClientSession
+        self._jitter = jitter or random.Random().random
+        self._log = logger or structlog.get_logger("virtwatch.alerts")
+        self.metrics = AlertMetrics(registry)
+        self._targets = [_Target(url, alerts_endpoint(url)) for url in settings.alertmanager_urls]
+        for t in self._targets:
+            t.idle.set()
+            self.metrics.queue_length.labels(t.url).set(0)
+            self.metrics.sent.labels(t.url)
+            self.metrics.failed.labels(t.url)
+        self._session: Any = None
+        self._headers: dict[str, str] = {}
+        self._ssl: Any = True
+
+    # -- queueing ---------------------------------------------------------
+
+    def submit(self, rec: AlertRecord) -> None:
+        """Queue ``rec`` for every Alertmanager (never blocks; may drop the oldest)."""
+        for t in self._targets:
+            t.pending.pop(rec.key, None)
+            t.pending[rec.key] = rec
+            while len(t.pending) > self._settings.queue_size:
+                _, old = t.pending.popitem(last=False)
+                self.metrics.dropped.labels(t.url, "queue_full").inc()
+                self._log.warning("alert_dropped", alertmanager=t.url, reason="queue_full", alert=old.key)
+            self.metrics.queue_length.labels(t.url).set(len(t.pending))
+            t.idle.clear()
+            t.wake.set()
+
+    def queue_lengths(self) -> dict[str, int]:
+        """Pending alerts per Alertmanager URL."""
+        return {t.url: len(t.pending) for t in self._targets}
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        """Read credentials, open the HTTP session and start one sender per Alertmanager."""
+        s = self._settings
+        if not self._targets:
+            return
+        if s.basic_auth_username is not None and s.basic_auth_password_file is not None:
+            cred = f"{s.basic_auth_username}:{_read_secret(s.basic_auth_password_file)}".encode()
+            self._headers["Authorization"] = "Basic " + base64.b64encode(cred).decode("ascii")
+        if s.bearer_token_file is not None:
+            self._headers["Authorization"] = "Bearer " + _read_secret(s.bearer_token_file)
+        if s.tls_insecure_skip_verify:
+            self._ssl = False
+        elif s.tls_ca_file:
+            self._ssl = ssl.create_default_context(cafile=s.tls_ca_file)
+        self._session = self._session_factory()
+        for t in self._targets:
+            t.task = asyncio.create_task(self._run(t), name=f"alerts-sender {t.url}")
+
+    async def stop(self, flush_timeout: float = 5.0) -> None:
+        """Try to deliver what is pending for up to ``flush_timeout`` s, then stop.
+
+        Alerts still pending after that are counted as dropped (``shutdown``).
+        """
+        if flush_timeout > 0 and self._targets:
+            try:
+                async with asyncio.timeout(flush_timeout):
+                    await asyncio.gather(*(t.idle.wait() for t in self._targets if t.task is not None))
+            except TimeoutError:
+                pass
+        for t in self._targets:
+            if t.task is not None:
+                t.task.cancel()
+        await asyncio.gather(*(t.task for t in self._targets if t.task is not None), return_exceptions=True)
+        for t in self._targets:
+            t.task = None
+            if t.pending:
+                self.metrics.dropped.labels(t.url, "shutdown").inc(len(t.pending))
+                self._log.warning("alerts_unsent_at_stop", alertmanager=t.url, count=len(t.pending))
+                t.pending.clear()
+                self.metrics.queue_length.labels(t.url).set(0)
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # -- delivery ---------------------------------------------------------
+
+    async def _run(self, t: _Target) -> None:
+        while True:
+            if not t.pending:
+                t.idle.set()
+                t.wake.clear()
+                await t.wake.wait()
+                continue
+            batch: list[AlertRecord] = []
+            while t.pending and len(batch) < MAX_BATCH:
+                batch.append(t.pending.popitem(last=False)[1])
+            now = self._clock()
+            payload = [alert_payload(r, now, self._settings) for r in batch]
+            outcome = await self._post(t, payload)
+            if outcome == "ok":
+                self.metrics.sent.labels(t.url).inc(len(batch))
+                t.attempt = 0
+            elif outcome == "rejected":
+                self.metrics.failed.labels(t.url).inc(len(batch))
+                self.metrics.dropped.labels(t.url, "rejected").inc(len(batch))
+            else:
+                self.metrics.failed.labels(t.url).inc(len(batch))
+                self._requeue(t, batch)
+                delay = backoff_delay(t.attempt, self._settings, self._jitter())
+                t.attempt += 1
+                self._log.info("alerts_retry", alertmanager=t.url, attempt=t.attempt, delay=round(delay, 3),
+                               pending=len(t.pending))
+                self.metrics.queue_length.labels(t.url).set(len(t.pending))
+                await self._sleep(delay)
+            self.metrics.queue_length.labels(t.url).set(len(t.pending))
+
+    def _requeue(self, t: _Target, batch: list[AlertRecord]) -> None:
+        """Put a failed batch back in front, unless newer states arrived meanwhile."""
+        for rec in reversed(batch):
+            if rec.key in t.pending:
+                continue
+            t.pending[rec.key] = rec
+            t.pending.move_to_end(rec.key, last=False)
+        while len(t.pending) > self._settings.queue_size:
+            t.pending.popitem(last=False)
+            self.metrics.dropped.labels(t.url, "queue_full").inc()
+
+    async def _post(self, t: _Target, payload: list[dict[str, Any]]) -> str:
+        """POST one batch. Returns ``ok``, ``retry`` or ``rejected``."""
+        try:
+            async with self._session.post(
+                t.endpoint,
+                json=payload,
+                headers=self._headers,
+                ssl=self._ssl,
+                timeout=aiohttp.ClientTimeout(total=self._settings.timeout),
+            ) as resp:
+                status = resp.status
+                body = await resp.text()
+        except (aiohttp.ClientError, OSError, TimeoutError) as err:
+            self._log.warning("alerts_post_failed", alertmanager=t.url, error=str(err) or type(err).__name__,
+                              count=len(payload))
+            return "retry"
+        if 200 <= status < 300:
+            self._log.debug("alerts_posted", alertmanager=t.url, count=len(payload))
+            return "ok"
+        self._log.warning("alerts_post_status", alertmanager=t.url, status=status, body=body[:500],
+                          count=len(payload))
+        if 400 <= status < 500 and status not in _RETRYABLE_4XX:
+            return "rejected"
+        return "retry"
+
+
+def _read_secret(path: str) -> str:
+    with open(path, encoding="utf-8") as fh:
+        return fh.read().strip()

@@ -1,0 +1,80 @@
+"""``[alerts]`` configuration: where and how instant alerts reach Alertmanager."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class AlertSettings(BaseModel):
+    """``[alerts]``: instant event alerts posted to Alertmanager's v2 API.
+
+    An empty ``alertmanager_urls`` disables instant alerts entirely (the shipped
+    Prometheus rules still work from the metrics).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    alertmanager_urls: tuple[str, ...] = Field(
+        (),
+        description="Alertmanager base URLs (http:// or https://), all posted to in parallel; empty = disabled",
+    )
+    timeout: float = Field(5.0, gt=0, le=300, description="deadline for one POST to one Alertmanager, seconds")
+    queue_size: int = Field(
+        1000, ge=1, le=1_000_000, description="pending alerts per Alertmanager; past it the oldest are dropped (counted)"
+    )
+    retry_min_delay: float = Field(0.5, gt=0, le=3600, description="first retry delay after a failed POST, seconds")
+    retry_max_delay: float = Field(30.0, gt=0, le=86400, description="cap of the exponential retry delay, seconds")
+    resend_interval: float = Field(
+        60.0,
+        gt=0,
+        le=3600,
+        description="re-post firing alerts this often; each post sets endsAt = now + 4 x this, so an alert"
+        " of a dead daemon resolves by itself (keep it well below Alertmanager's resolve_timeout)",
+    )
+    min_firing_duration: float = Field(
+        60.0,
+        ge=0,
+        le=86400,
+        description="a resolved alert stays active in Alertmanager until at least startsAt + this, seconds;"
+        " keep it above Alertmanager's group_wait or a crash healed in seconds is never notified",
+    )
+    basic_auth_username: str | None = Field(None, description="HTTP basic auth user for Alertmanager")
+    basic_auth_password_file: str | None = Field(
+        None, description="file holding the basic auth password (read at start, trailing newline stripped)"
+    )
+    bearer_token_file: str | None = Field(None, description="file holding a bearer token (read at start)")
+    tls_ca_file: str | None = Field(None, description="PEM CA bundle to verify https:// Alertmanagers")
+    tls_insecure_skip_verify: bool = Field(False, description="do not verify the Alertmanager's TLS certificate")
+    instance: str = Field(
+        default_factory=socket.gethostname, description="value of the 'instance' label (the host); default: hostname"
+    )
+    generator_url: str | None = Field(
+        None, description="generatorURL sent with every alert, e.g. this daemon's landing page; none if unset"
+    )
+
+    @field_validator("alertmanager_urls")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+        return tuple(dict.fromkeys(v))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "AlertSettings":
+        if self.retry_min_delay > self.retry_max_delay:
+            raise ValueError("retry_min_delay exceeds retry_max_delay")
+        if (self.basic_auth_username is None) != (self.basic_auth_password_file is None):
+            raise ValueError("basic_auth_username and basic_auth_password_file go together")
+        if self.basic_auth_username is not None and self.bearer_token_file is not None:
+            raise ValueError("use either basic auth or a bearer token, not both")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        """True when at least one Alertmanager URL is configured."""
+        return bool(self.alertmanager_urls)
