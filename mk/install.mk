@@ -1,0 +1,120 @@
+# `make install`: install virtwatch as a system service.  -*- makefile -*-
+#
+# Included by the top-level Makefile; also usable alone:
+#     make -f mk/install.mk install
+#
+# What it does (idempotent; safe to re-run for upgrades):
+#   1. a Python venv at $(INSTALL_VENV) (default /opt/virtwatch) with virtwatch
+#      and its dependencies pip-installed from this source tree;
+#   2. $(BINDIR)/virtwatch -> $(INSTALL_VENV)/bin/virtwatch (symlink);
+#   3. the units into $(UNITDIR), sysusers.d/tmpfiles.d into $(SYSCONFDIR);
+#   4. the virtwatch user (member of libvirt): systemd-sysusers, else useradd;
+#   5. /etc/virtwatch/virtwatch.toml from the example, only if absent;
+#      /var/lib/virtwatch; docs and examples under $(DOCDIR);
+#   6. systemctl daemon-reload when systemd is running.
+# It never enables or starts anything; it prints the commands to do so.
+#
+# DESTDIR=/some/dir stages everything under that directory instead (for
+# tests and packaging): no user is created, nothing is chown'ed and systemd
+# is not touched. Note that a venv is not relocatable: its scripts name
+# $(DESTDIR)$(INSTALL_VENV) in their #! line.
+#
+# Variables (override on the command line):
+#   INSTALL_PYTHON     interpreter the venv is made from (>= 3.11)  [python3]
+#   INSTALL_VENV       venv location                              [/opt/virtwatch]
+#   INSTALL_PIP_FLAGS  extra pip flags, e.g. --no-index --find-links=wheels/
+#   EXAMPLE_CONFIG     the example configuration to seed from
+#   PREFIX BINDIR SYSCONFDIR UNITDIR STATEDIR DOCDIR DESTDIR
+
+INSTALL_SRCDIR     := $(patsubst %/,%,$(dir $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))))
+INSTALL_PYTHON     ?= python3
+INSTALL_VENV       ?= /opt/virtwatch
+INSTALL_PIP_FLAGS  ?=
+PREFIX             ?= /usr/local
+BINDIR             ?= $(PREFIX)/bin
+SYSCONFDIR         ?= /etc
+UNITDIR            ?= $(SYSCONFDIR)/systemd/system
+STATEDIR           ?= /var/lib/virtwatch
+DOCDIR             ?= $(PREFIX)/share/doc/virtwatch
+EXAMPLE_CONFIG     ?= $(INSTALL_SRCDIR)/config/virtwatch.example.toml
+DESTDIR            ?=
+
+INSTALL_UNITS := virtwatch.service virtwatch-guests-save.service
+# The units name /usr/local/bin/virtwatch; rewrite it when BINDIR differs.
+INSTALL_SED   := sed -e 's|/usr/local/bin/virtwatch|$(BINDIR)/virtwatch|g'
+
+.PHONY: install install-venv install-files install-user install-dirs install-config install-reload
+
+install: install-venv install-files install-user install-dirs install-config install-reload
+	@echo
+	@echo "virtwatch installed. Next:"
+	@echo "  edit $(SYSCONFDIR)/virtwatch/virtwatch.toml, then: virtwatch check-config --config $(SYSCONFDIR)/virtwatch/virtwatch.toml"
+	@echo "  systemctl enable --now virtwatch.service"
+	@echo "  optional, host-shutdown save path: systemctl enable --now virtwatch-guests-save.service"
+
+# pip builds from a scratch copy so setuptools' build/ never lands in the source tree.
+install-venv:
+	@test -f "$(EXAMPLE_CONFIG)" || { echo "install: $(EXAMPLE_CONFIG) is missing" >&2; exit 1; }
+	@"$(INSTALL_PYTHON)" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	  || { echo "install: $(INSTALL_PYTHON) is older than Python 3.11" >&2; exit 1; }
+	test -x "$(DESTDIR)$(INSTALL_VENV)/bin/python" || "$(INSTALL_PYTHON)" -m venv "$(DESTDIR)$(INSTALL_VENV)"
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT \
+	  && cp -R "$(INSTALL_SRCDIR)/pyproject.toml" "$(INSTALL_SRCDIR)/daemon" "$$tmp/" \
+	  && if [ -f "$(INSTALL_SRCDIR)/README.md" ]; then cp "$(INSTALL_SRCDIR)/README.md" "$$tmp/"; fi \
+	  && rm -rf "$$tmp"/daemon/*.egg-info \
+	  && "$(DESTDIR)$(INSTALL_VENV)/bin/python" -m pip install --quiet --disable-pip-version-check \
+	       --upgrade $(INSTALL_PIP_FLAGS) "$$tmp"
+	install -d -m 0755 "$(DESTDIR)$(BINDIR)"
+	ln -sfn "$(INSTALL_VENV)/bin/virtwatch" "$(DESTDIR)$(BINDIR)/virtwatch"
+
+install-files:
+	install -d -m 0755 "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(SYSCONFDIR)/sysusers.d" \
+	  "$(DESTDIR)$(SYSCONFDIR)/tmpfiles.d" "$(DESTDIR)$(DOCDIR)"
+	for u in $(INSTALL_UNITS); do \
+	  $(INSTALL_SED) "$(INSTALL_SRCDIR)/systemd/$$u" > "$(DESTDIR)$(UNITDIR)/$$u.tmp" \
+	  && chmod 0644 "$(DESTDIR)$(UNITDIR)/$$u.tmp" \
+	  && mv -f "$(DESTDIR)$(UNITDIR)/$$u.tmp" "$(DESTDIR)$(UNITDIR)/$$u" || exit 1; \
+	done
+	install -m 0644 "$(INSTALL_SRCDIR)/systemd/sysusers.d/virtwatch.conf" "$(DESTDIR)$(SYSCONFDIR)/sysusers.d/virtwatch.conf"
+	install -m 0644 "$(INSTALL_SRCDIR)/systemd/tmpfiles.d/virtwatch.conf" "$(DESTDIR)$(SYSCONFDIR)/tmpfiles.d/virtwatch.conf"
+	install -m 0644 "$(EXAMPLE_CONFIG)" "$(DESTDIR)$(DOCDIR)/virtwatch.example.toml"
+	install -m 0644 "$(INSTALL_SRCDIR)/packaging/web-config.example.yml" "$(DESTDIR)$(DOCDIR)/web-config.example.yml"
+	if [ -f "$(INSTALL_SRCDIR)/README.md" ]; then install -m 0644 "$(INSTALL_SRCDIR)/README.md" "$(DESTDIR)$(DOCDIR)/README.md"; fi
+
+install-user:
+ifeq ($(DESTDIR),)
+	if command -v systemd-sysusers >/dev/null 2>&1; then \
+	  systemd-sysusers "$(SYSCONFDIR)/sysusers.d/virtwatch.conf"; \
+	else \
+	  getent group libvirt >/dev/null || groupadd --system libvirt; \
+	  getent passwd virtwatch >/dev/null || useradd --system --user-group --home-dir "$(STATEDIR)" \
+	    --no-create-home --shell /usr/sbin/nologin --comment "virtwatch libvirt monitor" virtwatch; \
+	  usermod --append --groups libvirt virtwatch; \
+	fi
+else
+	@echo "install: DESTDIR set: not creating the virtwatch user"
+endif
+
+install-dirs:
+ifeq ($(DESTDIR),)
+	install -d -m 0750 -o root -g virtwatch "$(SYSCONFDIR)/virtwatch"
+	install -d -m 0750 -o virtwatch -g virtwatch "$(STATEDIR)"
+else
+	install -d -m 0750 "$(DESTDIR)$(SYSCONFDIR)/virtwatch" "$(DESTDIR)$(STATEDIR)"
+endif
+
+# Never overwrite an existing configuration: upgrades keep the operator's file
+# (compare it with $(DOCDIR)/virtwatch.example.toml for new options).
+install-config:
+	@if [ -e "$(DESTDIR)$(SYSCONFDIR)/virtwatch/virtwatch.toml" ]; then \
+	  echo "install: keeping existing $(DESTDIR)$(SYSCONFDIR)/virtwatch/virtwatch.toml"; \
+	else \
+	  echo "install: $(EXAMPLE_CONFIG) -> $(DESTDIR)$(SYSCONFDIR)/virtwatch/virtwatch.toml"; \
+	  install -m 0640 "$(EXAMPLE_CONFIG)" "$(DESTDIR)$(SYSCONFDIR)/virtwatch/virtwatch.toml"; \
+	  if [ -z "$(DESTDIR)" ]; then chgrp virtwatch "$(SYSCONFDIR)/virtwatch/virtwatch.toml"; fi; \
+	fi
+
+install-reload:
+ifeq ($(DESTDIR),)
+	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
+endif

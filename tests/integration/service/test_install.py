@@ -1,0 +1,79 @@
+"""`make install` (mk/install.mk) staged into a DESTDIR: never touches the real system.
+
+Needs make and PyPI access for pip's isolated build backend (setuptools);
+dependencies are not installed (--no-deps) to keep it fast.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+
+def make(destdir: Path, *targets: str, **variables: str) -> subprocess.CompletedProcess[str]:
+    args = ["make", "--no-print-directory", "-f", str(REPO / "mk" / "install.mk"), *targets, f"DESTDIR={destdir}"]
+    args += [f"{k}={v}" for k, v in variables.items()]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PIP_NO_INPUT": "1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def test_install_into_destdir_is_complete_and_idempotent(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    py = {"INSTALL_PYTHON": sys.executable, "INSTALL_PIP_FLAGS": "--no-deps"}
+    build_dir_existed = (REPO / "build").exists()
+    first = make(dest, "install", **py)
+    assert "not creating the virtwatch user" in first.stdout
+
+    # The venv and its console script.
+    script = dest / "opt/virtwatch/bin/virtwatch"
+    assert script.is_file() and os.access(script, os.X_OK)
+    assert "from virtwatch.cli import main" in script.read_text()
+    site = list((dest / "opt/virtwatch/lib").glob("python3.*/site-packages/virtwatch/systemd.py"))
+    assert len(site) == 1  # a real (non-editable) install of this tree
+    # The symlink names the final location, not the staging one.
+    link = dest / "usr/local/bin/virtwatch"
+    assert link.is_symlink() and os.readlink(link) == "/opt/virtwatch/bin/virtwatch"
+
+    # Units, sysusers.d, tmpfiles.d, docs.
+    for unit in ("virtwatch.service", "virtwatch-guests-save.service"):
+        installed = dest / "etc/systemd/system" / unit
+        assert installed.read_text() == (REPO / "systemd" / unit).read_text()
+        assert installed.stat().st_mode & 0o777 == 0o644
+    assert (dest / "etc/sysusers.d/virtwatch.conf").read_text() == (REPO / "systemd/sysusers.d/virtwatch.conf").read_text()
+    assert (dest / "etc/tmpfiles.d/virtwatch.conf").read_text() == (REPO / "systemd/tmpfiles.d/virtwatch.conf").read_text()
+    assert (dest / "usr/local/share/doc/virtwatch/web-config.example.yml").is_file()
+
+    # Config seeded from the example; state directory made.
+    conf = dest / "etc/virtwatch/virtwatch.toml"
+    assert conf.read_text() == (REPO / "config/virtwatch.example.toml").read_text()
+    assert conf.stat().st_mode & 0o777 == 0o640
+    assert (dest / "etc/virtwatch").stat().st_mode & 0o777 == 0o750
+    assert (dest / "var/lib/virtwatch").is_dir()
+    assert (REPO / "build").exists() == build_dir_existed  # pip built from a scratch copy
+
+    # Second run: an upgrade. The operator's config survives; nothing fails.
+    conf.write_text("# edited by the operator\n")
+    second = make(dest, "install", **py)
+    assert "keeping existing" in second.stdout
+    assert conf.read_text() == "# edited by the operator\n"
+    assert os.readlink(link) == "/opt/virtwatch/bin/virtwatch"
+
+
+def test_bindir_is_rewritten_into_units(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    make(dest, "install-files", BINDIR="/usr/bin")
+    text = (dest / "etc/systemd/system/virtwatch.service").read_text()
+    assert "ExecStart=/usr/bin/virtwatch run --config /etc/virtwatch/virtwatch.toml" in text
+    assert "/usr/local/bin" not in text
+    save = (dest / "etc/systemd/system/virtwatch-guests-save.service").read_text()
+    assert "ExecStop=/usr/bin/virtwatch guests-save" in save
