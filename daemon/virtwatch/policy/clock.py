@@ -1,0 +1,98 @@
+"""Time as a port: :class:`Clock` protocol, the real :class:`SystemClock`, and :class:`FakeClock` for tests.
+
+``monotonic()`` schedules delays; ``time()`` (seconds since the epoch) is what
+gets persisted (monotonic time does not survive a reboot). ``sleep()`` waits on
+the clock's own time, so a fake clock also controls the engine's timers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import time as _time
+from typing import Protocol
+
+
+class Clock(Protocol):
+    """Source of time for the policy engine."""
+
+    def monotonic(self) -> float:
+        """Seconds on a monotonic scale (scheduling)."""
+
+    def time(self) -> float:
+        """Wall-clock seconds since the epoch (persisted timestamps)."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` of this clock's time (<= 0: just yield)."""
+
+
+class SystemClock:
+    """The real clock: ``time.monotonic``, ``time.time``, ``asyncio.sleep``."""
+
+    def monotonic(self) -> float:
+        """See :meth:`Clock.monotonic`."""
+        return _time.monotonic()
+
+    def time(self) -> float:
+        """See :meth:`Clock.time`."""
+        return _time.time()
+
+    async def sleep(self, seconds: float) -> None:
+        """See :meth:`Clock.sleep`."""
+        await asyncio.sleep(max(0.0, seconds))
+
+
+class FakeClock:
+    """Manual clock: time moves only by :meth:`advance`. Sleepers wake in deadline order.
+
+    ``start_time`` is the wall-clock value at monotonic 0.
+    """
+
+    def __init__(self, start_time: float = 1_800_000_000.0) -> None:
+        self._mono = 0.0
+        self._offset = start_time
+        self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
+        self._ids = itertools.count()
+
+    def monotonic(self) -> float:
+        """Current fake monotonic seconds."""
+        return self._mono
+
+    def time(self) -> float:
+        """Current fake wall-clock seconds."""
+        return self._offset + self._mono
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait until :meth:`advance` moves time past now + ``seconds``."""
+        if seconds <= 0:
+            await asyncio.sleep(0)
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._sleepers, (self._mono + seconds, next(self._ids), fut))
+        await fut
+
+    @property
+    def sleepers(self) -> int:
+        """Number of pending (not cancelled) sleeps."""
+        return sum(1 for *_, f in self._sleepers if not f.done())
+
+    def next_deadline(self) -> float | None:
+        """Monotonic deadline of the earliest pending sleep, or None."""
+        live = [d for d, _, f in self._sleepers if not f.done()]
+        return min(live) if live else None
+
+    async def advance(self, seconds: float) -> None:
+        """Move time forward by ``seconds``, waking due sleepers in order and letting them run."""
+        target = self._mono + seconds
+        while self._sleepers and self._sleepers[0][0] <= target:
+            deadline, _, fut = heapq.heappop(self._sleepers)
+            if fut.done():
+                continue
+            self._mono = max(self._mono, deadline)
+            fut.set_result(None)
+            for _ in range(20):
+                await asyncio.sleep(0)
+        self._mono = target
+        for _ in range(20):
+            await asyncio.sleep(0)

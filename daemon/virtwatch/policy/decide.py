@@ -1,0 +1,220 @@
+"""Pure policy decisions: (guest record, classified event, history, now, selection) -> :class:`Decision`.
+
+No I/O, no clock, no randomness of its own (jitter comes in as ``rand``).
+The engine carries decisions out and persists ``Decision.history`` and
+``Decision.intent``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Literal
+
+from . import budget
+from .budget import History
+from .classify import Classification, StopCause, Transition
+from .config import GuestPolicy
+from .ports import ACTIVE_STATES, DomainState
+from .select import Selection
+
+Intent = Literal["running", "stopped", "held"]
+
+
+class Action(enum.StrEnum):
+    """What the engine should do."""
+
+    NONE = "none"
+    RESTART = "restart"   # (destroy if still active, then) start after ``delay``
+    RESUME = "resume"     # resume a paused guest after ``delay``
+    KILL = "kill"         # destroy now, restart after ``delay`` by budget
+    ALERT = "alert"       # only raise an alert
+    GIVE_UP = "give_up"   # budget exhausted: alert, no more actions
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GuestRecord:
+    """What the engine knows about a guest right now.
+
+    ``state``/``reason`` are libvirt's codes as last seen; ``intent`` is the
+    persisted intent.
+    """
+
+    name: str
+    uuid: str
+    state: int
+    reason: int
+    intent: Intent
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of :func:`decide`.
+
+    Attributes:
+        action: what to do.
+        delay: seconds from ``now`` before doing it (0 = at once).
+        reason: one human line, e.g. ``"restart web1: crash, attempt 2/5, in 10 s, policy on_crash from profile critical"``.
+        cause: the classified cause, if any.
+        intent: the guest's intent after this event.
+        history: the guest's history after this event (failure counted, retry scheduled...).
+        alert: alert text when an alert should fire, else None.
+        keep_pending: True when an already scheduled action must be kept (duplicate stop event).
+        key: the policy key that decided (``on_crash``...), or "".
+    """
+
+    action: Action
+    delay: float
+    reason: str
+    cause: StopCause | None
+    intent: Intent
+    history: History
+    alert: str | None = None
+    keep_pending: bool = False
+    key: str = ""
+
+    def message(self, mode: str) -> str:
+        """The log line for ``mode``: dry-run and observe prefix acting decisions with "would"."""
+        if self.action in (Action.NONE, Action.ALERT) or mode == "enforce":
+            return self.reason
+        return "would " + self.reason
+
+
+#: cause -> the per-guest key that decides whether to restart.
+REACTION_KEYS: dict[StopCause, str] = {
+    StopCause.CRASH: "on_crash",
+    StopCause.QEMU_FAILURE: "on_qemu_failure",
+    StopCause.HOST_KILL: "on_host_kill",
+    StopCause.GUEST_POWEROFF: "on_poweroff",
+    StopCause.UNKNOWN: "on_poweroff",
+    StopCause.ADMIN_DESTROY: "on_destroy",
+    StopCause.WATCHDOG: "on_watchdog",
+}
+
+#: causes after which the guest is deliberately elsewhere or off: intent becomes stopped.
+STOPPING_CAUSES = frozenset({StopCause.SAVED, StopCause.MIGRATED, StopCause.SNAPSHOT})
+
+#: causes that need no reaction at all.
+IGNORED_CAUSES = frozenset({StopCause.OURS, StopCause.HOST_SHUTDOWN, StopCause.USER_PAUSE,
+                            StopCause.TRANSIENT_PAUSE, StopCause.PM_SUSPEND})
+
+
+def initial_intent(policy: GuestPolicy, state: int) -> Intent:
+    """Intent of a guest seen for the first time, from ``policy.intent`` and its state."""
+    if policy.intent == "running":
+        return "running"
+    if policy.intent == "stopped":
+        return "stopped"
+    return "running" if state in ACTIVE_STATES else "stopped"
+
+
+def _fmt_s(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds >= 10 or seconds == int(seconds) else f"{seconds:.1f} s"
+
+
+def _restart(guest: GuestRecord, cls: Classification, history: History, now: float, sel: Selection,
+             rand: float, key: str, kill: bool = False) -> Decision:
+    cause = cls.cause or StopCause.UNKNOWN
+    pol = sel.policy
+    h = budget.record_failure(history, now, pol, cause.value)
+    src = f"policy {key} from {sel.source(key)}"
+    if h.given_up:
+        text = f"give up {guest.name}: {cause.value}, {h.given_up_reason}; only 'virtwatch reset {guest.name}' re-enables it"
+        return Decision(Action.GIVE_UP, 0.0, text, cause, "running", h, alert=text, key=key)
+    delay = budget.backoff_delay(h.attempt, pol, rand)
+    h = budget.schedule(h, now + delay)
+    used = len(budget.window(h, now, pol))
+    verb = "kill and restart" if kill else "restart"
+    text = f"{verb} {guest.name}: {cause.value}, attempt {used}/{pol.limit_burst}, in {_fmt_s(delay)}, {src}"
+    return Decision(Action.KILL if kill else Action.RESTART, delay, text, cause, "running", h, key=key)
+
+
+def decide(guest: GuestRecord, event: Classification, history: History, now: float, policy: Selection,
+           rand: float = 0.0) -> Decision:
+    """Decide what to do about one classified event. Pure.
+
+    Args:
+        guest: the guest as known before this event.
+        event: its classification (:func:`virtwatch.policy.classify.classify`).
+        history: restart history before this event.
+        now: wall-clock seconds.
+        policy: the guest's :class:`Selection` (merged policy + sources + mode).
+        rand: a number in [0, 1) for the jitter.
+
+    Returns:
+        a :class:`Decision`; its ``history`` and ``intent`` are to be persisted
+        whatever the mode (dry-run and observe only skip the action itself).
+    """
+    pol = policy.policy
+    name = guest.name
+    h = budget.record_stable(history, now, pol)
+    intent: Intent = guest.intent
+    tr, cause = event.transition, event.cause
+
+    if tr == Transition.STARTED:
+        new_intent: Intent = intent if intent == "held" else "running"
+        return Decision(Action.NONE, 0.0, f"{name} started ({event.note})", None, new_intent, budget.record_start(h, now, pol))
+    if tr == Transition.RESUMED:
+        return Decision(Action.NONE, 0.0, f"{name} resumed ({event.note})", None, intent, h,
+                        keep_pending=False)
+    if not event.is_stop or cause is None:
+        return Decision(Action.NONE, 0.0, f"{name}: {event.note or tr.value}", cause, intent, h, keep_pending=True)
+
+    if cause in IGNORED_CAUSES:
+        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value} ({event.note}), no action", cause, intent, h,
+                        keep_pending=cause == StopCause.OURS)
+    if cause in STOPPING_CAUSES:
+        new = intent if intent == "held" else "stopped"
+        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {new}", cause, new, h)
+    if not policy.managed:
+        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, not managed (observed only)", cause, intent, h)
+    if intent == "held":
+        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, held by operator: no action", cause, intent, h)
+    if h.given_up:
+        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, given up ({h.given_up_reason})", cause, intent, h)
+    if h.next_retry is not None and tr != Transition.PAUSED:
+        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, retry already scheduled", cause, intent, h,
+                        keep_pending=True)
+
+    if cause == StopCause.API_ERROR:
+        text = f"{name} paused after a libvirt API error: alert only"
+        return Decision(Action.ALERT, 0.0, text, cause, intent, h, alert=text)
+    if cause == StopCause.IO_ERROR:
+        src = f"policy on_io_error from {policy.source('on_io_error')}"
+        if intent != "running":
+            return Decision(Action.NONE, 0.0, f"{name} paused on I/O error, intent {intent}: no action", cause, intent, h)
+        if pol.on_io_error == "leave":
+            text = f"{name} paused on an I/O error: left paused, {src}"
+            return Decision(Action.ALERT, 0.0, text, cause, intent, h, alert=text, key="on_io_error")
+        if pol.on_io_error == "resume":
+            delay = budget.io_resume_delay(h.io_resumes, pol)
+            text = f"resume {name}: I/O error, resume {h.io_resumes + 1}, in {_fmt_s(delay)}, {src}"
+            return Decision(Action.RESUME, delay, text, cause, intent, budget.schedule(h, now + delay), key="on_io_error")
+        return _restart(guest, event, h, now, policy, rand, "on_io_error", kill=True)
+
+    key = REACTION_KEYS.get(cause, "on_poweroff")
+    reaction = getattr(pol, key)
+    if reaction == "leave":
+        src = f"policy {key} from {policy.source(key)}"
+        failure = cause in (StopCause.CRASH, StopCause.QEMU_FAILURE, StopCause.HOST_KILL, StopCause.WATCHDOG)
+        new = "stopped"
+        if tr == Transition.PAUSED:
+            text = f"{name} paused: {cause.value}: left alone, {src}"
+            return Decision(Action.ALERT, 0.0, text, cause, intent, h, alert=text, key=key)
+        text = f"{name} {tr.value}: {cause.value}: left alone, intent stopped, {src}"
+        return Decision(Action.ALERT if failure else Action.NONE, 0.0, text, cause, new, h,
+                        alert=text if failure else None, key=key)
+    if intent != "running":
+        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {intent}: no action", cause, intent, h)
+    return _restart(guest, event, h, now, policy, rand, key)
+
+
+def decide_recover(guest: GuestRecord, history: History, now: float, policy: Selection, why: str) -> Decision:
+    """A guest whose intent is running is not running, with no failure to count
+    (operator reset/release, an interrupted action): start it at once. Pure."""
+    if not policy.managed or guest.intent != "running" or history.given_up:
+        return Decision(Action.NONE, 0.0, f"{guest.name}: nothing to recover ({why})", None, guest.intent, history)
+    if guest.state in ACTIVE_STATES and guest.state not in (DomainState.CRASHED,):
+        return Decision(Action.NONE, 0.0, f"{guest.name}: already active ({why})", None, guest.intent, history)
+    text = f"restart {guest.name}: {why}, in 0 s"
+    return Decision(Action.RESTART, 0.0, text, None, "running", budget.schedule(history, now))
