@@ -273,10 +273,12 @@ class PolicyEngine:
             g.worker = None
 
     def update_settings(self, settings: PolicySettings) -> None:
-        """Apply a reloaded ``[policy]`` section (selections are recomputed on next use)."""
+        """Apply a reloaded ``[policy]`` section: selections are recomputed and every guest reconciled."""
         self._settings = settings
         self._starts = asyncio.Semaphore(settings.max_parallel_starts)
         self._restores = asyncio.Semaphore(settings.max_parallel_restores)
+        if self._running and self.ready:
+            self._spawn(self.resync())
 
     def set_ready(self, ready: bool) -> None:
         """The connection is up and state resynced (True) or not (False). On True, reconcile every guest."""
@@ -538,6 +540,12 @@ class PolicyEngine:
             self._persist(g, g.st)
             return
         cls = classify_state(*state)
+        nr = g.st.history.next_retry
+        if nr is not None and cls.is_stop and sel.mode == "enforce" and g.st.intent == "running":
+            # a retry decided earlier (e.g. in dry-run, or before a reload) but not scheduled: schedule it now
+            g.pending_due = self._clock.monotonic() + max(0.0, nr - self._clock.time())
+            self._persist(g, g.st.replace(pending_action=g.st.pending_action or "restart"))
+            return
         if cls.transition == Transition.STARTED:
             if g.st.intent == "stopped":
                 d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
@@ -574,6 +582,8 @@ class PolicyEngine:
             g.pending_due = self._clock.monotonic() + (0.0 if d.action == Action.KILL else d.delay)
             if d.cause is not None:
                 g.last_cause = d.cause.value
+        elif acting:
+            pending, g.pending_due = None, None  # dry-run/observe: the retry stays virtual (dedups repeats)
         elif not d.keep_pending:
             pending, g.pending_due = None, None
             h = h.replace(next_retry=None)
