@@ -204,6 +204,9 @@ class PolicyEngine:
         alert: called with each :class:`PolicyAlert` (must not block).
         boot_id_path: file holding the host boot id.
         libvirt_guests: where to detect libvirt-guests.
+        auto_boot_flow: run :meth:`run_boot_flow` by itself when first ready on a new boot
+            (before reconciling); until the boot flow has run, stops seen at resync are
+            treated as the host's shutdown, never as failures.
         logger: a structlog logger.
     """
 
@@ -212,6 +215,7 @@ class PolicyEngine:
                  alert: Callable[[PolicyAlert], None] | None = None,
                  boot_id_path: str | Path = BOOT_ID_PATH,
                  libvirt_guests: LibvirtGuestsPaths = LibvirtGuestsPaths(),
+                 auto_boot_flow: bool = True,
                  logger: Any = None) -> None:
         self._settings = settings
         self._hv = hypervisor
@@ -235,6 +239,9 @@ class PolicyEngine:
         self._starts = asyncio.Semaphore(settings.max_parallel_starts)
         self._restores = asyncio.Semaphore(settings.max_parallel_restores)
         self.alerts: collections.deque[PolicyAlert] = collections.deque(maxlen=1000)
+        self._auto_boot = auto_boot_flow
+        self._boot_lock = asyncio.Lock()
+        self._boot_id: str | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -243,6 +250,11 @@ class PolicyEngine:
         if self._running:
             return
         self._running = True
+        try:
+            self._boot_id = read_boot_id(self._boot_id_path)
+        except OSError as err:
+            self._boot_id = None
+            self._log.warning("policy_boot_id_unreadable", path=str(self._boot_id_path), error=str(err))
         for name, st in self._store.load_guests().items():
             g = self._guest(name, st.uuid, st)
             if st.pending_action and st.history.next_retry is not None:
@@ -285,10 +297,26 @@ class PolicyEngine:
         was = self._ready.is_set()
         if ready and not was:
             self._ready.set()
-            self._spawn(self.resync())
+            self._spawn(self._on_ready())
         elif not ready and was:
             self._ready.clear()
         self._log.info("policy_ready", ready=ready)
+
+    async def _on_ready(self) -> None:
+        if self._auto_boot and self.boot_flow_pending():
+            try:
+                await self.run_boot_flow()
+            except (HypervisorError, OSError) as err:
+                self._log.warning("policy_boot_flow_failed", error=str(err))
+        await self.resync()
+
+    def boot_flow_pending(self) -> bool:
+        """True while the boot flow of the current host boot has not completed."""
+        if self._boot_id is None:
+            return False
+        if self._store.get_meta("boot_id") != self._boot_id:
+            return True
+        return any(g.st.boot_pending == self._boot_id for g in self._guests.values())
 
     def set_host_shutdown(self, active: bool) -> None:
         """The host is (or is no longer) shutting down: stops then are never reacted to."""
@@ -540,6 +568,9 @@ class PolicyEngine:
             self._persist(g, g.st)
             return
         cls = classify_state(*state)
+        if cls.is_stop and self.boot_flow_pending():
+            self._persist(g, g.st)  # off since the host went down: the boot flow decides, not failure handling
+            return
         nr = g.st.history.next_retry
         if nr is not None and cls.is_stop and sel.mode == "enforce" and g.st.intent == "running":
             # a retry decided earlier (e.g. in dry-run, or before a reload) but not scheduled: schedule it now
@@ -940,7 +971,12 @@ class PolicyEngine:
         as it is handled: a daemon restart mid-flow resumes, replaying nothing.
         Raises OSError when the boot id cannot be read.
         """
+        async with self._boot_lock:
+            return await self._run_boot_flow()
+
+    async def _run_boot_flow(self) -> BootReport:
         boot_id = read_boot_id(self._boot_id_path)
+        self._boot_id = boot_id
         await self._wait_ready()
         log = self._log.bind(boot_id=boot_id)
         if self._store.get_meta("boot_id") != boot_id:

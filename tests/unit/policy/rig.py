@@ -25,7 +25,8 @@ async def settle(n: int = 50) -> None:
 
 class Rig:
     def __init__(self, tmp: Path, settings: dict, hv: FakeHypervisor | None = None, clock: FakeClock | None = None,
-                 boot_id: str = "boot-1") -> None:
+                 boot_id: str = "boot-1", auto_boot_flow: bool = True) -> None:
+        self.auto_boot_flow = auto_boot_flow
         self.tmp = tmp
         self.settings = PolicySettings.model_validate({"enabled": True, **settings})
         self.hv = hv or FakeHypervisor()
@@ -41,7 +42,8 @@ class Rig:
 
     def _engine(self) -> PolicyEngine:
         return PolicyEngine(self.settings, self.hv, self.store, clock=self.clock, rand=lambda: 0.0,
-                            alert=self.alerts.append, boot_id_path=self.boot_path, libvirt_guests=self.lg)
+                            alert=self.alerts.append, boot_id_path=self.boot_path, libvirt_guests=self.lg,
+                            auto_boot_flow=self.auto_boot_flow)
 
     async def start(self, ready: bool = True) -> None:
         await self.engine.start()
