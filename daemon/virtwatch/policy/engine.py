@@ -761,6 +761,8 @@ class PolicyEngine:
                 result = "restored" if has_save else "ok"
                 detail = ""
             except HypervisorError as err:
+                if not err.already_running and not err.permanent and await self._is_running(name):
+                    err = HypervisorError(ErrorCode.OPERATION_INVALID, err.message)  # some drivers use other codes
                 if err.already_running:
                     result, detail = "already_running", err.message
                 elif has_save:
@@ -788,6 +790,13 @@ class PolicyEngine:
         self._store.finish_action(aid, result, detail, g.st)
         self._log.info("policy_action", guest=name, uuid=g.st.uuid, action=action, result=result, detail=detail)
         return result
+
+    async def _is_running(self, name: str) -> bool:
+        try:
+            state, _ = await self._call("state", self._hv.state(name))
+        except HypervisorError:
+            return False
+        return state in (DomainState.RUNNING, DomainState.BLOCKED)
 
     def _last_cause(self, g: _Guest) -> str | None:
         rows = self._store.events(g.st.name, limit=20)
