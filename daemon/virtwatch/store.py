@@ -27,7 +27,7 @@ import sqlite3
 import time as _time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import structlog
 

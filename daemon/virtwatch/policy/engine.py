@@ -35,9 +35,9 @@ import structlog
 from ..store import GuestState, Store
 from ..virt.records import Event
 from . import budget
-from .classify import Classification, ClassifyInput, StopCause, Transition, classify, classify_state
+from .classify import Classification, ClassifyInput, Transition, classify, classify_state
 from .clock import Clock, SystemClock
-from .config import MODE_RANK, GuestPolicy, PolicySettings, ShutdownStep
+from .config import PolicySettings, ShutdownStep
 from .decide import Action, Decision, GuestRecord, decide, decide_recover, initial_intent
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
 from .ports import ACTIVE_STATES, DomainState, ErrorCode, Hypervisor, HypervisorError, RunningReason
@@ -739,8 +739,7 @@ class PolicyEngine:
         why = f"restart, attempt {h.attempt}" if h.attempt else "restart (recover)"
         await self._start_guest(g, sel, reason_text=why, count_restart=True)
 
-    async def _start_guest(self, g: _Guest, sel: Selection, reason_text: str, count_restart: bool,
-                           boot: bool = False) -> str:
+    async def _start_guest(self, g: _Guest, sel: Selection, reason_text: str, count_restart: bool) -> str:
         """Start (or restore) a guest under the semaphores, journalled. Returns ok/restored/failed/...."""
         name = g.st.name
         try:
@@ -1030,7 +1029,7 @@ class PolicyEngine:
                 state, _ = await self._call("state", self._hv.state(name))
                 if state in ACTIVE_STATES:
                     return
-                res = await self._start_guest(g, sel, "boot flow", count_restart=False, boot=True)
+                res = await self._start_guest(g, sel, "boot flow", count_restart=False)
                 if res == "restored":
                     restored.append(name)
                 elif res in ("ok", "already_running", "discarded"):
