@@ -23,6 +23,12 @@ answers() {
     timeout 10 virsh -c "$URI" "$@" >/dev/null 2>&1
 }
 
+# A live (non-zombie) process with this exact name exists. pgrep alone also matches
+# zombies, e.g. a killed daemon whose parent has not reaped it yet.
+running() {
+    ps -C "$1" -o stat= 2>/dev/null | grep -qv '^Z'
+}
+
 # The Debian package's postinst normally creates these; make sure they exist anyway
 # (qemu.conf's default user/group for system guests is libvirt-qemu:kvm).
 getent group kvm >/dev/null || groupadd --system kvm
@@ -47,8 +53,9 @@ mkdir -p /run/libvirt /run/libvirt/qemu /var/log/libvirt/qemu /var/lib/libvirt/i
 chmod 0755 /run/libvirt /var/log/libvirt
 
 # virtlogd must run before libvirtd: QEMU's stdout/stderr and <serial><log> go through it.
-if ! pgrep -x virtlogd >/dev/null; then
+if ! running virtlogd; then
     log "starting virtlogd"
+    rm -f /run/virtlogd.pid
     /usr/sbin/virtlogd -d
 fi
 
@@ -57,7 +64,7 @@ if answers version && answers list; then
     exit 0
 fi
 
-if ! pgrep -x libvirtd >/dev/null; then
+if ! running libvirtd; then
     # A stale pid file from a killed daemon makes libvirtd refuse to start.
     rm -f /run/libvirtd.pid
     log "starting libvirtd"

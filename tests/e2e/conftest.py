@@ -34,6 +34,7 @@ from hostlib import (
 E2E_DIR = Path(__file__).resolve().parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m filtering, so -m "not e2e" deselects them
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark every test in this directory ``e2e``; skip them all if the host can't run them."""
     reason = host_skip_reason()

@@ -71,6 +71,7 @@ def domain_xml(
     balloon_period: int = 2,
     serial_log: Path | None = None,
     agent: bool = False,
+    virtio_console: bool | Path = False,
     graphics: bool = False,
     on_crash: str = "destroy",
     on_poweroff: str = "destroy",
@@ -92,6 +93,8 @@ def domain_xml(
     balloon_period  ``<stats period=N/>`` of the virtio balloon (0: no stats).
     serial_log   also log the serial console to this file (``append='off'``).
     agent        add the ``org.qemu.guest_agent.0`` virtio-serial channel.
+    virtio_console  add a second console on virtio (``hvc0`` in the guest, libvirt's
+                 ``console1`` for openConsole); a Path also logs it to that file.
     graphics     add VNC on 127.0.0.1 (autoport) and a VGA card, for screenshot tests.
     on_*         lifecycle actions; crash defaults to destroy (STOPPED/CRASHED after a panic).
     extra_devices  raw XML appended inside ``<devices>``.
@@ -116,6 +119,11 @@ def domain_xml(
     log = f"<log file={quoteattr(str(serial_log))} append='off'/>" if serial_log else ""
     devices.append(f"<serial type='pty'>{log}<target port='0'/></serial>")
     devices.append("<console type='pty'><target type='serial' port='0'/></console>")
+    if virtio_console:
+        vlog = ""
+        if isinstance(virtio_console, Path):
+            vlog = f"<log file={quoteattr(str(virtio_console))} append='off'/>"
+        devices.append(f"<console type='pty'>{vlog}<target type='virtio' port='1'/></console>")
     if agent:
         devices.append(
             "<channel type='unix'>"
