@@ -51,11 +51,17 @@ class StatsSettings(Section):
     """``[stats]``: the bulk statistics poll."""
 
     poll_interval: float = Field(15.0, ge=0.1, le=3600, description="seconds between polls")
-    poll_timeout: float = Field(10.0, gt=0, le=3600, description="deadline for one poll, seconds")
+    poll_timeout: float | None = Field(
+        None, gt=0, le=3600, description="deadline for one poll, seconds (default: 80 % of poll_interval, at most 10)")
     groups: tuple[StatsGroup, ...] = Field(
         ("state", "cpu", "balloon", "vcpu", "interface", "block"), description="getAllDomainStats groups"
     )
     host: bool = Field(True, description="also collect node, storage pool and network figures")
+
+    @property
+    def effective_poll_timeout(self) -> float:
+        """The poll deadline in seconds: ``poll_timeout`` or its default."""
+        return self.poll_timeout if self.poll_timeout is not None else min(10.0, 0.8 * self.poll_interval)
 
     @field_validator("groups")
     @classmethod
@@ -175,7 +181,7 @@ def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None =
 def config_warnings(settings: Settings) -> list[str]:
     """Valid but suspicious settings, as human-readable lines (may be empty)."""
     warnings = []
-    if settings.stats.poll_timeout > settings.stats.poll_interval:
+    if settings.stats.effective_poll_timeout > settings.stats.poll_interval:
         warnings.append("stats.poll_timeout is longer than stats.poll_interval: stuck polls delay the next")
     if settings.libvirt.reconnect_min_delay > settings.libvirt.reconnect_max_delay:
         warnings.append("libvirt.reconnect_min_delay exceeds libvirt.reconnect_max_delay")

@@ -1,0 +1,213 @@
+"""Wiring: the one place that builds every component and hands out ports.
+
+:class:`Daemon` is built from a frozen :class:`~virtwatch.config.Settings`
+and the process's libvirt event implementation; :meth:`Daemon.start` and
+:meth:`Daemon.stop` bring it up and down in a fixed order. Tests build a
+Daemon exactly as the CLI does, on the libvirt test driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
+
+from . import __version__
+from .config import Settings, parse_listen
+from .eventlog import RecentEvents
+from .metrics.collector import Exposition, StateCollector
+from .metrics.http import HTTPApp
+from .metrics.instruments import Instruments
+from .state import GuestRegistry
+from .virt.aio import ThreadSafeAsyncIOImpl
+from .virt.calls import Calls
+from .virt.connection import ConnectionManager
+from .virt.events import EventPump
+from .logs import EventLogger
+from .virt.records import Event
+from .virt.stats import Snapshot, StatsPoller
+
+log = structlog.get_logger("virtwatch.app")
+
+
+def wants_read_only(settings: Settings) -> bool:
+    """Whether to open libvirt read-only: ``yes``/``no`` as configured;
+    ``auto`` is read-only unless policy actions are enabled."""
+    mode = settings.libvirt.read_only
+    if mode == "auto":
+        return not settings.policy.enabled
+    return mode == "yes"
+
+
+def cpu_percent(prev: Snapshot | None, cur: Snapshot | None, uuid: str) -> float | None:
+    """Guest CPU use in percent of one host CPU between two polls
+    (``cpu.time`` delta over wall-time delta); None without two samples."""
+    if prev is None or cur is None:
+        return None
+    a, b = prev.domains.get(uuid), cur.domains.get(uuid)
+    if a is None or b is None or b.stale:
+        return None
+    t0, t1 = a.stats.get("cpu.time"), b.stats.get("cpu.time")
+    dt = b.collected_at - a.collected_at
+    if not isinstance(t0, int) or not isinstance(t1, int) or dt <= 0 or t1 < t0:
+        return None
+    return (t1 - t0) / 1e9 / dt * 100.0
+
+
+class Daemon:
+    """virtwatch, assembled.
+
+    Args:
+        settings: validated configuration.
+        impl: the process's registered libvirt event implementation.
+        registry: registry for self-metrics (a fresh one by default).
+        wall_clock: seconds since the epoch (injected for tests).
+
+    Attributes are the components (``pump``, ``guests``, ``connection``,
+    ``poller``, ``exposition``...), exposed for tests and the CLI.
+    """
+
+    def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl, registry: CollectorRegistry | None = None,
+                 wall_clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.impl = impl
+        self.loop = asyncio.get_running_loop()
+        disable_created_metrics()  # *_created series only add noise for a daemon's counters
+        self.registry = registry or CollectorRegistry()
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        self.instruments = Instruments(self.registry)
+        self.calls = Calls(self.instruments, settings.libvirt.max_calls_in_flight, settings.libvirt.call_timeout)
+        self.pump = EventPump(self.loop, wall_clock)
+        self.guests = GuestRegistry(wall_clock)
+        self.recent = RecentEvents()
+        self.pump.subscribe(self.guests.on_event)
+        self.pump.subscribe(self._count_event)
+        self.pump.subscribe(self.recent)
+        if settings.log.events:
+            self.pump.subscribe(EventLogger())
+        self.read_only = wants_read_only(settings)
+        self.connection = ConnectionManager(settings.libvirt, self.read_only, self.calls, self.pump, self.guests,
+                                            self.instruments)
+        self._previous: Snapshot | None = None
+        self._latest: Snapshot | None = None
+        self.poller = StatsPoller(settings.stats, self.connection, self.calls, self.instruments,
+                                  wall=wall_clock, on_snapshot=self._on_snapshot)
+        self.connection.add_listener(self.poller)
+        self.exposition = Exposition(self.registry, StateCollector(self.guests, lambda: self.poller.latest,
+                                                                   lambda: self.connection.info))
+        self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
+                            ready=self.connection.ready.is_set)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._runner: web.AppRunner | None = None
+        self.listen_address: tuple[str, int] | None = None
+        self.started_at = wall_clock()
+
+    # -- subscribers / ports --------------------------------------------------
+    def _count_event(self, ev: Event) -> None:
+        self.instruments.events.labels(kind=ev.kind, event=ev.event, detail=ev.detail).inc()
+
+    def _on_snapshot(self, snap: Snapshot) -> None:
+        self._previous, self._latest = self._latest, snap
+
+    def status(self) -> dict[str, Any]:
+        """JSON-ready daemon summary (HTTP ``/api/v1/status``, systemd STATUS=)."""
+        snap = self.poller.latest
+        return {
+            "version": __version__,
+            "uri": self.settings.libvirt.uri,
+            "connected": self.connection.ready.is_set(),
+            "read_only": self.read_only,
+            "last_error": self.connection.last_error,
+            "libvirt": dict(self.connection.info),
+            "guests": len(self.guests.guests()),
+            "stale_guests": len(self.poller.stale),
+            "last_poll_time": snap.time if snap else None,
+            "last_poll_duration_seconds": snap.duration if snap else None,
+            "events_received": self.pump.published,
+            "event_backlog": self.pump.backlog,
+        }
+
+    def guest_extra(self, name: str) -> dict[str, Any]:
+        """Per-guest extras for the API and landing page (CPU %)."""
+        g = self.guests.by_name(name)
+        if g is None:
+            return {}
+        return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid)}
+
+    def status_line(self) -> str:
+        """One human line for systemd ``STATUS=``."""
+        s = self.status()
+        conn = "connected" if s["connected"] else "libvirt unreachable"
+        poll = f"last poll {time.time() - s['last_poll_time']:.0f} s ago" if s["last_poll_time"] else "no poll yet"
+        return f"{conn}; {s['guests']} guests; {poll}"
+
+    # -- lifecycle ------------------------------------------------------------
+    async def start(self) -> None:
+        """Bind the HTTP listener, then start the pump, connection and poller.
+
+        Raises OSError if the listen address cannot be bound. A libvirtd that
+        is down is not an error: the connection keeps retrying.
+        """
+        host, port = parse_listen(self.settings.http.listen)
+        self._runner = web.AppRunner(self.http.build(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host=host, port=port, reuse_address=True)
+        await site.start()
+        if self._runner.addresses:
+            addr = self._runner.addresses[0]
+            self.listen_address = (addr[0], addr[1])
+        self._tasks = [
+            self.loop.create_task(self.pump.run(), name="event-pump"),
+            self.loop.create_task(self.connection.run(), name="connection"),
+            self.loop.create_task(self.poller.run(), name="stats-poller"),
+            self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
+        ]
+        log.info("virtwatch_started", version=__version__, listen=self.settings.http.listen,
+                 bound=self.listen_address, uri=self.settings.libvirt.uri, read_only=self.read_only,
+                 poll_interval=self.settings.stats.poll_interval)
+
+    async def _backlog_gauge(self) -> None:
+        while True:
+            self.instruments.event_backlog.set(self.pump.backlog)
+            await asyncio.sleep(1.0)
+
+    async def stop(self) -> None:
+        """Stop in order: poller, libvirt connection (teardown order of design
+        doc §3a), drain libvirtaio, event pump, HTTP. Bounded by
+        ``daemon.shutdown_timeout``."""
+        deadline = self.loop.time() + self.settings.daemon.shutdown_timeout
+        by_name = {t.get_name(): t for t in self._tasks}
+        for name in ("stats-poller", "backlog-gauge"):
+            await _cancel(by_name.get(name))
+        await self.connection.stop()
+        conn_task = by_name.get("connection")
+        if conn_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(conn_task), max(0.1, deadline - self.loop.time()))
+            except asyncio.TimeoutError:
+                log.warning("shutdown_connection_timeout")
+                await _cancel(conn_task)
+        try:
+            await asyncio.wait_for(self.impl.drain(), max(0.1, min(5.0, deadline - self.loop.time())))
+        except asyncio.TimeoutError:
+            log.warning("shutdown_drain_timeout", live_callbacks=self.impl.live_callbacks())
+        await _cancel(by_name.get("event-pump"))
+        if self._runner is not None:
+            await self._runner.cleanup()
+        self.calls.shutdown()
+        log.info("virtwatch_stopped")
+
+
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    if task is None or task.done():
+        return
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

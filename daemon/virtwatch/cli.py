@@ -1,0 +1,123 @@
+"""Command line: ``virtwatch run | check-config | ...``.
+
+Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from typing import Any, Sequence
+
+import structlog
+
+from . import __version__
+from .config import ConfigError, config_warnings, load_settings
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="virtwatch", description="Event-driven monitoring and guest-keeping "
+                                     "daemon for libvirt hosts.")
+    parser.add_argument("--version", action="version", version=f"virtwatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the daemon", description="Run the daemon in the foreground. Flags "
+                         "override the configuration file.")
+    run.add_argument("--config", metavar="FILE", help="TOML configuration file (default: built-in defaults)")
+    run.add_argument("--uri", help="libvirt URI (libvirt.uri), e.g. qemu:///system or test:///default")
+    run.add_argument("--listen", metavar="HOST:PORT", help="HTTP listen address (http.listen), default :9177")
+    run.add_argument("--poll-interval", type=float, metavar="SECONDS", help="statistics poll interval "
+                     "(stats.poll_interval), default 15")
+    run.add_argument("--log-format", choices=("json", "console"), help="log line format (log.format)")
+
+    check = sub.add_parser("check-config", help="validate a configuration file",
+                           description="Validate FILE; print every problem. Exit 0 when valid, 2 otherwise.")
+    check.add_argument("file", metavar="FILE")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``virtwatch`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_CONFIG
+    if args.command == "check-config":
+        return check_config(args.file)
+    if args.command == "run":
+        return run(args)
+    parser.error(f"unknown command {args.command}")
+    return EXIT_CONFIG
+
+
+def check_config(path: str) -> int:
+    """Validate ``path``; print ``OK`` (plus warnings) or every error."""
+    try:
+        settings = load_settings(path)
+    except ConfigError as err:
+        print(f"{path}: invalid configuration ({len(err.errors)} problem{'s' if len(err.errors) != 1 else ''}):",
+              file=sys.stderr)
+        for line in err.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    for w in config_warnings(settings):
+        print(f"warning: {w}", file=sys.stderr)
+    print(f"{path}: OK")
+    return EXIT_OK
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {"libvirt.uri": args.uri, "http.listen": args.listen, "stats.poll_interval": args.poll_interval,
+            "log.format": args.log_format}
+
+
+def run(args: argparse.Namespace) -> int:
+    """``virtwatch run``: load config, then serve until SIGTERM/SIGINT."""
+    from .logs import configure_logging
+
+    try:
+        settings = load_settings(args.config, _overrides(args))
+    except ConfigError as err:
+        print(f"{err.source}: invalid configuration:", file=sys.stderr)
+        for line in err.errors:
+            print(f"  {line}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(settings.log.format, settings.log.level)
+    log = structlog.get_logger("virtwatch.cli")
+    for w in config_warnings(settings):
+        log.warning("config_warning", message=w)
+    try:
+        return asyncio.run(_serve(settings, args.config))
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+async def _serve(settings: Any, config_path: str | None) -> int:
+    from .app import Daemon
+    from .logs import route_libvirt_errors
+    from .virt.aio import register_event_impl
+
+    log = structlog.get_logger("virtwatch.cli")
+    loop = asyncio.get_running_loop()
+    impl = register_event_impl(loop)  # before any connection is opened
+    route_libvirt_errors()
+    daemon = Daemon(settings, impl)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await daemon.start()
+    except OSError as err:
+        log.error("listen_failed", listen=settings.http.listen, error=str(err))
+        await daemon.stop()
+        return EXIT_FAILURE
+    await stop.wait()
+    log.info("virtwatch_stopping")
+    await daemon.stop()
+    return EXIT_OK

@@ -1,0 +1,206 @@
+"""The HTTP endpoint (aiohttp): ``/metrics``, health, landing page, JSON API.
+
+Nothing here calls libvirt: every handler reads in-memory state, so a hung
+libvirtd can never hang a scrape.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import Any, Awaitable, Callable, Protocol
+
+from aiohttp import web
+
+from .. import __version__
+from ..eventlog import RecentEvents
+from ..state import GuestRegistry, GuestView
+from ..virt.decode import state_name, state_reason_name
+from ..virt.stats import Snapshot
+from .collector import Exposition
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class StatusPort(Protocol):
+    """Daemon status the HTTP layer shows (implemented by the app)."""
+
+    def status(self) -> dict[str, Any]:
+        """JSON-ready summary: connected, uri, guests, last poll, ..."""
+
+    def guest_extra(self, name: str) -> dict[str, Any]:
+        """Extra per-guest data (policy state, agent info); {} if none."""
+
+
+def guest_json(g: GuestView, snap: Snapshot | None) -> dict[str, Any]:
+    """A guest as the JSON API returns it (state names decoded, stats summary).
+
+    ``cpu_time_seconds`` comes from ``cpu.time``; memory values from the
+    balloon group, converted from KiB to bytes; absent values are null.
+    """
+    ds = snap.domains.get(g.uuid) if snap else None
+    st = ds.stats if ds else {}
+
+    def kib(key: str) -> int | None:
+        v = st.get(key)
+        return v * 1024 if isinstance(v, int) else None
+
+    cpu = st.get("cpu.time")
+    return {
+        "name": g.name,
+        "uuid": g.uuid,
+        "state": state_name(g.state),
+        "state_code": g.state,
+        "reason": state_reason_name(g.state, g.reason),
+        "reason_code": g.reason,
+        "persistent": g.persistent,
+        "autostart": g.autostart,
+        "last_event": {"event": g.last_event, "detail": g.last_detail, "time": g.last_event_time}
+        if g.last_event else None,
+        "agent_connected": g.agent_connected,
+        "stats_stale": ds.stale if ds else None,
+        "cpu_time_seconds": cpu / 1e9 if isinstance(cpu, int) else None,
+        "memory_balloon_current_bytes": kib("balloon.current"),
+        "memory_maximum_bytes": kib("balloon.maximum"),
+        "memory_usable_bytes": kib("balloon.usable"),
+        "memory_rss_bytes": kib("balloon.rss"),
+    }
+
+
+class HTTPApp:
+    """Builds the aiohttp application.
+
+    Args:
+        exposition: renders ``/metrics``.
+        guests: guest registry.
+        snapshot: returns the latest stats snapshot.
+        events: recent events ring buffer.
+        status: daemon status port.
+        ready: returns True when libvirt is connected and resynced (``/readyz``).
+        middlewares: extra aiohttp middlewares (auth), applied in order.
+    """
+
+    def __init__(self, exposition: Exposition, guests: GuestRegistry, snapshot: Callable[[], Snapshot | None],
+                 events: RecentEvents, status: StatusPort, ready: Callable[[], bool],
+                 middlewares: list[Callable[..., Awaitable[Any]]] | None = None) -> None:
+        self._exposition = exposition
+        self._guests = guests
+        self._snapshot = snapshot
+        self._events = events
+        self._status = status
+        self._ready = ready
+        self._middlewares = middlewares or []
+
+    def build(self) -> web.Application:
+        """The application, with body size bounded to 64 KiB."""
+        app = web.Application(middlewares=self._middlewares, client_max_size=MAX_BODY_BYTES)
+        app.router.add_get("/", self.index)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/api/v1/status", self.api_status)
+        app.router.add_get("/api/v1/guests", self.api_guests)
+        app.router.add_get("/api/v1/guests/{name}", self.api_guest)
+        app.router.add_get("/api/v1/events", self.api_events)
+        return app
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        """Prometheus text exposition."""
+        return web.Response(body=self._exposition.render(), headers={"Content-Type": Exposition.CONTENT_TYPE})
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        """Liveness: the loop answers."""
+        return web.Response(text="ok\n")
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """Readiness: 200 when libvirt is connected and state resynced, else 503."""
+        if self._ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="libvirt not connected\n")
+
+    async def api_status(self, _request: web.Request) -> web.Response:
+        """Daemon status as JSON."""
+        return web.json_response(self._status.status())
+
+    async def api_guests(self, _request: web.Request) -> web.Response:
+        """Every guest as JSON."""
+        snap = self._snapshot()
+        return web.json_response({"guests": [guest_json(g, snap) for g in self._guests.guests()]})
+
+    async def api_guest(self, request: web.Request) -> web.Response:
+        """One guest with its recent events; 404 if unknown."""
+        name = request.match_info["name"]
+        g = self._guests.by_name(name)
+        if g is None:
+            return web.json_response({"error": f"no guest named {name!r}"}, status=404)
+        out = guest_json(g, self._snapshot())
+        out["events"] = [e.as_dict() for e in self._events.since(0, name=name, limit=50)]
+        out.update(self._status.guest_extra(name))
+        return web.json_response(out)
+
+    async def api_events(self, request: web.Request) -> web.Response:
+        """Events after ``since`` (a sequence number), at most ``limit`` (≤ 1000)."""
+        try:
+            since = int(request.query.get("since", "0"))
+            limit = int(request.query.get("limit", "500"))
+        except ValueError:
+            return web.json_response({"error": "since and limit must be integers"}, status=400)
+        if not 0 < limit <= 1000:
+            return web.json_response({"error": "limit must be between 1 and 1000"}, status=400)
+        evs = self._events.since(since, name=request.query.get("domain"), limit=limit)
+        return web.json_response({"events": [e.as_dict() for e in evs],
+                                  "last_seq": evs[-1].seq if evs else since})
+
+    async def index(self, _request: web.Request) -> web.Response:
+        """A small HTML page: status and a table of guests (no JavaScript)."""
+        st = self._status.status()
+        snap = self._snapshot()
+        rows = []
+        for g in self._guests.guests():
+            j = guest_json(g, snap)
+            extra = self._status.guest_extra(g.name)
+            mem = j["memory_balloon_current_bytes"]
+            last = j["last_event"]
+            rows.append(
+                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
+                    html.escape(g.name), html.escape(f"{j['state']} ({j['reason']})"),
+                    _fmt_cpu(extra.get("cpu_percent")), _fmt_bytes(mem),
+                    html.escape(f"{last['event']}/{last['detail']}") if last else "",
+                    html.escape(str(extra.get("policy_state", "observed"))),
+                    "yes" if extra.get("given_up") else ""))
+        connected = "connected" if st.get("connected") else "NOT connected"
+        body = f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>virtwatch</title>
+<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#eee}}</style></head>
+<body><h1>virtwatch {html.escape(__version__)}</h1>
+<p>libvirt <code>{html.escape(str(st.get('uri', '')))}</code>: <b>{connected}</b>;
+{len(rows)} guests; last poll {html.escape(_fmt_age(st.get('last_poll_time')))}.</p>
+<p><a href="/metrics">/metrics</a> · <a href="/api/v1/guests">/api/v1/guests</a> ·
+<a href="/api/v1/events">/api/v1/events</a> · <a href="/healthz">/healthz</a></p>
+<table><tr><th>Guest</th><th>State</th><th>CPU %</th><th>Memory</th><th>Last event</th>
+<th>Policy</th><th>Given up</th></tr>
+{''.join(rows)}
+</table></body></html>
+"""
+        return web.Response(text=body, content_type="text/html")
+
+
+def _fmt_bytes(v: int | None) -> str:
+    if v is None:
+        return ""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if v < 1024 or unit == "TiB":
+            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
+        v /= 1024
+    return ""
+
+
+def _fmt_cpu(v: float | None) -> str:
+    return "" if v is None else f"{v:.1f}"
+
+
+def _fmt_age(t: float | None) -> str:
+    if not t:
+        return "never"
+    return f"{max(0.0, time.time() - t):.0f} s ago"

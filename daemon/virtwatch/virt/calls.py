@@ -1,0 +1,112 @@
+"""Running blocking libvirt calls off the loop, bounded and with deadlines.
+
+Every libvirt call that talks to libvirtd runs in a small thread pool so the
+loop never blocks. At most ``max_in_flight`` calls run at once (libvirtd
+allows 5 requests per client by default and keepalive shares that budget).
+A call that outlives its deadline raises :class:`CallTimeout` in the caller,
+but its thread keeps its slot until the C call really returns: a timed-out
+Python wait does not cancel the C call, so freeing the slot early would let
+stuck calls pile up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Callable, TypeVar
+
+import libvirt
+
+from ..metrics.instruments import Instruments
+from .decode import constant_names
+
+T = TypeVar("T")
+
+
+class CallTimeout(Exception):
+    """A libvirt call did not return within its deadline."""
+
+    def __init__(self, call: str, timeout: float) -> None:
+        super().__init__(f"{call} did not return within {timeout:g} s")
+        self.call = call
+        self.timeout = timeout
+
+
+def error_code_name(err: libvirt.libvirtError) -> str:
+    """libvirt error code of ``err`` as its constant name, e.g. ``VIR_ERR_NO_DOMAIN``."""
+    code = err.get_error_code()
+    if code is None:
+        return "unknown"
+    name = constant_names("VIR_ERR_").get(code)
+    return f"VIR_ERR_{name}" if name else str(code)
+
+
+class Calls:
+    """Bounded executor for blocking libvirt calls.
+
+    Args:
+        instruments: where ``libvirt_api_errors_total`` is counted.
+        max_in_flight: concurrent calls (threads); ``libvirt.max_calls_in_flight``.
+        default_timeout: deadline in seconds when a call gives none.
+    """
+
+    def __init__(self, instruments: Instruments, max_in_flight: int = 4, default_timeout: float = 30.0) -> None:
+        self._instruments = instruments
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_in_flight,
+                                                           thread_name_prefix="virtwatch-libvirt")
+        self._busy = 0
+        self._lock = threading.Lock()
+        self.default_timeout = default_timeout
+
+    @property
+    def in_flight(self) -> int:
+        """Calls currently running in a worker thread (including timed-out ones)."""
+        with self._lock:
+            return self._busy
+
+    async def run(self, call: str, fn: Callable[..., T], *args: Any, timeout: float | None = None,
+                  count_errors: bool = True) -> T:
+        """Run ``fn(*args)`` in a worker thread and await its result.
+
+        Args:
+            call: the API name for metrics and logs (``getAllDomainStats``).
+            timeout: seconds; default :attr:`default_timeout`.
+            count_errors: count ``libvirtError`` in ``libvirt_api_errors_total``.
+
+        Raises:
+            CallTimeout: the call did not return in time (counted with code ``timeout``).
+            libvirt.libvirtError: whatever libvirt raised (counted by error code).
+        """
+        loop = asyncio.get_running_loop()
+        limit = self.default_timeout if timeout is None else timeout
+        fut = loop.run_in_executor(self._pool, self._in_slot, fn, args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), limit)
+        except asyncio.TimeoutError:
+            fut.add_done_callback(_swallow)
+            if count_errors:
+                self._instruments.api_errors.labels(call=call, code="timeout").inc()
+            raise CallTimeout(call, limit) from None
+        except libvirt.libvirtError as err:
+            if count_errors:
+                self._instruments.api_errors.labels(call=call, code=error_code_name(err)).inc()
+            raise
+
+    def _in_slot(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self._lock:
+            self._busy += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._lock:
+                self._busy -= 1
+
+    def shutdown(self) -> None:
+        """Stop accepting calls; threads still stuck in C are left to finish."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _swallow(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()

@@ -1,0 +1,305 @@
+"""The libvirt connection: open, keep alive, notice loss, reconnect, resync.
+
+:class:`ConnectionManager.run` owns the connection for the daemon's life:
+
+1. open (read-only unless writes are needed) in a worker thread;
+2. ``registerCloseCallback`` and ``setKeepAlive(interval, count)``;
+3. register every event callback (:class:`EventSubscriptions`);
+4. resync guest state with one ``getAllDomainStats(STATE)`` plus the
+   persistent/autostart lists, then mark the connection *ready*;
+5. wait for the close callback (libvirtd died, keepalive timed out) or
+   shutdown, resyncing every ``resync_interval``;
+6. tear down in the order design doc §3a requires and reconnect with capped,
+   jittered exponential backoff.
+
+Components that must know whether libvirt is usable subscribe with
+:meth:`ConnectionManager.add_listener`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any, Callable, Protocol
+
+import libvirt
+import structlog
+
+from ..config import LibvirtSettings
+from ..metrics.instruments import Instruments
+from ..state import GuestRegistry, ResyncEntry
+from .calls import CallTimeout, Calls, error_code_name
+from .events import EventPump, EventSubscriptions
+
+log = structlog.get_logger("virtwatch.connection")
+
+
+class ConnectionListener(Protocol):
+    """Told when the connection becomes ready and when it is lost."""
+
+    def connection_ready(self, conn: libvirt.virConnect) -> None:
+        """Connected, callbacks registered and guest state resynced."""
+
+    def connection_lost(self) -> None:
+        """The connection is gone (or being closed); drop libvirt objects now."""
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
+    """Reconnect delay in seconds for the ``attempt``-th consecutive failure (1-based).
+
+    Exponential (``base * 2**(attempt-1)``), capped at ``cap``, with ±20 %
+    jitter so that many hosts do not reconnect in lockstep; never below
+    ``base / 2`` nor above ``cap``.
+    """
+    raw = min(cap, base * (2 ** max(0, attempt - 1)))
+    jittered = raw * (0.8 + 0.4 * rand())
+    return max(base / 2, min(cap, jittered))
+
+
+def read_guest_list(conn: libvirt.virConnect) -> list[ResyncEntry]:
+    """Every guest's name, UUID, state, reason, persistence and autostart.
+
+    Three RPCs whatever the number of guests: ``getAllDomainStats(STATE,
+    NOWAIT)`` and ``listAllDomains`` filtered by PERSISTENT and AUTOSTART.
+    Blocking: call from a worker thread. Raises ``libvirt.libvirtError``.
+    """
+    stats = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE,
+                                   libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+    persistent = {d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)}
+    autostart = {d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)}
+    out = []
+    for dom, st in stats:
+        uuid = dom.UUIDString()
+        out.append(ResyncEntry(name=dom.name(), uuid=uuid, state=int(st.get("state.state", 0)),
+                               reason=int(st.get("state.reason", 0)), persistent=uuid in persistent,
+                               autostart=uuid in autostart))
+    return out
+
+
+class ConnectionManager:
+    """Owns the libvirt connection and keeps it up.
+
+    Args:
+        settings: the ``[libvirt]`` section.
+        read_only: open with ``openReadOnly`` (no guest actions possible).
+        calls: bounded executor for blocking calls.
+        pump: where events go; its :attr:`~EventPump.published` count marks resyncs.
+        guests: the registry resyncs write to.
+        instruments: self-metrics (``libvirt_up``, reconnects, attempts).
+        rand: jitter source in [0, 1) (injected for tests).
+    """
+
+    def __init__(self, settings: LibvirtSettings, read_only: bool, calls: Calls, pump: EventPump,
+                 guests: GuestRegistry, instruments: Instruments, rand: Callable[[], float] = random.random) -> None:
+        self.settings = settings
+        self.read_only = read_only
+        self._calls = calls
+        self._pump = pump
+        self._guests = guests
+        self._instruments = instruments
+        self._rand = rand
+        self._subs = EventSubscriptions(pump)
+        self._listeners: list[ConnectionListener] = []
+        self._conn: libvirt.virConnect | None = None
+        self._closed = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.connected_once = False
+        self.last_error: str | None = None
+        self.info: dict[str, Any] = {}
+        self.close_reason: str | None = None
+        instruments.up.set(0)
+
+    # -- public ---------------------------------------------------------------
+    @property
+    def conn(self) -> libvirt.virConnect | None:
+        """The open connection while ready, else None. Never cache it."""
+        return self._conn if self.ready.is_set() else None
+
+    def add_listener(self, listener: ConnectionListener) -> None:
+        """Register a listener for ready/lost transitions."""
+        self._listeners.append(listener)
+
+    async def run(self) -> None:
+        """Connect and stay connected until :meth:`stop`; never raises."""
+        attempt = 0
+        while not self._stopping.is_set():
+            conn = await self._connect()
+            if conn is None:
+                attempt += 1
+                delay = backoff_delay(attempt, self.settings.reconnect_min_delay,
+                                      self.settings.reconnect_max_delay, self._rand)
+                log.warning("libvirt_connect_failed", uri=self.settings.uri, attempt=attempt,
+                            retry_in_seconds=round(delay, 3), error=self.last_error)
+                await self._wait_stop(delay)
+                continue
+            attempt = 0
+            await self._serve(conn)
+            await self._teardown(conn)
+            if not self._stopping.is_set():
+                attempt = 1
+                await self._wait_stop(backoff_delay(attempt, self.settings.reconnect_min_delay,
+                                                    self.settings.reconnect_max_delay, self._rand))
+
+    async def stop(self) -> None:
+        """Ask :meth:`run` to tear down and return."""
+        self._stopping.set()
+        self._closed.set()
+
+    async def reconnect(self) -> None:
+        """Drop the current connection and reconnect (after the backoff's first step)."""
+        self.close_reason = "requested"
+        self._closed.set()
+
+    async def resync(self) -> int:
+        """Re-read every guest's state now; returns the number of guests.
+
+        Raises ``libvirt.libvirtError`` / :class:`CallTimeout` on failure and
+        RuntimeError when not connected.
+        """
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("not connected")
+        await self._pump.wait_idle()
+        mark = self._pump.published
+        entries = await self._calls.run("getAllDomainStats", read_guest_list, conn,
+                                        timeout=self.settings.call_timeout)
+        self._guests.apply_resync(entries, started_after_seq=mark)
+        return len(entries)
+
+    # -- internals ------------------------------------------------------------
+    def _open(self) -> libvirt.virConnect:
+        uri = self.settings.uri
+        return libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
+
+    async def _connect(self) -> libvirt.virConnect | None:
+        try:
+            conn = await self._calls.run("open", self._open, timeout=self.settings.call_timeout)
+        except (libvirt.libvirtError, CallTimeout) as err:
+            self._instruments.connection_attempts.labels(result="failure").inc()
+            self.last_error = str(err).strip()
+            return None
+        self._instruments.connection_attempts.labels(result="success").inc()
+        self._closed = asyncio.Event()
+        if self._stopping.is_set():
+            self._closed.set()
+        self.close_reason = None
+        loop = asyncio.get_running_loop()
+
+        def on_close(_conn: Any, reason: int, _opaque: Any) -> None:
+            # Only signal the loop: unregistering or closing here deadlocks/leaks.
+            try:
+                loop.call_soon_threadsafe(self._on_close, reason)
+            except RuntimeError:
+                pass
+
+        try:
+            conn.registerCloseCallback(on_close, None)
+            self._conn = conn
+            await self._keepalive(conn)
+            kinds = await self._calls.run("domainEventRegisterAny", self._subs.register, conn,
+                                          timeout=self.settings.call_timeout)
+            self.info = await self._calls.run("getLibVersion", _read_info, conn, timeout=self.settings.call_timeout)
+            await self.resync()
+        except (libvirt.libvirtError, CallTimeout, RuntimeError) as err:
+            self.last_error = str(err).strip()
+            self._instruments.connection_attempts.labels(result="setup_failure").inc()
+            await self._teardown(conn)
+            return None
+        log.info("libvirt_connected", uri=self.settings.uri, read_only=self.read_only,
+                 events=len(kinds), unsupported_events=self._subs.unsupported,
+                 guests=len(self._guests.guests()), **self.info)
+        if self.connected_once:
+            self._instruments.reconnects.inc()
+        self.connected_once = True
+        self.last_error = None
+        self.ready.set()
+        self._instruments.up.set(1)
+        for listener in list(self._listeners):
+            try:
+                listener.connection_ready(conn)
+            except Exception as err:
+                log.error("connection_listener_failed", listener=repr(listener), error=repr(err))
+        return conn
+
+    async def _keepalive(self, conn: libvirt.virConnect) -> None:
+        try:
+            await self._calls.run("setKeepAlive", conn.setKeepAlive, self.settings.keepalive_interval,
+                                  self.settings.keepalive_count, timeout=self.settings.call_timeout,
+                                  count_errors=False)
+        except libvirt.libvirtError as err:
+            # In-process drivers (test:///) have no keepalive: not an error.
+            log.debug("keepalive_unsupported", error=error_code_name(err))
+
+    def _on_close(self, reason: int) -> None:
+        names = {libvirt.VIR_CONNECT_CLOSE_REASON_ERROR: "error", libvirt.VIR_CONNECT_CLOSE_REASON_EOF: "eof",
+                 libvirt.VIR_CONNECT_CLOSE_REASON_KEEPALIVE: "keepalive",
+                 libvirt.VIR_CONNECT_CLOSE_REASON_CLIENT: "client"}
+        self.close_reason = names.get(reason, str(reason))
+        self._closed.set()
+
+    async def _serve(self, conn: libvirt.virConnect) -> None:
+        interval = self.settings.resync_interval
+        while not self._closed.is_set():
+            try:
+                await asyncio.wait_for(self._closed.wait(), interval if interval > 0 else None)
+            except asyncio.TimeoutError:
+                try:
+                    await self.resync()
+                except (libvirt.libvirtError, CallTimeout, RuntimeError) as err:
+                    log.warning("resync_failed", error=str(err).strip())
+        if not self._stopping.is_set():
+            log.error("libvirt_connection_lost", uri=self.settings.uri, reason=self.close_reason)
+
+    async def _teardown(self, conn: libvirt.virConnect) -> None:
+        """Teardown order of design doc §3a: listeners drop objects, deregister
+        callbacks, unregister the close callback, close."""
+        was_ready = self.ready.is_set()
+        self.ready.clear()
+        self._instruments.up.set(0)
+        if was_ready:
+            for listener in list(self._listeners):
+                try:
+                    listener.connection_lost()
+                except Exception as err:
+                    log.error("connection_listener_failed", listener=repr(listener), error=repr(err))
+        timeout = min(5.0, self.settings.call_timeout)
+        for call, fn in (("domainEventDeregisterAny", self._subs.deregister),
+                         ("unregisterCloseCallback", _unregister_close), ("close", _close)):
+            try:
+                await self._calls.run(call, fn, conn, timeout=timeout, count_errors=False)
+            except (libvirt.libvirtError, CallTimeout) as err:
+                log.debug("teardown_step_failed", step=call, error=str(err).strip())
+        self._conn = None
+
+    async def _wait_stop(self, delay: float) -> None:
+        try:
+            await asyncio.wait_for(self._stopping.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+
+def _unregister_close(conn: libvirt.virConnect) -> None:
+    conn.unregisterCloseCallback()
+
+
+def _close(conn: libvirt.virConnect) -> None:
+    conn.close()
+
+
+def _read_info(conn: libvirt.virConnect) -> dict[str, Any]:
+    """Version and identity of the far end (``getLibVersion``, ``getType``, …)."""
+    info: dict[str, Any] = {"libvirt_version": _version_str(conn.getLibVersion()), "driver": conn.getType()}
+    try:
+        info["hypervisor_version"] = _version_str(conn.getVersion())
+    except libvirt.libvirtError:
+        info["hypervisor_version"] = ""
+    try:
+        info["hostname"] = conn.getHostname()
+    except libvirt.libvirtError:
+        info["hostname"] = ""
+    return info
+
+
+def _version_str(v: int) -> str:
+    return f"{v // 1000000}.{(v // 1000) % 1000}.{v % 1000}"

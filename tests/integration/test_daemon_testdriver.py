@@ -1,0 +1,153 @@
+"""The daemon on libvirt's in-process test driver: events, state, HTTP, reconnect."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+
+import aiohttp
+import libvirt
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from virtwatch.app import Daemon
+
+
+async def scrape(d: Daemon, path: str = "/metrics") -> tuple[int, str]:
+    host, port = d.listen_address
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{host}:{port}{path}") as r:
+            return r.status, await r.text()
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
+
+
+async def until(cond, timeout: float = 5.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while not cond():
+        if loop.time() > end:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_lifecycle_events_reach_state_counters_and_api(daemon: Daemon, make_guests, actor) -> None:
+    (dom,) = await asyncio.to_thread(make_guests, "life", 1, True)
+    name = dom.name()
+    await until(lambda: daemon.guests.by_name(name) is not None)
+    await asyncio.to_thread(dom.suspend)
+    await until(lambda: daemon.guests.by_name(name).state == libvirt.VIR_DOMAIN_PAUSED)
+    await asyncio.to_thread(dom.resume)
+    await asyncio.to_thread(dom.destroy)
+    await until(lambda: daemon.guests.by_name(name).state == libvirt.VIR_DOMAIN_SHUTOFF)
+    g = daemon.guests.by_name(name)
+    assert (g.last_event, g.last_detail) == ("STOPPED", "DESTROYED")
+    assert g.reason == libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED
+
+    status, text = await scrape(daemon)
+    assert status == 200
+    assert metric(text, "libvirt_up") == 1
+    assert metric(text, "libvirt_events_total", kind="lifecycle", event="SUSPENDED", detail="PAUSED") >= 1
+    assert metric(text, "libvirt_events_total", kind="lifecycle", event="STOPPED", detail="DESTROYED") >= 1
+    assert metric(text, "libvirt_domain_state_code", domain=name) == 5
+
+    status, body = await scrape(daemon, f"/api/v1/guests/{name}")
+    assert status == 200
+    doc = json.loads(body)
+    assert doc["state"] == "shutoff" and doc["reason"] == "destroyed"
+    assert [(e["event"], e["detail"]) for e in doc["events"]][-3:] == [
+        ("SUSPENDED", "PAUSED"), ("RESUMED", "UNPAUSED"), ("STOPPED", "DESTROYED")]
+    status, body = await scrape(daemon, "/api/v1/guests/no-such-guest")
+    assert status == 404
+    status, body = await scrape(daemon, "/api/v1/events?since=0&limit=2")
+    assert status == 200 and len(json.loads(body)["events"]) == 2
+    status, body = await scrape(daemon, "/api/v1/events?since=abc")
+    assert status == 400
+
+
+async def test_landing_health_and_readiness(daemon: Daemon, make_guests) -> None:
+    (dom,) = await asyncio.to_thread(make_guests, "odd<&>name", 1)
+    await until(lambda: daemon.guests.by_name(dom.name()) is not None)
+    status, page = await scrape(daemon, "/")
+    assert status == 200
+    assert "odd&lt;&amp;&gt;name" in page and "<table>" in page
+    assert (await scrape(daemon, "/healthz"))[0] == 200
+    assert (await scrape(daemon, "/readyz"))[0] == 200
+
+
+async def test_poll_publishes_snapshot_and_vanished_guests_vanish(daemon: Daemon, make_guests) -> None:
+    doms = await asyncio.to_thread(make_guests, "poll", 3)
+    names = {d.name() for d in doms}
+    snap = await daemon.poller.poll_once()
+    assert names <= {d.name for d in snap.domains.values()}
+    _, text = await scrape(daemon)
+    assert all(metric(text, "libvirt_domain_stats_stale", domain=n) == 0 for n in names)
+    assert metric(text, "libvirt_last_poll_success_timestamp_seconds") >= snap.time - 1
+    gone = doms[0]
+    await asyncio.to_thread(gone.destroy)  # transient: disappears
+    await until(lambda: daemon.guests.by_name(gone.name()) is None)
+    _, text = await scrape(daemon)
+    assert f'domain="{gone.name()}"' not in text
+
+
+async def test_reconnect_reregisters_callbacks_and_resyncs(daemon: Daemon, make_guests) -> None:
+    (dom,) = await asyncio.to_thread(make_guests, "recon", 1, True)
+    name = dom.name()
+    await until(lambda: daemon.guests.by_name(name) is not None)
+    before = daemon.registry.get_sample_value("libvirt_connection_reconnects_total")
+    await daemon.connection.reconnect()
+    await until(lambda: not daemon.connection.ready.is_set(), 2)
+    await asyncio.to_thread(dom.suspend)  # happens while disconnected: only a resync can tell
+    await asyncio.wait_for(daemon.connection.ready.wait(), 10)
+    assert daemon.registry.get_sample_value("libvirt_connection_reconnects_total") == before + 1
+    assert daemon.guests.by_name(name).state == libvirt.VIR_DOMAIN_PAUSED
+    counted = daemon.pump.published
+    await asyncio.to_thread(dom.resume)  # exactly one event: callbacks registered once, not twice
+    await until(lambda: daemon.guests.by_name(name).state == libvirt.VIR_DOMAIN_RUNNING)
+    await daemon.pump.wait_idle()
+    await asyncio.sleep(0.1)
+    assert daemon.pump.published == counted + 1
+
+
+async def test_storm_of_10000_events_over_100_guests_loses_none(daemon: Daemon, make_guests) -> None:
+    doms = await asyncio.to_thread(make_guests, "storm", 100)
+    await until(lambda: sum(1 for g in daemon.guests.guests() if g.name.startswith("storm-")) == 100, 10)
+    await daemon.pump.wait_idle()
+
+    def count(event: str, detail: str) -> float:
+        return daemon.registry.get_sample_value(
+            "libvirt_events_total", {"kind": "lifecycle", "event": event, "detail": detail}) or 0.0
+
+    paused_before, resumed_before = count("SUSPENDED", "PAUSED"), count("RESUMED", "UNPAUSED")
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def storm() -> int:
+        n = 0
+        for _ in range(50):
+            for d in doms:
+                d.suspend()
+                d.resume()
+                n += 2
+        return n
+
+    generated = await asyncio.to_thread(storm)
+    assert generated == 10_000
+
+    def total() -> float:
+        return count("SUSPENDED", "PAUSED") - paused_before + count("RESUMED", "UNPAUSED") - resumed_before
+
+    await until(lambda: total() >= generated, 30)
+    await daemon.pump.wait_idle()
+    assert total() == generated
+    assert all(g.state == libvirt.VIR_DOMAIN_RUNNING for g in daemon.guests.guests() if g.name.startswith("storm-"))
+    assert daemon.pump.backlog == 0
+    assert len(daemon.recent.since(0, limit=0)) <= 2000  # ring buffer stays bounded
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+    assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB during the storm"

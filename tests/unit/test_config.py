@@ -1,0 +1,93 @@
+"""Configuration validation: defaults, every error with its key path, the example file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from virtwatch.config import ConfigError, config_warnings, load_settings, parse_listen
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_defaults_without_a_file() -> None:
+    s = load_settings(None)
+    assert s.libvirt.uri == "qemu:///system"
+    assert s.stats.poll_interval == 15.0
+    assert s.stats.effective_poll_timeout == 10.0
+    assert s.http.listen == ":9177"
+    assert s.stats.groups == ("state", "cpu", "balloon", "vcpu", "interface", "block")
+
+
+def test_example_config_loads_and_documents_every_key() -> None:
+    example = ROOT / "config" / "virtwatch.example.toml"
+    s = load_settings(example)
+    assert s.libvirt.uri == "qemu:///system"
+    text = example.read_text()
+    # every key of every core section appears in the example (commented or set)
+    for section in ("libvirt", "stats", "http", "log", "daemon"):
+        model = getattr(s, section)
+        for key in type(model).model_fields:
+            assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} undocumented"
+
+
+def test_unknown_keys_and_bad_values_name_their_path(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[stats]\npoll_intervall = 5\npoll_interval = -1\n[libvirt]\nkeepalive_count = "x"\n'
+                   '[http]\nlisten = "nope"\n[bogus]\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    errors = info.value.errors
+    joined = "\n".join(errors)
+    assert "stats.poll_intervall: unknown key" in joined
+    assert "stats.poll_interval: Input should be greater than or equal to 0.1" in joined
+    assert "libvirt.keepalive_count" in joined
+    assert "http.listen" in joined
+    assert "bogus: unknown key" in joined
+    assert len(errors) == 5
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "syntax.toml"
+    cfg.write_text("[stats\n")
+    with pytest.raises(ConfigError) as info:
+        load_settings(cfg)
+    assert info.value.errors[0].startswith("TOML syntax")
+
+
+def test_overrides_win_over_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[libvirt]\nuri = "qemu:///system"\n[stats]\npoll_interval = 30\n')
+    s = load_settings(cfg, {"libvirt.uri": "test:///default", "stats.poll_interval": 2.0, "http.listen": None})
+    assert s.libvirt.uri == "test:///default"
+    assert s.stats.poll_interval == 2.0
+    assert s.stats.effective_poll_timeout == pytest.approx(1.6)
+    assert s.http.listen == ":9177"
+
+
+def test_warning_for_timeout_longer_than_interval() -> None:
+    s = load_settings(None, {"stats.poll_interval": 2.0, "stats.poll_timeout": 5.0})
+    assert any("poll_timeout" in w for w in config_warnings(s))
+
+
+@pytest.mark.parametrize("value,expected", [(":9177", (None, 9177)), ("127.0.0.1:80", ("127.0.0.1", 80)),
+                                            ("[::1]:9177", ("::1", 9177))])
+def test_parse_listen(value: str, expected: tuple) -> None:
+    assert parse_listen(value) == expected
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
+    good = ROOT / "config" / "virtwatch.example.toml"
+    r = subprocess.run([sys.executable, "-m", "virtwatch", "check-config", str(good)], capture_output=True,
+                       text=True)
+    assert r.returncode == 0, r.stderr
+    assert "OK" in r.stdout
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[stats]\npoll_interval = 0\nfoo = 1\n")
+    r = subprocess.run([sys.executable, "-m", "virtwatch", "check-config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "stats.poll_interval" in r.stderr and "stats.foo: unknown key" in r.stderr
+    assert "2 problems" in r.stderr

@@ -1,0 +1,130 @@
+"""Stats → metrics mapping, from real recorded getAllDomainStats output."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from virtwatch.metrics.collector import Exposition, StateCollector
+from virtwatch.state import GuestRegistry, ResyncEntry
+from virtwatch.virt.stats import DomainStats, HostStats, NetworkInfo, PoolInfo, Snapshot
+
+
+def build(recorded: dict, stale: set[str] = frozenset()) -> tuple[GuestRegistry, Snapshot]:
+    reg = GuestRegistry(clock=lambda: 0.0)
+    entries, domains = [], {}
+    for d in recorded["domains"]:
+        st = d["stats"]
+        entries.append(ResyncEntry(d["name"], d["uuid"], st["state.state"], st["state.reason"], True, False))
+        domains[d["uuid"]] = DomainStats(d["name"], d["uuid"], st, d["name"] in stale, 100.0)
+    reg.apply_resync(entries, started_after_seq=0)
+    host = HostStats(node_info=("x86_64", 24000, 2, 2400, 1, 1, 2, 1), memory={"total": 1024, "free": 512},
+                     cpu={"kernel": 2_000_000_000, "user": 1_000_000_000, "idle": 5, "iowait": 0},
+                     pools=(PoolInfo("default", "p-uuid", 2, 1000, 400, 600, True),
+                            PoolInfo("off", "p2", 0, 0, 0, 0, False)),
+                     networks=(NetworkInfo("default", "n1", True), NetworkInfo("iso", "n2", False)))
+    return reg, Snapshot(seq=1, time=100.0, duration=0.01, domains=domains, host=host)
+
+
+def samples(text: bytes) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for fam in text_string_to_metric_families(text.decode()):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def render(reg: GuestRegistry, snap: Snapshot) -> bytes:
+    exp = Exposition(CollectorRegistry(), StateCollector(reg, lambda: snap, lambda: {"libvirt_version": "9.0.0",
+                                                                                     "driver": "QEMU"}))
+    return exp.render()
+
+
+def test_units_and_values_for_a_running_guest(recorded_domstats: dict) -> None:
+    reg, snap = build(recorded_domstats)
+    s = samples(render(reg, snap))
+    b01 = next(d for d in recorded_domstats["domains"] if d["name"] == "b01")["stats"]
+    dom = (("domain", "b01"),)
+    assert s[("libvirt_domain_cpu_time_seconds_total", dom)] == pytest.approx(b01["cpu.time"] / 1e9)
+    assert s[("libvirt_domain_cpu_user_seconds_total", dom)] == pytest.approx(b01["cpu.user"] / 1e9)
+    assert s[("libvirt_domain_memory_usable_bytes", dom)] == b01["balloon.usable"] * 1024
+    assert s[("libvirt_domain_memory_available_bytes", dom)] == b01["balloon.available"] * 1024
+    assert s[("libvirt_domain_memory_rss_bytes", dom)] == b01["balloon.rss"] * 1024
+    assert s[("libvirt_domain_memory_minor_faults_total", dom)] == b01["balloon.minor_fault"]
+    vda = (("domain", "b01"), ("target", "vda"))
+    assert s[("libvirt_domain_block_read_bytes_total", vda)] == b01["block.0.rd.bytes"]
+    assert s[("libvirt_domain_block_write_time_seconds_total", vda)] == pytest.approx(b01["block.0.wr.times"] / 1e9)
+    assert s[("libvirt_domain_block_capacity_bytes", vda)] == b01["block.0.capacity"]
+    net = (("domain", "b01"), ("target", b01["net.0.name"]))
+    assert s[("libvirt_domain_interface_transmit_bytes_total", net)] == b01["net.0.tx.bytes"]
+    assert s[("libvirt_domain_interface_receive_packets_total", net)] == b01["net.0.rx.pkts"]
+    vcpu0 = (("domain", "b01"), ("vcpu", "0"))
+    assert s[("libvirt_domain_vcpu_delay_seconds_total", vcpu0)] == pytest.approx(b01["vcpu.0.delay"] / 1e9)
+    assert s[("libvirt_domain_state_code", dom)] == 1
+    assert s[("libvirt_domain_stats_stale", dom)] == 0
+
+
+def test_missing_fields_give_no_sample_never_zero(recorded_domstats: dict) -> None:
+    reg, snap = build(recorded_domstats)
+    s = samples(render(reg, snap))
+    # ev-panic is shut off: libvirt returned no balloon guest stats, no block rd/wr, no net, no vcpu times
+    dom = (("domain", "ev-panic"),)
+    assert ("libvirt_domain_memory_usable_bytes", dom) not in s
+    assert ("libvirt_domain_block_read_bytes_total", (("domain", "ev-panic"), ("target", "vda"))) not in s
+    assert ("libvirt_domain_vcpu_time_seconds_total", (("domain", "ev-panic"), ("vcpu", "0"))) not in s
+    assert s[("libvirt_domain_cpu_time_seconds_total", dom)] == pytest.approx(11.93)
+    assert s[("libvirt_domain_block_capacity_bytes", (("domain", "ev-panic"), ("target", "vda")))] == 67108864
+    assert s[("libvirt_domain_state_code", dom)] == 5
+
+
+def test_paused_on_io_error_and_host_figures(recorded_domstats: dict) -> None:
+    reg, snap = build(recorded_domstats, stale={"b02"})
+    s = samples(render(reg, snap))
+    assert s[("libvirt_domain_state_code", (("domain", "ioerr"),))] == 3
+    assert s[("libvirt_domain_state_reason_code", (("domain", "ioerr"),))] == 5  # VIR_DOMAIN_PAUSED_IOERROR
+    assert s[("libvirt_domain_stats_stale", (("domain", "b02"),))] == 1
+    assert s[("libvirt_domains", (("state", "running"),))] == 20
+    assert s[("libvirt_domains", (("state", "shutoff"),))] == 4
+    assert s[("libvirt_node_cpus", ())] == 2
+    assert s[("libvirt_node_memory_bytes", ())] == 24000 * 1024 * 1024
+    assert s[("libvirt_node_memory_free_bytes", ())] == 512 * 1024
+    assert s[("libvirt_node_cpu_kernel_seconds_total", ())] == 2.0
+    assert s[("libvirt_storage_pool_allocation_bytes", (("pool", "default"),))] == 400
+    assert ("libvirt_storage_pool_allocation_bytes", (("pool", "off"),)) not in s  # inactive pool: no sizes
+    assert s[("libvirt_storage_pool_state", (("pool", "off"),))] == 0
+    assert s[("libvirt_network_active", (("network", "iso"),))] == 0
+    assert s[("libvirt_version_info", (("driver", "QEMU"), ("hypervisor", ""), ("libvirt", "9.0.0")))] == 1
+
+
+def test_vanished_guest_vanishes_from_metrics(recorded_domstats: dict) -> None:
+    reg, snap = build(recorded_domstats)
+    keep = [ResyncEntry(d["name"], d["uuid"], 1, 1, True, False) for d in recorded_domstats["domains"]
+            if d["name"] != "b01"]
+    reg.apply_resync(keep, started_after_seq=0)
+    text = render(reg, snap).decode()
+    assert 'domain="b01"' not in text
+    assert 'domain="b02"' in text
+
+
+def test_render_is_cached_until_state_or_snapshot_changes(recorded_domstats: dict) -> None:
+    reg, snap = build(recorded_domstats)
+    holder = {"snap": snap}
+    exp = Exposition(CollectorRegistry(), StateCollector(reg, lambda: holder["snap"], lambda: {}))
+    first = exp.render()
+    assert exp.render() == first and exp.renders == 1
+    holder["snap"] = Snapshot(seq=2, time=101.0, duration=0.01, domains=snap.domains, host=None)
+    exp.render()
+    assert exp.renders == 2
+
+
+def test_promtool_accepts_the_exposition(recorded_domstats: dict) -> None:
+    reg, snap = build(recorded_domstats)
+    live = CollectorRegistry()
+    from virtwatch.metrics.instruments import Instruments
+    Instruments(live).events.labels(kind="lifecycle", event="STOPPED", detail="CRASHED").inc()
+    body = generate_latest(live) + render(reg, snap)
+    r = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
