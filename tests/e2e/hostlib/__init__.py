@@ -3,9 +3,11 @@
 - :mod:`hostlib.image`   builds and caches the guest kernel + busybox initramfs.
 - :mod:`hostlib.domain`  domain XML, qcow2 disks, the tiny-tmpfs disk-full trick.
 - :mod:`hostlib.guests`  GuestFactory: start ``vwe2e-*`` guests, wait for boot, clean up.
+- :mod:`hostlib.daemon`  run the real ``virtwatch`` command and scrape it.
 - :mod:`hostlib.host`    start libvirtd (``.ci/start-libvirtd.sh``) and check prerequisites.
 """
 
+from .daemon import VirtwatchProcess, free_port, sample
 from .domain import GUEST_IP, HOST_TAP_IP, IMAGES_ROOT, TinyFilesystem, create_qcow2, domain_xml, kernel_cmdline
 from .guests import (
     NAME_PREFIX,
@@ -25,5 +27,5 @@ __all__ = [
     "Guest", "GuestBootTimeout", "GuestFactory", "GuestImage", "ImageBuildError",
     "TinyFilesystem", "cache_dir", "cached_image", "check_guest_net_free", "create_qcow2", "domain_xml",
     "ensure_image", "host_skip_reason", "kernel_cmdline", "purge_leftovers",
-    "remove_domain", "start_libvirtd",
+    "remove_domain", "start_libvirtd", "VirtwatchProcess", "free_port", "sample",
 ]

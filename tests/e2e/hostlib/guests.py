@@ -211,13 +211,27 @@ class GuestFactory:
     def cleanup(self) -> None:
         """Destroy + undefine every guest made here, unmount tiny filesystems, remove files.
 
-        Idempotent; closes the connection if the factory opened it.
+        Idempotent; closes the connection if the factory opened it. Survives a
+        libvirtd restart during the test: a dead connection is reopened and the
+        guests are looked up again by name.
         """
+        conn = self.conn
+        if self.guests and not _alive(conn):
+            conn = libvirt.open(URI)
         for guest in self.guests:
-            remove_domain(guest.dom)
+            dom = guest.dom
+            if conn is not self.conn:
+                try:
+                    dom = conn.lookupByName(guest.name)
+                except libvirt.libvirtError:
+                    dom = None
+            if dom is not None:
+                remove_domain(dom)
             if guest.tinyfs is not None:
                 guest.tinyfs.unmount()
         self.guests.clear()
+        if conn is not self.conn:
+            conn.close()
         _remove_tree(self.directory)
         if self._own_conn and not self._closed:
             self._closed = True
@@ -225,6 +239,13 @@ class GuestFactory:
                 self.conn.close()
             except libvirt.libvirtError:
                 pass
+
+
+def _alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return conn.isAlive() == 1 and conn.getLibVersion() > 0
+    except libvirt.libvirtError:
+        return False
 
 
 def remove_domain(dom: libvirt.virDomain) -> None:

@@ -1,0 +1,120 @@
+"""Run the real ``virtwatch`` command as a subprocess and scrape it over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class VirtwatchProcess:
+    """``python -m virtwatch run ...`` in the background, logs to a file.
+
+    ``config`` is TOML text written to ``workdir/virtwatch.toml``; ``args``
+    are extra command-line flags. :meth:`stop` sends SIGTERM and returns the
+    exit code.
+    """
+
+    def __init__(self, workdir: Path, config: str = "", args: list[str] | None = None,
+                 uri: str = "qemu:///system", poll_interval: float = 1.0) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.config_path = self.workdir / "virtwatch.toml"
+        self.config_path.write_text(config)
+        self.log_path = self.workdir / "virtwatch.log"
+        self.cmd = [sys.executable, "-m", "virtwatch", "run", "--config", str(self.config_path), "--uri", uri,
+                    "--listen", f"127.0.0.1:{self.port}", "--poll-interval", str(poll_interval), *(args or [])]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        """Base URL of the HTTP endpoint."""
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, ready_timeout: float = 30.0) -> "VirtwatchProcess":
+        """Start and wait until ``/readyz`` answers 200 (libvirt connected)."""
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        self.wait_until(lambda: self.get("/readyz")[0] == 200, ready_timeout, "virtwatch never became ready")
+        return self
+
+    def get(self, path: str) -> tuple[int, str]:
+        """HTTP GET; (status, body); (0, "") while the port is closed."""
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=5) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as err:
+            return err.code, err.read().decode()
+        except (urllib.error.URLError, ConnectionError, socket.timeout):
+            return 0, ""
+
+    def scrape(self) -> str:
+        """The ``/metrics`` body (raises on non-200)."""
+        status, body = self.get("/metrics")
+        assert status == 200, f"/metrics answered {status}"
+        return body
+
+    def json(self, path: str) -> dict:
+        """GET a JSON document."""
+        status, body = self.get(path)
+        assert status == 200, f"{path} answered {status}: {body}"
+        return json.loads(body)
+
+    def wait_until(self, cond, timeout: float, message: str, interval: float = 0.2) -> None:
+        """Poll ``cond()`` until true; fail with ``message`` and the log tail."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"virtwatch exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if cond():
+                return
+            time.sleep(interval)
+        raise AssertionError(f"{message} within {timeout} s\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        """Everything the daemon logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last log lines."""
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM, wait, return the exit code (kills after ``timeout``)."""
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """Value of the first sample ``name`` whose labels include ``labels``."""
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None

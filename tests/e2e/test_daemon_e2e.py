@@ -1,0 +1,120 @@
+"""virtwatch against a real libvirtd with real QEMU guests, scraped for real.
+
+One daemon (the real ``virtwatch run`` command) watches qemu:///system while
+guests do disk and network I/O, panic, and get destroyed; every assertion
+comes from an HTTP scrape of that daemon.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from hostlib import READY_MARKER, START_SCRIPT, GuestFactory, GuestImage, VirtwatchProcess, sample
+
+
+@pytest.fixture(scope="module")
+def factory(guest_image: GuestImage) -> Iterator[GuestFactory]:
+    f = GuestFactory(guest_image, test_name="daemon-e2e")
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+@pytest.fixture(scope="module")
+def busy(factory: GuestFactory):
+    """Two guests writing/reading their disk and sending ARP traffic."""
+    guests = [factory.create("busy", options={"io": 1, "net": 1}, wait=False) for _ in range(2)]
+    for g in guests:
+        g.wait_for_serial(READY_MARKER)
+    return guests
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory: pytest.TempPathFactory, busy) -> Iterator[VirtwatchProcess]:
+    proc = VirtwatchProcess(tmp_path_factory.mktemp("virtwatch"), poll_interval=1.0).start()
+    try:
+        yield proc
+    finally:
+        rc = proc.stop()
+        log = proc.log_text()
+        assert rc == 0, proc.log_tail()
+        assert "Event loop is closed" not in log
+        assert "Traceback" not in log, log
+
+
+def test_counters_grow_between_polls(daemon: VirtwatchProcess, busy) -> None:
+    names = [g.name for g in busy]
+    keys = [("libvirt_domain_block_read_bytes_total", {"target": "vda"}),
+            ("libvirt_domain_block_write_bytes_total", {"target": "vda"}),
+            ("libvirt_domain_interface_receive_bytes_total", {}),
+            ("libvirt_domain_interface_transmit_bytes_total", {}),
+            ("libvirt_domain_cpu_time_seconds_total", {})]
+
+    def values() -> dict:
+        text = daemon.scrape()
+        return {(n, k): sample(text, k, domain=n, **lab) for n in names for k, lab in keys}
+
+    daemon.wait_until(lambda: all(v is not None for v in values().values()), 20, "guest counters never appeared")
+    first = values()
+    time.sleep(4)  # several polls at 1 s
+    second = values()
+    for key, v in first.items():
+        assert second[key] > v, f"{key} did not grow: {v} -> {second[key]}"
+    text = daemon.scrape()
+    for n in names:
+        assert sample(text, "libvirt_domain_memory_usable_bytes", domain=n) > 0
+        assert sample(text, "libvirt_domain_memory_available_bytes", domain=n) > 0
+        assert sample(text, "libvirt_domain_state_code", domain=n) == 1
+        assert sample(text, "libvirt_domain_stats_stale", domain=n) == 0
+    assert sample(text, "libvirt_up") == 1
+    assert sample(text, "libvirt_version_info", libvirt="9.0.0") == 1
+
+
+def test_panic_and_destroy_events_are_counted(daemon: VirtwatchProcess, factory: GuestFactory) -> None:
+    def count(event: str, detail: str) -> float:
+        return sample(daemon.scrape(), "libvirt_events_total", kind="lifecycle", event=event, detail=detail) or 0.0
+
+    crashed0, stopped0, destroyed0 = count("CRASHED", "PANICKED"), count("STOPPED", "CRASHED"), \
+        count("STOPPED", "DESTROYED")
+    panic = factory.create("panic", options={"panic": 2}, persistent=True, wait=False)
+    victim = factory.create("victim", wait=True)
+    panic.wait_for_state(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, timeout=60)
+    daemon.wait_until(lambda: count("STOPPED", "CRASHED") >= stopped0 + 1, 10, "STOPPED/CRASHED not counted")
+    assert count("CRASHED", "PANICKED") >= crashed0 + 1
+    text = daemon.scrape()
+    assert sample(text, "libvirt_domain_state_code", domain=panic.name) == 5
+    assert sample(text, "libvirt_domain_state_reason_code", domain=panic.name) == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
+
+    subprocess.run(["virsh", "-c", "qemu:///system", "destroy", victim.name], check=True, capture_output=True)
+    daemon.wait_until(lambda: count("STOPPED", "DESTROYED") >= destroyed0 + 1, 10, "STOPPED/DESTROYED not counted")
+    events = daemon.json(f"/api/v1/events?since=0&domain={panic.name}")["events"]
+    seq = [(e["event"], e["detail"]) for e in events if e["kind"] == "lifecycle"]
+    assert seq[-2:] == [("CRASHED", "PANICKED"), ("STOPPED", "CRASHED")]
+
+
+def test_promtool_accepts_a_real_scrape(daemon: VirtwatchProcess, tmp_path: Path) -> None:
+    body = daemon.scrape()
+    assert "libvirt_domain_block_read_bytes_total" in body
+    r = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"], input=body.encode(),
+                       capture_output=True)
+    assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+def test_libvirtd_restart_is_survived(daemon: VirtwatchProcess, busy) -> None:
+    before = sample(daemon.scrape(), "libvirt_connection_reconnects_total")
+    subprocess.run(["pkill", "-TERM", "-x", "libvirtd"], check=False)
+    daemon.wait_until(lambda: sample(daemon.scrape(), "libvirt_up") == 0, 15, "loss of libvirtd not noticed")
+    subprocess.run(["bash", str(START_SCRIPT)], check=True, capture_output=True, timeout=120)
+    daemon.wait_until(lambda: sample(daemon.scrape(), "libvirt_up") == 1, 60, "did not reconnect")
+    text = daemon.scrape()
+    assert sample(text, "libvirt_connection_reconnects_total") == before + 1
+    for g in busy:  # guests kept running and are known again after the resync
+        assert sample(text, "libvirt_domain_state_code", domain=g.name) == 1
