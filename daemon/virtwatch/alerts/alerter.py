@@ -62,7 +62,7 @@ class Alerter:
 
     @property
     def active(self) -> Mapping[AlertKey, AlertRecord]:
-        """Firing alerts by ``(alertname, domain)`` (read-only view)."""
+        """Firing alerts by ``(alertname, domain)`` (a copy)."""
         return dict(self._active)
 
     async def start(self) -> None:
