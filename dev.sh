@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# virtwatch developer entry point: installs what is missing, then runs.
+#
+#   ./dev.sh run    build a venv and run the daemon on the embedded demo host
+#                   (libvirt's in-process test driver: no hypervisor needed); /metrics on :9177
+#   ./dev.sh test   install everything the tests need and run the whole suite (e2e included)
+#   ./dev.sh venv   only (re)build the venv
+#
+# Debian packages come from .ci/apt-run.txt (run) and .ci/apt-packages.txt (test); only the
+# missing ones are installed (with sudo when not root). The venv lives in .venv (override: VENV=...).
+set -euo pipefail
+cd "$(dirname "$0")"
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+packages() { grep -v '^[[:space:]]*#' "$1" | sed '/^[[:space:]]*$/d'; }
+
+apt_install() {
+    local missing=() pkg
+    for pkg in $(packages "$1"); do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || missing+=("$pkg")
+    done
+    [ ${#missing[@]} -eq 0 ] && return 0
+    local sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "dev.sh: installing Debian packages: ${missing[*]}" >&2
+    $sudo apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}"
+}
+
+venv() {
+    local stamp="$VENV/.virtwatch-stamp"
+    if [ ! -x "$VENV/bin/python" ]; then
+        "$PYTHON" -m venv "$VENV"
+    fi
+    if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+        "$VENV/bin/python" -m pip install -q --upgrade pip
+        "$VENV/bin/python" -m pip install -q -e '.[test]'
+        touch "$stamp"
+    fi
+}
+
+case "${1:-}" in
+    run)
+        shift
+        apt_install .ci/apt-run.txt
+        venv
+        exec "$VENV/bin/virtwatch" run --uri "test://$PWD/config/demo-host.xml" --poll-interval 5 "$@"
+        ;;
+    test)
+        shift
+        apt_install .ci/apt-packages.txt
+        venv
+        exec "$VENV/bin/python" -m pytest -ra "$@"
+        ;;
+    venv)
+        apt_install .ci/apt-run.txt
+        venv
+        ;;
+    *)
+        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        exit 2
+        ;;
+esac
