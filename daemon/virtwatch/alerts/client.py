@@ -264,7 +264,11 @@ class AlertmanagerClient:
                 batch.append(t.pending.popitem(last=False)[1])
             now = self._clock()
             payload = [alert_payload(r, now, self._settings) for r in batch]
-            outcome = await self._post(t, payload)
+            try:
+                outcome = await self._post(t, payload)
+            except asyncio.CancelledError:
+                self._requeue(t, batch)  # stopped mid-POST: counted as unsent by stop()
+                raise
             if outcome == "ok":
                 self.metrics.sent.labels(t.url).inc(len(batch))
                 t.attempt = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ssl
 
@@ -227,6 +228,30 @@ async def test_stop_counts_undelivered_as_dropped(clock, session, fakes):
     await c.stop(flush_timeout=0.005)
     assert metric(reg, "virtwatch_alerts_dropped_total", alertmanager=A, reason="shutdown") == 2
     assert metric(reg, "virtwatch_alerts_queue_length", alertmanager=A) == 0
+
+
+async def test_stop_during_a_hung_post_counts_the_batch_as_unsent(clock, fakes):
+    class HangingSession:
+        def post(self, url, **kw):
+            return self
+
+        async def __aenter__(self):
+            await asyncio.get_running_loop().create_future()  # never answers
+
+        async def __aexit__(self, *exc):
+            return None
+
+        async def close(self):
+            return None
+
+    reg = CollectorRegistry()
+    c = AlertmanagerClient(settings(), reg, clock=clock, sleep=clock.sleep, session_factory=HangingSession)
+    await c.start()
+    c.submit(rec(domain="a"))
+    await fakes.settle()
+    await c.stop(flush_timeout=0.005)
+    assert metric(reg, "virtwatch_alerts_dropped_total", alertmanager=A, reason="shutdown") == 1
+    assert metric(reg, "virtwatch_alerts_sent_total", alertmanager=A) == 0
 
 
 async def test_stop_flushes_pending_alerts(clock, session, fakes):
