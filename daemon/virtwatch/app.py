@@ -30,6 +30,10 @@ from .virt.events import EventPump
 from .logs import EventLogger
 from .virt.records import Event
 from .virt.stats import Snapshot, StatsPoller
+from .agent import GuestAgent
+from .inventory import Inventory
+from .virt.console import ConsoleCapture
+from .web import build_app_kwargs, build_site_kwargs, load_web_config
 
 log = structlog.get_logger("virtwatch.app")
 
@@ -98,10 +102,22 @@ class Daemon:
         self.poller = StatsPoller(settings.stats, self.connection, self.calls, self.instruments,
                                   wall=wall_clock, on_snapshot=self._on_snapshot)
         self.connection.add_listener(self.poller)
-        self.exposition = Exposition(self.registry, StateCollector(self.guests, lambda: self.poller.latest,
+        self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
+        self.pump.subscribe(self.inventory.on_event)
+        self.exposition = Exposition(self.registry, StateCollector(self.guests,
+                                                                   self.inventory.view(lambda: self.poller.latest),
                                                                    lambda: self.connection.info))
         self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
                             ready=self.connection.ready.is_set)
+        # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
+        self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
+                                      wall=wall_clock, call_timeout=min(10.0, settings.libvirt.call_timeout))
+        self.agent = GuestAgent(settings.agent, self.calls, self.guests, wall=wall_clock)
+        for component in (self.console, self.agent):
+            self.pump.subscribe(component.on_event)
+            self.connection.add_listener(component)
+        self.registry.register(self.agent.collector)
+        self.http.extra_routes.append(self.console.add_routes)
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
         self.listen_address: tuple[str, int] | None = None
@@ -137,7 +153,13 @@ class Daemon:
         g = self.guests.by_name(name)
         if g is None:
             return {}
-        return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid)}
+        agent = self.agent.info(name)
+        return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid),
+                "agent": agent.as_dict() if agent else None, "console": self.console.state(name)}
+
+    def healthy(self) -> bool:
+        """True while every daemon task is alive (for the systemd watchdog)."""
+        return bool(self._tasks) and not any(t.done() for t in self._tasks)
 
     def status_line(self) -> str:
         """One human line for systemd ``STATUS=``."""
@@ -154,18 +176,24 @@ class Daemon:
         is down is not an error: the connection keeps retrying.
         """
         host, port = parse_listen(self.settings.http.listen)
-        self._runner = web.AppRunner(self.http.build(), access_log=None, handle_signals=False)
+        web_path = self.settings.http.web_config_file
+        webcfg = load_web_config(web_path)  # raises WebConfigError (a ConfigError)
+        app_kwargs = build_app_kwargs(webcfg, exempt_paths=("/healthz",))
+        site_kwargs = build_site_kwargs(webcfg, source=str(web_path))
+        self._runner = web.AppRunner(self.http.build(app_kwargs), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host=host, port=port, reuse_address=True)
+        site = web.TCPSite(self._runner, host=host, port=port, reuse_address=True, **site_kwargs)
         await site.start()
         if self._runner.addresses:
             addr = self._runner.addresses[0]
             self.listen_address = (addr[0], addr[1])
+        await self.console.start()  # opens console.sqlite when capture is enabled
         self._tasks = [
             self.loop.create_task(self.pump.run(), name="event-pump"),
             self.loop.create_task(self.connection.run(), name="connection"),
             self.loop.create_task(self.poller.run(), name="stats-poller"),
             self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
+            self.loop.create_task(self.agent.run(), name="guest-agent"),
         ]
         log.info("virtwatch_started", version=__version__, listen=self.settings.http.listen,
                  bound=self.listen_address, uri=self.settings.libvirt.uri, read_only=self.read_only,
@@ -184,6 +212,8 @@ class Daemon:
         by_name = {t.get_name(): t for t in self._tasks}
         for name in ("stats-poller", "backlog-gauge"):
             await _cancel(by_name.get(name))
+        await _cancel(by_name.get("guest-agent"))
+        await self.console.stop()  # every virStream dropped before the connection closes
         await self.connection.stop()
         conn_task = by_name.get("connection")
         if conn_task is not None:

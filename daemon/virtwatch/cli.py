@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import sys
 from typing import Any, Sequence
@@ -78,46 +79,117 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``virtwatch run``: load config, then serve until SIGTERM/SIGINT."""
+    """``virtwatch run``: load config, then serve until SIGTERM/SIGINT; SIGHUP reloads."""
     from .logs import configure_logging
 
+    overrides = _overrides(args)
     try:
-        settings = load_settings(args.config, _overrides(args))
+        settings = load_settings(args.config, overrides)
     except ConfigError as err:
-        print(f"{err.source}: invalid configuration:", file=sys.stderr)
-        for line in err.errors:
-            print(f"  {line}", file=sys.stderr)
+        _print_config_error(err)
         return EXIT_CONFIG
     configure_logging(settings.log.format, settings.log.level)
     log = structlog.get_logger("virtwatch.cli")
     for w in config_warnings(settings):
         log.warning("config_warning", message=w)
     try:
-        return asyncio.run(_serve(settings, args.config))
+        return asyncio.run(_serve(settings, args.config, overrides))
     except KeyboardInterrupt:
         return EXIT_OK
 
 
-async def _serve(settings: Any, config_path: str | None) -> int:
+def _print_config_error(err: ConfigError) -> None:
+    print(f"{err.source}: invalid configuration:", file=sys.stderr)
+    for line in err.errors:
+        print(f"  {line}", file=sys.stderr)
+
+
+async def _serve(settings: Any, config_path: str | None, overrides: dict[str, Any]) -> int:
+    """Run the daemon; rebuild it from the re-read file on SIGHUP.
+
+    systemd notify: READY=1 once the config is valid and the HTTP listener
+    is bound (libvirtd may still be down), WATCHDOG=1 from a loop task,
+    STATUS= every few seconds, RELOADING=1 around a reload, STOPPING=1.
+    """
     from .app import Daemon
     from .logs import route_libvirt_errors
+    from .systemd import Notifier, watchdog_task
     from .virt.aio import register_event_impl
 
     log = structlog.get_logger("virtwatch.cli")
     loop = asyncio.get_running_loop()
+    notifier = Notifier.from_environ(os.environ, unset_environment=True)
     impl = register_event_impl(loop)  # before any connection is opened
     route_libvirt_errors()
-    daemon = Daemon(settings, impl)
-    stop = asyncio.Event()
+    stop, reload = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload.set)
+
+    daemon = Daemon(settings, impl)
     try:
         await daemon.start()
-    except OSError as err:
-        log.error("listen_failed", listen=settings.http.listen, error=str(err))
+    except (OSError, ConfigError) as err:
+        log.error("startup_failed", listen=settings.http.listen, error=str(err))
         await daemon.stop()
-        return EXIT_FAILURE
-    await stop.wait()
+        return EXIT_CONFIG if isinstance(err, ConfigError) else EXIT_FAILURE
+    notifier.ready(status=daemon.status_line())
+    holder = {"daemon": daemon}
+    watchdog = loop.create_task(watchdog_task(notifier, lambda: holder["daemon"].healthy()))
+    status = loop.create_task(_status_loop(notifier, holder))
+    while True:
+        waiters = [loop.create_task(stop.wait()), loop.create_task(reload.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        for w in waiters:
+            w.cancel()
+        if stop.is_set():
+            break
+        reload.clear()
+        notifier.reloading()
+        holder["daemon"] = await _reload(holder["daemon"], impl, config_path, overrides, log)
+        notifier.ready(status=holder["daemon"].status_line())
     log.info("virtwatch_stopping")
-    await daemon.stop()
+    notifier.stopping()
+    for t in (watchdog, status):
+        t.cancel()
+    await holder["daemon"].stop()
     return EXIT_OK
+
+
+async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: dict[str, Any], log: Any) -> Any:
+    """Re-read the file; on success rebuild the daemon with it, else keep the old one."""
+    from .app import Daemon
+
+    try:
+        new_settings = load_settings(config_path, overrides)
+    except ConfigError as err:
+        log.error("reload_rejected", source=err.source, errors=err.errors, kept="running configuration")
+        return daemon
+    if new_settings == daemon.settings:
+        log.info("reload_unchanged")
+        return daemon
+    for w in config_warnings(new_settings):
+        log.warning("config_warning", message=w)
+    old_settings = daemon.settings
+    await daemon.stop()
+    fresh = Daemon(new_settings, impl)
+    try:
+        await fresh.start()
+    except (OSError, ConfigError) as err:
+        log.error("reload_failed", error=str(err), kept="previous configuration")
+        await fresh.stop()
+        fresh = Daemon(old_settings, impl)
+        await fresh.start()
+        return fresh
+    log.info("reloaded", source=config_path)
+    return fresh
+
+
+async def _status_loop(notifier: Any, holder: dict[str, Any]) -> None:
+    last = ""
+    while True:
+        await asyncio.sleep(5.0)
+        line = holder["daemon"].status_line()
+        if line != last:
+            notifier.status(line)
+            last = line

@@ -19,7 +19,9 @@ from typing import Any, Literal, Mapping
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .agent import AgentSettings
 from .policy.config import PolicySettings
+from .virt.console import ConsoleSettings
 
 
 class Section(BaseModel):
@@ -75,6 +77,8 @@ class HTTPSettings(Section):
     """``[http]``: the metrics/HTTP endpoint."""
 
     listen: str = Field(":9177", description="HOST:PORT; ':9177' listens on every address")
+    web_config_file: str | None = Field(
+        None, description="Prometheus exporter-toolkit style web config (TLS, basic auth, headers); unset = plain HTTP")
 
     @field_validator("listen")
     @classmethod
@@ -108,6 +112,8 @@ class Settings(Section):
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
     policy: PolicySettings = PolicySettings()
+    console: ConsoleSettings = ConsoleSettings()
+    agent: AgentSettings = AgentSettings()
 
 
 class ConfigError(Exception):

@@ -85,8 +85,13 @@ async def test_landing_health_and_readiness(daemon: Daemon, make_guests) -> None
 async def test_poll_publishes_snapshot_and_vanished_guests_vanish(daemon: Daemon, make_guests) -> None:
     doms = await asyncio.to_thread(make_guests, "poll", 3)
     names = {d.name() for d in doms}
-    snap = await daemon.poller.poll_once()
-    assert names <= {d.name for d in snap.domains.values()}
+
+    def polled() -> bool:
+        snap = daemon.poller.latest
+        return snap is not None and names <= {d.name for d in snap.domains.values()}
+
+    await until(polled)  # the poller runs every 0.5 s
+    snap = daemon.poller.latest
     _, text = await scrape(daemon)
     assert all(metric(text, "libvirt_domain_stats_stale", domain=n) == 0 for n in names)
     assert metric(text, "libvirt_last_poll_success_timestamp_seconds") >= snap.time - 1

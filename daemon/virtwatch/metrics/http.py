@@ -90,10 +90,15 @@ class HTTPApp:
         self._status = status
         self._ready = ready
         self._middlewares = middlewares or []
+        #: callables ``hook(app)`` adding component routes (console: /api/v1/guests/{name}/console)
+        self.extra_routes: list[Callable[[web.Application], None]] = []
 
-    def build(self) -> web.Application:
-        """The application, with body size bounded to 64 KiB."""
-        app = web.Application(middlewares=self._middlewares, client_max_size=MAX_BODY_BYTES)
+    def build(self, app_kwargs: dict[str, Any] | None = None) -> web.Application:
+        """The application. ``app_kwargs`` go to ``web.Application`` (middlewares,
+        size limits from the web config); without them the body is bounded to 64 KiB."""
+        kwargs: dict[str, Any] = {"client_max_size": MAX_BODY_BYTES, **(app_kwargs or {})}
+        kwargs["middlewares"] = [*kwargs.get("middlewares", []), *self._middlewares]
+        app = web.Application(**kwargs)
         app.router.add_get("/", self.index)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
@@ -102,6 +107,8 @@ class HTTPApp:
         app.router.add_get("/api/v1/guests", self.api_guests)
         app.router.add_get("/api/v1/guests/{name}", self.api_guest)
         app.router.add_get("/api/v1/events", self.api_events)
+        for hook in self.extra_routes:
+            hook(app)
         return app
 
     async def metrics(self, _request: web.Request) -> web.Response:
