@@ -17,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
+from .alerts import Alerter
 from .config import Settings, parse_listen
 from .eventlog import RecentEvents
 from .metrics.collector import Exposition, StateCollector
@@ -104,6 +105,9 @@ class Daemon:
         self.connection.add_listener(self.poller)
         self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
         self.pump.subscribe(self.inventory.on_event)
+        self.alerter = Alerter(settings.alerts, self.registry)
+        self.pump.subscribe(self._alert_on_event)
+        self.connection.add_listener(self)
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
                                                                    self.inventory.view(lambda: self.poller.latest),
                                                                    lambda: self.connection.info))
@@ -126,6 +130,20 @@ class Daemon:
     # -- subscribers / ports --------------------------------------------------
     def _count_event(self, ev: Event) -> None:
         self.instruments.events.labels(kind=ev.kind, event=ev.event, detail=ev.detail).inc()
+
+    def _alert_on_event(self, ev: Event) -> None:
+        if ev.source == "domain":
+            self.alerter.on_event(ev)
+
+    # ConnectionListener: instant alert while libvirt is unreachable
+    def connection_ready(self, conn: Any) -> None:
+        """libvirt is back: resolve the connection-lost alert."""
+        self.alerter.connection_restored()
+
+    def connection_lost(self) -> None:
+        """libvirt went away (not during an orderly stop): fire the alert."""
+        if not self.connection.stopping:
+            self.alerter.connection_lost(self.settings.libvirt.uri, self.connection.close_reason or "")
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         self._previous, self._latest = self._latest, snap
@@ -188,6 +206,7 @@ class Daemon:
             addr = self._runner.addresses[0]
             self.listen_address = (addr[0], addr[1])
         await self.console.start()  # opens console.sqlite when capture is enabled
+        await self.alerter.start()
         self._tasks = [
             self.loop.create_task(self.pump.run(), name="event-pump"),
             self.loop.create_task(self.connection.run(), name="connection"),
@@ -214,6 +233,7 @@ class Daemon:
             await _cancel(by_name.get(name))
         await _cancel(by_name.get("guest-agent"))
         await self.console.stop()  # every virStream dropped before the connection closes
+        await self.alerter.stop(flush_timeout=max(0.1, min(3.0, deadline - self.loop.time())))
         await self.connection.stop()
         conn_task = by_name.get("connection")
         if conn_task is not None:

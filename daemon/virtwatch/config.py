@@ -20,6 +20,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .agent import AgentSettings
+from .alerts.config import AlertSettings
 from .policy.config import PolicySettings
 from .virt.console import ConsoleSettings
 
@@ -112,6 +113,7 @@ class Settings(Section):
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
     policy: PolicySettings = PolicySettings()
+    alerts: AlertSettings = AlertSettings()
     console: ConsoleSettings = ConsoleSettings()
     agent: AgentSettings = AgentSettings()
 

@@ -116,6 +116,11 @@ class ConnectionManager:
         """The open connection while ready, else None. Never cache it."""
         return self._conn if self.ready.is_set() else None
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called (teardown is orderly, not a loss)."""
+        return self._stopping.is_set()
+
     def add_listener(self, listener: ConnectionListener) -> None:
         """Register a listener for ready/lost transitions."""
         self._listeners.append(listener)
