@@ -128,3 +128,15 @@ def test_promtool_accepts_the_exposition(recorded_domstats: dict) -> None:
     body = generate_latest(live) + render(reg, snap)
     r = subprocess.run(["promtool", "check", "metrics"], input=body, capture_output=True)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+async def test_render_async_matches_render_and_shares_one_render(recorded_domstats: dict) -> None:
+    import asyncio
+
+    reg, snap = build(recorded_domstats)
+    exp = Exposition(CollectorRegistry(), StateCollector(reg, lambda: snap, lambda: {}))
+    bodies = await asyncio.gather(*(exp.render_async() for _ in range(5)))
+    assert exp.renders == 1
+    assert all(b == bodies[0] for b in bodies)
+    assert bodies[0] == exp.render()
+    assert exp.renders == 1  # the sync path reuses the cached state text

@@ -113,7 +113,8 @@ class HTTPApp:
 
     async def metrics(self, _request: web.Request) -> web.Response:
         """Prometheus text exposition."""
-        return web.Response(body=self._exposition.render(), headers={"Content-Type": Exposition.CONTENT_TYPE})
+        body = await self._exposition.render_async()
+        return web.Response(body=body, headers={"Content-Type": Exposition.CONTENT_TYPE})
 
     async def healthz(self, _request: web.Request) -> web.Response:
         """Liveness: the loop answers."""
