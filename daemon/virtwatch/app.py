@@ -198,7 +198,8 @@ class Daemon:
         webcfg = load_web_config(web_path)  # raises WebConfigError (a ConfigError)
         app_kwargs = build_app_kwargs(webcfg, exempt_paths=("/healthz",))
         site_kwargs = build_site_kwargs(webcfg, source=str(web_path))
-        self._runner = web.AppRunner(self.http.build(app_kwargs), access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(self.http.build(app_kwargs), access_log=None, handle_signals=False,
+                                     shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host=host, port=port, reuse_address=True, **site_kwargs)
         await site.start()

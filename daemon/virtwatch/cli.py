@@ -125,6 +125,7 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload.set)
+    loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
 
     daemon = Daemon(settings, impl)
     try:
@@ -183,6 +184,14 @@ async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: di
         return fresh
     log.info("reloaded", source=config_path)
     return fresh
+
+
+def _dump_tasks() -> None:
+    """SIGUSR1: write every asyncio task's stack to stderr (debugging a stuck daemon)."""
+    for task in asyncio.all_tasks():
+        print(f"--- task {task.get_name()}", file=sys.stderr)
+        task.print_stack(file=sys.stderr)
+    sys.stderr.flush()
 
 
 async def _status_loop(notifier: Any, holder: dict[str, Any]) -> None:
