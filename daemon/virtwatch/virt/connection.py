@@ -247,8 +247,10 @@ class ConnectionManager:
         interval = self.settings.resync_interval
         while not self._closed.is_set():
             try:
-                await asyncio.wait_for(self._closed.wait(), interval if interval > 0 else None)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
+                async with asyncio.timeout(interval if interval > 0 else None):
+                    await self._closed.wait()
+            except TimeoutError:
                 try:
                     await self.resync()
                 except (libvirt.libvirtError, CallTimeout, RuntimeError) as err:
@@ -279,8 +281,9 @@ class ConnectionManager:
 
     async def _wait_stop(self, delay: float) -> None:
         try:
-            await asyncio.wait_for(self._stopping.wait(), delay)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(delay):
+                await self._stopping.wait()
+        except TimeoutError:
             pass
 
 
