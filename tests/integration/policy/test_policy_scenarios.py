@@ -107,7 +107,6 @@ async def eventually(cond, timeout=5.0):
 
 class World:
     def __init__(self, tmp_path, settings=None, n=N_GUESTS):
-        libvirt.registerErrorHandler(lambda *a: None, None)
         self.tmp = tmp_path
         (tmp_path / "node.xml").write_text(node_xml(n))
         (tmp_path / "boot_id").write_text("boot-A\n")
