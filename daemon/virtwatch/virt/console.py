@@ -1,0 +1,949 @@
+"""Console capture: each selected guest's console, kept in a bounded ring buffer.
+
+libvirt (design doc §3a) gives us the guest console as a ``virStream``
+(``virDomainOpenConsole``). On libvirt 9.0 every stream that used
+``virStreamEventAddCallback`` leaks (the stream, its callback data and a
+reference on the connection) even after ``eventRemoveCallback``. So this
+module never registers stream callbacks: each attached console is a
+``VIR_STREAM_NONBLOCK`` stream read by **polling** ``recv()`` from an asyncio
+task on the daemon's loop. ``recv`` on a non-blocking remote stream only
+copies data the RPC client already queued (the socket itself is served by
+libvirtaio) and returns ``-2`` when nothing is queued, so it never blocks the
+loop. We use polling on every libvirt version: no release fixing the
+callback leak has been verified here (:data:`STREAM_CALLBACKS_FIXED_IN` is
+None), and polling costs little with the adaptive interval.
+
+Per guest (:class:`GuestConsole`):
+
+* the poll interval adapts: ``poll_interval`` while data flows, doubling up to
+  ``idle_poll_interval`` while the console is quiet;
+* at most ``max_read_per_tick`` bytes are read per tick (bounded CPU) into a
+  ring of ``buffer_kib`` KiB (bounded memory), whatever the guest prints;
+* EOF (an empty read) means the console closed: the guest stopped, or an
+  operator took it with ``virsh console --force``. If the guest is still
+  running we retry with capped exponential backoff (``openConsole`` without
+  FORCE fails with ``VIR_ERR_OPERATION_FAILED`` while someone else holds the
+  console); if it stopped we wait for its next STARTED event;
+* we never steal a console unless ``force`` is set.
+
+On a crash (lifecycle CRASHED, STOPPED/CRASHED, STOPPED/FAILED) or a watchdog
+event the buffer's last ``crash_lines`` lines, the tail of the serial's
+virtlogd ``<log file=...>`` (output from before we attached) and, for guests
+with graphics, a screenshot are persisted in ``console.sqlite`` in the state
+directory (:class:`CrashStore`). Two crash events of one guest within
+``coalesce_seconds`` (CRASHED/PANICKED then STOPPED/CRASHED) make one record.
+
+Interfaces: :meth:`ConsoleCapture.tail` (alerting), :meth:`ConsoleCapture.add_routes`
+(``GET /api/v1/guests/{name}/console``) and :func:`console_log_main` (the
+``virtwatch console-log`` command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import fnmatch
+import json
+import os
+import sqlite3
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from typing import Any, Callable, Iterable, Protocol
+
+import libvirt
+import structlog
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
+
+from .calls import CallTimeout, Calls, error_code_name
+from .records import Event
+
+log = structlog.get_logger("virtwatch.console")
+
+#: First libvirt version (``getLibVersion`` number) whose stream callbacks are
+#: known not to leak. None: not verified for any version, so polling is used
+#: everywhere (design doc §3a measured the leak on 9.0).
+STREAM_CALLBACKS_FIXED_IN: int | None = None
+
+#: ``recv`` size per call, bytes.
+RECV_CHUNK = 64 * 1024
+
+
+class ConsoleSettings(BaseModel):
+    """``[console]``: console capture (opt-in).
+
+    A guest is captured when ``enabled`` and its name matches one of the
+    ``guests`` glob patterns (``fnmatch``, case-sensitive), or when the policy
+    says ``capture_console = true`` for it (if the daemon wires a selector).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(False, description="capture consoles at all")
+    guests: tuple[str, ...] = Field((), description="glob patterns of guest names to capture")
+    device: str | None = Field(None, description="console device alias for openConsole (default: the first console)")
+    buffer_kib: int = Field(64, ge=1, le=65536, description="ring buffer per guest, KiB")
+    poll_interval: float = Field(0.05, gt=0, le=10, description="poll interval while data flows, seconds")
+    idle_poll_interval: float = Field(0.5, gt=0, le=60, description="poll interval cap while idle, seconds")
+    max_read_per_tick: int = Field(256 * 1024, ge=4096, le=64 * 1024 * 1024,
+                                   description="bytes read per guest per tick at most (bounds CPU)")
+    reattach_min_delay: float = Field(0.5, gt=0, le=3600, description="first re-attach delay, seconds")
+    reattach_max_delay: float = Field(30.0, gt=0, le=86400, description="re-attach delay cap, seconds")
+    force: bool = Field(False, description="take the console even when someone else holds it (VIR_DOMAIN_CONSOLE_FORCE)")
+    crash_lines: int = Field(200, ge=1, le=100000, description="lines persisted with a crash")
+    alert_lines: int = Field(20, ge=1, le=10000, description="lines attached to an alert annotation")
+    read_log_file: bool = Field(True, description="after a crash also read the serial's virtlogd <log file=...>")
+    log_file_max_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024,
+                                    description="bytes read from the end of the log file at most")
+    screenshot: bool = Field(True, description="take a screenshot on a crash when the guest has graphics")
+    settle: float = Field(0.5, ge=0, le=30, description="wait after a crash event for the last output, seconds")
+    coalesce_seconds: float = Field(10.0, ge=0, le=3600,
+                                    description="crash events of one guest this close together make one record")
+    keep_crashes: int = Field(1000, ge=1, le=10**7, description="crash records kept in console.sqlite")
+
+
+# -- ring buffer ---------------------------------------------------------------
+
+class RingBuffer:
+    """The last ``capacity`` bytes written (older bytes are dropped).
+
+    Attributes:
+        total: bytes ever appended.
+        dropped: bytes dropped because the ring was full.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity <= 0:
+            raise ValueError("capacity must be positive")
+        self.capacity = capacity
+        self._buf = bytearray()
+        self.total = 0
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+    def append(self, data: bytes) -> None:
+        """Add ``data``; keeps at most :attr:`capacity` bytes."""
+        self.total += len(data)
+        if len(data) >= self.capacity:
+            self.dropped += len(self._buf) + len(data) - self.capacity
+            self._buf[:] = data[-self.capacity:]
+            return
+        self._buf += data
+        excess = len(self._buf) - self.capacity
+        if excess > 0:
+            del self._buf[:excess]
+            self.dropped += excess
+
+    def data(self) -> bytes:
+        """A copy of the buffered bytes, oldest first."""
+        return bytes(self._buf)
+
+    def lines(self, n: int) -> list[str]:
+        """The last ``n`` lines as text (see :func:`text_lines`)."""
+        return text_lines(self._buf, n)
+
+
+def text_lines(data: bytes | bytearray, n: int) -> list[str]:
+    """The last ``n`` lines of console bytes, decoded as UTF-8 (invalid bytes
+    replaced), CR/LF normalised, a trailing partial line included, a final
+    empty line dropped. ``n <= 0`` gives []."""
+    if n <= 0 or not data:
+        return []
+    text = bytes(data).decode("utf-8", errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines[-n:]
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Delay in seconds before the ``attempt``-th retry (1-based): ``base * 2**(attempt-1)`` capped."""
+    return min(cap, base * (2 ** max(0, attempt - 1)))
+
+
+# -- domain XML helpers -----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConsoleDevices:
+    """What the domain XML says about consoles: the first serial's virtlogd
+    log file (None without ``<log file=...>``) and whether there is graphics."""
+
+    log_file: str | None
+    graphics: bool
+
+
+def parse_console_devices(xml: str) -> ConsoleDevices:
+    """Read ``devices/serial/log/@file`` (falling back to ``devices/console/log``)
+    and the presence of ``devices/graphics`` from a domain XML (``XMLDesc``)."""
+    root = ET.fromstring(xml)
+    log_file = None
+    for path in ("./devices/serial/log", "./devices/console/log"):
+        el = root.find(path)
+        if el is not None and el.get("file"):
+            log_file = el.get("file")
+            break
+    return ConsoleDevices(log_file=log_file, graphics=root.find("./devices/graphics") is not None)
+
+
+def read_file_tail(path: str, max_bytes: int) -> bytes:
+    """The last ``max_bytes`` bytes of ``path`` (blocking; raises OSError)."""
+    with open(path, "rb") as fh:
+        fh.seek(0, os.SEEK_END)
+        size = fh.tell()
+        fh.seek(max(0, size - max_bytes))
+        return fh.read()
+
+
+# -- crash store -------------------------------------------------------------------
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS console_crashes (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    time         REAL NOT NULL,
+    guest        TEXT NOT NULL,
+    uuid         TEXT NOT NULL DEFAULT '',
+    seq          INTEGER NOT NULL DEFAULT 0,
+    kind         TEXT NOT NULL,
+    event        TEXT NOT NULL,
+    detail       TEXT NOT NULL DEFAULT '',
+    events       TEXT NOT NULL DEFAULT '[]',
+    console_tail TEXT NOT NULL DEFAULT '',
+    log_file     TEXT,
+    log_tail     TEXT,
+    screenshot   TEXT
+);
+CREATE INDEX IF NOT EXISTS console_crashes_guest ON console_crashes (guest, id);
+"""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CrashRecord:
+    """One persisted crash.
+
+    Attributes:
+        id: row id. time: wall time of the first event, seconds since the epoch.
+        guest, uuid: the guest. seq: the first event's pump sequence number.
+        kind, event, detail: the first event (``lifecycle``/``CRASHED``/``PANICKED``).
+        events: every coalesced event as ``"kind:EVENT/DETAIL"``.
+        console_tail: the ring buffer's last ``crash_lines`` lines.
+        log_file, log_tail: the serial's virtlogd log and its last lines (None if none).
+        screenshot: path of the screenshot file (None if none was taken).
+    """
+
+    id: int
+    time: float
+    guest: str
+    uuid: str
+    seq: int
+    kind: str
+    event: str
+    detail: str
+    events: list[str]
+    console_tail: str
+    log_file: str | None
+    log_tail: str | None
+    screenshot: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        return dataclasses.asdict(self)
+
+
+class CrashStore:
+    """``console.sqlite``: crash records with console tails (WAL, one
+    transaction per write). Thread-safe: every method may run in a worker
+    thread (the daemon calls them through ``asyncio.to_thread``).
+
+    Raises ``sqlite3.Error`` on I/O problems.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], read_only: bool = False) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        if read_only:
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+        self._conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        """Close the database."""
+        with self._lock:
+            self._conn.close()
+
+    def insert(self, ev: Event, console_tail: str, log_file: str | None, log_tail: str | None,
+               screenshot: str | None) -> int:
+        """Store a new crash for ``ev``; returns its id."""
+        with self._lock:
+            cur = self._conn.execute(
+                "INSERT INTO console_crashes (time, guest, uuid, seq, kind, event, detail, events, console_tail,"
+                " log_file, log_tail, screenshot) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (ev.time, ev.name, ev.uuid, ev.seq, ev.kind, ev.event, ev.detail,
+                 json.dumps([_event_label(ev)]), console_tail, log_file, log_tail, screenshot))
+            return int(cur.lastrowid or 0)
+
+    def update(self, crash_id: int, ev: Event, console_tail: str, log_tail: str | None,
+               screenshot: str | None) -> None:
+        """Coalesce ``ev`` into crash ``crash_id``: append it to ``events`` and
+        refresh the tails (a later read holds at least as much output)."""
+        with self._lock:
+            row = self._conn.execute("SELECT events, log_tail, screenshot FROM console_crashes WHERE id=?",
+                                     (crash_id,)).fetchone()
+            if row is None:
+                return
+            events = json.loads(row["events"]) + [_event_label(ev)]
+            self._conn.execute(
+                "UPDATE console_crashes SET events=?, console_tail=?, log_tail=?, screenshot=? WHERE id=?",
+                (json.dumps(events), console_tail, log_tail if log_tail is not None else row["log_tail"],
+                 screenshot or row["screenshot"], crash_id))
+
+    def crashes(self, guest: str | None = None, limit: int = 100) -> list[CrashRecord]:
+        """Newest first, at most ``limit``."""
+        with self._lock:
+            if guest is None:
+                rows = self._conn.execute("SELECT * FROM console_crashes ORDER BY id DESC LIMIT ?", (limit,))
+            else:
+                rows = self._conn.execute("SELECT * FROM console_crashes WHERE guest=? ORDER BY id DESC LIMIT ?",
+                                          (guest, limit))
+            return [_record(r) for r in rows.fetchall()]
+
+    def crash(self, guest: str, n: int) -> CrashRecord | None:
+        """The ``n``-th most recent crash of ``guest`` (1 = latest), or None."""
+        if n < 1:
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT * FROM console_crashes WHERE guest=? ORDER BY id DESC LIMIT 1 OFFSET ?",
+                (guest, n - 1)).fetchone()
+        return _record(row) if row is not None else None
+
+    def prune(self, keep: int) -> int:
+        """Delete all but the newest ``keep`` records; returns rows deleted."""
+        with self._lock:
+            cur = self._conn.execute(
+                "DELETE FROM console_crashes WHERE id NOT IN (SELECT id FROM console_crashes ORDER BY id DESC LIMIT ?)",
+                (keep,))
+            return cur.rowcount
+
+    def journal_mode(self) -> str:
+        """SQLite journal mode (``wal``)."""
+        with self._lock:
+            return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def _event_label(ev: Event) -> str:
+    return f"{ev.kind}:{ev.event}/{ev.detail}"
+
+
+def _record(r: sqlite3.Row) -> CrashRecord:
+    return CrashRecord(id=r["id"], time=r["time"], guest=r["guest"], uuid=r["uuid"], seq=r["seq"], kind=r["kind"],
+                       event=r["event"], detail=r["detail"], events=json.loads(r["events"]),
+                       console_tail=r["console_tail"], log_file=r["log_file"], log_tail=r["log_tail"],
+                       screenshot=r["screenshot"])
+
+
+def is_crash_event(ev: Event) -> bool:
+    """Events that persist the console: lifecycle CRASHED (any detail),
+    STOPPED/CRASHED, STOPPED/FAILED, and every watchdog event."""
+    if ev.source != "domain":
+        return False
+    if ev.kind == "watchdog":
+        return True
+    return ev.kind == "lifecycle" and (ev.event == "CRASHED" or (ev.event == "STOPPED"
+                                                                 and ev.detail in ("CRASHED", "FAILED")))
+
+
+# -- ports ---------------------------------------------------------------------------
+
+class GuestLookup(Protocol):
+    """What the capture needs from guest state (a :class:`~virtwatch.state.GuestRegistry`)."""
+
+    def by_name(self, name: str) -> Any:
+        """The guest view (``.state``, ``.uuid``) or None."""
+
+    def guests(self) -> list[Any]:
+        """Every known guest view."""
+
+
+CrashListener = Callable[[CrashRecord], None]
+
+
+# -- per guest ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class GuestConsole:
+    """Capture state of one guest (mutated on the loop thread only).
+
+    Attributes:
+        status: ``detached`` | ``attaching`` | ``attached`` | ``busy`` (someone
+            else holds the console) | ``waiting`` (guest not running) | ``error``.
+        attaches, eofs, busy_count: counters since the daemon started.
+        last_error: the last libvirt error code name or message.
+        devices: log file / graphics read from the domain XML at attach time.
+    """
+
+    name: str
+    ring: RingBuffer
+    uuid: str = ""
+    status: str = "detached"
+    stream: Any = None
+    task: asyncio.Task[Any] | None = None
+    wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
+    attaches: int = 0
+    eofs: int = 0
+    busy_count: int = 0
+    last_error: str | None = None
+    devices: ConsoleDevices | None = None
+    attached_at: float | None = None
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready state (no buffer contents)."""
+        return {"status": self.status, "buffered_bytes": len(self.ring), "bytes_total": self.ring.total,
+                "bytes_dropped": self.ring.dropped, "attaches": self.attaches, "eofs": self.eofs,
+                "busy": self.busy_count, "last_error": self.last_error,
+                "log_file": self.devices.log_file if self.devices else None, "attached_at": self.attached_at}
+
+
+class ConsoleCapture:
+    """Captures selected guests' consoles; a connection listener and pump subscriber.
+
+    Args:
+        settings: the ``[console]`` section.
+        calls: bounded executor for blocking libvirt calls (openConsole,
+            abort/finish, XMLDesc, screenshot).
+        guests: guest state (running or not; uuid).
+        state_dir: directory of ``console.sqlite`` (created if missing); None
+            keeps no crash records (tests).
+        selector: optional extra predicate ``name -> bool`` (policy's
+            ``capture_console``); ORed with the glob list.
+        wall: wall clock, seconds (injected for tests).
+        call_timeout: deadline of each libvirt call, seconds.
+
+    Wiring: ``pump.subscribe(capture.on_event)``,
+    ``connection.add_listener(capture)``, ``await capture.stop()`` before the
+    connection stops (every virStream is dropped there).
+    """
+
+    def __init__(self, settings: ConsoleSettings, calls: Calls, guests: GuestLookup,
+                 state_dir: str | os.PathLike[str] | None, selector: Callable[[str], bool] | None = None,
+                 wall: Callable[[], float] = time.time, call_timeout: float = 10.0) -> None:
+        self.settings = settings
+        self._calls = calls
+        self._guests = guests
+        self._selector = selector
+        self._wall = wall
+        self._call_timeout = call_timeout
+        self._state_dir = Path(state_dir) if state_dir is not None else None
+        self.store: CrashStore | None = None
+        self._conn: libvirt.virConnect | None = None
+        self._consoles: dict[str, GuestConsole] = {}
+        self._crash_tasks: set[asyncio.Task[Any]] = set()
+        self._last_crash: dict[str, tuple[float, int]] = {}
+        self._listeners: list[CrashListener] = []
+        self._stopping = False
+        self.libvirt_version: int | None = None
+
+    # -- selection -----------------------------------------------------------
+    def wants(self, name: str) -> bool:
+        """Whether ``name`` is captured (enabled and glob or selector match)."""
+        if not self.settings.enabled:
+            return False
+        if any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.guests):
+            return True
+        return bool(self._selector and self._selector(name))
+
+    def uses_stream_callbacks(self) -> bool:
+        """True only on a libvirt known to free streams that used callbacks
+        (never, until :data:`STREAM_CALLBACKS_FIXED_IN` is set)."""
+        fixed = STREAM_CALLBACKS_FIXED_IN
+        return fixed is not None and self.libvirt_version is not None and self.libvirt_version >= fixed
+
+    def add_crash_listener(self, listener: CrashListener) -> None:
+        """Call ``listener(record)`` after each crash record is written (alerting)."""
+        self._listeners.append(listener)
+
+    # -- reading ----------------------------------------------------------------
+    def tail(self, name: str, lines: int | None = None) -> list[str]:
+        """The last ``lines`` (default ``alert_lines``) console lines of ``name``
+        from memory; [] if the guest is not captured. For alert annotations."""
+        gc_ = self._consoles.get(name)
+        if gc_ is None:
+            return []
+        return gc_.ring.lines(self.settings.alert_lines if lines is None else lines)
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        """Capture state of ``name`` (see :meth:`GuestConsole.summary`), None if not captured."""
+        gc_ = self._consoles.get(name)
+        return gc_.summary() if gc_ is not None else None
+
+    def attached(self) -> list[str]:
+        """Names of guests whose console is attached now."""
+        return sorted(n for n, c in self._consoles.items() if c.stream is not None)
+
+    # -- lifecycle ----------------------------------------------------------------
+    async def start(self) -> None:
+        """Open ``console.sqlite`` (when enabled and a state dir is set).
+        Raises ``sqlite3.Error``/OSError if it cannot be opened."""
+        if self.settings.enabled and self._state_dir is not None and self.store is None:
+            self.store = await asyncio.to_thread(CrashStore, self._state_dir / "console.sqlite")
+
+    def connection_ready(self, conn: libvirt.virConnect) -> None:
+        """Connected: attach every running guest we capture."""
+        self._conn = conn
+        try:
+            self.libvirt_version = conn.getLibVersion()
+        except libvirt.libvirtError:
+            self.libvirt_version = None
+        if not self.settings.enabled or self._stopping:
+            return
+        for g in self._guests.guests():
+            if g.state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED) and self.wants(g.name):
+                self._ensure(g.name).wake.set()
+
+    def connection_lost(self) -> None:
+        """The connection is going: drop every stream now (no RPC is possible);
+        supervisors wait for the next :meth:`connection_ready`."""
+        self._conn = None
+        for c in self._consoles.values():
+            c.stream = None
+            if c.status == "attached":
+                c.status = "detached"
+            c.wake.set()
+
+    def on_event(self, ev: Event) -> None:
+        """Pump subscriber: STARTED → attach; crash/watchdog → persist; UNDEFINED → forget."""
+        if ev.source != "domain" or not self.settings.enabled:
+            return
+        if ev.kind == "lifecycle" and ev.event == "STARTED" and self.wants(ev.name):
+            c = self._ensure(ev.name)
+            c.wake.set()
+        if is_crash_event(ev) and ev.name in self._consoles:
+            task = asyncio.get_running_loop().create_task(self._persist(ev), name=f"console-crash-{ev.name}")
+            self._crash_tasks.add(task)
+            task.add_done_callback(self._crash_done)
+        if ev.kind == "lifecycle" and ev.event in ("STOPPED", "UNDEFINED"):
+            c = self._consoles.get(ev.name)
+            if c is not None:
+                c.wake.set()
+
+    async def stop(self) -> None:
+        """Detach every console (``virStreamAbort``) and drop every stream,
+        finish pending crash records; call before the connection closes."""
+        self._stopping = True
+        if self._crash_tasks:
+            await asyncio.wait(list(self._crash_tasks), timeout=self.settings.settle + self._call_timeout)
+        tasks = [c.task for c in self._consoles.values() if c.task is not None and not c.task.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=self._call_timeout)
+        for c in self._consoles.values():
+            await self._detach(c)
+        if self.store is not None:
+            store, self.store = self.store, None
+            await asyncio.to_thread(store.close)
+
+    # -- attach / detach (public for tests and operators) ------------------------
+    async def attach(self, name: str) -> str:
+        """Open ``name``'s console once; returns the resulting status
+        (``attached``, ``busy``, ``waiting`` (not running / gone) or ``error``).
+        Never raises for libvirt errors (they land in ``last_error``)."""
+        c = self._consoles.get(name) or self._new(name)
+        if c.stream is not None:
+            return c.status
+        conn = self._conn
+        if conn is None:
+            c.status = "detached"
+            return c.status
+        c.status = "attaching"
+        flags = libvirt.VIR_DOMAIN_CONSOLE_FORCE if self.settings.force else 0
+        try:
+            stream, devices, uuid = await self._calls.run("openConsole", _open_console, conn, name,
+                                                          self.settings.device, flags, timeout=self._call_timeout)
+        except libvirt.libvirtError as err:
+            code = err.get_error_code()
+            c.last_error = error_code_name(err)
+            if code == libvirt.VIR_ERR_OPERATION_FAILED:
+                c.busy_count += 1
+                c.status = "busy"
+            elif code in (libvirt.VIR_ERR_NO_DOMAIN, libvirt.VIR_ERR_OPERATION_INVALID):
+                c.status = "waiting"
+            else:
+                c.status = "error"
+            return c.status
+        except CallTimeout as err:
+            c.last_error = str(err)
+            c.status = "error"
+            return c.status
+        if self._conn is not conn or self._stopping:  # lost or stopping meanwhile
+            await self._abort(stream)
+            c.status = "detached"
+            return c.status
+        c.stream, c.devices, c.uuid = stream, devices, uuid
+        c.attaches += 1
+        c.attached_at = self._wall()
+        c.status = "attached"
+        c.last_error = None
+        log.info("console_attached", guest=name, log_file=devices.log_file, attaches=c.attaches)
+        return c.status
+
+    async def detach(self, name: str) -> None:
+        """Close ``name``'s console stream (``virStreamAbort``) if attached."""
+        c = self._consoles.get(name)
+        if c is not None:
+            await self._detach(c)
+
+    def read_available(self, name: str) -> int | None:
+        """Read what is queued on ``name``'s stream right now, at most
+        ``max_read_per_tick`` bytes, into the ring. Returns bytes read, or
+        None at EOF/error (the stream is then dropped: call :meth:`detach`).
+        Non-blocking: runs on the loop thread."""
+        c = self._consoles.get(name)
+        if c is None or c.stream is None:
+            return None
+        got = 0
+        while got < self.settings.max_read_per_tick:
+            try:
+                data = c.stream.recv(RECV_CHUNK)
+            except libvirt.libvirtError as err:
+                c.last_error = error_code_name(err)
+                return None
+            if isinstance(data, int):  # -2: would block; -1: error
+                if data == -2:
+                    return got
+                return None
+            if not data:
+                c.eofs += 1
+                return None
+            c.ring.append(data)
+            got += len(data)
+        return got
+
+    # -- internals -----------------------------------------------------------------
+    def _new(self, name: str) -> GuestConsole:
+        c = GuestConsole(name=name, ring=RingBuffer(self.settings.buffer_kib * 1024))
+        self._consoles[name] = c
+        return c
+
+    def _ensure(self, name: str) -> GuestConsole:
+        c = self._consoles.get(name) or self._new(name)
+        if (c.task is None or c.task.done()) and not self._stopping:
+            c.task = asyncio.get_running_loop().create_task(self._supervise(c), name=f"console-{name}")
+        return c
+
+    def _running(self, name: str) -> bool | None:
+        g = self._guests.by_name(name)
+        if g is None:
+            return None
+        return g.state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
+
+    async def _supervise(self, c: GuestConsole) -> None:
+        """Attach, read until EOF, re-attach with backoff while the guest runs;
+        sleep until woken (STARTED, reconnect) while it does not."""
+        s = self.settings
+        attempt = 0
+        try:
+            while not self._stopping:
+                if not self.wants(c.name):
+                    return
+                running = self._running(c.name)
+                if self._conn is None or not running:
+                    if running is None and c.stream is None and c.name not in self._pending_crash_names():
+                        # guest gone (transient stopped or undefined): forget it after any crash record
+                        self._consoles.pop(c.name, None)
+                        return
+                    c.status = "waiting" if self._conn is not None else "detached"
+                    c.wake.clear()
+                    await c.wake.wait()
+                    attempt = 0
+                    continue
+                status = await self.attach(c.name)
+                if status != "attached":
+                    attempt += 1
+                    delay = backoff(attempt, s.reattach_min_delay, s.reattach_max_delay)
+                    log.info("console_attach_retry", guest=c.name, status=status, error=c.last_error,
+                             attempt=attempt, retry_in_seconds=delay)
+                    await self._sleep_or_wake(c, delay)
+                    continue
+                attempt = 0
+                await self._pump(c)
+                await self._detach(c)
+                if self._stopping:
+                    return
+                # EOF: guest stopped (its STOPPED event follows) or someone took the console.
+                await self._sleep_or_wake(c, s.reattach_min_delay)
+                if self._running(c.name):
+                    attempt += 1
+                    c.status = "busy"
+                    delay = backoff(attempt, s.reattach_min_delay, s.reattach_max_delay)
+                    log.info("console_lost", guest=c.name, retry_in_seconds=delay)
+                    await self._sleep_or_wake(c, delay)
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:  # a supervisor must not die silently
+            log.error("console_supervisor_failed", guest=c.name, error=repr(err))
+            c.status = "error"
+            c.last_error = repr(err)
+
+    def _crash_done(self, task: asyncio.Task[Any]) -> None:
+        self._crash_tasks.discard(task)
+        c = self._consoles.get(task.get_name().removeprefix("console-crash-"))
+        if c is not None:
+            c.wake.set()  # let its supervisor re-check (a transient guest is gone now)
+
+    def _pending_crash_names(self) -> set[str]:
+        return {t.get_name().removeprefix("console-crash-") for t in self._crash_tasks}
+
+    async def _sleep_or_wake(self, c: GuestConsole, delay: float) -> None:
+        c.wake.clear()
+        try:
+            await asyncio.wait_for(c.wake.wait(), delay)
+        except asyncio.TimeoutError:
+            pass
+
+    async def _pump(self, c: GuestConsole) -> None:
+        """Poll the stream until EOF/error/loss with an adaptive interval:
+        ``poll_interval`` after a read that returned data, doubling up to
+        ``idle_poll_interval`` while nothing comes."""
+        s = self.settings
+        interval = s.poll_interval
+        while c.stream is not None and not self._stopping:
+            got = self.read_available(c.name)
+            if got is None:
+                return
+            interval = s.poll_interval if got else min(s.idle_poll_interval, interval * 2)
+            await asyncio.sleep(interval)
+
+    async def _detach(self, c: GuestConsole) -> None:
+        stream, c.stream = c.stream, None
+        if c.status == "attached":
+            c.status = "detached"
+        if stream is not None:
+            await self._abort(stream)
+
+    async def _abort(self, stream: Any) -> None:
+        if self._conn is None:
+            return  # connection gone: dropping the reference is all we can do
+        try:
+            await self._calls.run("streamAbort", stream.abort, timeout=self._call_timeout, count_errors=False)
+        except (libvirt.libvirtError, CallTimeout):
+            pass
+
+    async def _persist(self, ev: Event) -> None:
+        """Write (or coalesce into) a crash record for ``ev`` after ``settle``."""
+        s = self.settings
+        try:
+            await asyncio.sleep(s.settle)
+            c = self._consoles.get(ev.name)
+            if c is None:
+                return
+            if c.stream is not None:
+                self.read_available(ev.name)  # whatever arrived since the last tick
+            tail = "\n".join(c.ring.lines(s.crash_lines))
+            devices = c.devices
+            log_tail = None
+            if s.read_log_file and devices is not None and devices.log_file:
+                try:
+                    raw = await asyncio.to_thread(read_file_tail, devices.log_file, s.log_file_max_bytes)
+                    log_tail = "\n".join(text_lines(raw, s.crash_lines))
+                except OSError as err:
+                    log.warning("console_log_file_unreadable", guest=ev.name, path=devices.log_file,
+                                error=str(err))
+            shot = None
+            if s.screenshot and devices is not None and devices.graphics and self._state_dir is not None:
+                shot = await self._screenshot(ev)
+            if self.store is None:
+                return
+            prev = self._last_crash.get(ev.uuid or ev.name)
+            if prev is not None and ev.time - prev[0] <= s.coalesce_seconds:
+                await asyncio.to_thread(self.store.update, prev[1], ev, tail, log_tail, shot)
+                crash_id = prev[1]
+            else:
+                crash_id = await asyncio.to_thread(self.store.insert, ev, tail,
+                                                   devices.log_file if devices else None, log_tail, shot)
+                await asyncio.to_thread(self.store.prune, s.keep_crashes)
+            self._last_crash[ev.uuid or ev.name] = (ev.time, crash_id)
+            log.warning("console_crash_recorded", guest=ev.name, crash_id=crash_id, kind=ev.kind,
+                        libvirt_event=ev.event, detail=ev.detail, lines=tail.count("\n") + 1 if tail else 0)
+            record = await asyncio.to_thread(self.store.crash, ev.name, 1)
+            if record is not None:
+                for listener in list(self._listeners):
+                    try:
+                        listener(record)
+                    except Exception as err:
+                        log.error("console_crash_listener_failed", error=repr(err))
+        except Exception as err:
+            log.error("console_crash_persist_failed", guest=ev.name, error=repr(err))
+
+    async def _screenshot(self, ev: Event) -> str | None:
+        conn = self._conn
+        if conn is None or self._state_dir is None:
+            return None
+        path = self._state_dir / "screenshots" / f"{ev.name}-{int(ev.time)}-{ev.seq}.img"
+        try:
+            mime = await self._calls.run("screenshot", _screenshot, conn, ev.uuid, str(path),
+                                         timeout=self._call_timeout, count_errors=False)
+        except (libvirt.libvirtError, CallTimeout, OSError) as err:
+            log.info("console_screenshot_failed", guest=ev.name, error=str(err).strip())
+            return None
+        return f"{path} ({mime})"
+
+    # -- HTTP ----------------------------------------------------------------------
+    def add_routes(self, app: web.Application) -> None:
+        """Add ``GET /api/v1/guests/{name}/console`` to ``app``."""
+        app.router.add_get("/api/v1/guests/{name}/console", self.http_console)
+
+    async def http_console(self, request: web.Request) -> web.Response:
+        """``?lines=N`` (default ``crash_lines``): live tail; ``?crash=N``: the
+        N-th most recent crash record. 404 when neither exists."""
+        name = request.match_info["name"]
+        try:
+            lines = int(request.query.get("lines", str(self.settings.crash_lines)))
+            crash_n = int(request.query["crash"]) if "crash" in request.query else None
+        except ValueError:
+            return web.json_response({"error": "lines and crash must be integers"}, status=400)
+        if not 0 <= lines <= 100000:
+            return web.json_response({"error": "lines must be between 0 and 100000"}, status=400)
+        store = self.store
+        if crash_n is not None:
+            rec = await asyncio.to_thread(store.crash, name, crash_n) if store is not None else None
+            if rec is None:
+                return web.json_response({"error": f"no crash {crash_n} recorded for {name!r}"}, status=404)
+            return web.json_response({"name": name, "crash": rec.as_dict()})
+        crashes = await asyncio.to_thread(store.crashes, name, 20) if store is not None else []
+        state = self.state(name)
+        if state is None and not crashes:
+            return web.json_response({"error": f"console of {name!r} is not captured"}, status=404)
+        return web.json_response({"name": name, "capture": state, "lines": self.tail(name, lines),
+                                  "crashes": [{"n": i + 1, "id": r.id, "time": r.time, "events": r.events}
+                                              for i, r in enumerate(crashes)]})
+
+
+def _open_console(conn: libvirt.virConnect, name: str, device: str | None,
+                  flags: int) -> tuple[libvirt.virStream, ConsoleDevices, str]:
+    """Blocking: look the guest up, read its XML, open its console into a new
+    NONBLOCK stream (no stream callback: see module doc). Raises libvirtError."""
+    dom = conn.lookupByName(name)
+    devices = parse_console_devices(dom.XMLDesc(0))
+    stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
+    try:
+        dom.openConsole(device, stream, flags)
+    except libvirt.libvirtError:
+        try:
+            stream.abort()
+        except libvirt.libvirtError:
+            pass
+        raise
+    return stream, devices, dom.UUIDString()
+
+
+def _screenshot(conn: libvirt.virConnect, uuid: str, path: str) -> str:
+    """Blocking: ``virDomainScreenshot`` of screen 0 into ``path``; returns the
+    MIME type. Uses a blocking stream read in this worker thread (no stream
+    callback). Raises libvirtError/OSError."""
+    dom = conn.lookupByUUIDString(uuid)
+    stream = conn.newStream(0)
+    try:
+        mime = dom.screenshot(stream, 0, 0)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as fh:
+            while True:
+                chunk = stream.recv(RECV_CHUNK)
+                if not chunk or isinstance(chunk, int):
+                    break
+                fh.write(chunk)
+        stream.finish()
+    except BaseException:
+        try:
+            stream.abort()
+        except libvirt.libvirtError:
+            pass
+        raise
+    return mime
+
+
+# -- CLI ---------------------------------------------------------------------------
+
+def add_console_log_parser(sub: Any) -> None:
+    """Add ``console-log GUEST [--crash N] [--list]`` to an argparse subparsers object."""
+    p = sub.add_parser("console-log", help="show a guest's captured console",
+                       description="Print a guest's captured console. Without --crash: the live tail from the "
+                       "running daemon's HTTP API. With --crash N: the N-th most recent crash record "
+                       "(1 = latest), read from console.sqlite in the state directory.")
+    p.add_argument("guest", metavar="GUEST")
+    p.add_argument("--crash", type=int, metavar="N", help="the N-th most recent crash (1 = latest)")
+    p.add_argument("--list", action="store_true", help="list recorded crashes")
+    p.add_argument("--lines", type=int, default=200, help="lines of the live tail (default 200)")
+    p.add_argument("--config", metavar="FILE", help="configuration file (for daemon.state_dir and http.listen)")
+    p.add_argument("--state-dir", metavar="DIR", help="state directory (overrides the configuration)")
+    p.add_argument("--url", metavar="URL", help="daemon base URL (default from http.listen)")
+
+
+def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> int:
+    """Run ``console-log``; returns an exit code (0 found, 1 not found or daemon unreachable)."""
+    if args.crash is not None or args.list:
+        path = Path(args.state_dir or state_dir) / "console.sqlite"
+        if not path.exists():
+            print(f"no crash records: {path} does not exist", file=sys.stderr)
+            return 1
+        store = CrashStore(path, read_only=True)
+        try:
+            if args.list:
+                for i, r in enumerate(store.crashes(args.guest)):
+                    print(f"{i + 1}\t{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.time))}\t"
+                          f"{', '.join(r.events)}")
+                return 0
+            rec = store.crash(args.guest, args.crash)
+        finally:
+            store.close()
+        if rec is None:
+            print(f"no crash {args.crash} recorded for {args.guest}", file=sys.stderr)
+            return 1
+        print(f"# crash {args.crash} of {rec.guest} at "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rec.time))}: {', '.join(rec.events)}")
+        print(rec.console_tail)
+        if rec.log_tail:
+            print(f"# serial log {rec.log_file}:")
+            print(rec.log_tail)
+        if rec.screenshot:
+            print(f"# screenshot: {rec.screenshot}")
+        return 0
+    base = args.url or _local_url(listen)
+    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.request.quote(args.guest, safe='')}/console?lines={args.lines}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        print(f"{args.guest}: {err.code} {err.reason}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as err:
+        print(f"daemon unreachable at {base}: {err}", file=sys.stderr)
+        return 1
+    for line in body.get("lines", []):
+        print(line)
+    return 0
+
+
+def _local_url(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+
+
+def crash_lines_text(records: Iterable[CrashRecord]) -> list[str]:
+    """One summary line per record (for status output)."""
+    return [f"{r.id} {r.guest} {', '.join(r.events)}" for r in records]
