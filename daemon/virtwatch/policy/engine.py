@@ -404,7 +404,8 @@ class PolicyEngine:
     async def _call(self, what: str, aw: Awaitable[T], timeout: float | None = None) -> T:
         """Await a hypervisor call under the engine's own deadline (on top of the port's)."""
         try:
-            return await asyncio.wait_for(aw, timeout or self._settings.action_timeout)
+            async with asyncio.timeout(timeout or self._settings.action_timeout):
+                return await aw
         except TimeoutError:
             raise HypervisorError(ErrorCode.OPERATION_TIMEOUT, f"{what}: no answer within deadline") from None
 

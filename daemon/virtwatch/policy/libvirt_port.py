@@ -1,7 +1,7 @@
 """:class:`~virtwatch.policy.ports.Hypervisor` on a real libvirt connection.
 
 Every call runs in a worker thread (``asyncio.to_thread``) under
-``asyncio.wait_for(timeout)``; at most ``max_in_flight`` calls run at once and
+``asyncio.timeout`` (3.11's ``wait_for`` can swallow a cancellation); at most ``max_in_flight`` calls run at once and
 at most one per guest (a timed-out wait does not cancel the C call, so a
 guest stuck in libvirt must not pile up threads). libvirt errors become
 :class:`HypervisorError` with ``get_error_code()``; a deadline becomes
@@ -57,9 +57,11 @@ class LibvirtHypervisor:
 
         try:
             if lock is None:
-                return await asyncio.wait_for(guarded(), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    return await guarded()
             async with lock:
-                return await asyncio.wait_for(guarded(), self._timeout)
+                async with asyncio.timeout(self._timeout):
+                    return await guarded()
         except TimeoutError:
             raise HypervisorError(ErrorCode.OPERATION_TIMEOUT, f"{what}: no answer within {self._timeout:g} s") from None
 
