@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file",
                            description="Validate FILE; print every problem. Exit 0 when valid, 2 otherwise.")
     check.add_argument("file", metavar="FILE")
+    from .virt.console import add_console_log_parser
+    add_console_log_parser(sub)  # console-log GUEST [--crash N]
     return parser
 
 
@@ -53,6 +55,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "run":
         return run(args)
+    if args.command == "console-log":
+        from .virt.console import console_log_command
+        return console_log_command(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_CONFIG
 

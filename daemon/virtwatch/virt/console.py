@@ -891,6 +891,19 @@ def add_console_log_parser(sub: Any) -> None:
     p.add_argument("--url", metavar="URL", help="daemon base URL (default from http.listen)")
 
 
+def console_log_command(args: argparse.Namespace) -> int:
+    """``virtwatch console-log``: load the configuration (for ``daemon.state_dir``
+    and ``http.listen``), then :func:`console_log_main`. Exit 2 on a bad config."""
+    from ..config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        print(f"{err.source}: invalid configuration: {'; '.join(err.errors)}", file=sys.stderr)
+        return 2
+    return console_log_main(args, settings.daemon.state_dir, settings.http.listen)
+
+
 def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> int:
     """Run ``console-log``; returns an exit code (0 found, 1 not found or daemon unreachable)."""
     if args.crash is not None or args.list:

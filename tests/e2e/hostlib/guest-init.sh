@@ -12,6 +12,8 @@
 #                        198.51.100.1, which libvirt puts on the host side of the tap, so
 #                        the host answers and rx/tx both move. Nothing is routed off the host.
 #   vw.agent=1           starts qemu-ga on /dev/virtio-ports/org.qemu.guest_agent.0
+#   vw.agent_kill_after=S  kills qemu-ga S seconds after it started (agent goes DISCONNECTED)
+#   vw.tick=SECONDS      prints "VWTICK n" to the console every SECONDS, forever
 #   vw.panic=SECONDS     kernel panic (sysrq c) after SECONDS
 #   vw.panic_on_boot=1   kernel panic right after "VW READY"
 #   vw.poweroff=SECONDS  poweroff -f after SECONDS
@@ -101,6 +103,10 @@ if [ -n "${VW_agent:-}" ]; then
     if [ -e /dev/virtio-ports/org.qemu.guest_agent.0 ]; then
         /usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0 \
             -t /run > /dev/ttyS0 2>&1 &
+        if [ -n "${VW_agent_kill_after:-}" ]; then
+            ga_pid=$!
+            ( sleep "$VW_agent_kill_after"; say "VW AGENT KILL"; kill -9 "$ga_pid" ) &
+        fi
     else
         say "VW WARN no guest agent port"
     fi
@@ -116,6 +122,10 @@ if [ -n "${VW_flood:-}" ]; then
     head -c "$VW_flood" /dev/zero | tr '\0' 'x' > /dev/ttyS0
     say ""
     say "VW FLOOD DONE"
+fi
+
+if [ -n "${VW_tick:-}" ]; then
+    ( n=0; while :; do n=$((n + 1)); say "VWTICK $n"; sleep "$VW_tick"; done ) &
 fi
 
 if [ -n "${VW_panic_on_boot:-}" ]; then
