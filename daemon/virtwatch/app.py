@@ -18,10 +18,12 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from . import __version__
 from .alerts import Alerter
+from .control import ControlServer, NotAvailable, UnknownGuest
+from .policy.wiring import PolicyRuntime
 from .config import Settings, parse_listen
 from .eventlog import RecentEvents
 from .metrics.collector import Exposition, StateCollector
-from .metrics.http import HTTPApp
+from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
 from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
@@ -121,6 +123,14 @@ class Daemon:
             self.pump.subscribe(component.on_event)
             self.connection.add_listener(component)
         self.registry.register(self.agent.collector)
+        # Policy engine (issue 3): only when enabled; it needs the read-write connection.
+        self.policy: PolicyRuntime | None = None
+        if settings.policy.enabled:
+            self.policy = PolicyRuntime(settings.policy, settings.daemon.state_dir, lambda: self.connection.conn,
+                                        self.alerter, settings.daemon.boot_id_file)
+            self.pump.subscribe(self.policy.engine.on_event)
+            self.registry.register(self.policy.collector)
+        self.control = ControlServer(self, settings.daemon.socket)
         self.http.extra_routes.append(self.console.add_routes)
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
@@ -137,11 +147,15 @@ class Daemon:
 
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:
-        """libvirt is back: resolve the connection-lost alert."""
+        """libvirt is back: resolve the connection-lost alert, let policy decide again."""
         self.alerter.connection_restored()
+        if self.policy is not None:
+            self.policy.engine.set_ready(True)
 
     def connection_lost(self) -> None:
-        """libvirt went away (not during an orderly stop): fire the alert."""
+        """libvirt went away: policy stops deciding; fire the alert (not during an orderly stop)."""
+        if self.policy is not None:
+            self.policy.engine.set_ready(False)
         if not self.connection.stopping:
             self.alerter.connection_lost(self.settings.libvirt.uri, self.connection.close_reason or "")
 
@@ -174,6 +188,76 @@ class Daemon:
         agent = self.agent.info(name)
         return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid),
                 "agent": agent.as_dict() if agent else None, "console": self.console.state(name)}
+
+    # -- ControlPort (operator Unix socket) ---------------------------------------
+    def _policy_guest(self, name: str) -> dict[str, Any] | None:
+        if self.policy is None:
+            return None
+        g = self.policy.engine.snapshot().guests.get(name)
+        if g is None:
+            return None
+        return {"intent": g.intent, "managed": g.managed, "mode": g.mode, "given_up": g.given_up,
+                "given_up_reason": g.given_up_reason, "next_retry": g.next_retry,
+                "pending_action": g.pending_action, "attempt": g.attempt,
+                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts)}
+
+    def control_status(self) -> dict[str, Any]:
+        """Daemon summary plus every guest's state and policy state."""
+        snap = self.poller.latest
+        guests = []
+        for g in self.guests.guests():
+            j = guest_json(g, snap)
+            j["policy"] = self._policy_guest(g.name)
+            guests.append(j)
+        out = self.status()
+        out["policy_enabled"] = self.policy is not None
+        if self.policy is not None:
+            es = self.policy.engine.snapshot()
+            out["policy"] = {"ready": es.ready, "breaker_open": es.breaker_open, "mode": self.settings.policy.mode}
+        out["guest_list"] = guests
+        return out
+
+    def control_guest(self, name: str) -> dict[str, Any]:
+        """One guest with policy state and extras; raises UnknownGuest."""
+        g = self.guests.by_name(name)
+        if g is None:
+            raise UnknownGuest(name)
+        out = guest_json(g, self.poller.latest)
+        out["policy"] = self._policy_guest(name)
+        out.update(self.guest_extra(name))
+        out["events"] = [e.as_dict() for e in self.recent.since(0, name=name, limit=20)]
+        return out
+
+    def control_explain(self, name: str) -> dict[str, Any]:
+        """Merged policy with key sources and the decision now."""
+        if self.policy is None:
+            raise NotAvailable("policy is disabled ([policy] enabled = false): every guest is observed only")
+        try:
+            ex = self.policy.engine.explain(name)
+        except KeyError:
+            raise UnknownGuest(name) from None
+        return {"name": ex.name, "uuid": ex.uuid, "managed": ex.managed, "mode": ex.mode, "intent": ex.intent,
+                "policy": {k: _jsonable(v) for k, v in ex.policy.items()}, "sources": dict(ex.sources),
+                "decision_now": ex.decision_now, "lines": ex.lines()}
+
+    def control_action(self, name: str, action: str) -> dict[str, Any]:
+        """hold / release / reset one guest."""
+        if self.policy is None:
+            raise NotAvailable("policy is disabled ([policy] enabled = false)")
+        try:
+            if action == "reset":
+                self.policy.reset(name)
+            else:
+                getattr(self.policy.engine, action)(name)
+        except KeyError:
+            raise UnknownGuest(name) from None
+        log.info("operator_action", action=action, guest=name)
+        return {"name": name, "action": action, "policy": self._policy_guest(name)}
+
+    def control_events(self, since: int, limit: int) -> dict[str, Any]:
+        """Recent events after ``since``."""
+        evs = self.recent.since(since, limit=limit)
+        return {"events": [e.as_dict() for e in evs], "last_seq": evs[-1].seq if evs else since}
 
     def healthy(self) -> bool:
         """True while every daemon task is alive (for the systemd watchdog)."""
@@ -208,6 +292,12 @@ class Daemon:
             self.listen_address = (addr[0], addr[1])
         await self.console.start()  # opens console.sqlite when capture is enabled
         await self.alerter.start()
+        if self.policy is not None:
+            await self.policy.engine.start()
+        try:
+            await self.control.start()
+        except OSError as err:  # e.g. /run/virtwatch not writable: the rest still works
+            log.error("control_socket_unavailable", path=self.settings.daemon.socket, error=str(err))
         self._tasks = [
             self.loop.create_task(self.pump.run(), name="event-pump"),
             self.loop.create_task(self.connection.run(), name="connection"),
@@ -232,6 +322,9 @@ class Daemon:
         by_name = {t.get_name(): t for t in self._tasks}
         for name in ("stats-poller", "backlog-gauge"):
             await _cancel(by_name.get(name))
+        await self.control.stop()
+        if self.policy is not None:
+            await self.policy.stop()  # in-flight actions end recorded as interrupted; retries stay persisted
         await _cancel(by_name.get("guest-agent"))
         await self.console.stop()  # every virStream dropped before the connection closes
         await self.alerter.stop(flush_timeout=max(0.1, min(3.0, deadline - self.loop.time())))
@@ -252,6 +345,16 @@ class Daemon:
             await self._runner.cleanup()
         self.calls.shutdown()
         log.info("virtwatch_stopped")
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, (str, int, float, bool)) or v is None:
+        return v
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    return str(v)
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:

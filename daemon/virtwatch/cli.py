@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -36,6 +37,37 @@ def build_parser() -> argparse.ArgumentParser:
                      "(stats.poll_interval), default 15")
     run.add_argument("--log-format", choices=("json", "console"), help="log line format (log.format)")
 
+    def operator(name: str, help_text: str, guest: str | None = "GUEST") -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text + " Talks to the running daemon over its "
+                           "Unix socket (daemon.socket); the socket's permissions are the access control.")
+        p.add_argument("--socket", help="control socket (default: daemon.socket of --config, else "
+                       "/run/virtwatch/virtwatch.sock)")
+        p.add_argument("--config", metavar="FILE", help="read daemon.socket from this configuration")
+        p.add_argument("--json", action="store_true", help="print the daemon's JSON answer")
+        if guest == "GUEST":
+            p.add_argument("guest", metavar="GUEST")
+        elif guest == "OPTIONAL":
+            p.add_argument("guest", metavar="GUEST", nargs="?")
+        return p
+
+    operator("status", "Show the daemon's state, or one guest's state and policy state.", "OPTIONAL")
+    operator("explain", "Show a guest's merged policy, where each key came from and the decision it would take "
+             "now.")
+    operator("hold", "Hold a guest: virtwatch takes no action on it until released.")
+    operator("release", "Release a held guest (intent follows its current state).")
+    operator("reset", "Clear a guest's restart budget and given-up state.")
+    ev = operator("events", "Show recent libvirt events.", None)
+    ev.add_argument("--since", type=int, default=0, help="only events after this sequence number")
+    ev.add_argument("--limit", type=int, default=50)
+
+    save = sub.add_parser("guests-save", help="host shutdown: save/shut down managed guests",
+                          description="Managed-save, shut down or destroy running managed guests by their "
+                          "on_host_shutdown fallbacks, recording which were running (for the boot flow). For a "
+                          "systemd ExecStop ordered before libvirtd stops. Refuses when libvirt-guests owns "
+                          "host shutdown.")
+    save.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    save.add_argument("--uri", help="libvirt URI (libvirt.uri)")
+
     check = sub.add_parser("check-config", help="validate a configuration file",
                            description="Validate FILE; print every problem. Exit 0 when valid, 2 otherwise.")
     check.add_argument("file", metavar="FILE")
@@ -55,6 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(args.file)
     if args.command == "run":
         return run(args)
+    if args.command == "guests-save":
+        return guests_save(args)
+    if args.command in ("status", "explain", "hold", "release", "reset", "events"):
+        return operator_command(args)
     if args.command == "console-log":
         from .virt.console import console_log_command
         return console_log_command(args)
@@ -76,6 +112,152 @@ def check_config(path: str) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
+
+
+EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return args.socket
+    if args.config:
+        return load_settings(args.config).daemon.socket
+    return "/run/virtwatch/virtwatch.sock"
+
+
+def operator_command(args: argparse.Namespace) -> int:
+    """status / explain / hold / release / reset / events over the control socket.
+
+    Exit codes: 0 ok, 1 daemon unreachable, 2 usage/config, 3 unknown guest,
+    4 feature unavailable (e.g. policy disabled).
+    """
+    from .control import DaemonUnreachable, request
+
+    try:
+        path = _socket_path(args)
+    except ConfigError as err:
+        _print_config_error(err)
+        return EXIT_CONFIG
+    cmd, guest = args.command, getattr(args, "guest", None)
+    if cmd == "status":
+        method, url = "GET", f"/v1/guests/{_quote(guest)}" if guest else "/v1/status"
+    elif cmd == "explain":
+        method, url = "GET", f"/v1/explain/{_quote(guest)}"
+    elif cmd == "events":
+        method, url = "GET", f"/v1/events?since={args.since}&limit={args.limit}"
+    else:
+        method, url = "POST", f"/v1/guests/{_quote(guest)}/{cmd}"
+    try:
+        status, body = request(path, method, url)
+    except DaemonUnreachable as err:
+        print(f"virtwatch: cannot reach the daemon: {err}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    if status != 200:
+        print(f"virtwatch: {body.get('error', status)}", file=sys.stderr)
+        return EXIT_NOT_FOUND if status == 404 else EXIT_UNAVAILABLE
+    if args.json:
+        print(json.dumps(body, indent=2, sort_keys=True))
+        return EXIT_OK
+    for line in _render(cmd, guest, body):
+        print(line)
+    return EXIT_OK
+
+
+def _quote(name: str | None) -> str:
+    from urllib.parse import quote
+
+    return quote(name or "", safe="")
+
+
+def _render(cmd: str, guest: str | None, body: dict[str, Any]) -> list[str]:
+    if cmd == "explain":
+        return list(body.get("lines", []))
+    if cmd == "events":
+        return [f"{e['seq']:>7} {e['time']:.3f} {e['source']}/{e['kind']} {e['name']} {e['event']}/{e['detail']}"
+                for e in body.get("events", [])]
+    if cmd == "status" and guest is None:
+        lines = [f"libvirt {body['uri']}: {'connected' if body['connected'] else 'NOT connected'}"
+                 f"{' (read-only)' if body.get('read_only') else ''}; {body['guests']} guests; "
+                 f"policy {'on' if body.get('policy_enabled') else 'off'}"]
+        for g in body.get("guest_list", []):
+            pol = g.get("policy") or {}
+            extra = ""
+            if pol:
+                extra = f" intent={pol['intent']}{' GIVEN UP' if pol['given_up'] else ''}"
+                if pol.get("next_retry"):
+                    extra += f" next_retry={pol['next_retry']:.0f}"
+            lines.append(f"  {g['name']:<24} {g['state']:<10} {g['reason']:<14}{extra}")
+        return lines
+    pol = body.get("policy")
+    if cmd in ("hold", "release", "reset"):
+        return [f"{body['name']}: {cmd} done; intent={pol['intent'] if pol else '?'}"
+                f"{' GIVEN UP' if pol and pol['given_up'] else ''}"]
+    lines = [f"{body['name']} ({body['uuid']}): {body['state']} ({body['reason']})"]
+    if body.get("last_event"):
+        lines.append(f"  last event: {body['last_event']['event']}/{body['last_event']['detail']}")
+    if pol:
+        lines.append(f"  policy: intent={pol['intent']} managed={pol['managed']} mode={pol['mode']} "
+                     f"given_up={pol['given_up']} attempt={pol['attempt']} restarts={pol['restarts']}")
+    for key in ("agent_connected", "cpu_percent"):
+        if body.get(key) is not None:
+            lines.append(f"  {key}: {body[key]}")
+    for key in ("guest_info", "addresses", "time_offset_seconds"):
+        if body.get(key):
+            lines.append(f"  {key}: {body[key]}")
+    return lines
+
+
+def guests_save(args: argparse.Namespace) -> int:
+    """``virtwatch guests-save``: the host-shutdown save path (see the policy engine)."""
+    from .logs import configure_logging
+
+    try:
+        settings = load_settings(args.config, {"libvirt.uri": args.uri})
+    except ConfigError as err:
+        _print_config_error(err)
+        return EXIT_CONFIG
+    configure_logging(settings.log.format, settings.log.level)
+    if not settings.policy.enabled:
+        print("virtwatch guests-save: [policy] enabled = false: nothing to do", file=sys.stderr)
+        return EXIT_OK
+    return asyncio.run(_guests_save(settings))
+
+
+async def _guests_save(settings: Any) -> int:
+    import libvirt
+
+    from .policy.libvirt_port import LibvirtHypervisor
+    from .policy.engine import PolicyEngine
+    from .store import Store
+    from .virt.aio import register_event_impl
+
+    log = structlog.get_logger("virtwatch.cli")
+    impl = register_event_impl()
+    conn = await asyncio.to_thread(libvirt.open, settings.libvirt.uri)
+    os.makedirs(settings.daemon.state_dir, mode=0o750, exist_ok=True)
+    store = Store.open(os.path.join(settings.daemon.state_dir, "virtwatch.sqlite"))
+    engine = PolicyEngine(settings.policy, LibvirtHypervisor(lambda: conn, timeout=settings.policy.action_timeout),
+                          store, boot_id_path=settings.daemon.boot_id_file, auto_boot_flow=False)
+    try:
+        await engine.start()
+        report = await engine.save_guests()
+    finally:
+        await engine.stop()
+        store.close()
+        await asyncio.to_thread(conn.close)
+        del conn
+        try:
+            async with asyncio.timeout(5):
+                await impl.drain()
+        except TimeoutError:
+            pass
+    if report.refused:
+        log.warning("guests_save_refused", why=report.why)
+        print(f"virtwatch guests-save: refused: {report.why}", file=sys.stderr)
+        return EXIT_OK
+    for name, step in sorted(report.results.items()):
+        print(f"{name}: {step}")
+    return EXIT_FAILURE if any(step == "failed" for step in report.results.values()) else EXIT_OK
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:

@@ -102,6 +102,8 @@ class DaemonSettings(Section):
     state_dir: str = Field("/var/lib/virtwatch", description="SQLite state and journal live here")
     socket: str = Field("/run/virtwatch/virtwatch.sock", description="operator Unix socket")
     shutdown_timeout: float = Field(20.0, gt=0, le=600, description="bound on orderly shutdown, seconds")
+    boot_id_file: str = Field("/proc/sys/kernel/random/boot_id",
+                              description="host boot id; the policy boot flow runs once per value")
 
 
 class Settings(Section):

@@ -28,10 +28,15 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert s.libvirt.uri == "qemu:///system"
     text = example.read_text()
     # every key of every core section appears in the example (commented or set)
-    for section in ("libvirt", "stats", "http", "log", "daemon"):
+    for section in ("libvirt", "stats", "http", "log", "daemon", "policy", "alerts", "console", "agent"):
         model = getattr(s, section)
         for key in type(model).model_fields:
-            assert f"{key} =" in text or f"# {key} =" in text, f"{section}.{key} undocumented"
+            documented = f"{key} =" in text or f"[{section}.{key}" in text or f"[[{section}.{key}]]" in text
+            assert documented, f"{section}.{key} undocumented"
+    from virtwatch.policy.config import GuestPolicy
+    for key in GuestPolicy.model_fields:
+        assert f"\n{key} =" in text, f"policy.defaults.{key} undocumented"
+    assert s.policy.defaults == GuestPolicy()  # the example shows the defaults
 
 
 def test_unknown_keys_and_bad_values_name_their_path(tmp_path: Path) -> None:

@@ -1,0 +1,174 @@
+"""The operator Unix socket: ``virtwatch status|explain|hold|release|reset|events``.
+
+The running daemon serves a small JSON-over-HTTP API on a Unix socket
+(``daemon.socket``, mode 0660): whoever can open the socket may operate the
+daemon, exactly like libvirt's own sockets. The CLI side
+(:func:`request`) is synchronous stdlib code.
+
+Routes (all answer JSON; errors are ``{"error": "..."}``):
+
+* ``GET  /v1/status``             daemon summary and per-guest policy state
+* ``GET  /v1/guests/{name}``      one guest: state, policy state, extras
+* ``GET  /v1/explain/{name}``     merged policy, key sources, decision now
+* ``POST /v1/guests/{name}/hold|release|reset``
+* ``GET  /v1/events?since=SEQ``   recent events
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+
+
+class UnknownGuest(KeyError):
+    """No guest with that name is known."""
+
+
+class NotAvailable(Exception):
+    """The operation needs a feature that is off (e.g. policy disabled)."""
+
+
+class ControlPort(Protocol):
+    """What the daemon exposes to operators (implemented by the app)."""
+
+    def control_status(self) -> dict[str, Any]:
+        """Daemon summary plus per-guest policy state."""
+
+    def control_guest(self, name: str) -> dict[str, Any]:
+        """One guest; raises :class:`UnknownGuest`."""
+
+    def control_explain(self, name: str) -> dict[str, Any]:
+        """Explanation; raises :class:`UnknownGuest` / :class:`NotAvailable`."""
+
+    def control_action(self, name: str, action: str) -> dict[str, Any]:
+        """hold/release/reset; raises :class:`UnknownGuest` / :class:`NotAvailable`."""
+
+    def control_events(self, since: int, limit: int) -> dict[str, Any]:
+        """Recent events after ``since``."""
+
+
+class ControlServer:
+    """Serves :class:`ControlPort` on a Unix socket.
+
+    Args:
+        port: the daemon.
+        path: socket path; its directory is created (mode 0750) if missing,
+            a stale socket file is replaced.
+        mode: permission bits of the socket file.
+    """
+
+    def __init__(self, port: ControlPort, path: str, mode: int = 0o660) -> None:
+        self._port = port
+        self.path = path
+        self._mode = mode
+        self._runner: web.AppRunner | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application(client_max_size=16 * 1024)
+        app.router.add_get("/v1/status", self._status)
+        app.router.add_get("/v1/guests/{name}", self._guest)
+        app.router.add_get("/v1/explain/{name}", self._explain)
+        app.router.add_post("/v1/guests/{name}/{action:hold|release|reset}", self._action)
+        app.router.add_get("/v1/events", self._events)
+        return app
+
+    async def start(self) -> None:
+        """Bind the socket. Raises OSError if the path is unusable."""
+        directory = Path(self.path).parent
+        if not directory.exists():
+            directory.mkdir(parents=True, mode=0o750)
+        if os.path.exists(self.path):
+            _remove_stale(self.path)
+        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.UnixSite(self._runner, self.path)
+        await site.start()
+        os.chmod(self.path, self._mode)
+
+    async def stop(self) -> None:
+        """Close the socket and remove its file."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    async def _call(self, fn: Any, *args: Any) -> web.Response:
+        try:
+            return web.json_response(fn(*args))
+        except UnknownGuest as err:
+            return web.json_response({"error": f"no guest named {err.args[0]!r}"}, status=404)
+        except NotAvailable as err:
+            return web.json_response({"error": str(err)}, status=409)
+
+    async def _status(self, _r: web.Request) -> web.Response:
+        return await self._call(self._port.control_status)
+
+    async def _guest(self, r: web.Request) -> web.Response:
+        return await self._call(self._port.control_guest, r.match_info["name"])
+
+    async def _explain(self, r: web.Request) -> web.Response:
+        return await self._call(self._port.control_explain, r.match_info["name"])
+
+    async def _action(self, r: web.Request) -> web.Response:
+        return await self._call(self._port.control_action, r.match_info["name"], r.match_info["action"])
+
+    async def _events(self, r: web.Request) -> web.Response:
+        try:
+            since, limit = int(r.query.get("since", "0")), int(r.query.get("limit", "100"))
+        except ValueError:
+            return web.json_response({"error": "since and limit must be integers"}, status=400)
+        return await self._call(self._port.control_events, since, max(1, min(limit, 1000)))
+
+
+def _remove_stale(path: str) -> None:
+    """Remove ``path`` if it is a socket nobody listens on; refuse otherwise."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        os.unlink(path)
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path}: another virtwatch is already listening there")
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class DaemonUnreachable(Exception):
+    """The socket is missing, refused, or not permitted."""
+
+
+def request(path: str, method: str, url: str, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
+    """One request to the daemon's control socket → (HTTP status, JSON body).
+
+    Raises :class:`DaemonUnreachable` when the daemon cannot be reached.
+    """
+    conn = _UnixHTTPConnection(path, timeout)
+    try:
+        conn.request(method, url)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read() or b"{}")
+    except (FileNotFoundError, ConnectionRefusedError, PermissionError, socket.timeout) as err:
+        raise DaemonUnreachable(f"{path}: {err}") from None
+    finally:
+        conn.close()

@@ -1,0 +1,129 @@
+"""Connects the policy engine to the daemon: store, hypervisor, alerts, metrics.
+
+:class:`PolicyRuntime` owns everything the engine needs when
+``[policy] enabled = true``: the SQLite store under ``daemon.state_dir``,
+the :class:`LibvirtHypervisor` on the daemon's connection, the alert bridge
+and a prometheus-client collector over :meth:`PolicyEngine.snapshot`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from ..alerts import Alerter
+from .config import PolicySettings
+from .engine import PolicyAlert, PolicyEngine
+from .libvirt_port import LibvirtHypervisor
+
+log = structlog.get_logger("virtwatch.policy")
+
+#: PolicyAlert kind -> (instant alert name, severity) for kinds that have no event alert of their own.
+_ALERTS = {
+    "start_failed": ("VirtwatchStartFailed", "critical"),
+    "image_not_used": ("VirtwatchManagedSaveNotUsed", "warning"),
+    "api_error": ("VirtwatchGuestPausedAPIError", "critical"),
+    "breaker_open": ("VirtwatchPolicyBreakerOpen", "critical"),
+}
+#: kinds already alerted from the event itself: the decision is attached as an annotation.
+_ANNOTATE = {"crash": "VirtwatchGuestCrashed", "io_error": "VirtwatchGuestIOError",
+             "watchdog": "VirtwatchWatchdogFired"}
+
+
+class PolicyCollector:
+    """Policy metrics from :meth:`PolicyEngine.snapshot` (rendered on the loop, per scrape).
+
+    * ``libvirt_domain_restarts_total{domain,reason}`` restarts performed, by cause
+    * ``virtwatch_policy_given_up{domain}`` 1 once the restart budget is exhausted
+    * ``virtwatch_policy_actions_total{action,result}``
+    * ``virtwatch_policy_next_retry_timestamp_seconds{domain}`` when a retry is scheduled
+    * ``virtwatch_policy_guest_info{domain,intent,managed,mode}`` (value 1)
+    * ``virtwatch_policy_ready``, ``virtwatch_policy_breaker_open``
+    """
+
+    def __init__(self, engine: PolicyEngine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the families."""
+        snap = self._engine.snapshot()
+        restarts = CounterMetricFamily("libvirt_domain_restarts", "Guest restarts performed by policy, by cause.",
+                                       labels=["domain", "reason"])
+        given_up = GaugeMetricFamily("virtwatch_policy_given_up",
+                                     "1 if the restart budget is exhausted (virtwatch reset GUEST clears it).",
+                                     labels=["domain"])
+        next_retry = GaugeMetricFamily("virtwatch_policy_next_retry_timestamp_seconds",
+                                       "Unix time of the next scheduled recovery action.", labels=["domain"])
+        info = GaugeMetricFamily("virtwatch_policy_guest_info", "Policy state of a guest (value 1).",
+                                 labels=["domain", "intent", "managed", "mode"])
+        for name, g in sorted(snap.guests.items()):
+            for reason, n in sorted(g.restarts.items()):
+                restarts.add_metric([name, reason], n)
+            given_up.add_metric([name], 1 if g.given_up else 0)
+            if g.next_retry is not None:
+                next_retry.add_metric([name], g.next_retry)
+            info.add_metric([name, g.intent, "true" if g.managed else "false", g.mode], 1)
+        actions = CounterMetricFamily("virtwatch_policy_actions", "Policy actions by action and result.",
+                                      labels=["action", "result"])
+        for (action, result), n in sorted(snap.actions.items()):
+            actions.add_metric([action, result], n)
+        yield from (restarts, given_up, next_retry, info, actions)
+        yield GaugeMetricFamily("virtwatch_policy_ready", "1 while the policy engine may decide.",
+                                value=1 if snap.ready else 0)
+        yield GaugeMetricFamily("virtwatch_policy_breaker_open",
+                                "1 while max_actions_per_minute holds actions back.", value=1 if snap.breaker_open else 0)
+
+    def describe(self) -> list[Metric]:
+        """No up-front description."""
+        return []
+
+
+class PolicyRuntime:
+    """The engine and what it runs on.
+
+    Args:
+        settings: ``[policy]``.
+        state_dir: directory for ``virtwatch.sqlite`` (created, mode 0750).
+        connection: returns the daemon's ready ``virConnect`` or None.
+        alerter: instant alerts.
+        boot_id_path: file holding the host boot id.
+    """
+
+    def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
+                 boot_id_path: str) -> None:
+        from ..store import Store
+
+        os.makedirs(state_dir, mode=0o750, exist_ok=True)
+        self.store = Store.open(Path(state_dir) / "virtwatch.sqlite")
+        self.hypervisor = LibvirtHypervisor(connection, timeout=settings.action_timeout)
+        self._alerter = alerter
+        self.engine = PolicyEngine(settings, self.hypervisor, self.store, alert=self._on_alert,
+                                   boot_id_path=boot_id_path)
+        self.collector = PolicyCollector(self.engine)
+
+    def _on_alert(self, a: PolicyAlert) -> None:
+        if a.kind == "given_up":
+            self._alerter.given_up(a.guest, a.uuid, a.message, decision=a.message)
+        elif a.kind == "restore_failed":
+            self._alerter.restore_failed(a.guest, a.uuid, a.message, decision=a.message)
+        elif a.kind in _ANNOTATE:
+            self._alerter.annotate(_ANNOTATE[a.kind], a.guest, decision=a.message)
+        elif a.kind in _ALERTS:
+            name, severity = _ALERTS[a.kind]
+            self._alerter.fire(name, domain=a.guest, uuid=a.uuid, severity=severity,
+                               summary=f"{a.guest}: {a.kind.replace('_', ' ')}", description=a.message)
+
+    def reset(self, name: str) -> Any:
+        """Operator reset: clears given-up and resolves its alert."""
+        snap = self.engine.reset(name)
+        self._alerter.resolve("VirtwatchGivenUp", name)
+        return snap
+
+    async def stop(self) -> None:
+        """Stop the engine (pending retries stay persisted) and close the store."""
+        await self.engine.stop()
+        self.store.close()
