@@ -148,6 +148,9 @@ class StatsSource(Protocol):
     def host(self, conn: Any, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Host figures; each refused call is reported to ``on_error`` and left None/empty."""
 
+    def list_domains(self, conn: Any) -> list[Any]:
+        """``listAllDomains()`` → every virDomain (no guest job involved)."""
+
 
 class LibvirtStatsSource:
     """:class:`StatsSource` over a real ``virConnect``."""
@@ -159,6 +162,10 @@ class LibvirtStatsSource:
     def some_domains(self, conn: libvirt.virConnect, doms: list[Any], flags: int) -> list[tuple[Any, dict[str, Any]]]:
         """One ``domainListGetStats`` RPC for ``doms``."""
         return conn.domainListGetStats(doms, flags, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+
+    def list_domains(self, conn: libvirt.virConnect) -> list[Any]:
+        """One ``listAllDomains`` RPC."""
+        return conn.listAllDomains()
 
     def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
@@ -320,6 +327,13 @@ class StatsPoller:
             ok = False
             self._instruments.poll_errors.inc()
             log.warning("poll_timeout", timeout_seconds=timeout, guests=len(self._domains))
+            if not self._domains:  # never polled successfully: learn the guests without stats
+                try:
+                    for dom in await self._calls.run("listAllDomains", self._source.list_domains, conn,
+                                                     timeout=timeout):
+                        self._domains[dom.UUIDString()] = dom
+                except (CallTimeout, libvirt.libvirtError) as err:
+                    log.warning("poll_list_failed", error=str(err).strip())
             fresh = await self._probe_each(conn, list(self._domains))
         except libvirt.libvirtError as err:
             self._instruments.poll_errors.inc()
