@@ -1,0 +1,236 @@
+"""Real Prometheus and Alertmanager processes on free loopback ports, for end-to-end tests.
+
+Both are the Debian packages' binaries (``prometheus``, ``prometheus-alertmanager``),
+each in its own directory (config, storage, log). Nothing here mocks anything: the
+helpers start the servers, wait for ``/-/ready`` and read their HTTP APIs.
+
+- :class:`AlertmanagerProcess`: clustering off; :meth:`~AlertmanagerProcess.stop` and
+  :meth:`~AlertmanagerProcess.start` again on the same port (an outage).
+- :class:`PrometheusProcess`: a generated config scraping given targets with a given
+  interval, loading rule files and sending alerts to given Alertmanagers.
+- :func:`rules_with_short_for`: a copy of a rules file whose ``for:`` durations are
+  shortened (expressions, labels and annotations untouched), so the shipped
+  expressions can be seen pending/firing within a test.
+- :func:`http_json`: GET a JSON document (stdlib only; usable from sync tests and scripts).
+
+Only the standard library and PyYAML are used, so ``bench/`` scripts can import it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import yaml
+
+#: Alertmanager routing used by the tests: everything goes nowhere (we read the API).
+AM_CONFIG = """\
+route:
+  receiver: blackhole
+  group_wait: 1s
+receivers:
+  - name: blackhole
+"""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary(*names: str) -> str:
+    """Path of the first of ``names`` found on PATH (AssertionError if none)."""
+    for n in names:
+        path = shutil.which(n)
+        if path:
+            return path
+    raise AssertionError(f"none of {names} installed (see .ci/apt-packages.txt)")
+
+
+def http_json(url: str, params: Mapping[str, str] | None = None, timeout: float = 5.0) -> Any:
+    """GET ``url`` (with query ``params``) and decode the JSON body; raises on non-2xx."""
+    if params:
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params)
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1,
+               detail: Callable[[], str] | None = None) -> Any:
+    """Poll ``cond()`` until it returns something truthy and return it; AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{what}: not within {timeout} s" + (f"\n{detail()}" if detail else ""))
+        time.sleep(interval)
+
+
+class _Server:
+    """A background server process with a log file and a ``/-/ready`` endpoint."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path, port: int | None = None) -> None:
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.dir / f"{self.name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def log_text(self) -> str:
+        """Everything the server logged so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    @property
+    def running(self) -> bool:
+        """True while the process is alive."""
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 30.0) -> "_Server":
+        """Start the process and wait until ``/-/ready`` answers 200."""
+        assert not self.running, f"{self.name} already running"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/-/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            if time.monotonic() >= deadline:
+                self.stop()
+                raise AssertionError(f"{self.name} on {self.url} not ready in {timeout} s:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and reap (SIGKILL after ``timeout``). Idempotent."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def __enter__(self) -> "_Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class AlertmanagerProcess(_Server):
+    """One Alertmanager (clustering disabled); can be stopped and started again on the same port."""
+
+    name = "alertmanager"
+
+    def __init__(self, workdir: Path, config: str = AM_CONFIG, port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.config_path = self.dir / "alertmanager.yml"
+        self.config_path.write_text(config)
+
+    def command(self) -> list[str]:
+        return [binary("prometheus-alertmanager", "alertmanager"), f"--config.file={self.config_path}",
+                f"--storage.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+                "--cluster.listen-address=", "--log.level=warn"]
+
+    def alerts(self, **filters: str) -> list[dict[str, Any]]:
+        """``GET /api/v2/alerts`` (unexpired alerts), filtered by label equality matchers."""
+        params = [("filter", f'{k}="{v}"') for k, v in filters.items()]
+        url = self.url + "/api/v2/alerts" + ("?" + urllib.parse.urlencode(params) if params else "")
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return json.loads(r.read())
+
+
+class PrometheusProcess(_Server):
+    """Prometheus scraping ``targets`` (job ``job``) with the given rule files and Alertmanagers.
+
+    ``interval`` is both the scrape and the evaluation interval. Alerts are re-sent to
+    Alertmanager every ``resend_delay`` while firing (Prometheus' default is 1m).
+    """
+
+    name = "prometheus"
+
+    def __init__(self, workdir: Path, targets: Sequence[str], *, job: str = "virtwatch",
+                 rule_files: Iterable[Path] = (), alertmanagers: Iterable[str] = (), interval: str = "1s",
+                 resend_delay: str = "1s", port: int | None = None) -> None:
+        super().__init__(workdir, port)
+        self.resend_delay = resend_delay
+        cfg: dict[str, Any] = {
+            "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
+            "rule_files": [str(Path(p).resolve()) for p in rule_files],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
+        }
+        ams = [urllib.parse.urlsplit(u).netloc for u in alertmanagers]
+        if ams:
+            cfg["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": ams}]}]}
+        self.config_path = self.dir / "prometheus.yml"
+        self.config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+    def command(self) -> list[str]:
+        return [binary("prometheus"), f"--config.file={self.config_path}",
+                f"--storage.tsdb.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+                f"--rules.alert.resend-delay={self.resend_delay}", "--log.level=warn"]
+
+    def api(self, path: str, **params: str) -> Any:
+        """``GET /api/v1/<path>``; returns ``data`` (AssertionError unless status is success)."""
+        body = http_json(f"{self.url}/api/v1/{path}", params or None)
+        assert body.get("status") == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        """Instant query; the result vector (``[{"metric": {...}, "value": [t, "v"]}, ...]``)."""
+        data = self.api("query", query=expr)
+        assert data["resultType"] == "vector", data
+        return data["result"]
+
+    def targets(self) -> list[dict[str, Any]]:
+        """Active scrape targets."""
+        return self.api("targets", state="active")["activeTargets"]
+
+    def rule_groups(self) -> list[dict[str, Any]]:
+        """Loaded rule groups with their rules' state, health and last error."""
+        return self.api("rules")["groups"]
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Pending and firing alerts."""
+        return self.api("alerts")["alerts"]
+
+
+def rules_with_short_for(src: Path, dest: Path, for_: str = "1s") -> dict[str, Any]:
+    """Write ``src`` to ``dest`` with every non-zero ``for:`` of an alerting rule set to ``for_``.
+
+    Everything else (expressions, labels, annotations, group names) is copied as is.
+    Returns the parsed original document.
+    """
+    doc = yaml.safe_load(Path(src).read_text())
+    copy = yaml.safe_load(Path(src).read_text())
+    for group in copy["groups"]:
+        for rule in group["rules"]:
+            if "alert" in rule and str(rule.get("for", "0")).strip() not in ("0", "0s", "0m", "0h"):
+                rule["for"] = for_
+    Path(dest).write_text(yaml.safe_dump(copy, sort_keys=False))
+    return doc
