@@ -181,13 +181,14 @@ class Daemon:
         }
 
     def guest_extra(self, name: str) -> dict[str, Any]:
-        """Per-guest extras for the API and landing page (CPU %)."""
+        """Per-guest extras for the API and landing page (CPU %, agent, console, policy state)."""
         g = self.guests.by_name(name)
         if g is None:
             return {}
         agent = self.agent.info(name)
         return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid),
-                "agent": agent.as_dict() if agent else None, "console": self.console.state(name)}
+                "agent": agent.as_dict() if agent else None, "console": self.console.state(name),
+                "policy": self._policy_guest(name)}
 
     # -- ControlPort (operator Unix socket) ---------------------------------------
     def _policy_guest(self, name: str) -> dict[str, Any] | None:

@@ -169,18 +169,23 @@ class HTTPApp:
             extra = self._status.guest_extra(g.name)
             mem = j["memory_balloon_current_bytes"]
             last = j["last_event"]
+            policy = extra.get("policy") or {}
+            reason = html.escape(str(policy.get("given_up_reason") or ""))
+            given_up = f'<td class="bad" title="{reason}">yes</td>' if policy.get("given_up") else "<td></td>"
             rows.append(
-                "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>".format(
-                    html.escape(g.name), html.escape(f"{j['state']} ({j['reason']})"),
+                '<tr><td>{}</td><td class="st-{}">{}</td><td class="num">{}</td><td class="num">{}</td>'
+                "<td>{}</td><td>{}</td>{}</tr>".format(
+                    html.escape(g.name), html.escape(j["state"]), html.escape(f"{j['state']} ({j['reason']})"),
                     _fmt_cpu(extra.get("cpu_percent")), _fmt_bytes(mem),
                     html.escape(f"{last['event']}/{last['detail']}") if last else "",
-                    html.escape(str(extra.get("policy_state", "observed"))),
-                    "yes" if extra.get("given_up") else ""))
+                    html.escape(_fmt_policy(policy)), given_up))
         connected = "connected" if st.get("connected") else "NOT connected"
         body = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>virtwatch</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#eee}}</style></head>
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#eee}}
+td.num{{text-align:right;font-variant-numeric:tabular-nums}}.st-running{{color:#1a7f37}}
+.st-paused,.st-shutdown{{color:#9a6700}}.st-crashed,.bad{{color:#cf222e;font-weight:bold}}.st-shutoff{{color:#57606a}}</style></head>
 <body><h1>virtwatch {html.escape(__version__)}</h1>
 <p>libvirt <code>{html.escape(str(st.get('uri', '')))}</code>: <b>{connected}</b>;
 {len(rows)} guests; last poll {html.escape(_fmt_age(st.get('last_poll_time')))}.</p>
@@ -202,6 +207,16 @@ def _fmt_bytes(v: int | None) -> str:
             return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
         v /= 1024
     return ""
+
+
+def _fmt_policy(p: dict[str, Any]) -> str:
+    """Policy column: "observed" for unmanaged guests, else mode and intent (and a pending action)."""
+    if not p.get("managed"):
+        return "observed"
+    out = f"{p.get('mode', '')}, intent {p.get('intent', '')}"
+    if p.get("pending_action"):
+        out += f", {p['pending_action']} pending"
+    return out
 
 
 def _fmt_cpu(v: float | None) -> str:
