@@ -152,7 +152,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, e2e_host: str) -> Iterator[S
 
 def test_prometheus_scrapes_virtwatch_and_evaluates_the_shipped_rules(stack: Stack, factory: GuestFactory) -> None:
     prom, vw = stack.prom, stack.vw
-    guest = factory.create("alobs", wait=False)
+    # No NIC: resuming a guest whose tap has a host-side <ip> fails on libvirt 9.0 ("Failed to add IP
+    # address ... to vnetN": the address is re-added on resume).
+    guest = factory.create("alobs", wait=False, network=False)
 
     def target_up() -> bool:
         return any(t["labels"].get("job") == "virtwatch" and t["scrapeUrl"] == f"{vw.base}/metrics"
