@@ -408,7 +408,7 @@ class _AgentError(Exception):
 
 
 def _guest_info(conn: libvirt.virConnect, uuid: str) -> dict[str, Any]:
-    return conn.lookupByUUIDString(uuid).guestInfo(0, _INFO_FLAGS)
+    return conn.lookupByUUIDString(uuid).guestInfo(_INFO_FLAGS, 0)
 
 
 def _addresses(conn: libvirt.virConnect, uuid: str, source: int) -> dict[str, Any]:

@@ -1,0 +1,93 @@
+"""Keepalive end to end: libvirtd frozen with SIGSTOP is noticed by libvirt's
+keepalive (its timers run on the daemon's loop through libvirtaio), reported as
+``libvirt_up 0``, and the daemon reconnects by itself after SIGCONT.
+
+libvirtd is always thawed in a ``finally`` block, whatever happens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+from hostlib import URI
+from virtwatch.app import Daemon
+from virtwatch.config import load_settings
+
+INTERVAL, COUNT = 1, 2
+SLACK = 3.0  # seconds on top of interval × (count + 1): RPC in flight, timer granularity, loop latency
+
+
+def libvirtd_pid() -> int:
+    """PID of the live (not zombie) ``libvirtd`` process."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1:stat.rindex(")")]
+        state = stat[stat.rindex(")") + 2]
+        if comm == "libvirtd" and state not in ("Z", "X"):
+            return int(entry)
+    raise RuntimeError("no live libvirtd process")
+
+
+async def metrics(d: Daemon) -> dict[str, float]:
+    host, port = d.listen_address
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{host}:{port}/metrics") as r:
+            text = await r.text()
+    return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name in ("libvirt_up", "libvirt_connection_reconnects_total")}
+
+
+async def until_metric(d: Daemon, name: str, want: float, timeout: float) -> float:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while (await metrics(d)).get(name) != want:
+        if loop.time() - start > timeout:
+            raise AssertionError(f"{name} != {want} after {timeout} s")
+        await asyncio.sleep(0.05)
+    return loop.time() - start
+
+
+async def test_frozen_libvirtd_is_detected_and_survived(event_impl: Any, tmp_path: Path) -> None:
+    settings = load_settings(None, {
+        "libvirt.uri": URI, "libvirt.keepalive_interval": INTERVAL, "libvirt.keepalive_count": COUNT,
+        "libvirt.reconnect_min_delay": 0.5, "libvirt.reconnect_max_delay": 2.0, "libvirt.call_timeout": 5.0,
+        "http.listen": "127.0.0.1:0", "stats.poll_interval": 600.0, "log.events": False,
+        "daemon.state_dir": str(tmp_path)})
+    d = Daemon(settings, event_impl)
+    await d.start()
+    try:
+        await asyncio.wait_for(d.connection.ready.wait(), 30)
+        before = await metrics(d)
+        assert before["libvirt_up"] == 1
+        pid = libvirtd_pid()
+        bound = INTERVAL * (COUNT + 1) + SLACK
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            detected = await until_metric(d, "libvirt_up", 0, bound)
+            reason = d.connection.close_reason
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        recovered = await until_metric(d, "libvirt_up", 1, 30)
+        after = await metrics(d)
+        print(f"\nkeepalive interval={INTERVAL}s count={COUNT}: libvirt_up 0 after {detected:.2f} s "
+              f"(bound {bound:.0f} s, close reason {reason}); libvirt_up 1 again {recovered:.2f} s after SIGCONT; "
+              f"reconnects {before['libvirt_connection_reconnects_total']:.0f} -> "
+              f"{after['libvirt_connection_reconnects_total']:.0f}")
+        assert reason == "keepalive"
+        assert after["libvirt_connection_reconnects_total"] == before["libvirt_connection_reconnects_total"] + 1
+        assert d.healthy()
+    finally:
+        await d.stop()
