@@ -127,7 +127,7 @@ class Daemon:
         self.policy: PolicyRuntime | None = None
         if settings.policy.enabled:
             self.policy = PolicyRuntime(settings.policy, settings.daemon.state_dir, lambda: self.connection.conn,
-                                        self.alerter, settings.daemon.boot_id_file)
+                                        self.alerter, settings.daemon.boot_id_file, calls=self.calls)
             self.pump.subscribe(self.policy.engine.on_event)
             self.registry.register(self.policy.collector)
         self.control = ControlServer(self, settings.daemon.socket)
@@ -338,9 +338,12 @@ class Daemon:
                 log.warning("shutdown_connection_timeout")
                 await _cancel(conn_task)
         try:
-            await asyncio.wait_for(self.impl.drain(), max(0.1, min(5.0, deadline - self.loop.time())))
+            await asyncio.wait_for(self.impl.drain(), max(0.1, min(2.0, deadline - self.loop.time())))
         except asyncio.TimeoutError:
-            log.warning("shutdown_drain_timeout", live_callbacks=self.impl.live_callbacks())
+            # A libvirt call still stuck in C holds its connection alive (e.g. one sent
+            # to a libvirtd that died mid-request); its threads are daemon threads.
+            log.warning("shutdown_drain_timeout", live_callbacks=self.impl.live_callbacks(),
+                        calls_in_flight=self.calls.in_flight)
         await _cancel(by_name.get("event-pump"))
         if self._runner is not None:
             await self._runner.cleanup()

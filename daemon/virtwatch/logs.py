@@ -81,9 +81,12 @@ class EventLogger:
         self._log = structlog.get_logger("virtwatch.event")
 
     def __call__(self, ev: Event) -> None:
-        """Log ``ev`` as ``libvirt_event`` with every field."""
+        """Log ``ev`` as one ``libvirt_event`` line: source, kind, name, uuid,
+        type (the decoded event, e.g. STOPPED), detail, seq, payload; ``domain``
+        too for guest events."""
+        # "event" is structlog's message key ("libvirt_event"); the libvirt event name goes in "type".
         fields: dict[str, Any] = {"source": ev.source, "kind": ev.kind, "name": ev.name, "uuid": ev.uuid,
-                                  "event": ev.event, "detail": ev.detail, "seq": ev.seq}
+                                  "type": ev.event, "detail": ev.detail, "seq": ev.seq}
         if ev.source == "domain":
             fields["domain"] = ev.name
         if ev.payload:

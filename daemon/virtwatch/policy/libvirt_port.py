@@ -12,7 +12,7 @@ guest stuck in libvirt must not pile up threads). libvirt errors become
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, TypeVar
+from typing import Any, Awaitable, Callable, TypeVar
 
 import libvirt
 
@@ -29,12 +29,17 @@ class LibvirtHypervisor:
             a reconnect is picked up without rebuilding this object.
         timeout: deadline per call, seconds.
         max_in_flight: concurrent calls (libvirtd allows 5 per client; keepalive shares them).
+        runner: ``await runner(call_name, fn)`` runs ``fn()`` in a worker thread; the daemon
+            passes its shared :class:`~virtwatch.virt.calls.Calls` (one budget of threads for
+            every libvirt call); default ``asyncio.to_thread``.
     """
 
     def __init__(self, connection: Callable[[], "libvirt.virConnect | None"], timeout: float = 30.0,
-                 max_in_flight: int = 4) -> None:
+                 max_in_flight: int = 4,
+                 runner: Callable[[str, Callable[[], Any]], Awaitable[Any]] | None = None) -> None:
         self._connection = connection
         self._timeout = timeout
+        self._runner = runner
         self._sem = asyncio.Semaphore(max_in_flight)
         self._guest_locks: dict[str, asyncio.Lock] = {}
 
@@ -53,6 +58,8 @@ class LibvirtHypervisor:
 
         async def guarded() -> T:
             async with self._sem:
+                if self._runner is not None:
+                    return await self._runner(what, run)
                 return await asyncio.to_thread(run)
 
         try:

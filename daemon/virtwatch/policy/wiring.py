@@ -91,15 +91,20 @@ class PolicyRuntime:
         connection: returns the daemon's ready ``virConnect`` or None.
         alerter: instant alerts.
         boot_id_path: file holding the host boot id.
+        calls: the daemon's :class:`~virtwatch.virt.calls.Calls` (actions share its threads).
     """
 
     def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
-                 boot_id_path: str) -> None:
+                 boot_id_path: str, calls: Any = None) -> None:
         from ..store import Store
 
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         self.store = Store.open(Path(state_dir) / "virtwatch.sqlite")
-        self.hypervisor = LibvirtHypervisor(connection, timeout=settings.action_timeout)
+        runner = None
+        if calls is not None:  # share the daemon's thread budget; our own deadline stays the policy's
+            def runner(what: str, fn: Callable[[], Any]) -> Any:
+                return calls.run(what, fn, timeout=86400, count_errors=False)
+        self.hypervisor = LibvirtHypervisor(connection, timeout=settings.action_timeout, runner=runner)
         self._alerter = alerter
         self.engine = PolicyEngine(settings, self.hypervisor, self.store, alert=self._on_alert,
                                    boot_id_path=boot_id_path)

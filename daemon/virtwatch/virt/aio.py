@@ -61,7 +61,18 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
 
     # -- ordering machinery -------------------------------------------------
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Queue ``fn(*args)`` in call order; run now if on the loop thread."""
+        """Queue ``fn(*args)`` in call order; run now if on the loop thread.
+
+        Once the loop is closed nothing can be dispatched any more: removals
+        free libvirt's opaque data at once, adds and updates are dropped
+        (libvirt objects freed at interpreter exit end up here).
+        """
+        if self.loop.is_closed():
+            if fn in (self._do_remove_handle, self._do_remove_timeout):
+                callback = self.callbacks.pop(args[0], None)
+                if callback is not None:
+                    libvirt.virEventInvokeFreeCallback(callback.opaque)
+            return
         with self._lock:
             self._ops.append((fn, args))
             on_loop = threading.get_ident() == self._loop_thread
@@ -84,6 +95,15 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
                     return
                 fn, args = self._ops.popleft()
             fn(*args)
+
+    def schedule_ff_callback(self, iden: int, opaque: Any) -> None:
+        """Free libvirt's opaque data of a removed handle/timer on the loop; once
+        the loop is closed (an object freed at interpreter exit) free it at once
+        instead of failing with "Event loop is closed"."""
+        if self.loop.is_closed():
+            libvirt.virEventInvokeFreeCallback(opaque)
+            return
+        super().schedule_ff_callback(iden, opaque)
 
     def pending_operations(self) -> int:
         """Number of queued, not yet applied add/update/remove calls."""

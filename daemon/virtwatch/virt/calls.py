@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import queue
 import threading
+import time
 from typing import Any, Callable, TypeVar
 
 import libvirt
@@ -53,8 +55,7 @@ class Calls:
 
     def __init__(self, instruments: Instruments, max_in_flight: int = 4, default_timeout: float = 30.0) -> None:
         self._instruments = instruments
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=max_in_flight,
-                                                           thread_name_prefix="virtwatch-libvirt")
+        self._pool = DaemonThreadPool(max_in_flight, "virtwatch-libvirt")
         self._busy = 0
         self._lock = threading.Lock()
         self.default_timeout = default_timeout
@@ -103,8 +104,64 @@ class Calls:
                 self._busy -= 1
 
     def shutdown(self) -> None:
-        """Stop accepting calls; threads still stuck in C are left to finish."""
+        """Stop accepting calls; threads still stuck in C are left behind (they
+        are daemon threads, so they never hold up the process's exit)."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class DaemonThreadPool(concurrent.futures.Executor):
+    """A fixed pool of *daemon* threads.
+
+    ``ThreadPoolExecutor`` joins its threads at interpreter exit, so one
+    libvirt call that never returns (a libvirtd that died mid-request) would
+    hang the daemon's exit forever. Same ``submit`` contract otherwise.
+    """
+
+    def __init__(self, workers: int, name: str) -> None:
+        self._queue: "queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]" = queue.SimpleQueue()
+        self._closed = False
+        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
+        """Schedule ``fn(*args, **kwargs)``; RuntimeError after :meth:`shutdown`."""
+        if self._closed:
+            raise RuntimeError("pool is shut down")
+        fut: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._queue.put((fut, (lambda: fn(*args, **kwargs)), ()))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, _ = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn())
+            except BaseException as err:  # delivered to the awaiting coroutine
+                fut.set_exception(err)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop the workers once the queue is drained (or cancel what is queued)."""
+        self._closed = True
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        for _ in self._threads:
+            self._queue.put(None)
+        if wait:  # bounded: a thread stuck in a C call must not hang the process
+            deadline = time.monotonic() + 2.0
+            for t in self._threads:
+                t.join(max(0.0, deadline - time.monotonic()))
 
 
 def _swallow(fut: asyncio.Future[Any]) -> None:

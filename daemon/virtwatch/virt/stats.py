@@ -316,6 +316,8 @@ class StatsPoller:
             else:
                 results = await self._calls.run("getAllDomainStats", self._source.all_domains, conn, self._flags,
                                                 timeout=timeout)
+            if self._connection.conn is not conn:
+                return None  # the connection changed under us: these objects belong to the old one
             now = self._wall()
             if not self._stale:
                 self._domains.clear()
@@ -341,6 +343,9 @@ class StatsPoller:
             return None
         if self._stale:
             fresh.update(await self._probe_each(conn, [u for u in self._stale if u not in fresh]))
+        if self._connection.conn is not conn:
+            self._reset()
+            return None
         host = None
         if self.settings.host:
             try:
