@@ -32,7 +32,15 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 from hostlib import GuestFactory, VirtwatchProcess, ensure_image, start_libvirtd  # noqa: E402
 from hostlib.promstack import AlertmanagerProcess  # noqa: E402
 
-LABEL = "albench"
+PREFIX = "vwbench-alert-"
+
+
+class BenchGuests(GuestFactory):
+    """GuestFactory whose guests are named ``vwbench-alert-*``, not ``vwe2e-*``: an e2e session
+    starting on the same host purges every ``vwe2e-*`` guest, which would end the crash loop."""
+
+    def new_name(self, label: str = "g") -> str:
+        return f"{PREFIX}{super().new_name(label).removeprefix('vwe2e-')}"
 
 
 def config(workdir: Path, am_url: str) -> str:
@@ -58,7 +66,7 @@ restart_backoff = 1.0
 restart_jitter = 0.0
 limit_burst = 1000
 [[policy.match]]
-glob = "vwe2e-{LABEL}-*"
+glob = "{PREFIX}*"
 [alerts]
 alertmanager_urls = ["{am_url}"]
 min_firing_duration = 0
@@ -79,13 +87,13 @@ def measure(crashes: int, guests: int, timeout: float) -> tuple[list[tuple[str, 
     with tempfile.TemporaryDirectory(prefix="vw-alert-bench-") as tmp:
         am = AlertmanagerProcess(Path(tmp) / "am")
         vw = VirtwatchProcess(Path(tmp) / "vw", poll_interval=5.0)
-        factory = GuestFactory(image, test_name="alert-bench")
+        factory = BenchGuests(image, test_name="alert-bench")
         try:
             am.start()
             vw.config_path.write_text(config(vw.workdir, am.url))
             vw.start()
             for _ in range(guests):
-                factory.create(LABEL, options={"panic": 1}, persistent=True, wait=False)
+                factory.create("g", options={"panic": 1}, persistent=True, wait=False)
             names = {g.name for g in factory.guests}
             seen: dict[tuple[str, str], float] = {}
             deadline = time.monotonic() + timeout
@@ -96,6 +104,7 @@ def measure(crashes: int, guests: int, timeout: float) -> tuple[list[tuple[str, 
                     key = (a["labels"].get("domain", ""), a["startsAt"])
                     if key[0] in names and key not in seen:
                         seen[key] = time.time()
+                        print(f"crash {len(seen)}: {key[0]} startsAt {key[1]}", file=sys.stderr, flush=True)
                 time.sleep(0.01)
             out = []
             for (domain, starts), seen_at in sorted(seen.items(), key=lambda kv: kv[1])[:crashes]:

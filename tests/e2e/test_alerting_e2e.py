@@ -121,7 +121,20 @@ def factory(guest_image: GuestImage) -> Iterator[GuestFactory]:
     try:
         yield f
     finally:
-        f.cleanup()
+        try:
+            f.cleanup()
+        except libvirt.libvirtError:
+            # Another e2e session on this host may be restarting libvirtd right now: wait for it, retry once.
+            wait_until(libvirtd_answers, 120, "libvirtd back for cleanup", interval=1.0)
+            f.cleanup()
+
+
+def libvirtd_answers() -> bool:
+    try:
+        libvirt.open("qemu:///system").close()
+        return True
+    except libvirt.libvirtError:
+        return False
 
 
 @pytest.fixture(scope="module")
