@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -36,11 +37,25 @@ def rss_bytes() -> int:
         return int(fh.read().split()[1]) * PAGE
 
 
-def libvirtd_clients() -> int:
-    """Clients connected to libvirtd's ``libvirtd`` server (``virt-admin srv-clients-list``)."""
-    out = subprocess.run(["virt-admin", "-c", "libvirtd:///system", "srv-clients-list", "libvirtd"],
-                         capture_output=True, text=True, check=True, timeout=30).stdout
-    return sum(1 for line in out.splitlines()[2:] if line.strip())
+def libvirtd_clients(pid: int | None = None) -> int:
+    """Clients connected to libvirtd's ``libvirtd`` server (``virt-admin
+    srv-clients-list``); with ``pid``, only those of that process (``client-info``'s
+    ``unix_process_id``: other test sessions share this libvirtd)."""
+    def admin(*args: str) -> str:
+        return subprocess.run(["virt-admin", "-c", "libvirtd:///system", *args], capture_output=True, text=True,
+                              check=True, timeout=30).stdout
+    ids = [line.split()[0] for line in admin("srv-clients-list", "libvirtd").splitlines()[2:] if line.strip()]
+    if pid is None:
+        return len(ids)
+    mine = 0
+    for cid in ids:
+        try:
+            info = admin("client-info", "libvirtd", cid)
+        except subprocess.CalledProcessError:
+            continue  # disconnected meanwhile
+        if f"unix_process_id: {pid}" in info:
+            mine += 1
+    return mine
 
 
 async def until(cond: Callable[[], Any], timeout: float, what: str = "condition") -> float:
@@ -181,7 +196,7 @@ async def test_forced_takeover_then_reattach(event_impl: Any, guest_factory: Gue
         holder = await asyncio.create_subprocess_exec(sys.executable, "-c", FORCE_HOLDER, URI, name, "4",
                                                       stdout=asyncio.subprocess.PIPE)
         assert (await holder.stdout.readline()).strip() == b"HOLDING"
-        await until(lambda: d.console.state(name)["eofs"] >= 1, 10, "our stream closed")
+        await until(lambda: d.console.state(name)["ends"] >= 1, 10, "our stream closed")
         await until(lambda: d.console.state(name)["busy"] >= 1, 10, "console busy while held")
         assert d.console.attached() == []
         assert (await holder.stdout.readline()).strip() == b"RELEASED"
@@ -191,7 +206,7 @@ async def test_forced_takeover_then_reattach(event_impl: Any, guest_factory: Gue
         await until(lambda: [ln for ln in d.console.tail(name, 50) if ln.startswith("VWTICK")][-1] != last, 5,
                     "new output after re-attach")
         st = d.console.state(name)
-        print(f"\ntakeover: eofs={st['eofs']} busy={st['busy']} attaches={st['attaches']}, "
+        print(f"\ntakeover: ends={st['ends']} (eof {st['eofs']}) busy={st['busy']} attaches={st['attaches']}, "
               f"re-attached {took:.1f} s after release")
 
 
@@ -206,7 +221,7 @@ async def test_200_attach_detach_cycles_do_not_leak(event_impl: Any, guest_facto
     count and libvirtd's client count stay flat; after the daemon stops,
     libvirtd has no client of ours left (a leaked stream would keep its
     connection alive)."""
-    clients_before_daemon = libvirtd_clients()
+    clients_before_daemon = libvirtd_clients(os.getpid())
     async with running_daemon(event_impl, tmp_path, **{
             "console.enabled": True, "console.guests": []}) as d:  # we drive attach/detach by hand
         guest = await create(guest_factory, "cycle", options={"tick": 0.05})
@@ -222,12 +237,12 @@ async def test_200_attach_detach_cycles_do_not_leak(event_impl: Any, guest_facto
 
         for _ in range(20):  # warm-up: caches, allocator arenas, structlog
             await cycle()
-        base = (rss_bytes(), _vm_objects(), libvirtd_clients())
+        base = (rss_bytes(), _vm_objects(), libvirtd_clients(os.getpid()))
         figures.append((20, *base))
         for i in range(21, 201):
             await cycle()
             if i % 60 == 0 or i == 200:
-                figures.append((i, rss_bytes(), _vm_objects(), libvirtd_clients()))
+                figures.append((i, rss_bytes(), _vm_objects(), libvirtd_clients(os.getpid())))
         st = d.console.state(name)
         assert st["attaches"] == 200
         assert any(ln.startswith("VWTICK") for ln in d.console.tail(name, 10))
@@ -239,8 +254,8 @@ async def test_200_attach_detach_cycles_do_not_leak(event_impl: Any, guest_facto
         assert end[2] - base[1] < 2000  # flat: a leak of one object per cycle would already show 180
         assert end[1] - base[0] < 8 * 2**20
         assert d.impl.live_callbacks() <= 8  # no stream handle/timer registered per cycle
-    await until(lambda: libvirtd_clients() <= clients_before_daemon, 10, "daemon client gone")
-    print(f"libvirtd clients: before daemon {clients_before_daemon}, after stop {libvirtd_clients()}")
+    await until(lambda: libvirtd_clients(os.getpid()) <= clients_before_daemon, 10, "daemon client gone")
+    print(f"libvirtd clients: before daemon {clients_before_daemon}, after stop {libvirtd_clients(os.getpid())}")
 
 
 async def test_guest_agent_hostname_address_and_disconnect(event_impl: Any, guest_factory: GuestFactory,

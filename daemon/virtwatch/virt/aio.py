@@ -193,6 +193,15 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
             self._known.discard(iden)
             return True
 
+    async def drain(self) -> None:
+        """libvirtaio's ``drain``, safe to call again after a cancelled or
+        timed-out one (stock libvirtaio leaves its ``_finished`` event set when
+        the wait is cancelled, and the next ``drain`` fails its assertion)."""
+        try:
+            await super().drain()
+        finally:
+            self._finished = None
+
     def live_callbacks(self) -> int:
         """Handles and timers libvirt has registered and not yet removed."""
         with self._lock:

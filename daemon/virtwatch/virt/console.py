@@ -389,7 +389,8 @@ class GuestConsole:
     Attributes:
         status: ``detached`` | ``attaching`` | ``attached`` | ``busy`` (someone
             else holds the console) | ``waiting`` (guest not running) | ``error``.
-        attaches, eofs, busy_count: counters since the daemon started.
+        attaches, eofs, busy_count: counters since the daemon started;
+            ``ends`` counts streams that ended by EOF or a stream error.
         last_error: the last libvirt error code name or message.
         devices: log file / graphics read from the domain XML at attach time.
     """
@@ -403,6 +404,7 @@ class GuestConsole:
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     attaches: int = 0
     eofs: int = 0
+    ends: int = 0
     busy_count: int = 0
     last_error: str | None = None
     devices: ConsoleDevices | None = None
@@ -411,7 +413,7 @@ class GuestConsole:
     def summary(self) -> dict[str, Any]:
         """JSON-ready state (no buffer contents)."""
         return {"status": self.status, "buffered_bytes": len(self.ring), "bytes_total": self.ring.total,
-                "bytes_dropped": self.ring.dropped, "attaches": self.attaches, "eofs": self.eofs,
+                "bytes_dropped": self.ring.dropped, "attaches": self.attaches, "eofs": self.eofs, "ends": self.ends,
                 "busy": self.busy_count, "last_error": self.last_error,
                 "log_file": self.devices.log_file if self.devices else None, "attached_at": self.attached_at}
 
@@ -619,13 +621,16 @@ class ConsoleCapture:
                 data = c.stream.recv(RECV_CHUNK)
             except libvirt.libvirtError as err:
                 c.last_error = error_code_name(err)
+                c.ends += 1
                 return None
             if isinstance(data, int):  # -2: would block; -1: error
                 if data == -2:
                     return got
+                c.ends += 1
                 return None
             if not data:
                 c.eofs += 1
+                c.ends += 1
                 return None
             c.ring.append(data)
             got += len(data)
