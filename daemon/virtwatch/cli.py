@@ -280,9 +280,15 @@ def run(args: argparse.Namespace) -> int:
     for w in config_warnings(settings):
         log.warning("config_warning", message=w)
     try:
-        return asyncio.run(_serve(settings, args.config, overrides))
+        code = asyncio.run(_serve(settings, args.config, overrides))
     except KeyboardInterrupt:
-        return EXIT_OK
+        code = EXIT_OK
+    # Everything is persisted and closed by now. Skip interpreter finalization: it frees
+    # libvirt objects, and one still referenced by a C call stuck since a libvirtd died
+    # would block on that connection's lock forever (seen after libvirtd restarts).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _print_config_error(err: ConfigError) -> None:

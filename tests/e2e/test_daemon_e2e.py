@@ -7,6 +7,7 @@ comes from an HTTP scrape of that daemon.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import time
@@ -98,6 +99,12 @@ def test_panic_and_destroy_events_are_counted(daemon: VirtwatchProcess, factory:
     events = daemon.json(f"/api/v1/events?since=0&domain={panic.name}")["events"]
     seq = [(e["event"], e["detail"]) for e in events if e["kind"] == "lifecycle"]
     assert seq[-2:] == [("CRASHED", "PANICKED"), ("STOPPED", "CRASHED")]
+    # every event is also one JSON log line
+    logged = [json.loads(line) for line in daemon.log_text().splitlines() if line.startswith("{")]
+    crash_lines = [e for e in logged if e.get("event") == "libvirt_event" and e.get("domain") == panic.name
+                   and (e.get("type"), e.get("detail")) == ("STOPPED", "CRASHED")]
+    assert len(crash_lines) == 1 and crash_lines[0]["kind"] == "lifecycle" and crash_lines[0]["uuid"]
+    assert not [e for e in logged if e.get("event") == "event_subscriber_failed"]
 
 
 def test_promtool_accepts_a_real_scrape(daemon: VirtwatchProcess, tmp_path: Path) -> None:

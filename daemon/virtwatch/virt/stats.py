@@ -405,8 +405,9 @@ class StatsPoller:
             last = self._last.get(uuid)
             out[uuid] = DomainStats(name=dom.name(), uuid=uuid, stats=last.stats if last else {}, stale=True,
                                     collected_at=last.collected_at if last else now)
-        if self._stale:
-            log.warning("guests_stale", guests=sorted(d.name for u, d in out.items() if d.stale))
+        stale_names = sorted(d.name for d in out.values() if d.stale)
+        if stale_names:
+            log.warning("guests_stale", guests=stale_names)
         return out
 
     def _host_error(self, call: str, err: libvirt.libvirtError) -> None:

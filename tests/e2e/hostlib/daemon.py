@@ -96,6 +96,17 @@ class VirtwatchProcess:
         """The last log lines."""
         return "\n".join(self.log_text().splitlines()[-lines:])
 
+    def _dump_stuck(self) -> None:
+        """Record why the daemon did not stop: its asyncio tasks (SIGUSR1) and threads (py-spy)."""
+        self.proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        spy = Path(sys.executable).with_name("py-spy")
+        if spy.exists():
+            out = subprocess.run([str(spy), "dump", "--pid", str(self.proc.pid)], capture_output=True, text=True,
+                                 timeout=30)
+            self._log.write(f"\n=== py-spy dump (stop timed out)\n{out.stdout}{out.stderr}".encode())
+            self._log.flush()
+
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait, return the exit code (kills after ``timeout``)."""
         if self.proc is None:
@@ -105,6 +116,7 @@ class VirtwatchProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
+                self._dump_stuck()
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
