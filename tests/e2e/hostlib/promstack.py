@@ -22,6 +22,7 @@ import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -234,3 +235,54 @@ def rules_with_short_for(src: Path, dest: Path, for_: str = "1s") -> dict[str, A
                 rule["for"] = for_
     Path(dest).write_text(yaml.safe_dump(copy, sort_keys=False))
     return doc
+
+
+class AlertWatcher:
+    """Polls an Alertmanager's ``GET /api/v2/alerts`` every ``interval`` s in a thread and records
+    when each alert was first listed, keyed by ``(alertname, domain, startsAt)``.
+
+    Started before the events happen, it measures event-to-Alertmanager latency without
+    racing the test's own steps. Failed polls (Alertmanager down) are counted and ignored.
+    """
+
+    def __init__(self, am: AlertmanagerProcess, interval: float = 0.01) -> None:
+        self.am = am
+        self.interval = interval
+        self.polls = 0
+        self.failed_polls = 0
+        self.started_at = 0.0
+        self._seen: dict[tuple[str, str, str], tuple[float, dict[str, Any]]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="alert-watcher", daemon=True)
+
+    def start(self) -> "AlertWatcher":
+        self.started_at = time.time()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                alerts = self.am.alerts()
+            except (OSError, ValueError):
+                alerts = None
+            now = time.time()
+            with self._lock:
+                self.polls += 1
+                if alerts is None:
+                    self.failed_polls += 1
+                for a in alerts or ():
+                    key = (a["labels"].get("alertname", ""), a["labels"].get("domain", ""), a["startsAt"])
+                    self._seen.setdefault(key, (now, a))
+            self._stop.wait(self.interval)
+
+    def first_seen(self, alertname: str, domain: str = "") -> list[tuple[float, dict[str, Any]]]:
+        """``[(epoch seconds first listed, alert as first listed)]`` by time, one per ``startsAt``."""
+        with self._lock:
+            return sorted((v for k, v in self._seen.items() if k[0] == alertname and k[1] == domain),
+                          key=lambda v: v[0])
