@@ -255,8 +255,10 @@ class GuestAgent:
             self._wake.clear()
             wait = None if name is None or self._conn is None or self._denied else max(0.0, due - now)
             try:
-                await asyncio.wait_for(self._wake.wait(), wait)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+                async with asyncio.timeout(wait):
+                    await self._wake.wait()
+            except TimeoutError:
                 pass
 
     async def refresh(self, name: str) -> AgentInfo | None:

@@ -333,13 +333,15 @@ class Daemon:
         conn_task = by_name.get("connection")
         if conn_task is not None:
             try:
-                await asyncio.wait_for(asyncio.shield(conn_task), max(0.1, deadline - self.loop.time()))
-            except asyncio.TimeoutError:
+                async with asyncio.timeout(max(0.1, deadline - self.loop.time())):
+                    await asyncio.shield(conn_task)
+            except TimeoutError:
                 log.warning("shutdown_connection_timeout")
                 await _cancel(conn_task)
         try:
-            await asyncio.wait_for(self.impl.drain(), max(0.1, min(2.0, deadline - self.loop.time())))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(0.1, min(2.0, deadline - self.loop.time()))):
+                await self.impl.drain()
+        except TimeoutError:
             # A libvirt call still stuck in C holds its connection alive (e.g. one sent
             # to a libvirtd that died mid-request); its threads are daemon threads.
             log.warning("shutdown_drain_timeout", live_callbacks=self.impl.live_callbacks(),

@@ -83,8 +83,11 @@ class Calls:
         limit = self.default_timeout if timeout is None else timeout
         fut = loop.run_in_executor(self._pool, self._in_slot, fn, args)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), limit)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
+            # arrives as the call completes, and the cancelled task would run on forever
+            async with asyncio.timeout(limit):
+                return await asyncio.shield(fut)
+        except TimeoutError:
             fut.add_done_callback(_swallow)
             if count_errors:
                 self._instruments.api_errors.labels(call=call, code="timeout").inc()

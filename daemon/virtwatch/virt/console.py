@@ -714,8 +714,10 @@ class ConsoleCapture:
     async def _sleep_or_wake(self, c: GuestConsole, delay: float) -> None:
         c.wake.clear()
         try:
-            await asyncio.wait_for(c.wake.wait(), delay)
-        except asyncio.TimeoutError:
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
+            async with asyncio.timeout(delay):
+                await c.wake.wait()
+        except TimeoutError:
             pass
 
     async def _pump(self, c: GuestConsole) -> None:
