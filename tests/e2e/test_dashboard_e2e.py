@@ -163,15 +163,20 @@ def pool(factory: GuestFactory, tmp_path_factory: pytest.TempPathFactory) -> Ite
     """A transient, active directory storage pool (gone when destroyed)."""
     d = tmp_path_factory.mktemp("pool")
     name = f"vwe2e-dashpool-{factory.run_id[-6:]}"
-    p = factory.conn.storagePoolCreateXML(
+    factory.conn.storagePoolCreateXML(
         f"<pool type='dir'><name>{name}</name><target><path>{d}</path></target></pool>", 0)
     try:
         yield name
     finally:
+        # A fresh connection: the factory's may have died with a libvirtd restart.
+        conn = libvirt.open(URI)
         try:
-            p.destroy()
-        except libvirt.libvirtError:
-            pass
+            conn.storagePoolLookupByName(name).destroy()  # transient: destroyed = gone
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_NO_STORAGE_POOL:
+                raise
+        finally:
+            conn.close()
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +205,7 @@ restart_backoff = 1.0
 restart_jitter = 0.0
 limit_burst = 50
 [[policy.match]]
-glob = "{'vwe2e-' + 'dash'}*"
+glob = "vwe2e-dash*"   # this module's guests only, not other vwe2e-* guests on the host
 """
     daemon = VirtwatchProcess(workdir, config=config, poll_interval=1.0).start()
     prom = None
