@@ -102,9 +102,13 @@ def check_config(path: str) -> int:
     """Validate ``path``; print ``OK`` (plus warnings) or every error."""
     try:
         settings = load_settings(path)
+        if settings.http.web_config_file:
+            from .web import load_web_config
+
+            load_web_config(settings.http.web_config_file)
     except ConfigError as err:
-        print(f"{path}: invalid configuration ({len(err.errors)} problem{'s' if len(err.errors) != 1 else ''}):",
-              file=sys.stderr)
+        count = len(err.errors)
+        print(f"{err.source}: invalid configuration ({count} problem{'s' if count != 1 else ''}):", file=sys.stderr)
         for line in err.errors:
             print(f"  {line}", file=sys.stderr)
         return EXIT_CONFIG
@@ -359,9 +363,8 @@ async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: di
     except ConfigError as err:
         log.error("reload_rejected", source=err.source, errors=err.errors, kept="running configuration")
         return daemon
-    if new_settings == daemon.settings:
-        log.info("reload_unchanged")
-        return daemon
+    # Rebuilt even when the file is unchanged: files it names (web config, TLS
+    # certificates, password files) may have changed.
     for w in config_warnings(new_settings):
         log.warning("config_warning", message=w)
     old_settings = daemon.settings

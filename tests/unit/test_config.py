@@ -96,3 +96,11 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     assert r.returncode == 2
     assert "stats.poll_interval" in r.stderr and "stats.foo: unknown key" in r.stderr
     assert "2 problems" in r.stderr
+
+
+def test_check_config_also_validates_the_web_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[http]\nweb_config_file = "{tmp_path / "missing-web.yml"}"\n')
+    r = subprocess.run([sys.executable, "-m", "virtwatch", "check-config", str(cfg)], capture_output=True, text=True)
+    assert r.returncode == 2
+    assert "missing-web.yml" in r.stderr
