@@ -143,7 +143,7 @@ class Daemon:
 
     def _alert_on_event(self, ev: Event) -> None:
         if ev.source == "domain":
-            self.alerter.on_event(ev)
+            self.alerter.on_event(ev, console="\n".join(self.console.tail(ev.name)) or None)  # last alert_lines
 
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:

@@ -163,7 +163,10 @@ async def test_console_flood_keeps_memory_bounded(event_impl: Any, guest_factory
         print(f"\nflood: {st['bytes_total'] / 2**20:.1f} MiB read in {took:.1f} s, ring {st['buffered_bytes']} B, "
               f"dropped {st['bytes_dropped'] / 2**20:.1f} MiB; RSS {rss0 / 2**20:.1f} -> peak {peak / 2**20:.1f} "
               f"-> {rss1 / 2**20:.1f} MiB")
-        assert st["bytes_total"] >= flood
+        if st["attaches"] == 1:
+            assert st["bytes_total"] >= flood  # all of it: 'x' * flood plus the lines around it
+        else:  # libvirtd restarted meanwhile (other sessions share it): output during the gap is gone
+            assert st["bytes_total"] >= 0.8 * flood
         assert st["buffered_bytes"] == 64 * 1024
         assert peak - rss0 < 64 * 2**20  # bounded: a 10 MiB flood never sits in memory
 

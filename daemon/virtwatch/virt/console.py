@@ -405,6 +405,7 @@ class GuestConsole:
     attaches: int = 0
     eofs: int = 0
     ends: int = 0
+    ended: bool = False
     busy_count: int = 0
     last_error: str | None = None
     devices: ConsoleDevices | None = None
@@ -483,6 +484,8 @@ class ConsoleCapture:
         gc_ = self._consoles.get(name)
         if gc_ is None:
             return []
+        if gc_.stream is not None:
+            self.read_available(name)  # what arrived since the last tick (non-blocking)
         return gc_.ring.lines(self.settings.alert_lines if lines is None else lines)
 
     def state(self, name: str) -> dict[str, Any] | None:
@@ -593,7 +596,7 @@ class ConsoleCapture:
             await self._abort(stream)
             c.status = "detached"
             return c.status
-        c.stream, c.devices, c.uuid = stream, devices, uuid
+        c.stream, c.devices, c.uuid, c.ended = stream, devices, uuid, False
         c.attaches += 1
         c.attached_at = self._wall()
         c.status = "attached"
@@ -613,7 +616,7 @@ class ConsoleCapture:
         None at EOF/error (the stream is then dropped: call :meth:`detach`).
         Non-blocking: runs on the loop thread."""
         c = self._consoles.get(name)
-        if c is None or c.stream is None:
+        if c is None or c.stream is None or c.ended:
             return None
         got = 0
         while got < self.settings.max_read_per_tick:
@@ -622,15 +625,18 @@ class ConsoleCapture:
             except libvirt.libvirtError as err:
                 c.last_error = error_code_name(err)
                 c.ends += 1
+                c.ended = True
                 return None
             if isinstance(data, int):  # -2: would block; -1: error
                 if data == -2:
                     return got
                 c.ends += 1
+                c.ended = True
                 return None
             if not data:
                 c.eofs += 1
                 c.ends += 1
+                c.ended = True
                 return None
             c.ring.append(data)
             got += len(data)
