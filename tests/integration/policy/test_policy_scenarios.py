@@ -257,7 +257,7 @@ async def test_daemon_restart_mid_backoff_no_repeat(tmp_path):
     try:
         await w.up()
         w.pump.crash("g06")
-        await eventually(lambda: w.store.get_guest("g06").pending_action == "restart")
+        await eventually(lambda: (g := w.store.get_guest("g06")) is not None and g.pending_action == "restart")
         due = w.store.get_guest("g06").history.next_retry
         # the daemon stops (SIGTERM or SIGKILL: the retry is already committed)
         await w.pump.stop()
