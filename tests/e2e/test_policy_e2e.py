@@ -183,6 +183,9 @@ class PolicyDaemon:
         assert rc == 0, proc.log_tail()
         assert "Traceback" not in text, text[-5000:]
         assert "Event loop is closed" not in text
+        bad = [r for r in self.log_records(proc) if r.get("level") in ("error", "critical")
+               or r.get("event") == "policy_worker_error"]
+        assert not bad, bad
         assert proc.proc is not None and proc.proc.poll() is not None
         assert not stray_daemons(proc.config_path), f"virtwatch still running: {stray_daemons(proc.config_path)}"
 
@@ -201,18 +204,20 @@ class PolicyDaemon:
     def pairs(self, name: str) -> list[tuple[str, str]]:
         return [(e["event"], e["detail"]) for e in self.events(name)]
 
+    @staticmethod
+    def log_records(run: VirtwatchProcess) -> list[dict[str, Any]]:
+        out = []
+        for line in run.log_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
     def log(self, event: str, **match: Any) -> list[dict[str, Any]]:
         """JSON log records of every run with ``event`` and the given fields."""
-        out = []
-        for run in self.runs:
-            for line in run.log_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except ValueError:
-                    continue
-                if rec.get("event") == event and all(rec.get(k) == v for k, v in match.items()):
-                    out.append(rec)
-        return out
+        return [rec for run in self.runs for rec in self.log_records(run)
+                if rec.get("event") == event and all(rec.get(k) == v for k, v in match.items())]
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "virtwatch", *args[:1], "--socket", str(self.socket), *args[1:]],
@@ -386,6 +391,12 @@ def fleet(vw: PolicyDaemon, guest_image: GuestImage) -> Iterator[Fleet]:
         yield guests
     finally:
         f.cleanup()
+        conn = libvirt.open(URI)
+        try:
+            left = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(PREFIX)]
+        finally:
+            conn.close()
+        assert not left, f"guests left behind: {left}"
 
 
 # ---------------------------------------------------------------- 1. panic -> restart
