@@ -160,9 +160,13 @@ class SaveReport:
     results: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
+#: seconds to wait, after a CRASHED event, for libvirt's STOPPED/CRASHED before deciding on the crash itself
+CRASH_STOP_WAIT = 10.0
+
+
 @dataclasses.dataclass(slots=True)
 class _Item:
-    kind: str                 # "event", "resync", "recover", "wake"
+    kind: str                 # "event", "resync", "recover", "wake", "crash_timeout"
     event: Event | None
     arrived: float            # monotonic
     state: tuple[int, int] | None = None
@@ -190,6 +194,7 @@ class _Guest:
     pending_due: float | None = None     # monotonic
     gone: bool = False
     last_cause: str | None = None
+    crash_deferred: Event | None = None   # a CRASHED event waiting for libvirt's STOPPED/CRASHED
 
 
 class PolicyEngine:
@@ -499,12 +504,15 @@ class PolicyEngine:
                 await self._process_resync(g, item.state)
             elif item.kind == "recover":
                 await self._process_recover(g, item.why)
+            elif item.kind == "crash_timeout" and item.event is not None and g.crash_deferred is item.event:
+                g.crash_deferred = None
+                await self._process_event(g, item, defer_crash=False)
 
     def _first_sight(self, g: _Guest, sel: Selection, state: int) -> None:
         if g.st.intent == "unknown":
             g.st = g.st.replace(intent=initial_intent(sel.policy, state))
 
-    async def _process_event(self, g: _Guest, item: _Item) -> None:
+    async def _process_event(self, g: _Guest, item: _Item, defer_crash: bool = True) -> None:
         ev = item.event
         assert ev is not None
         if ev.kind == "metadata_change" or (ev.kind == "lifecycle" and ev.event == "DEFINED"):
@@ -530,12 +538,30 @@ class PolicyEngine:
         self._first_sight(g, sel, g.live[0] if g.live else DomainState.SHUTOFF)
         if cls.transition == Transition.STARTED:
             self._recover.discard(g.st.name)
+        if cls.transition in (Transition.STARTED, Transition.STOPPED):
+            g.crash_deferred = None  # the stop that follows a crash is decided on (once) below
+        elif (defer_crash and cls.transition == Transition.CRASHED and cls.cause is not None
+              and cls.cause.value == "crash" and ev.kind == "lifecycle"):
+            # One panic is CRASHED/PANICKED, then STOPPED/CRASHED about a second later
+            # (<on_crash> destroy/restart): decide once, on the stop. Only a guest that stays
+            # crashed (<on_crash> preserve) is decided on this event, after CRASH_STOP_WAIT.
+            g.crash_deferred = ev
+            self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
+                                          cls.cause.value, "crash noted: waiting for libvirt to stop the guest")
+            self._spawn(self._crash_timeout(g, ev))
+            return
         if cls.transition in (Transition.NONE, Transition.NOTE, Transition.SHUTTING_DOWN):
             self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
                                           cls.cause.value if cls.cause else None, None)
             return
         d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
         self._apply(g, d, sel, ev)
+
+    async def _crash_timeout(self, g: _Guest, ev: Event) -> None:
+        await self._clock.sleep(CRASH_STOP_WAIT)
+        if g.crash_deferred is ev:
+            g.queue.put_nowait(_Item("crash_timeout", ev, self._clock.monotonic()))
+            self._ensure_worker(g)
 
     def _track_live(self, g: _Guest, ev: Event, cls: Classification) -> None:
         if ev.kind != "lifecycle":

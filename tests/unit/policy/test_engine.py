@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from virtwatch.policy.fakes import FakeHypervisor
-from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason
+from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
 from virtwatch.store import GuestState, Store
 from virtwatch.policy.budget import History
 
@@ -226,8 +226,8 @@ async def test_dry_run_logs_and_journals_but_does_nothing(tmp_path):
         assert r.hv.count("start") == 0
         decisions = [(e["event"], e["decision"]) for e in reversed(r.store.events("web1")) if e["event"] in ("CRASHED", "STOPPED")]
         assert decisions == [
-            ("CRASHED", "restart: would restart web1: crash, attempt 1/3, in 10 s, policy on_crash from defaults"),
-            ("STOPPED", "none: web1 stopped: crash, retry already scheduled"),
+            ("CRASHED", "crash noted: waiting for libvirt to stop the guest"),
+            ("STOPPED", "restart: would restart web1: crash, attempt 1/3, in 10 s, policy on_crash from defaults"),
         ]
         assert r.engine.snapshot().guests["web1"].pending_action is None
     finally:
@@ -436,3 +436,42 @@ async def test_undefined_guest_is_forgotten(rig):
     assert rig.hv.count("start") == 0
     assert "t" not in rig.engine.snapshot().guests
     assert rig.store.get_guest("t") is None
+
+
+async def test_one_panic_counts_once_even_when_the_stop_comes_after_the_restart_delay(tmp_path):
+    """CRASHED/PANICKED then STOPPED/CRASHED 1.5 s later with restart_delay 1 s: one failure, one restart."""
+    r = Rig(tmp_path, {**BASE, "defaults": {**BASE.get("defaults", {}), "restart_delay": 1.0}})
+    try:
+        running(r.hv, "web1")
+        await r.start()
+        g = r.hv.guests["web1"]
+        r.hv._emit(g, "CRASHED", "PANICKED")
+        await r.run(1.5)
+        assert r.hv.count("start") == 0  # nothing decided before libvirt stopped the guest
+        g.state, g.reason = DomainState.SHUTOFF, ShutoffReason.CRASHED
+        r.hv._emit(g, "STOPPED", "CRASHED")
+        await r.run(30)
+        assert r.hv.count("start") == 1
+        snap = r.engine.snapshot().guests["web1"]
+        assert snap.failures_in_window == 1
+        assert dict(snap.restarts) == {"crash": 1}
+    finally:
+        await r.close()
+
+
+async def test_a_guest_that_stays_crashed_is_decided_after_the_wait(tmp_path):
+    """<on_crash>preserve: no STOPPED follows; the crash is decided after CRASH_STOP_WAIT."""
+    from virtwatch.policy.engine import CRASH_STOP_WAIT
+
+    r = Rig(tmp_path, {**BASE, "defaults": {**BASE.get("defaults", {}), "restart_delay": 1.0}})
+    try:
+        running(r.hv, "web1")
+        await r.start()
+        r.hv.crash("web1", preserve=True)
+        await r.run(CRASH_STOP_WAIT - 1)
+        assert r.hv.count("start") == 0
+        await r.run(30)
+        assert r.engine.snapshot().guests["web1"].failures_in_window == 1
+        assert (r.hv.count("destroy"), r.hv.count("start")) == (1, 1)  # a crashed guest is destroyed, then started
+    finally:
+        await r.close()
