@@ -33,6 +33,14 @@ daemon matching ``vwe2e-*`` would manage other modules' guests that crash or get
 destroyed on purpose (it would restart them and break those tests). Leftovers of a
 crashed run of this module are removed by the ``fleet`` fixture (``vwpol-*`` only).
 
+The managed-save guests match a rule with ``autostart = "always"``: by design (§5) an
+admin ``virsh managedsave`` sets intent ``stopped``, so the default ``was-running``
+would (rightly) leave them off at boot; ``virtwatch guests-save`` is the path that
+records ``was_running``. The corrupt image has its header overwritten (libvirt:
+"image magic is incorrect", the start fails); a *truncated* image is not a failure
+on libvirt 9.0: libvirt deletes it itself and cold-boots (the engine then warns
+"image not used").
+
 Every assertion reads the daemon's own outputs: ``/metrics``, ``/api/v1/events``,
 its JSON log, and the operator CLI over the Unix socket. The only timed
 assertion is the issue's bound (crash -> restart within ``restart_delay + 3 s``),
@@ -46,9 +54,9 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
-import tempfile
 import subprocess
 import sys
+import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Iterator
