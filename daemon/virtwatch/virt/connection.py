@@ -244,13 +244,34 @@ class ConnectionManager:
         self._closed.set()
 
     async def _serve(self, conn: libvirt.virConnect) -> None:
+        """Wait for loss or stop; resync on a drift-free schedule; check liveness.
+
+        Every keepalive interval ``isAlive()`` (local, no RPC) is checked too:
+        when keepalive closes the socket while a call is in flight (a frozen
+        libvirtd), the close callback may never arrive.
+        """
+        loop = asyncio.get_running_loop()
         interval = self.settings.resync_interval
+        tick = float(self.settings.keepalive_interval)
+        next_resync = loop.time() + interval if interval > 0 else None
         while not self._closed.is_set():
             try:
-                # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation
-                async with asyncio.timeout(interval if interval > 0 else None):
+                async with asyncio.timeout(tick):
                     await self._closed.wait()
+                break
             except TimeoutError:
+                pass
+            try:
+                alive = conn.isAlive() == 1
+            except libvirt.libvirtError:
+                alive = False
+            if not alive:
+                self.close_reason = self.close_reason or "not_alive"
+                self._closed.set()
+                break
+            if next_resync is not None and loop.time() >= next_resync:
+                while next_resync <= loop.time():
+                    next_resync += interval  # drift-free: the schedule, not when the work ended
                 try:
                     await self.resync()
                 except (libvirt.libvirtError, CallTimeout, RuntimeError) as err:
