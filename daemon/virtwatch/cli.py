@@ -205,9 +205,14 @@ def _render(cmd: str, guest: str | None, body: dict[str, Any]) -> list[str]:
     for key in ("agent_connected", "cpu_percent"):
         if body.get(key) is not None:
             lines.append(f"  {key}: {body[key]}")
-    for key in ("guest_info", "addresses", "time_offset_seconds"):
-        if body.get(key):
-            lines.append(f"  {key}: {body[key]}")
+    agent = body.get("agent")
+    if agent:
+        for key, value in agent.items():
+            if value not in (None, "", [], {}):
+                lines.append(f"  agent {key}: {value}")
+    console = body.get("console")
+    if console:
+        lines.append(f"  console: {console}")
     return lines
 
 
