@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -21,3 +22,13 @@ def recorded_events() -> list[dict]:
     """Real lifecycle / I/O-error event sequences in arrival order."""
     return [json.loads(line) for line in (FIXTURES / "events-libvirt9-qemu7.2.jsonl").read_text().splitlines()
             if line.strip()]
+
+
+@pytest_asyncio.fixture(scope="session")
+async def event_impl():
+    """The process's libvirt event implementation (thread-safe libvirtaio) on the
+    session loop. libvirt accepts one per process, so every test that runs a
+    Daemon in this process (integration and e2e alike) shares this one."""
+    from virtwatch.virt.aio import register_event_impl
+
+    return register_event_impl()

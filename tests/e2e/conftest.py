@@ -16,11 +16,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import libvirt
 import pytest
-import pytest_asyncio
 
 from hostlib import (
     URI,
@@ -79,13 +77,3 @@ def guest_factory(guest_image: GuestImage, request: pytest.FixtureRequest) -> It
         yield factory
     finally:
         factory.cleanup()
-
-
-@pytest_asyncio.fixture(scope="session")
-async def event_impl(e2e_host: str) -> Any:
-    """The process's libvirt event implementation (libvirtaio, thread-safe) on
-    the session loop, for tests that run virtwatch's Daemon in this process.
-    libvirt accepts one per process: every in-process daemon test shares it."""
-    from virtwatch.virt.aio import register_event_impl
-
-    return register_event_impl()

@@ -16,15 +16,9 @@ import pytest_asyncio
 
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
-from virtwatch.virt.aio import ThreadSafeAsyncIOImpl, register_event_impl
+from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
 
 TEST_URI = "test:///default"
-
-
-@pytest_asyncio.fixture(scope="session")
-async def event_impl() -> ThreadSafeAsyncIOImpl:
-    """The process's libvirt event implementation, on the session loop."""
-    return register_event_impl()
 
 
 @pytest.fixture
