@@ -45,7 +45,7 @@ case "${1:-}" in
         shift
         apt_install .ci/apt-run.txt
         venv
-        exec "$VENV/bin/virtwatch" run --uri "test://$PWD/config/demo-host.xml" --poll-interval 5 "$@"
+        exec "$VENV/bin/virtwatch" run --config config/virtwatch.demo.toml --uri "test://$PWD/config/demo-host.xml" "$@"
         ;;
     test)
         shift

@@ -104,3 +104,8 @@ def test_check_config_also_validates_the_web_config(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "virtwatch", "check-config", str(cfg)], capture_output=True, text=True)
     assert r.returncode == 2
     assert "missing-web.yml" in r.stderr
+
+
+def test_demo_config_loads() -> None:
+    s = load_settings(ROOT / "config" / "virtwatch.demo.toml")
+    assert s.daemon.socket == ".demo/virtwatch.sock" and s.agent.enabled is False
