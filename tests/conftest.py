@@ -32,3 +32,14 @@ async def event_impl():
     from virtwatch.virt.aio import register_event_impl
 
     return register_event_impl()
+
+
+def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Run every test that registers the process's libvirt event implementation last.
+
+    Once it is registered, every libvirt connection in this process answers libvirtd's
+    keepalive only while the asyncio loop turns, i.e. during async tests: a sync e2e
+    test's idle connection would be dropped by libvirtd after ~30 s ("Broken pipe").
+    The sort is stable, so the order within each group is unchanged.
+    """
+    items.sort(key=lambda item: "event_impl" in getattr(item, "fixturenames", ()))

@@ -21,6 +21,7 @@ import libvirt
 import pytest
 
 from hostlib import (
+    open_conn,
     URI,
     GuestFactory,
     GuestImage,
@@ -55,7 +56,7 @@ def e2e_host() -> str:
     check_guest_net_free()
     # Under pytest-xdist several sessions share the host: only a plain session purges.
     if not os.environ.get("PYTEST_XDIST_WORKER"):
-        conn = libvirt.open(URI)
+        conn = open_conn()
         try:
             purge_leftovers(conn)
         finally:

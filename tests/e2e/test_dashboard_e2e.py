@@ -28,7 +28,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from hostlib import READY_MARKER, REPO_ROOT, URI, GuestFactory, GuestImage, VirtwatchProcess, free_port
+from hostlib import open_conn, READY_MARKER, REPO_ROOT, URI, GuestFactory, GuestImage, VirtwatchProcess, free_port
 
 DASHBOARD = REPO_ROOT / "config" / "grafana" / "virtwatch-dashboard.json"
 RATE_INTERVAL = "15s"
@@ -169,7 +169,7 @@ def pool(factory: GuestFactory, tmp_path_factory: pytest.TempPathFactory) -> Ite
         yield name
     finally:
         # A fresh connection: the factory's may have died with a libvirtd restart.
-        conn = libvirt.open(URI)
+        conn = open_conn()
         try:
             conn.storagePoolLookupByName(name).destroy()  # transient: destroyed = gone
         except libvirt.libvirtError as err:

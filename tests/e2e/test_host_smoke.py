@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from hostlib import GUEST_IP, READY_MARKER, URI, Guest, GuestFactory, GuestImage
+from hostlib import open_conn, GUEST_IP, READY_MARKER, URI, Guest, GuestFactory, GuestImage
 
 NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 
@@ -110,7 +110,7 @@ def test_factory_cleans_up_managed_save(guest_factory: GuestFactory) -> None:
     guest.dom.managedSave(0)
     assert guest.dom.hasManagedSaveImage(0) == 1
     guest_factory.cleanup()
-    conn = libvirt.open(URI)
+    conn = open_conn()
     try:
         with pytest.raises(libvirt.libvirtError) as exc:
             conn.lookupByName(guest.name)

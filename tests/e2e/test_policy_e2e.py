@@ -68,6 +68,7 @@ import libvirt
 import pytest
 
 from hostlib import (
+    open_conn,
     NAME_PREFIX,
     READY_MARKER,
     URI,
@@ -259,7 +260,7 @@ def stray_daemons(config_path: Path) -> list[int]:
 
 def state(g: Guest) -> tuple[int, int]:
     """(state, reason) on a fresh connection (survives a libvirtd restart by another test session)."""
-    conn = libvirt.open(URI)
+    conn = open_conn()
     try:
         st = conn.lookupByName(g.name).state()
     finally:
@@ -275,7 +276,7 @@ def assert_off(g: Guest, reason: int) -> None:
 
 
 def has_managed_save(g: Guest) -> bool:
-    conn = libvirt.open(URI)
+    conn = open_conn()
     try:
         return conn.lookupByName(g.name).hasManagedSaveImage(0) == 1
     finally:
@@ -325,7 +326,7 @@ class PolicyGuestFactory(GuestFactory):
 
 def purge_policy_leftovers() -> list[str]:
     """Remove ``vwpol-*`` guests and files left by a crashed earlier run of this module."""
-    conn = libvirt.open(URI)
+    conn = open_conn()
     removed = []
     try:
         for dom in conn.listAllDomains(0):
@@ -399,7 +400,7 @@ def fleet(vw: PolicyDaemon, guest_image: GuestImage) -> Iterator[Fleet]:
         yield guests
     finally:
         f.cleanup()
-        conn = libvirt.open(URI)
+        conn = open_conn()
         try:
             left = [d.name() for d in conn.listAllDomains(0) if d.name().startswith(PREFIX)]
         finally:

@@ -16,6 +16,7 @@ from .guests import (
     Guest,
     GuestBootTimeout,
     GuestFactory,
+    open_conn,
     purge_leftovers,
     remove_domain,
 )
@@ -27,5 +28,5 @@ __all__ = [
     "Guest", "GuestBootTimeout", "GuestFactory", "GuestImage", "ImageBuildError",
     "TinyFilesystem", "cache_dir", "cached_image", "check_guest_net_free", "create_qcow2", "domain_xml",
     "ensure_image", "host_skip_reason", "kernel_cmdline", "purge_leftovers",
-    "remove_domain", "start_libvirtd", "VirtwatchProcess", "free_port", "sample",
+    "remove_domain", "start_libvirtd", "VirtwatchProcess", "free_port", "sample", "open_conn",
 ]

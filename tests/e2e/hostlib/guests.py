@@ -117,7 +117,7 @@ class GuestFactory:
     ) -> None:
         self.image = image
         self._own_conn = conn is None
-        self.conn = conn if conn is not None else libvirt.open(URI)
+        self.conn = conn if conn is not None else open_conn()
         safe = "".join(c if c.isalnum() else "-" for c in test_name)[:24].strip("-") or "test"
         self.run_id = f"{safe}-{os.getpid()}-{uuidlib.uuid4().hex[:6]}"
         self.directory = Path(images_root) / self.run_id
@@ -217,7 +217,7 @@ class GuestFactory:
         """
         conn = self.conn
         if self.guests and not _alive(conn):
-            conn = libvirt.open(URI)
+            conn = open_conn()
         for guest in self.guests:
             dom = guest.dom
             if conn is not self.conn:
@@ -239,6 +239,23 @@ class GuestFactory:
                 self.conn.close()
             except libvirt.libvirtError:
                 pass
+
+
+def open_conn(uri: str = URI) -> libvirt.virConnect:
+    """A read-write connection that survives idle periods in a test process.
+
+    Once a libvirt event implementation is registered in the process (the
+    in-process daemon tests do), new connections run keepalive through that
+    event loop, which only turns while an async test runs: an idle connection
+    of a sync test would be closed by libvirtd after ~30 s ("Broken pipe").
+    Keepalive is switched off before the first ping, so libvirtd never starts it.
+    """
+    conn = libvirt.open(uri)
+    try:
+        conn.setKeepAlive(-1, 0)
+    except libvirt.libvirtError:
+        pass
+    return conn
 
 
 def _alive(conn: libvirt.virConnect) -> bool:
