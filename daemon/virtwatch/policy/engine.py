@@ -160,6 +160,16 @@ class SaveReport:
     results: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
+def _guest_failure(ev: Event) -> bool:
+    """Events that only the guest (or QEMU) causes, never a virtwatch operation."""
+    if ev.kind in ("io_error", "watchdog"):
+        return True
+    if ev.kind != "lifecycle":
+        return False
+    return (ev.event == "CRASHED" or (ev.event == "STOPPED" and ev.detail in ("CRASHED", "FAILED"))
+            or (ev.event == "SUSPENDED" and ev.detail in ("IOERROR", "WATCHDOG")))
+
+
 #: seconds to wait, after a CRASHED event, for libvirt's STOPPED/CRASHED before deciding on the crash itself
 CRASH_STOP_WAIT = 10.0
 
@@ -518,8 +528,12 @@ class PolicyEngine:
         if ev.kind == "metadata_change" or (ev.kind == "lifecycle" and ev.event == "DEFINED"):
             g.metadata_known = False
             await self._refresh_metadata(g)
-        inp = ClassifyInput(ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action,
-                            self._is_ours(g, item.arrived), self._host_shutdown)
+        # A guest's own failure (panic, QEMU death, I/O-error or watchdog pause) is never caused by
+        # our operation, even when it follows one within own_event_grace (a guest whose disk is
+        # full pauses again seconds after we restarted it).
+        ours = None if _guest_failure(ev) else self._is_ours(g, item.arrived)
+        inp = ClassifyInput(ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours,
+                            self._host_shutdown)
         cls = classify(inp)
         # context for the next events
         if cls.transition == Transition.SHUTTING_DOWN:

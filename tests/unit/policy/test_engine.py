@@ -475,3 +475,4 @@ async def test_a_guest_that_stays_crashed_is_decided_after_the_wait(tmp_path):
         assert (r.hv.count("destroy"), r.hv.count("start")) == (1, 1)  # a crashed guest is destroyed, then started
     finally:
         await r.close()
+
