@@ -205,6 +205,7 @@ class _Guest:
     gone: bool = False
     last_cause: str | None = None
     crash_deferred: Event | None = None   # a CRASHED event waiting for libvirt's STOPPED/CRASHED
+    stop_seen: str | None = None          # boot id when a live STOPPED/CRASHED event last arrived
 
 
 class PolicyEngine:
@@ -349,6 +350,8 @@ class PolicyEngine:
         if event.source != "domain" or not event.name:
             return
         g = self._guest(event.name, event.uuid)
+        if event.kind == "lifecycle" and event.event in ("STOPPED", "CRASHED"):
+            g.stop_seen = self._boot_id  # stopped under our eyes in this boot: its own event decides, not the boot flow
         g.queue.put_nowait(_Item("event", event, self._clock.monotonic()))
         self._ensure_worker(g)
 
@@ -1014,8 +1017,10 @@ class PolicyEngine:
         """Once per host boot: start/restore candidate guests by priority then name.
 
         Candidates: managed, persistent, shut off after libvirt's autostart
-        settled, not held or given up, and ``autostart`` is ``always`` or
-        ``was-running`` with intent running or saved by the save path. The boot
+        settled, not held or given up, not seen stopping by a lifecycle event
+        since this daemon started (that event's own decision stands), and
+        ``autostart`` is ``always`` or ``was-running`` with intent running or
+        saved by the save path. The boot
         id and the candidate list are persisted first, each guest is cleared
         as it is handled: a daemon restart mid-flow resumes, replaying nothing.
         Raises OSError when the boot id cannot be read.
@@ -1042,7 +1047,7 @@ class PolicyEngine:
                 want = pol.autostart == "always" or (
                     pol.autostart == "was-running" and (g.st.intent == "running" or g.st.was_running))
                 ok = (sel.managed and info.persistent and info.state == DomainState.SHUTOFF and want
-                      and g.st.intent != "held" and not g.st.history.given_up)
+                      and g.st.intent != "held" and not g.st.history.given_up and g.stop_seen != boot_id)
                 if ok:
                     g.st = g.st.replace(boot_pending=boot_id)
                     marked.append(g.st)
@@ -1069,6 +1074,12 @@ class PolicyEngine:
                     return
                 state, _ = await self._call("state", self._hv.state(name))
                 if state in ACTIVE_STATES:
+                    return
+                if g.stop_seen == boot_id or g.st.intent == "held":
+                    # started and stopped again while the flow waited (an admin destroy, a crash):
+                    # that stop's own event decides, the boot flow must not undo it
+                    log.info("policy_boot_skip", guest=name, intent=g.st.intent,
+                             why="stopped while watched" if g.stop_seen == boot_id else f"intent {g.st.intent}")
                     return
                 res = await self._start_guest(g, sel, "boot flow", count_restart=False)
                 if res == "restored":

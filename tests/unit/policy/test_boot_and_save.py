@@ -220,3 +220,51 @@ async def test_boot_flow_runs_by_itself_when_first_ready(tmp_path):
         assert r.store.get_guest("a").intent == "running"
     finally:
         await r.close()
+
+
+async def test_boot_flow_leaves_a_guest_an_admin_destroyed_while_it_settled(tmp_path):
+    # seen in CI: a guest booted and was destroyed by the admin during the settle window;
+    # the flow listed it shut off and started it again, undoing the admin's destroy
+    r = Rig(tmp_path, auto_boot_flow=False, settings=BASE)
+    try:
+        g = r.hv.add("a")
+        r.store.save_guest(GuestState("a", g.uuid, "running"))
+        await r.start()
+        g.state, g.reason = DomainState.RUNNING, RunningReason.BOOTED
+        r.feed("a", "STARTED", "BOOTED")
+        g.state, g.reason = DomainState.SHUTOFF, 2
+        r.feed("a", "STOPPED", "DESTROYED")
+        rep = await r.engine.run_boot_flow()
+        await r.run(1)
+        assert rep.started == () and r.hv.count("start", "a") == 0
+        assert r.store.get_guest("a").intent == "stopped"
+    finally:
+        await r.close()
+
+
+async def test_boot_flow_skips_a_candidate_destroyed_before_its_turn(tmp_path):
+    # "b" is a candidate when listed, then the admin boots and destroys it before its turn
+    class AdminActsDuringFlow(FakeHypervisor):
+        rig = None
+
+        async def state(self, name):
+            if name == "b" and self.count("state", "b") == 0:
+                self.rig.feed("b", "STARTED", "BOOTED")
+                self.rig.feed("b", "STOPPED", "DESTROYED")
+            return await super().state(name)
+
+    hv = AdminActsDuringFlow()
+    r = Rig(tmp_path, auto_boot_flow=False, settings=BASE, hv=hv)
+    hv.rig = r
+    try:
+        for n in ("a", "b"):
+            r.hv.add(n)
+            r.store.save_guest(GuestState(n, r.hv.guests[n].uuid, "running"))
+        await r.start()
+        rep = await r.engine.run_boot_flow()
+        await r.run(1)
+        assert rep.started == ("a",)
+        assert r.hv.count("start", "b") == 0
+        assert r.store.get_guest("b").intent == "stopped"
+    finally:
+        await r.close()
