@@ -35,7 +35,7 @@ import structlog
 from ..store import GuestState, Store
 from ..virt.records import Event
 from . import budget
-from .classify import Classification, ClassifyInput, Transition, classify, classify_state
+from .classify import STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state
 from .clock import Clock, SystemClock
 from .config import PolicySettings, ShutdownStep
 from .decide import Action, Decision, GuestRecord, decide, decide_recover, initial_intent
@@ -431,10 +431,9 @@ class PolicyEngine:
         grace = self._settings.own_event_grace
         now = self._clock.monotonic()
         g.ops = [o for o in g.ops if o.ended is None or now - o.ended <= grace]
-        for o in g.ops:
-            if o.started <= arrived and (o.ended is None or arrived <= o.ended + grace):
-                return o.op
-        return None
+        hits = [o.op for o in g.ops if o.started <= arrived and (o.ended is None or arrived <= o.ended + grace)]
+        # a stop that follows our kill and our restart within the grace is the kill's: prefer stopping ops
+        return next((op for op in hits if op in STOPPING_OPS), hits[0] if hits else None)
 
     async def _tagged(self, g: _Guest, op: str, aw: Awaitable[T], timeout: float | None = None) -> T:
         tag = _OpTag(op, self._clock.monotonic())

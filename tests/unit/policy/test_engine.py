@@ -476,3 +476,32 @@ async def test_a_guest_that_stays_crashed_is_decided_after_the_wait(tmp_path):
     finally:
         await r.close()
 
+
+
+@pytest.mark.parametrize("restart_delay", [1, 10])
+async def test_io_error_pause_soon_after_our_restart_is_a_failure(tmp_path, restart_delay):
+    # seen in the real e2e: a guest with a full disk pauses again ~1 s after our restart, inside
+    # own_event_grace of our kill (restart_delay 1). That pause is the guest's failure, not ours:
+    # it counts against the budget and the kill/restart loop gives up after limit_burst instead
+    # of going on for ever. With restart_delay 10 the next kill's STOPPED is within the grace of
+    # both our start and our kill: it is the kill's (ours), never an admin destroy.
+    r = Rig(tmp_path, {**BASE, "own_event_grace": 5.0,
+                       "defaults": {**BASE["defaults"], "restart_delay": restart_delay, "restart_backoff": 1},
+                       "match": [{"glob": "*", "on_io_error": "kill"}]})
+    try:
+        running(r.hv, "db")
+        await r.start()
+        starts_seen = 0
+        r.hv.pause_io_error("db")
+        for _ in range(200):   # 100 s of fake time
+            await r.run(0.5)
+            if r.hv.count("start", "db") > starts_seen and r.hv.guests["db"].state == DomainState.RUNNING:
+                starts_seen = r.hv.count("start", "db")
+                await r.run(1.0)            # inside own_event_grace of the kill that preceded the start
+                r.hv.pause_io_error("db")
+        assert [a.kind for a in r.alerts].count("given_up") == 1
+        assert r.hv.count("destroy", "db") == 3 and r.hv.count("start", "db") == 3
+        causes = [(e["event"], e["cause"]) for e in r.store.events("db") if e["event"] in ("SUSPENDED", "STOPPED")]
+        assert causes == [("SUSPENDED", "io_error"), ("STOPPED", "ours")] * 3 + [("SUSPENDED", "io_error")]
+    finally:
+        await r.close()
