@@ -39,7 +39,7 @@ DOCDIR             ?= $(PREFIX)/share/doc/virtwatch
 EXAMPLE_CONFIG     ?= $(INSTALL_SRCDIR)/config/virtwatch.example.toml
 DESTDIR            ?=
 
-INSTALL_UNITS := virtwatch.service virtwatch-guests-save.service
+INSTALL_UNITS := virtwatch.service virtwatch.socket virtwatch-guests-save.service
 # The units name /usr/local/bin/virtwatch; rewrite it when BINDIR differs.
 INSTALL_SED   := sed -e 's|/usr/local/bin/virtwatch|$(BINDIR)/virtwatch|g'
 
@@ -49,7 +49,8 @@ install: install-venv install-files install-user install-dirs install-config ins
 	@echo
 	@echo "virtwatch installed. Next:"
 	@echo "  edit $(SYSCONFDIR)/virtwatch/virtwatch.toml, then: virtwatch check-config --config $(SYSCONFDIR)/virtwatch/virtwatch.toml"
-	@echo "  systemctl enable --now virtwatch.service"
+	@echo "  systemctl enable --now virtwatch.socket virtwatch.service"
+	@echo "  operators: usermod -aG virtwatch NAME (the socket is root:virtwatch 0660)"
 	@echo "  optional, host-shutdown save path: systemctl enable --now virtwatch-guests-save.service"
 
 # pip builds from a scratch copy so setuptools' build/ never lands in the source tree.

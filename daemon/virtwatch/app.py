@@ -73,13 +73,15 @@ class Daemon:
         impl: the process's registered libvirt event implementation.
         registry: registry for self-metrics (a fresh one by default).
         wall_clock: seconds since the epoch (injected for tests).
+        control_fd: the operator socket passed by systemd socket activation
+            (``virtwatch.socket``), served instead of binding ``daemon.socket``.
 
     Attributes are the components (``pump``, ``guests``, ``connection``,
     ``poller``, ``exposition``...), exposed for tests and the CLI.
     """
 
     def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl, registry: CollectorRegistry | None = None,
-                 wall_clock: Callable[[], float] = time.time) -> None:
+                 wall_clock: Callable[[], float] = time.time, control_fd: int | None = None) -> None:
         self.settings = settings
         self.impl = impl
         self.loop = asyncio.get_running_loop()
@@ -130,7 +132,7 @@ class Daemon:
                                         self.alerter, settings.daemon.boot_id_file, calls=self.calls)
             self.pump.subscribe(self.policy.engine.on_event)
             self.registry.register(self.policy.collector)
-        self.control = ControlServer(self, settings.daemon.socket)
+        self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http.extra_routes.append(self.console.add_routes)
         self._tasks: list[asyncio.Task[Any]] = []
         self._runner: web.AppRunner | None = None
@@ -297,6 +299,10 @@ class Daemon:
             await self.policy.engine.start()
         try:
             await self.control.start()
+            if self.control.inherited and self.control.path != self.settings.daemon.socket:
+                log.warning("control_socket_path_differs", serving=self.control.path,
+                            configured=self.settings.daemon.socket,
+                            hint="virtwatch.socket ListenStream= and daemon.socket should agree for the CLI")
         except OSError as err:  # e.g. /run/virtwatch not writable: the rest still works
             log.error("control_socket_unavailable", path=self.settings.daemon.socket, error=str(err))
         self._tasks = [

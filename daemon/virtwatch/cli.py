@@ -315,12 +315,16 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
     """
     from .app import Daemon
     from .logs import route_libvirt_errors
-    from .systemd import Notifier, watchdog_task
+    from .systemd import Notifier, listen_fds, watchdog_task
     from .virt.aio import register_event_impl
 
     log = structlog.get_logger("virtwatch.cli")
     loop = asyncio.get_running_loop()
     notifier = Notifier.from_environ(os.environ, unset_environment=True)
+    passed = listen_fds(os.environ, os.getpid())  # virtwatch.socket: the operator socket, root:virtwatch 0660
+    control_fd = passed.get("control")
+    if passed and control_fd is None:
+        log.warning("systemd_sockets_ignored", names=sorted(passed), hint="FileDescriptorName=control expected")
     impl = register_event_impl(loop)  # before any connection is opened
     route_libvirt_errors()
     stop, reload = asyncio.Event(), asyncio.Event()
@@ -329,7 +333,7 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
     loop.add_signal_handler(signal.SIGHUP, reload.set)
     loop.add_signal_handler(signal.SIGUSR1, _dump_tasks)
 
-    daemon = Daemon(settings, impl)
+    daemon = Daemon(settings, impl, control_fd=control_fd)
     try:
         await daemon.start()
     except (OSError, ConfigError) as err:
@@ -349,7 +353,7 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
             break
         reload.clear()
         notifier.reloading()
-        holder["daemon"] = await _reload(holder["daemon"], impl, config_path, overrides, log)
+        holder["daemon"] = await _reload(holder["daemon"], impl, config_path, overrides, log, control_fd)
         notifier.ready(status=holder["daemon"].status_line())
     log.info("virtwatch_stopping")
     notifier.stopping()
@@ -359,7 +363,8 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
     return EXIT_OK
 
 
-async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: dict[str, Any], log: Any) -> Any:
+async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: dict[str, Any], log: Any,
+                  control_fd: int | None = None) -> Any:
     """Re-read the file; on success rebuild the daemon with it, else keep the old one."""
     from .app import Daemon
 
@@ -374,13 +379,13 @@ async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: di
         log.warning("config_warning", message=w)
     old_settings = daemon.settings
     await daemon.stop()
-    fresh = Daemon(new_settings, impl)
+    fresh = Daemon(new_settings, impl, control_fd=control_fd)
     try:
         await fresh.start()
     except (OSError, ConfigError) as err:
         log.error("reload_failed", error=str(err), kept="previous configuration")
         await fresh.stop()
-        fresh = Daemon(old_settings, impl)
+        fresh = Daemon(old_settings, impl, control_fd=control_fd)
         await fresh.start()
         return fresh
     log.info("reloaded", source=config_path)

@@ -61,13 +61,24 @@ class ControlServer:
         path: socket path; its directory is created (mode 0750) if missing,
             a stale socket file is replaced.
         mode: permission bits of the socket file.
+        fd: a listening ``AF_UNIX`` stream socket passed by systemd socket
+            activation (``virtwatch.socket``: root:virtwatch, 0660). When
+            given, it is served instead of binding ``path``; the socket file
+            belongs to systemd: it is neither re-moded nor removed. The fd
+            stays open across stop/start (a SIGHUP rebuild serves a dup of it).
     """
 
-    def __init__(self, port: ControlPort, path: str, mode: int = 0o660) -> None:
+    def __init__(self, port: ControlPort, path: str, mode: int = 0o660, fd: int | None = None) -> None:
         self._port = port
         self.path = path
         self._mode = mode
+        self._fd = fd
         self._runner: web.AppRunner | None = None
+
+    @property
+    def inherited(self) -> bool:
+        """Whether the socket came from systemd (socket activation)."""
+        return self._fd is not None
 
     def _app(self) -> web.Application:
         app = web.Application(client_max_size=16 * 1024)
@@ -79,7 +90,19 @@ class ControlServer:
         return app
 
     async def start(self) -> None:
-        """Bind the socket. Raises OSError if the path is unusable."""
+        """Bind the socket (or serve the inherited one). Raises OSError if the
+        path is unusable or the inherited fd is not a Unix stream socket."""
+        if self._fd is not None:
+            sock = socket.socket(fileno=os.dup(self._fd))
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                sock.close()
+                raise OSError(f"fd {self._fd} from systemd is not a Unix stream socket")
+            name = sock.getsockname()
+            self.path = name if isinstance(name, str) and name else self.path
+            self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False, shutdown_timeout=1.0)
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock).start()
+            return
         directory = Path(self.path).parent
         if not directory.exists():
             directory.mkdir(parents=True, mode=0o750)
@@ -92,10 +115,12 @@ class ControlServer:
         os.chmod(self.path, self._mode)
 
     async def stop(self) -> None:
-        """Close the socket and remove its file."""
+        """Close the socket and remove its file (unless systemd owns it)."""
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+        if self._fd is not None:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:

@@ -26,9 +26,15 @@ from typing import Callable, Mapping, MutableMapping
 
 import structlog
 
-__all__ = ["Notifier", "watchdog_task", "monotonic_usec"]
+__all__ = ["Notifier", "watchdog_task", "monotonic_usec", "listen_fds", "SD_LISTEN_FDS_START"]
 
 _log = structlog.get_logger("virtwatch.systemd")
+
+#: First file descriptor systemd passes to a socket-activated service (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
+
+# Environment variables systemd sets for socket activation.
+_LISTEN_KEYS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 # Environment variables systemd sets for the notification protocol.
 _ENV_KEYS = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -238,3 +244,44 @@ async def watchdog_task(
             _log.error("systemd_watchdog_withheld", reason="daemon unhealthy")
         healthy_before = healthy
         await asyncio.sleep(interval)
+
+
+def listen_fds(environ: MutableMapping[str, str], pid: int, *, unset_environment: bool = True) -> dict[str, int]:
+    """Sockets systemd passed by socket activation, as ``{name: fd}`` (sd_listen_fds(3)).
+
+    ``LISTEN_FDS`` sockets start at fd 3 when ``LISTEN_PID`` is ``pid``;
+    ``LISTEN_FDNAMES`` (colon-separated, from ``FileDescriptorName=``) names
+    them, ``"unknown"`` when absent. The passed descriptors are marked
+    close-on-exec and, with ``unset_environment``, the variables are removed
+    so no child process mistakes them for its own. Returns ``{}`` when nothing
+    was passed or the variables are malformed or meant for another process
+    (logged). Never raises.
+    """
+    raw_pid, raw_n = environ.get("LISTEN_PID"), environ.get("LISTEN_FDS")
+    names_raw = environ.get("LISTEN_FDNAMES")
+    if unset_environment:
+        for key in _LISTEN_KEYS:
+            environ.pop(key, None)
+    if not raw_pid or not raw_n:
+        return {}
+    try:
+        if int(raw_pid) != pid:
+            return {}
+        n = int(raw_n)
+    except ValueError:
+        _log.warning("systemd_listen_env_invalid", LISTEN_PID=raw_pid, LISTEN_FDS=raw_n)
+        return {}
+    if n <= 0:
+        return {}
+    names = names_raw.split(":") if names_raw else []
+    out: dict[str, int] = {}
+    for i in range(n):
+        fd = SD_LISTEN_FDS_START + i
+        try:
+            os.set_inheritable(fd, False)
+        except OSError as err:
+            _log.warning("systemd_listen_fd_invalid", fd=fd, error=str(err))
+            continue
+        name = names[i] if i < len(names) and names[i] else "unknown"
+        out.setdefault(name, fd)
+    return out

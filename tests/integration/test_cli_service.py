@@ -7,6 +7,7 @@ pointing at a real AF_UNIX datagram socket owned by the test.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 import socket
@@ -112,3 +113,64 @@ def test_ready_reload_and_stop(service) -> None:
     assert rejected and any("stats.poll_intervall: unknown key" in e for e in rejected[0]["errors"])
     assert any(entry.get("event") == "reloaded" for entry in lines)
     assert "Traceback" not in out and "Event loop is closed" not in out
+
+
+def virtwatch_cli(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "virtwatch", *args, "--socket", str(sock)],
+                          capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate (Debian: systemd)")
+def test_operator_socket_from_socket_activation(tmp_path: Path) -> None:
+    # What virtwatch.socket does in production: systemd binds the socket (root:virtwatch 0660),
+    # the daemon only serves it. systemd-socket-activate passes it the same way
+    # (LISTEN_PID/LISTEN_FDS/LISTEN_FDNAMES=control, fd 3).
+    notify = Notify(tmp_path / "notify.sock")
+    sock = tmp_path / "ctl.sock"
+    cfg = tmp_path / "virtwatch.toml"
+    port = free_port()
+    # daemon.socket names the same path, as the README asks (else a warning is logged)
+    cfg.write_text(f'[libvirt]\nuri = "test:///default"\n[http]\nlisten = "127.0.0.1:{port}"\n'
+                   f'[daemon]\nsocket = "{sock}"\nstate_dir = "{tmp_path / "state"}"\n')
+    env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
+    log_path = tmp_path / "out.log"
+    with open(log_path, "wb") as log:
+        # the activator passes on only the variables named with -E
+        proc = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), "--fdname=control",
+                                 "-E", "NOTIFY_SOCKET", "-E", "PATH", sys.executable, "-m", "virtwatch", "run", "--config", str(cfg)],
+                                env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            end = time.monotonic() + 20
+            while not sock.exists():
+                assert time.monotonic() < end and proc.poll() is None, "the activator made no socket"
+                time.sleep(0.05)
+            # the activator bound it; set the mode as SocketMode=0640 would, to see the daemon leaves it alone
+            os.chmod(sock, 0o640)
+            before = sock.stat()
+            # like systemd, the activator starts the daemon on the first connection: this one
+            r = virtwatch_cli(sock, "status", "--json")
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout)["uri"] == "test:///default"
+            notify.wait_for("READY", "1")
+            # a SIGHUP rebuild serves the same socket again (a dup of fd 3; fd 3 itself stays open)
+            proc.send_signal(signal.SIGHUP)
+            notify.wait_for("RELOADING", "1")
+            notify.wait_for("READY", "1")
+            r = virtwatch_cli(sock, "events", "--limit", "3")
+            assert r.returncode == 0, r.stderr
+            after = sock.stat()
+            assert (after.st_ino, after.st_mode & 0o777, after.st_uid, after.st_gid) == \
+                (before.st_ino, 0o640, before.st_uid, before.st_gid)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    # the file is systemd's (RemoveOnStop=): the daemon did not unlink it
+    assert sock.exists() and sock.stat().st_ino == before.st_ino
+    out = log_path.read_text()
+    lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    events = {entry.get("event") for entry in lines}
+    assert "control_socket_unavailable" not in events and "control_socket_path_differs" not in events
+    assert "Traceback" not in out

@@ -45,7 +45,7 @@ def test_install_into_destdir_is_complete_and_idempotent(tmp_path: Path) -> None
     assert link.is_symlink() and os.readlink(link) == "/opt/virtwatch/bin/virtwatch"
 
     # Units, sysusers.d, tmpfiles.d, docs.
-    for unit in ("virtwatch.service", "virtwatch-guests-save.service"):
+    for unit in ("virtwatch.service", "virtwatch.socket", "virtwatch-guests-save.service"):
         installed = dest / "etc/systemd/system" / unit
         assert installed.read_text() == (REPO / "systemd" / unit).read_text()
         assert installed.stat().st_mode & 0o777 == 0o644

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[3]
 UNITS = REPO / "systemd"
 MAIN = "virtwatch.service"
 SAVE = "virtwatch-guests-save.service"
+SOCKET = "virtwatch.socket"
 INSTALLED_BINARY = "/usr/local/bin/virtwatch"
 
 # Overall exposure x10 (systemd-analyze's --threshold scale is 0..100).
@@ -49,6 +50,7 @@ def unit_dir(tmp_path: Path) -> Path:
         text = (UNITS / name).read_text()
         assert INSTALLED_BINARY in text
         (out / name).write_text(text.replace(INSTALLED_BINARY, str(stub)))
+    shutil.copy(UNITS / SOCKET, out / SOCKET)
     return out
 
 
@@ -64,9 +66,10 @@ def _problems(output: str, names: tuple[str, ...]) -> list[str]:
 
 
 def test_verify_passes(unit_dir: Path) -> None:
-    r = analyze("verify", "--man=no", "--recursive-errors=no", str(unit_dir / MAIN), str(unit_dir / SAVE))
+    r = analyze("verify", "--man=no", "--recursive-errors=no", str(unit_dir / MAIN), str(unit_dir / SAVE),
+                str(unit_dir / SOCKET))
     assert r.returncode == 0, r.stderr
-    assert _problems(r.stdout + r.stderr, (MAIN, SAVE)) == []
+    assert _problems(r.stdout + r.stderr, (MAIN, SAVE, SOCKET)) == []
 
 
 def test_verify_harness_catches_a_broken_unit(unit_dir: Path) -> None:
@@ -114,13 +117,26 @@ def test_main_unit_contract() -> None:
     assert (s["User"], s["Group"], s["SupplementaryGroups"]) == ("virtwatch", "virtwatch", "libvirt")
     assert s["CapabilityBoundingSet"] == "" and s["AmbientCapabilities"] == ""
     assert s["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6"
-    assert s["RuntimeDirectoryMode"] == "0750"
+    # /run/virtwatch belongs to virtwatch.socket: a RuntimeDirectory= would delete it on every stop
+    assert "RuntimeDirectory" not in s
     u = _unit(MAIN)["Unit"]
     # configparser keeps the last of repeated keys; check the raw text for all After= lines.
     text = (UNITS / MAIN).read_text()
     after = " ".join(re.findall(r"^After=(.*)$", text, re.M)).split()
     assert {"libvirtd.service", "virtqemud.service", "network-online.target"} <= set(after)
     assert u["Wants"] == "network-online.target"
+
+
+def test_socket_unit_is_root_virtwatch_0660_at_the_configured_path() -> None:
+    from virtwatch.config import Settings
+
+    text = (UNITS / MAIN).read_text()
+    assert re.search(r"^Requires=virtwatch\.socket$", text, re.M) and re.search(r"^After=virtwatch\.socket$", text, re.M)
+    sock = _unit(SOCKET)["Socket"]
+    assert (sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"]) == ("root", "virtwatch", "0660")
+    assert sock["FileDescriptorName"] == "control"  # what `virtwatch run` looks for in LISTEN_FDNAMES
+    assert sock["ListenStream"] == Settings().daemon.socket  # where the CLI connects by default
+    assert sock["Service"] == MAIN
 
 
 def test_guests_save_unit_stops_before_libvirt() -> None:

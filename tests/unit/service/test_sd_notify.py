@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -243,3 +246,43 @@ async def test_watchdog_task_returns_when_watchdog_off() -> None:
 async def test_watchdog_task_rejects_nonpositive_interval() -> None:
     with pytest.raises(ValueError):
         await watchdog_task(Notifier.from_environ({}), lambda: True, interval=0)
+
+
+def test_listen_fds_ignores_what_is_not_ours_and_unsets_the_variables() -> None:
+    from virtwatch.systemd import listen_fds
+
+    env = {"LISTEN_PID": "4242", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "control", "OTHER": "x"}
+    assert listen_fds(env, pid=1111) == {}  # meant for another process
+    assert env == {"OTHER": "x"}            # and never handed down to children
+    for bad in ({"LISTEN_PID": "x", "LISTEN_FDS": "1"}, {"LISTEN_PID": "7", "LISTEN_FDS": "many"},
+                {"LISTEN_PID": "7", "LISTEN_FDS": "0"}, {"LISTEN_PID": "7"}, {}):
+        assert listen_fds(dict(bad), pid=7) == {}
+    kept = {"LISTEN_PID": "7", "LISTEN_FDS": "0"}
+    listen_fds(kept, pid=7, unset_environment=False)
+    assert kept == {"LISTEN_PID": "7", "LISTEN_FDS": "0"}
+
+
+def test_listen_fds_names_each_passed_socket() -> None:
+    # a child process finds two sockets at fds 3 and 4, as systemd passes them
+    code = ("import json, os\nfrom virtwatch.systemd import listen_fds\n"
+            "env = dict(os.environ, LISTEN_PID=str(os.getpid()))\n"
+            "got = listen_fds(env, os.getpid())\n"
+            "print(json.dumps({'got': got, 'inheritable': [os.get_inheritable(fd) for fd in got.values()],"
+            " 'left': sorted(k for k in env if k.startswith('LISTEN_'))}))\n")
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+
+    def place() -> None:  # in the child, before exec: dup2'd descriptors are inheritable
+        os.dup2(a.fileno(), 3)
+        os.dup2(c.fileno(), 4)
+
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30,
+                             env={**os.environ, "LISTEN_FDS": "2", "LISTEN_FDNAMES": "control:"},
+                             preexec_fn=place, close_fds=False)
+    finally:
+        for s in (a, b, c, d):
+            s.close()
+    assert out.returncode == 0, out.stderr
+    # an empty name is "unknown", as in sd_listen_fds_with_names(3); both end close-on-exec
+    assert json.loads(out.stdout) == {"got": {"control": 3, "unknown": 4}, "inheritable": [False, False], "left": []}
