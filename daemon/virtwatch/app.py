@@ -19,6 +19,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from . import __version__
 from .alerts import Alerter
 from .control import ControlServer, NotAvailable, UnknownGuest
+from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .config import Settings, parse_listen
 from .eventlog import RecentEvents
@@ -119,7 +120,8 @@ class Daemon:
                             ready=self.connection.ready.is_set)
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
-                                      wall=wall_clock, call_timeout=min(10.0, settings.libvirt.call_timeout))
+                                      selector=self._console_capture, wall=wall_clock,
+                                      call_timeout=min(10.0, settings.libvirt.call_timeout))
         self.agent = GuestAgent(settings.agent, self.calls, self.guests, wall=wall_clock)
         for component in (self.console, self.agent):
             self.pump.subscribe(component.on_event)
@@ -132,6 +134,7 @@ class Daemon:
                                         self.alerter, settings.daemon.boot_id_file, calls=self.calls)
             self.pump.subscribe(self.policy.engine.on_event)
             self.registry.register(self.policy.collector)
+            self.policy.engine.selection_listeners.append(self.console.reselect)
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http.extra_routes.append(self.console.add_routes)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -140,6 +143,17 @@ class Daemon:
         self.started_at = wall_clock()
 
     # -- subscribers / ports --------------------------------------------------
+    def _console_capture(self, name: str) -> int | None:
+        """``console_buffer`` KiB when ``name``'s policy sets ``capture_console``,
+        else None: the engine's merged policy (with domain metadata and
+        overrides) when policy is enabled, else the ``[policy]`` rules,
+        profiles and defaults alone."""
+        if self.policy is not None:
+            return self.policy.engine.console_capture(name)
+        g = self.guests.by_name(name)
+        pol = select(self.settings.policy, name, g.uuid if g else "", None).policy
+        return pol.console_buffer if pol.capture_console else None
+
     def _count_event(self, ev: Event) -> None:
         self.instruments.events.labels(kind=ev.kind, event=ev.event, detail=ev.detail).inc()
 

@@ -107,12 +107,14 @@ async def test_crash_lines_are_recorded_and_served(event_impl: Any, guest_factor
     """A guest prints known lines then panics: the lines are in ``console-log
     --crash 1``, in the HTTP API and in the alert tail; the virtlogd serial
     log is read as well."""
+    # selected by policy (capture_console in a [[policy.match]] rule; the policy engine is off)
     async with running_daemon(event_impl, tmp_path, **{
-            "console.enabled": True, "console.guests": ["vwe2e-cpanic-*"]}) as d:
+            "policy.match": [{"glob": "vwe2e-cpanic-*", "capture_console": True, "console_buffer": 32}]}) as d:
         guest = await create(guest_factory, "cpanic", options={"print": "TOKCRASH", "panic": 3}, persistent=True)
         name = guest.name
         assert "VWLINE TOKCRASH 5" in guest.serial_text()
         await until(lambda: any("VWLINE TOKCRASH 5" in ln for ln in d.console.tail(name, 200)), 30, "lines captured")
+        assert d.console.state(name)["buffer_capacity_bytes"] == 32 * 1024
         await until(lambda: d.console.store is not None and d.console.store.crash(name, 1) is not None
                     and len(d.console.store.crash(name, 1).events) >= 2, 60, "crash recorded")
         rec = d.console.store.crash(name, 1)

@@ -114,3 +114,22 @@ async def test_unreachable_daemon_and_disabled_policy(daemon: Daemon, tmp_path: 
                                                 str(tmp_path / "nothing.sock"), stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     assert proc.returncode == 1 and b"cannot reach the daemon" in err
+
+
+async def test_domain_metadata_opts_a_guest_into_console_capture(policy_daemon: Daemon, make_guests) -> None:
+    # capture_console from the guest's own XML metadata: the engine reads it on the
+    # METADATA_CHANGE event and the console capture picks the guest up at once
+    d = policy_daemon
+    (dom,) = await asyncio.to_thread(make_guests, "ctl", 1, True)
+    name = dom.name()
+    await until(lambda: name in d.policy.engine.snapshot().guests)
+    assert not d.console.wants(name) and d.console.state(name) is None
+    xml = ('<policy xmlns="https://virtwatch.dev/xmlns/policy/1">'
+           '<capture_console>true</capture_console><console_buffer>16</console_buffer></policy>')
+    await asyncio.to_thread(dom.setMetadata, libvirt.VIR_DOMAIN_METADATA_ELEMENT, xml, "virtwatch",
+                            "https://virtwatch.dev/xmlns/policy/1", 0)
+    await until(lambda: d.console.state(name) is not None)
+    assert d.console.wants(name)
+    assert d.policy.engine.console_capture(name) == 16
+    # the test driver has no consoles: the capture keeps trying, with backoff, and says why
+    await until(lambda: d.console.state(name)["attaches"] == 0 and d.console.state(name)["last_error"])

@@ -224,6 +224,11 @@ class PolicyEngine:
             (before reconciling); until the boot flow has run, stops seen at resync are
             treated as the host's shutdown, never as failures.
         logger: a structlog logger.
+
+    Attributes:
+        selection_listeners: called with a guest name when its merged policy may
+            have changed (domain metadata read or changed, runtime override set);
+            the console capture re-checks ``capture_console`` there.
     """
 
     def __init__(self, settings: PolicySettings, hypervisor: Hypervisor, store: Store, *,
@@ -258,6 +263,7 @@ class PolicyEngine:
         self._auto_boot = auto_boot_flow
         self._boot_lock = asyncio.Lock()
         self._boot_id: str | None = None
+        self.selection_listeners: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -454,13 +460,32 @@ class PolicyEngine:
         if g.metadata_known:
             return
         try:
+            before = g.metadata
             g.metadata = await self._call("metadata", self._hv.metadata(g.st.name))
             g.metadata_known = True
+            if g.metadata != before:
+                self._selection_changed(g.st.name)
         except HypervisorError as err:
             if err.code == ErrorCode.NO_DOMAIN:
                 g.metadata, g.metadata_known = None, True
             else:
                 self._log.warning("policy_metadata_failed", guest=g.st.name, code=err.code, error=err.message)
+
+    def _selection_changed(self, name: str) -> None:
+        for listener in list(self.selection_listeners):
+            try:
+                listener(name)
+            except Exception as err:  # a listener must never break the engine
+                self._log.error("policy_selection_listener_failed", error=repr(err))
+
+    def console_capture(self, name: str) -> int | None:
+        """Guest ``name``'s ``console_buffer`` (KiB) when its merged policy sets
+        ``capture_console`` (runtime override, domain metadata once read,
+        ``[[match]]`` rules, profile, defaults), else None. Pure lookup; never
+        raises, never calls libvirt."""
+        g = self._guests.get(name)
+        sel = select(self._settings, name, "", None) if g is None else self._selection(g)
+        return sel.policy.console_buffer if sel.policy.capture_console else None
 
     # ------------------------------------------------------------------ worker
 
@@ -949,6 +974,7 @@ class PolicyEngine:
         g = self._known(name)
         clean = validate_override(values or {}, self._settings)
         self._persist(g, g.st.replace(override=MappingProxyType(clean)))
+        self._selection_changed(name)
         return self._snap(g)
 
     # ------------------------------------------------------------------ introspection

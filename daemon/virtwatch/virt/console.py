@@ -76,16 +76,18 @@ RECV_CHUNK = 64 * 1024
 
 
 class ConsoleSettings(BaseModel):
-    """``[console]``: console capture (opt-in).
+    """``[console]``: console capture, opt-in per guest.
 
-    A guest is captured when ``enabled`` and its name matches one of the
-    ``guests`` glob patterns (``fnmatch``, case-sensitive), or when the policy
-    says ``capture_console = true`` for it (if the daemon wires a selector).
+    A guest is captured when ``enabled`` (the feature's switch, on by default)
+    and its merged policy says ``capture_console = true`` (a ``[[policy.match]]``
+    rule, profile, ``[policy.defaults]``, domain metadata) or its name matches
+    one of the ``guests`` glob patterns (``fnmatch``, case-sensitive). Nothing
+    is captured by default.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(False, description="capture consoles at all")
+    enabled: bool = Field(True, description="the console feature's switch: false captures nothing, whatever policy says")
     guests: tuple[str, ...] = Field((), description="glob patterns of guest names to capture")
     device: str | None = Field(None, description="console device alias for openConsole (default: the first console)")
     buffer_kib: int = Field(64, ge=1, le=65536, description="ring buffer per guest, KiB")
@@ -413,7 +415,8 @@ class GuestConsole:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready state (no buffer contents)."""
-        return {"status": self.status, "buffered_bytes": len(self.ring), "bytes_total": self.ring.total,
+        return {"status": self.status, "buffered_bytes": len(self.ring), "buffer_capacity_bytes": self.ring.capacity,
+                "bytes_total": self.ring.total,
                 "bytes_dropped": self.ring.dropped, "attaches": self.attaches, "eofs": self.eofs, "ends": self.ends,
                 "busy": self.busy_count, "last_error": self.last_error,
                 "log_file": self.devices.log_file if self.devices else None, "attached_at": self.attached_at}
@@ -429,8 +432,9 @@ class ConsoleCapture:
         guests: guest state (running or not; uuid).
         state_dir: directory of ``console.sqlite`` (created if missing); None
             keeps no crash records (tests).
-        selector: optional extra predicate ``name -> bool`` (policy's
-            ``capture_console``); ORed with the glob list.
+        selector: optional ``name -> KiB | None``: the guest's policy
+            ``console_buffer`` when its policy sets ``capture_console``, else
+            None; ORed with the glob list (glob-only guests get ``buffer_kib``).
         wall: wall clock, seconds (injected for tests).
         call_timeout: deadline of each libvirt call, seconds.
 
@@ -440,7 +444,7 @@ class ConsoleCapture:
     """
 
     def __init__(self, settings: ConsoleSettings, calls: Calls, guests: GuestLookup,
-                 state_dir: str | os.PathLike[str] | None, selector: Callable[[str], bool] | None = None,
+                 state_dir: str | os.PathLike[str] | None, selector: Callable[[str], int | None] | None = None,
                  wall: Callable[[], float] = time.time, call_timeout: float = 10.0) -> None:
         self.settings = settings
         self._calls = calls
@@ -465,7 +469,7 @@ class ConsoleCapture:
             return False
         if any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.guests):
             return True
-        return bool(self._selector and self._selector(name))
+        return self._selector is not None and self._selector(name) is not None
 
     def uses_stream_callbacks(self) -> bool:
         """True only on a libvirt known to free streams that used callbacks
@@ -499,10 +503,22 @@ class ConsoleCapture:
 
     # -- lifecycle ----------------------------------------------------------------
     async def start(self) -> None:
-        """Open ``console.sqlite`` (when enabled and a state dir is set).
-        Raises ``sqlite3.Error``/OSError if it cannot be opened."""
-        if self.settings.enabled and self._state_dir is not None and self.store is None:
+        """Open ``console.sqlite`` if it exists (when enabled and a state dir is
+        set); otherwise it is created at the first crash record. Raises
+        ``sqlite3.Error``/OSError if an existing file cannot be opened."""
+        if (self.settings.enabled and self._state_dir is not None and self.store is None
+                and (self._state_dir / "console.sqlite").exists()):
             self.store = await asyncio.to_thread(CrashStore, self._state_dir / "console.sqlite")
+
+    async def _writable_store(self) -> CrashStore | None:
+        """The crash store, created on first use; None without a state dir or
+        when it cannot be created (logged)."""
+        if self.store is None and self._state_dir is not None:
+            try:
+                self.store = await asyncio.to_thread(CrashStore, self._state_dir / "console.sqlite")
+            except (OSError, sqlite3.Error) as err:
+                log.error("console_store_unavailable", path=str(self._state_dir / "console.sqlite"), error=str(err))
+        return self.store
 
     def connection_ready(self, conn: libvirt.virConnect) -> None:
         """Connected: attach every running guest we capture."""
@@ -516,6 +532,17 @@ class ConsoleCapture:
         for g in self._guests.guests():
             if g.state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED) and self.wants(g.name):
                 self._ensure(g.name).wake.set()
+
+    def reselect(self, name: str) -> None:
+        """``name``'s selection may have changed (its policy metadata was read
+        or changed): attach it if it is now wanted and running; a console no
+        longer wanted is let go by its supervisor."""
+        if not self.settings.enabled or self._stopping:
+            return
+        if self.wants(name) and self._running(name):
+            self._ensure(name).wake.set()
+        elif name in self._consoles:
+            self._consoles[name].wake.set()
 
     def connection_lost(self) -> None:
         """The connection is going: drop every stream now (no RPC is possible);
@@ -644,7 +671,8 @@ class ConsoleCapture:
 
     # -- internals -----------------------------------------------------------------
     def _new(self, name: str) -> GuestConsole:
-        c = GuestConsole(name=name, ring=RingBuffer(self.settings.buffer_kib * 1024))
+        kib = self._selector(name) if self._selector is not None else None
+        c = GuestConsole(name=name, ring=RingBuffer((kib or self.settings.buffer_kib) * 1024))
         self._consoles[name] = c
         return c
 
@@ -693,6 +721,9 @@ class ConsoleCapture:
                 await self._detach(c)
                 if self._stopping:
                     return
+                if not self.wants(c.name):
+                    log.info("console_released", guest=c.name, why="no longer selected (capture_console, guests)")
+                    return
                 # EOF: guest stopped (its STOPPED event follows) or someone took the console.
                 await self._sleep_or_wake(c, s.reattach_min_delay)
                 if self._running(c.name):
@@ -732,7 +763,7 @@ class ConsoleCapture:
         ``idle_poll_interval`` while nothing comes."""
         s = self.settings
         interval = s.poll_interval
-        while c.stream is not None and not self._stopping:
+        while c.stream is not None and not self._stopping and self.wants(c.name):
             got = self.read_available(c.name)
             if got is None:
                 return
@@ -777,8 +808,9 @@ class ConsoleCapture:
             shot = None
             if s.screenshot and devices is not None and devices.graphics and self._state_dir is not None:
                 shot = await self._screenshot(ev)
-            if self.store is None:
+            if await self._writable_store() is None:
                 return
+            assert self.store is not None
             prev = self._last_crash.get(ev.uuid or ev.name)
             if prev is not None and ev.time - prev[0] <= s.coalesce_seconds:
                 await asyncio.to_thread(self.store.update, prev[1], ev, tail, log_tail, shot)

@@ -136,7 +136,7 @@ def event(kind: str, ev: str, detail: str, name: str = "web-1", seq: int = 1, t:
 
 
 async def test_selection_by_glob_and_selector() -> None:
-    cap = ConsoleCapture(settings(), calls(), Guests(), None, selector=lambda n: n == "db")
+    cap = ConsoleCapture(settings(), calls(), Guests(), None, selector=lambda n: 8 if n == "db" else None)
     assert cap.wants("web-1") and cap.wants("db") and not cap.wants("mail")
     off = ConsoleCapture(settings(enabled=False), calls(), Guests(), None)
     assert not off.wants("web-1")
@@ -260,8 +260,9 @@ async def test_http_console_endpoint(tmp_path: Path) -> None:
     await cap.start()
     cap.connection_ready(conn)
     await until(lambda: cap.tail("web-1") == ["l1", "l2", "l3"])
+    assert cap.store is None and not (tmp_path / "console.sqlite").exists()  # created at the first crash
     cap.on_event(event("watchdog", "WATCHDOG", "RESET"))
-    await until(lambda: bool(cap.store.crashes("web-1")))
+    await until(lambda: cap.store is not None and bool(cap.store.crashes("web-1")))
     app = web.Application()
     cap.add_routes(app)
     runner = web.AppRunner(app)
@@ -303,4 +304,27 @@ async def test_connection_lost_drops_streams_and_reattaches_on_ready() -> None:
     assert len(conn.opens) == 1
     cap.connection_ready(conn)
     await until(lambda: cap.tail("web-1") == ["first", "second"])
+    await cap.stop()
+
+
+async def test_policy_selection_sizes_the_ring_and_reselect_attaches_then_releases() -> None:
+    # selector = the policy's console_buffer (KiB) when capture_console is on, else None
+    policy: dict[str, int] = {}
+    conn = FakeConn([[b"boot\n"], [b"again\n"]])
+    guests = Guests(G("db", "uuid-db", RUNNING))
+    cap = ConsoleCapture(settings(guests=()), calls(), guests, None, selector=policy.get)
+    await cap.start()
+    cap.connection_ready(conn)
+    await asyncio.sleep(0.05)
+    assert cap.state("db") is None and conn.opens == []   # not selected: never opened
+    policy["db"] = 3            # its metadata said capture_console = true, console_buffer = 3
+    cap.reselect("db")
+    await until(lambda: cap.tail("db", 5) == ["boot"])
+    assert cap.state("db")["buffer_capacity_bytes"] == 3 * 1024
+    del policy["db"]            # and now it no longer does: let go of the console
+    cap.reselect("db")
+    await until(lambda: cap.state("db")["status"] == "detached")
+    await asyncio.sleep(0.1)
+    assert len(conn.opens) == 1 and conn.streams[0].aborted
+    assert cap.attached() == []
     await cap.stop()

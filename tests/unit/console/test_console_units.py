@@ -139,7 +139,9 @@ def test_crash_store_insert_coalesce_nth_and_prune(tmp_path: Path) -> None:
 def test_console_settings_in_config_and_validation() -> None:
     s = load_settings(None, {"console.enabled": True, "console.guests": ["web-*", "db1"], "console.buffer_kib": 8})
     assert s.console.enabled and s.console.guests == ("web-*", "db1") and s.console.buffer_kib == 8
-    assert ConsoleSettings().enabled is False and ConsoleSettings().crash_lines == 200
+    # the feature is on, but nothing is captured unless a guest opts in (policy or guests globs)
+    assert ConsoleSettings().enabled is True and ConsoleSettings().guests == ()
+    assert ConsoleSettings().crash_lines == 200
     assert ConsoleSettings().alert_lines == 20 and ConsoleSettings().force is False
     from virtwatch.config import ConfigError
     with pytest.raises(ConfigError) as err:
