@@ -29,7 +29,7 @@ from .metrics.instruments import Instruments
 from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
 from .virt.calls import Calls
-from .virt.connection import ConnectionManager
+from .virt.connection import ConnectionManager, SideConnection
 from .virt.events import EventPump
 from .logs import EventLogger
 from .virt.records import Event
@@ -122,10 +122,16 @@ class Daemon:
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
                                       selector=self._console_capture, wall=wall_clock,
                                       call_timeout=min(10.0, settings.libvirt.call_timeout))
-        self.agent = GuestAgent(settings.agent, self.calls, self.guests, wall=wall_clock)
-        for component in (self.console, self.agent):
-            self.pump.subscribe(component.on_event)
-            self.connection.add_listener(component)
+        # The agent's calls may block for its response timeout: its own connection and thread
+        # (libvirt 9.0's client must never see two calling threads on one connection).
+        self.agent_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
+        self.agent = GuestAgent(settings.agent, self.agent_calls, self.guests, wall=wall_clock)
+        self.agent_side = SideConnection("agent", settings.libvirt, self.read_only, self.agent_calls, self.agent)
+        self.pump.subscribe(self.console.on_event)
+        self.connection.add_listener(self.console)
+        self.pump.subscribe(self.agent.on_event)
+        if settings.agent.enabled:
+            self.connection.add_listener(self.agent_side)
         self.registry.register(self.agent.collector)
         # Policy engine (issue 3): only when enabled; it needs the read-write connection.
         self.policy: PolicyRuntime | None = None
@@ -347,6 +353,7 @@ class Daemon:
         if self.policy is not None:
             await self.policy.stop()  # in-flight actions end recorded as interrupted; retries stay persisted
         await _cancel(by_name.get("guest-agent"))
+        await self.agent_side.stop()
         await self.console.stop()  # every virStream dropped before the connection closes
         await self.alerter.stop(flush_timeout=max(0.1, min(3.0, deadline - self.loop.time())))
         await self.connection.stop()
@@ -370,6 +377,7 @@ class Daemon:
         if self._runner is not None:
             await self._runner.cleanup()
         self.calls.shutdown()
+        self.agent_calls.shutdown()
         log.info("virtwatch_stopped")
 
 

@@ -6,6 +6,7 @@ Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import asyncio
 import json
 import os
@@ -285,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         _print_config_error(err)
         return EXIT_CONFIG
     configure_logging(settings.log.format, settings.log.level)
+    # A crash inside a C library (libvirt) prints every thread's Python stack to stderr (the journal).
+    faulthandler.enable()
     log = structlog.get_logger("virtwatch.cli")
     for w in config_warnings(settings):
         log.warning("config_warning", message=w)

@@ -42,7 +42,10 @@ class LibvirtSettings(Section):
     keepalive_count: int = Field(3, ge=0, le=100, description="unanswered probes before the connection is dead")
     reconnect_min_delay: float = Field(0.5, gt=0, le=3600, description="first reconnect delay, seconds")
     reconnect_max_delay: float = Field(30.0, gt=0, le=86400, description="reconnect delay cap, seconds")
-    max_calls_in_flight: int = Field(4, ge=1, le=64, description="concurrent libvirt calls (libvirtd allows 5 per client)")
+    max_calls_in_flight: int = Field(
+        1, ge=1, le=64,
+        description="threads making calls on the main connection; keep 1: libvirt 9.0's client can crash "
+                    "when a connection with calls from several threads closes (the guest agent has its own)")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="deadline for one libvirt call, seconds")
     resync_interval: float = Field(300.0, ge=0, description="periodic full state resync, seconds (0 = only after connect)")
 
@@ -195,5 +198,8 @@ def config_warnings(settings: Settings) -> list[str]:
         warnings.append("stats.poll_timeout is longer than stats.poll_interval: stuck polls delay the next")
     if settings.libvirt.reconnect_min_delay > settings.libvirt.reconnect_max_delay:
         warnings.append("libvirt.reconnect_min_delay exceeds libvirt.reconnect_max_delay")
+    if settings.libvirt.max_calls_in_flight > 1:
+        warnings.append("libvirt.max_calls_in_flight > 1: libvirt 9.0's client can crash (SIGSEGV) when a "
+                        "connection used by several threads closes, e.g. at a libvirtd restart")
     warnings.extend(settings.policy.warnings())
     return warnings

@@ -121,6 +121,21 @@ async def test_reconnect_reregisters_callbacks_and_resyncs(daemon: Daemon, make_
     assert daemon.pump.published == counted + 1
 
 
+async def test_agent_calls_have_their_own_connection_that_follows_reconnects(daemon: Daemon) -> None:
+    # one calling thread per connection (libvirt 9.0's client): the agent's slow calls use a second one
+    side = daemon.agent_side
+    await until(lambda: side.conn is not None)
+    main = daemon.connection.conn
+    assert side.conn is not main and side.opens == 1
+    old = side.conn
+    await daemon.connection.reconnect()
+    await until(lambda: side.conn is None, 2)      # dropped with the main connection
+    await asyncio.wait_for(daemon.connection.ready.wait(), 10)
+    await until(lambda: side.conn is not None)
+    assert side.opens == 2 and side.conn is not old and side.conn is not daemon.connection.conn
+    assert old._o is None  # the old side connection was closed (libvirt-python clears _o on close)
+
+
 async def test_storm_of_10000_events_over_100_guests_loses_none(daemon: Daemon, make_guests) -> None:
     doms = await asyncio.to_thread(make_guests, "storm", 100)
     await until(lambda: sum(1 for g in daemon.guests.guests() if g.name.startswith("storm-")) == 100, 10)

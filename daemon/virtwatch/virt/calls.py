@@ -7,6 +7,14 @@ A call that outlives its deadline raises :class:`CallTimeout` in the caller,
 but its thread keeps its slot until the C call really returns: a timed-out
 Python wait does not cancel the C call, so freeing the slot early would let
 stuck calls pile up.
+
+Closing a connection while another thread is inside a call on it frees the
+connection under that call: a segfault (reproduced on libvirt 9.0 with a
+frozen libvirtd, calls in flight and the keepalive closing the socket).
+So a connection is *retired* first (:meth:`Calls.retire`): calls that name
+it (as an argument, or as the object of a bound method) then fail at once
+with :class:`ConnectionRetired`, and the closer waits until the ones already
+running have returned (:meth:`Calls.wait_idle`) before it closes.
 """
 
 from __future__ import annotations
@@ -35,6 +43,14 @@ class CallTimeout(Exception):
         self.timeout = timeout
 
 
+class ConnectionRetired(libvirt.libvirtError):
+    """The call names a connection that is being (or was) closed: not run."""
+
+    def __init__(self, call: str) -> None:
+        Exception.__init__(self, f"{call}: the libvirt connection is closed")
+        self.err = None  # no libvirt error record: get_error_code() is None
+
+
 def error_code_name(err: libvirt.libvirtError) -> str:
     """libvirt error code of ``err`` as its constant name, e.g. ``VIR_ERR_NO_DOMAIN``."""
     code = err.get_error_code()
@@ -58,6 +74,8 @@ class Calls:
         self._pool = DaemonThreadPool(max_in_flight, "virtwatch-libvirt")
         self._busy = 0
         self._lock = threading.Lock()
+        self._retired: list[libvirt.virConnect] = []
+        self._per_conn: dict[int, int] = {}  # id(conn) -> calls in flight naming it
         self.default_timeout = default_timeout
 
     @property
@@ -67,21 +85,24 @@ class Calls:
             return self._busy
 
     async def run(self, call: str, fn: Callable[..., T], *args: Any, timeout: float | None = None,
-                  count_errors: bool = True) -> T:
+                  count_errors: bool = True, allow_retired: bool = False) -> T:
         """Run ``fn(*args)`` in a worker thread and await its result.
 
         Args:
             call: the API name for metrics and logs (``getAllDomainStats``).
             timeout: seconds; default :attr:`default_timeout`.
             count_errors: count ``libvirtError`` in ``libvirt_api_errors_total``.
+            allow_retired: run even when it names a retired connection (the
+                closer's own teardown calls).
 
         Raises:
             CallTimeout: the call did not return in time (counted with code ``timeout``).
+            ConnectionRetired: it names a retired connection (counted with code ``connection_closed``).
             libvirt.libvirtError: whatever libvirt raised (counted by error code).
         """
         loop = asyncio.get_running_loop()
         limit = self.default_timeout if timeout is None else timeout
-        fut = loop.run_in_executor(self._pool, self._in_slot, fn, args)
+        fut = loop.run_in_executor(self._pool, self._in_slot, call, fn, args, allow_retired)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
             # arrives as the call completes, and the cancelled task would run on forever
@@ -94,17 +115,58 @@ class Calls:
             raise CallTimeout(call, limit) from None
         except libvirt.libvirtError as err:
             if count_errors:
-                self._instruments.api_errors.labels(call=call, code=error_code_name(err)).inc()
+                code = "connection_closed" if isinstance(err, ConnectionRetired) else error_code_name(err)
+                self._instruments.api_errors.labels(call=call, code=code).inc()
             raise
 
-    def _in_slot(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    def retire(self, conn: libvirt.virConnect) -> None:
+        """From now on, calls naming ``conn`` fail with :class:`ConnectionRetired`
+        (thread-safe; the connection object is kept referenced, so it is never
+        closed by garbage collection while calls may still run on it)."""
         with self._lock:
+            if not any(c is conn for c in self._retired):
+                self._retired.append(conn)
+
+    def forget(self, conn: libvirt.virConnect) -> None:
+        """``conn`` is closed: drop it from the retired list."""
+        with self._lock:
+            self._retired = [c for c in self._retired if c is not conn]
+
+    def in_flight_on(self, conn: libvirt.virConnect) -> int:
+        """Calls naming ``conn`` that are running now (stuck ones included)."""
+        with self._lock:
+            return self._per_conn.get(id(conn), 0)
+
+    async def wait_idle(self, conn: libvirt.virConnect, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no call naming ``conn`` runs;
+        True when none does."""
+        loop = asyncio.get_running_loop()
+        end = loop.time() + timeout
+        while self.in_flight_on(conn) > 0:
+            if loop.time() >= end:
+                return False
+            await asyncio.sleep(0.02)
+        return True
+
+    def _in_slot(self, call: str, fn: Callable[..., T], args: tuple[Any, ...], allow_retired: bool) -> T:
+        conns = [a for a in (*args, getattr(fn, "__self__", None)) if isinstance(a, libvirt.virConnect)]
+        with self._lock:
+            if not allow_retired and any(r is c for r in self._retired for c in conns):
+                raise ConnectionRetired(call)
             self._busy += 1
+            for c in conns:
+                self._per_conn[id(c)] = self._per_conn.get(id(c), 0) + 1
         try:
             return fn(*args)
         finally:
             with self._lock:
                 self._busy -= 1
+                for c in conns:
+                    left = self._per_conn[id(c)] - 1
+                    if left:
+                        self._per_conn[id(c)] = left
+                    else:
+                        del self._per_conn[id(c)]
 
     def shutdown(self) -> None:
         """Stop accepting calls; threads still stuck in C are left behind (they

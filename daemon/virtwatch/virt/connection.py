@@ -108,6 +108,7 @@ class ConnectionManager:
         self.last_error: str | None = None
         self.info: dict[str, Any] = {}
         self.close_reason: str | None = None
+        self._parked: set[asyncio.Task[None]] = set()
         instruments.up.set(0)
 
     # -- public ---------------------------------------------------------------
@@ -281,10 +282,17 @@ class ConnectionManager:
 
     async def _teardown(self, conn: libvirt.virConnect) -> None:
         """Teardown order of design doc §3a: listeners drop objects, deregister
-        callbacks, unregister the close callback, close."""
+        callbacks, unregister the close callback, close.
+
+        The connection is retired first, so no new call uses it, and closed
+        only once no call on it is running: closing under a running call frees
+        the connection beneath it (a segfault, seen with a frozen libvirtd).
+        A connection whose calls stay stuck is parked, referenced, and closed
+        in the background once they return."""
         was_ready = self.ready.is_set()
         self.ready.clear()
         self._instruments.up.set(0)
+        self._calls.retire(conn)
         if was_ready:
             for listener in list(self._listeners):
                 try:
@@ -293,12 +301,32 @@ class ConnectionManager:
                     log.error("connection_listener_failed", listener=repr(listener), error=repr(err))
         timeout = min(5.0, self.settings.call_timeout)
         for call, fn in (("domainEventDeregisterAny", self._subs.deregister),
-                         ("unregisterCloseCallback", _unregister_close), ("close", _close)):
-            try:
-                await self._calls.run(call, fn, conn, timeout=timeout, count_errors=False)
-            except (libvirt.libvirtError, CallTimeout) as err:
-                log.debug("teardown_step_failed", step=call, error=str(err).strip())
+                         ("unregisterCloseCallback", _unregister_close)):
+            await self._teardown_step(call, fn, conn, timeout)
         self._conn = None
+        if await self._calls.wait_idle(conn, timeout):
+            await self._teardown_step("close", _close, conn, timeout)
+            self._calls.forget(conn)
+            return
+        log.warning("libvirt_connection_parked", uri=self.settings.uri, calls_in_flight=self._calls.in_flight_on(conn),
+                    detail="calls still inside libvirt: the connection is closed once they return")
+        task = asyncio.get_running_loop().create_task(self._close_when_idle(conn), name="libvirt-close-parked")
+        self._parked.add(task)
+        task.add_done_callback(self._parked.discard)
+
+    async def _teardown_step(self, call: str, fn: Callable[[libvirt.virConnect], Any], conn: libvirt.virConnect,
+                             timeout: float) -> None:
+        try:
+            await self._calls.run(call, fn, conn, timeout=timeout, count_errors=False, allow_retired=True)
+        except (libvirt.libvirtError, CallTimeout) as err:
+            log.debug("teardown_step_failed", step=call, error=str(err).strip())
+
+    async def _close_when_idle(self, conn: libvirt.virConnect) -> None:
+        while not await self._calls.wait_idle(conn, 60.0):
+            pass
+        await self._teardown_step("close", _close, conn, min(5.0, self.settings.call_timeout))
+        self._calls.forget(conn)
+        log.info("libvirt_connection_closed_late", uri=self.settings.uri)
 
     async def _wait_stop(self, delay: float) -> None:
         try:
@@ -332,3 +360,127 @@ def _read_info(conn: libvirt.virConnect) -> dict[str, Any]:
 
 def _version_str(v: int) -> str:
     return f"{v // 1000000}.{(v // 1000) % 1000}.{v % 1000}"
+
+
+class SideConnection:
+    """A second connection to the same libvirtd, for one component whose calls
+    may block for seconds (the guest agent: up to its response timeout).
+
+    libvirt 9.0's RPC client crashes (SIGSEGV in ``virNetClientIOEventLoop``)
+    when two threads make calls on one connection and it closes under them:
+    a thread's GLib socket watch outlives its stack frame and fires in the
+    other thread. Reproduced here with a frozen libvirtd: 4 threads crash at
+    the first keepalive close, 1 thread never does. So every connection has
+    exactly one calling thread, and a component that may block gets its own
+    connection instead of a second thread on the main one.
+
+    It listens to the main :class:`ConnectionManager`: when that is ready it
+    opens its own connection (same URI and read-only mode, with keepalive,
+    no event callbacks) in ``calls`` (one worker) and tells ``listener``;
+    when the main one is lost it tells ``listener`` and closes its own. A
+    failed open is retried with the main connection's backoff while the main
+    connection stays up.
+
+    Args:
+        name: for logs (``agent``).
+        settings: the ``[libvirt]`` section.
+        read_only: open read-only.
+        calls: this connection's own executor (one worker).
+        listener: the component using it.
+        rand: jitter source in [0, 1).
+    """
+
+    def __init__(self, name: str, settings: LibvirtSettings, read_only: bool, calls: Calls,
+                 listener: ConnectionListener, rand: Callable[[], float] = random.random) -> None:
+        self.name = name
+        self.settings = settings
+        self.read_only = read_only
+        self.calls = calls
+        self._listener = listener
+        self._rand = rand
+        self._conn: libvirt.virConnect | None = None
+        self._gen = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.opens = 0
+
+    @property
+    def conn(self) -> libvirt.virConnect | None:
+        """The side connection while it is open, else None."""
+        return self._conn
+
+    def connection_ready(self, _main: libvirt.virConnect) -> None:
+        """The main connection is ready: open ours."""
+        self._gen += 1
+        self._spawn(self._open(self._gen))
+
+    def connection_lost(self) -> None:
+        """The main connection is gone: drop and close ours."""
+        self._gen += 1
+        self._drop()
+
+    async def stop(self) -> None:
+        """Close the side connection (bounded by ``call_timeout``); call before the main one stops."""
+        self._gen += 1
+        for t in list(self._tasks):
+            t.cancel()
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._listener.connection_lost()
+            await self._close(conn)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=f"libvirt-{self.name}-connection")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                self._listener.connection_lost()
+            except Exception as err:
+                log.error("connection_listener_failed", listener=repr(self._listener), error=repr(err))
+            self._spawn(self._close(conn))
+
+    async def _open(self, gen: int) -> None:
+        s = self.settings
+        attempt = 0
+        while gen == self._gen:
+            try:
+                conn = await self.calls.run("open", self._open_blocking, timeout=s.call_timeout)
+            except (libvirt.libvirtError, CallTimeout) as err:
+                attempt += 1
+                delay = backoff_delay(attempt, s.reconnect_min_delay, s.reconnect_max_delay, self._rand)
+                log.warning("libvirt_side_connect_failed", side=self.name, error=str(err).strip(),
+                            retry_in_seconds=round(delay, 3))
+                await asyncio.sleep(delay)
+                continue
+            if gen != self._gen:  # the main connection went away meanwhile
+                await self._close(conn)
+                return
+            try:
+                await self.calls.run("setKeepAlive", conn.setKeepAlive, s.keepalive_interval, s.keepalive_count,
+                                     timeout=s.call_timeout, count_errors=False)
+            except (libvirt.libvirtError, CallTimeout):
+                pass  # in-process drivers (test:///) have no keepalive
+            self._conn = conn
+            self.opens += 1
+            log.info("libvirt_side_connected", side=self.name, uri=s.uri, read_only=self.read_only)
+            try:
+                self._listener.connection_ready(conn)
+            except Exception as err:
+                log.error("connection_listener_failed", listener=repr(self._listener), error=repr(err))
+            return
+
+    def _open_blocking(self) -> libvirt.virConnect:
+        uri = self.settings.uri
+        return libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
+
+    async def _close(self, conn: libvirt.virConnect) -> None:
+        # Queued on this connection's only thread: it runs after any call still
+        # inside libvirt has returned, never beside it.
+        try:
+            await self.calls.run("close", _close, conn, timeout=min(5.0, self.settings.call_timeout),
+                                 count_errors=False, allow_retired=True)
+        except (libvirt.libvirtError, CallTimeout) as err:
+            log.debug("side_close_failed", side=self.name, error=str(err).strip())
