@@ -134,10 +134,18 @@ class Daemon:
             self.connection.add_listener(self.agent_side)
         self.registry.register(self.agent.collector)
         # Policy engine (issue 3): only when enabled; it needs the read-write connection.
+        # Its actions (a restore takes seconds) run on a connection and thread of their own, so
+        # they never wait behind statistics calls (a guest whose QEMU hangs can stall those).
         self.policy: PolicyRuntime | None = None
+        self.policy_side: SideConnection | None = None
+        self.policy_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
         if settings.policy.enabled:
-            self.policy = PolicyRuntime(settings.policy, settings.daemon.state_dir, lambda: self.connection.conn,
-                                        self.alerter, settings.daemon.boot_id_file, calls=self.calls)
+            self.policy = PolicyRuntime(settings.policy, settings.daemon.state_dir,
+                                        lambda: self.policy_side.conn if self.policy_side else None,
+                                        self.alerter, settings.daemon.boot_id_file, calls=self.policy_calls)
+            self.policy_side = SideConnection("policy", settings.libvirt, self.read_only, self.policy_calls,
+                                              self.policy)
+            self.connection.add_listener(self.policy_side)
             self.pump.subscribe(self.policy.engine.on_event)
             self.registry.register(self.policy.collector)
             self.policy.engine.selection_listeners.append(self.console.reselect)
@@ -169,10 +177,9 @@ class Daemon:
 
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:
-        """libvirt is back: resolve the connection-lost alert, let policy decide again."""
+        """libvirt is back: resolve the connection-lost alert (policy becomes ready
+        when its own connection is open)."""
         self.alerter.connection_restored()
-        if self.policy is not None:
-            self.policy.engine.set_ready(True)
 
     def connection_lost(self) -> None:
         """libvirt went away: policy stops deciding; fire the alert (not during an orderly stop)."""
@@ -352,6 +359,8 @@ class Daemon:
         await self.control.stop()
         if self.policy is not None:
             await self.policy.stop()  # in-flight actions end recorded as interrupted; retries stay persisted
+        if self.policy_side is not None:
+            await self.policy_side.stop()
         await _cancel(by_name.get("guest-agent"))
         await self.agent_side.stop()
         await self.console.stop()  # every virStream dropped before the connection closes
@@ -378,6 +387,7 @@ class Daemon:
             await self._runner.cleanup()
         self.calls.shutdown()
         self.agent_calls.shutdown()
+        self.policy_calls.shutdown()
         log.info("virtwatch_stopped")
 
 

@@ -45,7 +45,7 @@ class LibvirtSettings(Section):
     max_calls_in_flight: int = Field(
         1, ge=1, le=64,
         description="threads making calls on the main connection; keep 1: libvirt 9.0's client can crash "
-                    "when a connection with calls from several threads closes (the guest agent has its own)")
+                    "when a connection with calls from several threads closes (agent and policy have their own)")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="deadline for one libvirt call, seconds")
     resync_interval: float = Field(300.0, ge=0, description="periodic full state resync, seconds (0 = only after connect)")
 

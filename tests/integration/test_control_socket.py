@@ -65,6 +65,8 @@ async def test_operator_commands(policy_daemon: Daemon, make_guests) -> None:
     (dom,) = await asyncio.to_thread(make_guests, "ctl", 1, True)
     name = dom.name()
     await until(lambda: name in d.policy.engine.snapshot().guests)
+    # actions run on the policy's own connection and thread, never behind statistics calls
+    assert d.policy_side.conn is not None and d.policy_side.conn is not d.connection.conn
 
     rc, out, err = await cli(d, "status", "--json")
     assert rc == 0, err

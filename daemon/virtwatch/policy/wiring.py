@@ -88,10 +88,11 @@ class PolicyRuntime:
     Args:
         settings: ``[policy]``.
         state_dir: directory for ``virtwatch.sqlite`` (created, mode 0750).
-        connection: returns the daemon's ready ``virConnect`` or None.
+        connection: returns the policy's ready ``virConnect`` or None (its own
+            connection: actions never queue behind statistics calls).
         alerter: instant alerts.
         boot_id_path: file holding the host boot id.
-        calls: the daemon's :class:`~virtwatch.virt.calls.Calls` (actions share its threads).
+        calls: the :class:`~virtwatch.virt.calls.Calls` of that connection (one thread).
     """
 
     def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
@@ -121,6 +122,15 @@ class PolicyRuntime:
             name, severity = _ALERTS[a.kind]
             self._alerter.fire(name, domain=a.guest, uuid=a.uuid, severity=severity,
                                summary=f"{a.guest}: {a.kind.replace('_', ' ')}", description=a.message)
+
+    # ConnectionListener of the policy's own connection (SideConnection "policy")
+    def connection_ready(self, _conn: Any) -> None:
+        """The policy's connection is open: decisions may be taken (the engine reconciles)."""
+        self.engine.set_ready(True)
+
+    def connection_lost(self) -> None:
+        """The policy's connection is gone: nothing is decided until it is back."""
+        self.engine.set_ready(False)
 
     def reset(self, name: str) -> Any:
         """Operator reset: clears given-up and resolves its alert."""

@@ -364,7 +364,8 @@ def _version_str(v: int) -> str:
 
 class SideConnection:
     """A second connection to the same libvirtd, for one component whose calls
-    may block for seconds (the guest agent: up to its response timeout).
+    may block for seconds (the guest agent: up to its response timeout; policy
+    actions: a restore), so they never queue behind the statistics calls.
 
     libvirt 9.0's RPC client crashes (SIGSEGV in ``virNetClientIOEventLoop``)
     when two threads make calls on one connection and it closes under them:
