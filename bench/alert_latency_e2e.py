@@ -28,6 +28,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(ROOT / "tests"))  # testkit, used by hostlib
 
 from hostlib import GuestFactory, VirtwatchProcess, ensure_image, start_libvirtd  # noqa: E402
 from hostlib.promstack import AlertmanagerProcess  # noqa: E402

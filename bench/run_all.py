@@ -29,6 +29,7 @@ from prometheus_client import CollectorRegistry
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(ROOT / "tests"))  # testkit, used by hostlib
 
 from virtwatch.app import Daemon  # noqa: E402
 from virtwatch.config import load_settings  # noqa: E402

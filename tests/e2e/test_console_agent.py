@@ -17,13 +17,12 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
-import aiohttp
 import libvirt
-from prometheus_client.parser import text_string_to_metric_families
 
 from hostlib import GUEST_IP, URI, GuestFactory
+from testkit import sample as value, scrape, until
 from virtwatch.app import Daemon
 from virtwatch.cli import main as cli_main
 from virtwatch.config import load_settings
@@ -58,32 +57,6 @@ def libvirtd_clients(pid: int | None = None) -> int:
     return mine
 
 
-async def until(cond: Callable[[], Any], timeout: float, what: str = "condition") -> float:
-    """Wait until ``cond()`` is truthy; returns the seconds it took."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
-    while not cond():
-        if loop.time() - start > timeout:
-            raise AssertionError(f"{what} not met within {timeout} s")
-        await asyncio.sleep(0.05)
-    return loop.time() - start
-
-
-async def scrape(d: Daemon, path: str = "/metrics") -> tuple[int, str]:
-    host, port = d.listen_address
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://{host}:{port}{path}") as r:
-            return r.status, await r.text()
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
-
-
 @contextlib.asynccontextmanager
 async def running_daemon(event_impl: Any, state_dir: Path, **overrides: Any) -> AsyncIterator[Daemon]:
     base = {"libvirt.uri": URI, "libvirt.read_only": "no", "http.listen": "127.0.0.1:0",
@@ -112,7 +85,7 @@ async def test_crash_lines_are_recorded_and_served(event_impl: Any, guest_factor
             "policy.match": [{"glob": "vwe2e-cpanic-*", "capture_console": True, "console_buffer": 32}]}) as d:
         guest = await create(guest_factory, "cpanic", options={"print": "TOKCRASH", "panic": 3}, persistent=True)
         name = guest.name
-        assert "VWLINE TOKCRASH 5" in guest.serial_text()
+        await until(lambda: "VWLINE TOKCRASH 5" in guest.serial_text(), 30, "the guest printed its lines")
         await until(lambda: any("VWLINE TOKCRASH 5" in ln for ln in d.console.tail(name, 200)), 30, "lines captured")
         assert d.console.state(name)["buffer_capacity_bytes"] == 32 * 1024
         await until(lambda: d.console.store is not None and d.console.store.crash(name, 1) is not None

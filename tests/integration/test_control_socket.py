@@ -17,6 +17,7 @@ from typing import AsyncIterator
 import libvirt
 import pytest_asyncio
 
+from testkit import until
 from virtwatch.app import Daemon
 from virtwatch.config import settings_from_mapping
 from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
@@ -49,13 +50,6 @@ async def cli(d: Daemon, *args: str) -> tuple[int, str, str]:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     out, err = await proc.communicate()
     return proc.returncode, out.decode(), err.decode()
-
-
-async def until(cond, timeout: float = 10.0) -> None:
-    end = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        assert asyncio.get_running_loop().time() < end, "condition not met in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_operator_commands(policy_daemon: Daemon, make_guests) -> None:

@@ -6,36 +6,13 @@ import asyncio
 import json
 import resource
 
-import aiohttp
 import libvirt
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from testkit import sample as metric, scrape, until
 from virtwatch.app import Daemon
 
 
-async def scrape(d: Daemon, path: str = "/metrics") -> tuple[int, str]:
-    host, port = d.listen_address
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://{host}:{port}{path}") as r:
-            return r.status, await r.text()
-
-
-def metric(text: str, name: str, **labels: str) -> float | None:
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None
-
-
-async def until(cond, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_lifecycle_events_reach_state_counters_and_api(daemon: Daemon, make_guests, actor) -> None:

@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from testkit import sample  # noqa: F401  (re-exported: hostlib.sample)
 
 
 def free_port() -> int:
@@ -121,12 +121,3 @@ class VirtwatchProcess:
                 self.proc.wait()
         self._log.close()
         return self.proc.returncode
-
-
-def sample(text: str, name: str, **labels: str) -> float | None:
-    """Value of the first sample ``name`` whose labels include ``labels``."""
-    for fam in text_string_to_metric_families(text):
-        for s in fam.samples:
-            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
-                return s.value
-    return None

@@ -12,11 +12,11 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
-import aiohttp
 import libvirt
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
+from testkit import sample as value, scrape, until
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
 from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
@@ -24,32 +24,9 @@ from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
 TEST_URI = "test:///default"
 
 
-async def scrape(d: Daemon, path: str = "/metrics") -> tuple[int, str]:
-    host, port = d.listen_address
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://{host}:{port}{path}") as r:
-            return r.status, await r.text()
-
-
 def samples(text: str, name: str) -> list[tuple[dict[str, str], float]]:
     return [(dict(s.labels), s.value) for fam in text_string_to_metric_families(text) for s in fam.samples
             if s.name == name]
-
-
-def value(text: str, name: str, **labels: str) -> float | None:
-    for lab, v in samples(text, name):
-        if all(lab.get(k) == want for k, want in labels.items()):
-            return v
-    return None
-
-
-async def until(cond, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 @pytest_asyncio.fixture

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 import libvirt
+import testkit
 from prometheus_client import CollectorRegistry, generate_latest
 
 from virtwatch.agent import AgentSettings, GuestAgent, parse_addresses, parse_guest_info
@@ -121,13 +122,8 @@ class FakeConn:
         return FakeDom(self, uuid)
 
 
-async def until(cond: Any, timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
+async def until(cond: Any, timeout: float = 5.0) -> float:
+    return await testkit.until(cond, timeout, interval=0.005)
 
 
 async def test_agent_refresh_sets_timeout_and_exports_metrics() -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import libvirt
+import testkit
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -122,13 +123,8 @@ def calls() -> Calls:
     return Calls(Instruments(CollectorRegistry()), 4, 5.0)
 
 
-async def until(cond: Any, timeout: float = 3.0) -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while not cond():
-        if loop.time() > end:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.005)
+async def until(cond: Any, timeout: float = 3.0) -> float:
+    return await testkit.until(cond, timeout, interval=0.005)
 
 
 def event(kind: str, ev: str, detail: str, name: str = "web-1", seq: int = 1, t: float = 100.0) -> Event:

@@ -1,0 +1,43 @@
+"""Helpers shared by the test suites: wait for a condition, scrape a daemon, read a sample.
+
+Importable as ``testkit`` from every test (pytest puts ``tests/``, the
+directory of the root conftest, on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Callable
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+
+async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition",
+                interval: float = 0.01) -> float:
+    """Wait until ``cond()`` is truthy, checking every ``interval`` seconds;
+    returns the seconds it took. Raises AssertionError after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while not cond():
+        if loop.time() - start > timeout:
+            raise AssertionError(f"{what} not met within {timeout} s")
+        await asyncio.sleep(interval)
+    return loop.time() - start
+
+
+async def scrape(d: Any, path: str = "/metrics") -> tuple[int, str]:
+    """GET ``path`` from a running in-process :class:`~virtwatch.app.Daemon`; (status, body)."""
+    host, port = d.listen_address
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://{host}:{port}{path}") as r:
+            return r.status, await r.text()
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """Value of the first sample ``name`` in exposition ``text`` whose labels include ``labels``."""
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+    return None
