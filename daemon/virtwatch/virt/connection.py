@@ -367,10 +367,10 @@ class SideConnection:
     may block for seconds (the guest agent: up to its response timeout; policy
     actions: a restore), so they never queue behind the statistics calls.
 
-    libvirt 9.0's RPC client crashes (SIGSEGV in ``virNetClientIOEventLoop``)
-    when two threads make calls on one connection and it closes under them:
-    a thread's GLib socket watch outlives its stack frame and fires in the
-    other thread. Reproduced here with a frozen libvirtd: 4 threads crash at
+    libvirt 9.0's RPC client crashes (SIGSEGV in its client IO loop, under
+    ``virNetClientSendWithReply``) when two threads make calls on one
+    connection and it closes under them (most likely a thread's GLib socket
+    watch outliving its stack frame and firing in the other thread). Reproduced here with a frozen libvirtd: 4 threads crash at
     the first keepalive close, 1 thread never does. So every connection has
     exactly one calling thread, and a component that may block gets its own
     connection instead of a second thread on the main one.
