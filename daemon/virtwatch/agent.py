@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterator, Protocol
 import libvirt
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .virt.calls import CallTimeout, Calls, error_code_name
 from .virt.records import Event
@@ -70,7 +70,7 @@ class AgentSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(True, description="query guest agents")
+    enabled: StrictBool = Field(True, description="query guest agents")
     interval: float = Field(60.0, ge=0.1, le=86400, description="seconds between refreshes of one guest")
     timeout: int = Field(5, ge=1, le=300, description="agentSetResponseTimeout, seconds; our own deadline adds 2 s")
     startup_delay: float = Field(1.0, ge=0, le=600,

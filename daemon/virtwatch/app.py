@@ -42,12 +42,25 @@ from .web import build_app_kwargs, build_site_kwargs, load_web_config
 log = structlog.get_logger("virtwatch.app")
 
 
+def console_capture_configured(settings: Settings) -> bool:
+    """Whether any guest can be selected for console capture: ``[console]``
+    enabled and a ``guests`` glob, or ``capture_console = true`` in the policy's
+    defaults, a profile or a rule (domain metadata can only be seen once running)."""
+    if not settings.console.enabled:
+        return False
+    pol = settings.policy
+    layers = [pol.defaults.capture_console, *(p.capture_console for p in pol.profile.values()),
+              *(r.capture_console for r in pol.match)]
+    return bool(settings.console.guests) or any(layers)
+
+
 def wants_read_only(settings: Settings) -> bool:
     """Whether to open libvirt read-only: ``yes``/``no`` as configured;
-    ``auto`` is read-only unless policy actions are enabled."""
+    ``auto`` is read-only unless policy actions are enabled or console capture
+    is configured (libvirt opens consoles on read-write connections only)."""
     mode = settings.libvirt.read_only
     if mode == "auto":
-        return not settings.policy.enabled
+        return not (settings.policy.enabled or console_capture_configured(settings))
     return mode == "yes"
 
 

@@ -120,6 +120,7 @@ def check_config(path: str) -> int:
 
 
 EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4
+EXIT_USAGE = 2  # as argparse
 
 
 def _socket_path(args: argparse.Namespace) -> str:
@@ -144,6 +145,9 @@ def operator_command(args: argparse.Namespace) -> int:
         _print_config_error(err)
         return EXIT_CONFIG
     cmd, guest = args.command, getattr(args, "guest", None)
+    if guest is not None and (not guest or not guest.isprintable() or len(guest) > 1024):
+        print(f"virtwatch: not a guest name: {guest!r}", file=sys.stderr)
+        return EXIT_USAGE
     if cmd == "status":
         method, url = "GET", f"/v1/guests/{_quote(guest)}" if guest else "/v1/status"
     elif cmd == "explain":

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Mapping
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from .agent import AgentSettings
 from .alerts.config import AlertSettings
@@ -34,7 +34,7 @@ class Section(BaseModel):
 class LibvirtSettings(Section):
     """``[libvirt]``: how to reach libvirtd and keep the connection alive."""
 
-    uri: str = Field("qemu:///system", description="libvirt connection URI")
+    uri: str = Field("qemu:///system", min_length=1, description="libvirt connection URI")
     read_only: Literal["auto", "yes", "no"] = Field(
         "auto", description="'auto': read-only unless policy actions need write access"
     )
@@ -62,7 +62,7 @@ class StatsSettings(Section):
     groups: tuple[StatsGroup, ...] = Field(
         ("state", "cpu", "balloon", "vcpu", "interface", "block"), description="getAllDomainStats groups"
     )
-    host: bool = Field(True, description="also collect node, storage pool and network figures")
+    host: StrictBool = Field(True, description="also collect node, storage pool and network figures")
 
     @property
     def effective_poll_timeout(self) -> float:
@@ -96,14 +96,15 @@ class LogSettings(Section):
 
     format: Literal["json", "console"] = "json"
     level: Literal["debug", "info", "warning", "error"] = "info"
-    events: bool = Field(True, description="log every libvirt event as one line")
+    events: StrictBool = Field(True, description="log every libvirt event as one line")
 
 
 class DaemonSettings(Section):
     """``[daemon]``: files the daemon owns."""
 
     state_dir: str = Field("/var/lib/virtwatch", description="SQLite state and journal live here")
-    socket: str = Field("/run/virtwatch/virtwatch.sock", description="operator Unix socket")
+    socket: str = Field("/run/virtwatch/virtwatch.sock", min_length=1, max_length=107,
+                        description="operator Unix socket (AF_UNIX paths are at most 107 bytes)")
     shutdown_timeout: float = Field(20.0, gt=0, le=600, description="bound on orderly shutdown, seconds")
     boot_id_file: str = Field("/proc/sys/kernel/random/boot_id",
                               description="host boot id; the policy boot flow runs once per value")
@@ -180,6 +181,8 @@ def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None =
             raise ConfigError(source, [f"cannot read file: {err.strerror or err}"]) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(source, [f"TOML syntax: {err}"]) from None
+        except UnicodeDecodeError as err:
+            raise ConfigError(source, [f"not valid UTF-8 (TOML files are UTF-8): byte {err.start}"]) from None
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue

@@ -192,7 +192,12 @@ def request(path: str, method: str, url: str, timeout: float = 10.0) -> tuple[in
     try:
         conn.request(method, url)
         resp = conn.getresponse()
-        return resp.status, json.loads(resp.read() or b"{}")
+        raw = resp.read()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:  # aiohttp's own plain-text errors (404 route, 400 line too long)
+            body = {"error": f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace').strip()}"}
+        return resp.status, body if isinstance(body, dict) else {"error": f"HTTP {resp.status}: unexpected answer"}
     except (FileNotFoundError, ConnectionRefusedError, PermissionError, socket.timeout) as err:
         raise DaemonUnreachable(f"{path}: {err}") from None
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 
 import libvirt
@@ -57,4 +58,27 @@ async def test_wait_idle_waits_for_a_call_still_running_on_the_connection() -> N
         assert await calls.wait_idle(conn, 5.0)
     finally:
         conn.close()
+        calls.shutdown()
+
+
+async def test_a_call_that_timed_out_while_queued_never_runs() -> None:
+    # one calling thread: callers who gave up must not leave a backlog behind a slow call
+    calls = Calls(Instruments(CollectorRegistry()), 1, 5.0)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def slow() -> None:
+        release.wait(5)
+        ran.append("slow")
+
+    try:
+        first = asyncio.ensure_future(calls.run("slow", slow, timeout=5.0))
+        await asyncio.sleep(0.05)
+        with pytest.raises(CallTimeout):
+            await calls.run("queued", lambda: ran.append("queued"), timeout=0.05)
+        release.set()
+        await first
+        assert await calls.run("after", lambda: ran.append("after") or len(ran)) == 2
+        assert ran == ["slow", "after"]
+    finally:
         calls.shutdown()

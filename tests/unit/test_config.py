@@ -109,3 +109,35 @@ def test_check_config_also_validates_the_web_config(tmp_path: Path) -> None:
 def test_demo_config_loads() -> None:
     s = load_settings(ROOT / "config" / "virtwatch.demo.toml")
     assert s.daemon.socket == ".demo/virtwatch.sock" and s.agent.enabled is False
+
+
+def test_found_by_a_new_user_are_errors_now(tmp_path) -> None:
+    # non-UTF-8 bytes: a clear error (a SIGHUP with such a file used to kill the daemon)
+    bad = tmp_path / "bad.toml"
+    bad.write_bytes(b"\xff\xfe[libvirt]\n")
+    with pytest.raises(ConfigError) as err:
+        load_settings(bad)
+    assert err.value.errors == ["not valid UTF-8 (TOML files are UTF-8): byte 0"]
+    # the bounds of [policy.defaults] hold in rules and profiles too; booleans are booleans
+    cases = {
+        "policy.match.0.restart_delay": {"policy.match": [{"glob": "w*", "restart_delay": -2}]},
+        "policy.profile.p.console_buffer": {"policy.profile": {"p": {"console_buffer": 0}}},
+        "policy.defaults.capture_console": {"policy.defaults": {"capture_console": "yes"}},
+        "console.enabled": {"console.enabled": "yes"},
+        "daemon.socket": {"daemon.socket": ""},
+        "libvirt.uri": {"libvirt.uri": ""},
+    }
+    for path, overrides in cases.items():
+        with pytest.raises(ConfigError) as err:
+            load_settings(None, overrides)
+        assert [e.split(":")[0] for e in err.value.errors] == [path]
+
+
+def test_console_capture_makes_auto_read_write() -> None:
+    from virtwatch.app import wants_read_only
+
+    assert wants_read_only(load_settings(None, {})) is True
+    assert wants_read_only(load_settings(None, {"console.guests": ["db*"]})) is False
+    assert wants_read_only(load_settings(None, {"policy.match": [{"glob": "w*", "capture_console": True}]})) is False
+    assert wants_read_only(load_settings(None, {"console.guests": ["db*"], "console.enabled": False})) is True
+    assert wants_read_only(load_settings(None, {"console.guests": ["db*"], "libvirt.read_only": "yes"})) is True

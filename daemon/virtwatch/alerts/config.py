@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 
 class AlertSettings(BaseModel):
@@ -47,7 +47,7 @@ class AlertSettings(BaseModel):
     )
     bearer_token_file: str | None = Field(None, description="file holding a bearer token (read at start)")
     tls_ca_file: str | None = Field(None, description="PEM CA bundle to verify https:// Alertmanagers")
-    tls_insecure_skip_verify: bool = Field(False, description="do not verify the Alertmanager's TLS certificate")
+    tls_insecure_skip_verify: StrictBool = Field(False, description="do not verify the Alertmanager's TLS certificate")
     instance: str = Field(
         default_factory=socket.gethostname, description="value of the 'instance' label (the host); default: hostname"
     )

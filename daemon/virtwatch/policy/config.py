@@ -27,7 +27,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model, field_validator, model_validator
 
 Mode = Literal["enforce", "dry-run", "observe"]
 StopReaction = Literal["restart", "leave"]
@@ -123,7 +123,7 @@ class GuestPolicy(BaseModel):
         DEFAULT_SHUTDOWN_STEPS,
         description="'virtwatch guests-save' fallbacks, e.g. ['managedsave:300', 'shutdown:120', 'destroy:30']",
     )
-    capture_console: bool = Field(False, description="keep a tail of the serial console (read by the console feature)")
+    capture_console: StrictBool = Field(False, description="keep a tail of the serial console (read by the console feature)")
     console_buffer: int = Field(64, ge=1, le=65536, description="console tail size, KiB")
 
     @field_validator("on_host_shutdown")
@@ -142,6 +142,8 @@ def _overlay_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for key, info in GuestPolicy.model_fields.items():
         ann = ShutdownSteps if key == "on_host_shutdown" else info.annotation
+        if info.metadata:  # keep the bounds (ge, gt, le...) the key has in [policy.defaults]
+            ann = Annotated[(ann, *info.metadata)]
         fields[key] = (Optional[ann], Field(None, description=info.description))
     return fields
 
@@ -203,7 +205,7 @@ class PolicySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(False, description="act on guests (needs a read-write libvirt connection); off = observe only")
+    enabled: StrictBool = Field(False, description="act on guests (needs a read-write libvirt connection); off = observe only")
     mode: Mode = Field("enforce", description="enforce, dry-run (log what would be done) or observe (track state only)")
     defaults: GuestPolicy = Field(GuestPolicy(), description="per-guest keys for every managed guest")
     profile: dict[str, PolicyOverlay] = Field(default_factory=dict, description="named sets of per-guest keys")  # type: ignore[valid-type]

@@ -59,6 +59,11 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
+#: Per-guest keys whose value is a boolean (written as text in the XML metadata).
+_BOOL_KEYS = frozenset(k for k, f in GuestPolicy.model_fields.items() if f.annotation is bool)
+_XML_BOOLEANS = {"true": True, "1": True, "false": False, "0": False}
+
+
 def parse_metadata(xml: str | None) -> GuestMetadata:
     """Parse our metadata element (None/empty: not present). Never raises: problems go to ``errors``."""
     if not xml or not xml.strip():
@@ -86,6 +91,8 @@ def parse_metadata(xml: str | None) -> GuestMetadata:
         errors.append(f"metadata.mode: {mode!r} is not one of enforce, dry-run, observe")
         mode = None
     values: dict[str, Any] = {}
+    for key in _BOOL_KEYS & raw.keys():  # XML text: xsd:boolean spellings become booleans
+        raw[key] = _XML_BOOLEANS.get(str(raw[key]).strip().lower(), raw[key])
     try:
         values = overlay_values(PolicyOverlay.model_validate(raw))
     except pydantic.ValidationError as err:

@@ -102,13 +102,18 @@ class Calls:
         """
         loop = asyncio.get_running_loop()
         limit = self.default_timeout if timeout is None else timeout
-        fut = loop.run_in_executor(self._pool, self._in_slot, call, fn, args, allow_retired)
+        cfut = self._pool.submit(self._in_slot, call, fn, args, allow_retired)
+        fut = asyncio.wrap_future(cfut, loop=loop)
         try:
             # asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancellation that
             # arrives as the call completes, and the cancelled task would run on forever
             async with asyncio.timeout(limit):
                 return await asyncio.shield(fut)
         except TimeoutError:
+            # Still queued behind another call: drop it, so that callers who gave up never
+            # build a backlog (one calling thread per connection). Already running: it keeps
+            # its thread until the C call returns; cancelling only detaches us from it.
+            cfut.cancel()  # synchronous: the worker can no longer pick it up
             fut.add_done_callback(_swallow)
             if count_errors:
                 self._instruments.api_errors.labels(call=call, code="timeout").inc()

@@ -37,7 +37,7 @@ from typing import Any, Literal, Mapping
 
 import pydantic
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..config import ConfigError
 
@@ -88,7 +88,7 @@ class TLSServerConfig(_Section):
     client_ca_file: Path | None = Field(None, description="PEM CA bundle that signs client certificates")
     min_version: TLSVersion = Field("TLS12", description="lowest TLS version accepted (TLS12 or TLS13)")
     max_version: TLSVersion | None = Field(None, description="highest TLS version (default: the library's)")
-    prefer_server_cipher_suites: bool = Field(True, description="accepted for compatibility; always on")
+    prefer_server_cipher_suites: StrictBool = Field(True, description="accepted for compatibility; always on")
 
     @field_validator("min_version", "max_version")
     @classmethod
@@ -129,7 +129,7 @@ class HTTPServerConfig(_Section):
     """``http_server_config``: extra response headers (exporter-toolkit allowlist)."""
 
     headers: dict[str, str] = Field(default_factory=dict, description="header name -> value, added to every response")
-    http2: bool = Field(True, description="accepted for compatibility; aiohttp serves HTTP/1.1")
+    http2: StrictBool = Field(True, description="accepted for compatibility; aiohttp serves HTTP/1.1")
 
     @field_validator("headers")
     @classmethod
