@@ -56,6 +56,11 @@ def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], floa
     return max(base / 2, min(cap, jittered))
 
 
+def open_connection(uri: str, read_only: bool) -> libvirt.virConnect:
+    """Blocking ``virConnectOpenReadOnly`` / ``virConnectOpen``; raises libvirtError."""
+    return libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
+
+
 def read_guest_list(conn: libvirt.virConnect) -> list[ResyncEntry]:
     """Every guest's name, UUID, state, reason, persistence and autostart.
 
@@ -175,8 +180,7 @@ class ConnectionManager:
 
     # -- internals ------------------------------------------------------------
     def _open(self) -> libvirt.virConnect:
-        uri = self.settings.uri
-        return libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
+        return open_connection(self.settings.uri, self.read_only)
 
     async def _connect(self) -> libvirt.virConnect | None:
         try:
@@ -474,8 +478,7 @@ class SideConnection:
             return
 
     def _open_blocking(self) -> libvirt.virConnect:
-        uri = self.settings.uri
-        return libvirt.openReadOnly(uri) if self.read_only else libvirt.open(uri)
+        return open_connection(self.settings.uri, self.read_only)
 
     async def _close(self, conn: libvirt.virConnect) -> None:
         # Queued on this connection's only thread: it runs after any call still

@@ -950,7 +950,8 @@ def console_log_command(args: argparse.Namespace) -> int:
 
 
 def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> int:
-    """Run ``console-log``; returns an exit code (0 found, 1 not found or daemon unreachable)."""
+    """Run ``console-log``; returns an exit code: 0 found; 1 no crash record, or the daemon
+    unreachable; 2 a bad request; 3 the guest's console is not captured (HTTP 404)."""
     if args.crash is not None or args.list:
         path = Path(args.state_dir or state_dir) / "console.sqlite"
         if not path.exists():
@@ -984,11 +985,18 @@ def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> i
         with urllib.request.urlopen(url, timeout=10) as resp:
             body = json.loads(resp.read())
     except urllib.error.HTTPError as err:
-        print(f"{args.guest}: {err.code} {err.reason}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as err:
+        try:  # the daemon says why (not captured, bad lines...): show that, not just the status
+            why = json.loads(err.read()).get("error") or err.reason
+        except (ValueError, OSError, AttributeError):
+            why = err.reason
+        print(f"{args.guest}: {why} (HTTP {err.code})", file=sys.stderr)
+        return 3 if err.code == 404 else 2
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
         print(f"daemon unreachable at {base}: {err}", file=sys.stderr)
         return 1
+    capture = body.get("capture") or {}
+    if capture.get("status") not in (None, "attached") and capture.get("last_error"):
+        print(f"# capture {capture['status']}: {capture['last_error']}", file=sys.stderr)
     for line in body.get("lines", []):
         print(line)
     return 0

@@ -3,8 +3,11 @@ attach, polling, EOF/takeover/busy handling, crash records, tail, HTTP."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
 import dataclasses
+import io
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from virtwatch.metrics.instruments import Instruments
 from virtwatch.virt.calls import Calls
-from virtwatch.virt.console import ConsoleCapture, ConsoleSettings
+from virtwatch.virt.console import ConsoleCapture, ConsoleSettings, console_log_main
 from virtwatch.virt.records import Event
 
 RUNNING, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUTOFF
@@ -284,6 +287,18 @@ async def test_http_console_endpoint(tmp_path: Path) -> None:
                 assert r.status == 404
             async with s.get(f"{base}/web-1/console?lines=x") as r:
                 assert r.status == 400
+        # the console-log CLI shows the daemon's own reason and exits 3 when not captured
+        err = io.StringIO()
+        args = argparse.Namespace(guest="nope", crash=None, list=False, state_dir=None, lines=5,
+                                  url=f"http://127.0.0.1:{port}")
+        with contextlib.redirect_stderr(err):
+            rc = await asyncio.to_thread(console_log_main, args, "/nonexistent", "127.0.0.1:9")
+        assert rc == 3 and "nope: console of 'nope' is not captured (HTTP 404)" in err.getvalue()
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            rc = await asyncio.to_thread(console_log_main, argparse.Namespace(**{**vars(args), "guest": "web-1"}),
+                                         "/nonexistent", "127.0.0.1:9")
+        assert rc == 0 and out.getvalue().splitlines() == ["l1", "l2", "l3"]
     finally:
         await runner.cleanup()
         await cap.stop()
