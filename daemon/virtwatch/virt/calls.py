@@ -8,13 +8,15 @@ but its thread keeps its slot until the C call really returns: a timed-out
 Python wait does not cancel the C call, so freeing the slot early would let
 stuck calls pile up.
 
-Closing a connection while another thread is inside a call on it frees the
-connection under that call: a segfault (reproduced on libvirt 9.0 with a
-frozen libvirtd, calls in flight and the keepalive closing the socket).
-So a connection is *retired* first (:meth:`Calls.retire`): calls that name
-it (as an argument, or as the object of a bound method) then fail at once
-with :class:`ConnectionRetired`, and the closer waits until the ones already
-running have returned (:meth:`Calls.wait_idle`) before it closes.
+A connection being torn down is *retired* first (:meth:`Calls.retire`):
+calls that name it (as an argument, or as the object of a bound method) then
+fail at once with :class:`ConnectionRetired` instead of queueing RPCs to a
+dead socket, and the closer waits until the ones already running have
+returned (:meth:`Calls.wait_idle`) before it closes, so ``close()`` never runs
+beside a call on the same connection. (The segfault seen on libvirt 9.0 with
+a frozen libvirtd came from several threads calling on one connection as it
+closed; one calling thread per connection avoids it, see
+:class:`~virtwatch.virt.connection.SideConnection`.)
 """
 
 from __future__ import annotations

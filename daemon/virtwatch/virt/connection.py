@@ -306,10 +306,10 @@ class ConnectionManager:
         timeout = min(5.0, self.settings.call_timeout)
         for call, fn in (("domainEventDeregisterAny", self._subs.deregister),
                          ("unregisterCloseCallback", _unregister_close)):
-            await self._teardown_step(call, fn, conn, timeout)
+            await teardown_step(self._calls, call, fn, conn, timeout)
         self._conn = None
         if await self._calls.wait_idle(conn, timeout):
-            await self._teardown_step("close", _close, conn, timeout)
+            await teardown_step(self._calls, "close", _close, conn, timeout)
             self._calls.forget(conn)
             return
         log.warning("libvirt_connection_parked", uri=self.settings.uri, calls_in_flight=self._calls.in_flight_on(conn),
@@ -318,17 +318,10 @@ class ConnectionManager:
         self._parked.add(task)
         task.add_done_callback(self._parked.discard)
 
-    async def _teardown_step(self, call: str, fn: Callable[[libvirt.virConnect], Any], conn: libvirt.virConnect,
-                             timeout: float) -> None:
-        try:
-            await self._calls.run(call, fn, conn, timeout=timeout, count_errors=False, allow_retired=True)
-        except (libvirt.libvirtError, CallTimeout) as err:
-            log.debug("teardown_step_failed", step=call, error=str(err).strip())
-
     async def _close_when_idle(self, conn: libvirt.virConnect) -> None:
         while not await self._calls.wait_idle(conn, 60.0):
             pass
-        await self._teardown_step("close", _close, conn, min(5.0, self.settings.call_timeout))
+        await teardown_step(self._calls, "close", _close, conn, min(5.0, self.settings.call_timeout))
         self._calls.forget(conn)
         log.info("libvirt_connection_closed_late", uri=self.settings.uri)
 
@@ -338,6 +331,15 @@ class ConnectionManager:
                 await self._stopping.wait()
         except TimeoutError:
             pass
+
+
+async def teardown_step(calls: Calls, call: str, fn: Callable[[libvirt.virConnect], Any], conn: libvirt.virConnect,
+                        timeout: float) -> None:
+    """Run one teardown call on ``conn`` (even when retired); a failure is only logged."""
+    try:
+        await calls.run(call, fn, conn, timeout=timeout, count_errors=False, allow_retired=True)
+    except (libvirt.libvirtError, CallTimeout) as err:
+        log.debug("teardown_step_failed", step=call, error=str(err).strip())
 
 
 def _unregister_close(conn: libvirt.virConnect) -> None:
@@ -374,8 +376,9 @@ class SideConnection:
     libvirt 9.0's RPC client crashes (SIGSEGV in its client IO loop, under
     ``virNetClientSendWithReply``) when two threads make calls on one
     connection and it closes under them (most likely a thread's GLib socket
-    watch outliving its stack frame and firing in the other thread). Reproduced here with a frozen libvirtd: 4 threads crash at
-    the first keepalive close, 1 thread never does. So every connection has
+    watch outliving its stack frame and firing in the other thread).
+    Reproduced here with a frozen libvirtd: 4 threads crash at the first
+    keepalive close, 1 thread never does. So every connection has
     exactly one calling thread, and a component that may block gets its own
     connection instead of a second thread on the main one.
 
@@ -483,8 +486,4 @@ class SideConnection:
     async def _close(self, conn: libvirt.virConnect) -> None:
         # Queued on this connection's only thread: it runs after any call still
         # inside libvirt has returned, never beside it.
-        try:
-            await self.calls.run("close", _close, conn, timeout=min(5.0, self.settings.call_timeout),
-                                 count_errors=False, allow_retired=True)
-        except (libvirt.libvirtError, CallTimeout) as err:
-            log.debug("side_close_failed", side=self.name, error=str(err).strip())
+        await teardown_step(self.calls, "close", _close, conn, min(5.0, self.settings.call_timeout))
