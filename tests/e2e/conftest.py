@@ -70,6 +70,17 @@ def guest_image(e2e_host: str) -> GuestImage:
     return ensure_image()
 
 
+@pytest.fixture(scope="module")
+def module_guest_factory(guest_image: GuestImage, request: pytest.FixtureRequest) -> Iterator[GuestFactory]:
+    """A GuestFactory shared by the tests of one module (guests that outlive a single test);
+    every guest it made is destroyed and undefined after the module."""
+    factory = GuestFactory(guest_image, test_name=request.module.__name__.rsplit(".", 1)[-1])
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
 @pytest.fixture
 def guest_factory(guest_image: GuestImage, request: pytest.FixtureRequest) -> Iterator[GuestFactory]:
     """A GuestFactory for one test; every guest it made is destroyed and undefined after."""

@@ -17,22 +17,13 @@ from pathlib import Path
 import libvirt
 import pytest
 
-from hostlib import READY_MARKER, START_SCRIPT, GuestFactory, GuestImage, VirtwatchProcess, sample
+from hostlib import READY_MARKER, START_SCRIPT, GuestFactory, VirtwatchProcess, sample
 
 
 @pytest.fixture(scope="module")
-def factory(guest_image: GuestImage) -> Iterator[GuestFactory]:
-    f = GuestFactory(guest_image, test_name="daemon-e2e")
-    try:
-        yield f
-    finally:
-        f.cleanup()
-
-
-@pytest.fixture(scope="module")
-def busy(factory: GuestFactory):
+def busy(module_guest_factory: GuestFactory):
     """Two guests writing/reading their disk and sending ARP traffic."""
-    guests = [factory.create("busy", options={"io": 1, "net": 1}, wait=False) for _ in range(2)]
+    guests = [module_guest_factory.create("busy", options={"io": 1, "net": 1}, wait=False) for _ in range(2)]
     for g in guests:
         g.wait_for_serial(READY_MARKER)
     return guests
@@ -79,14 +70,14 @@ def test_counters_grow_between_polls(daemon: VirtwatchProcess, busy) -> None:
     assert sample(text, "libvirt_version_info", libvirt="9.0.0") == 1
 
 
-def test_panic_and_destroy_events_are_counted(daemon: VirtwatchProcess, factory: GuestFactory) -> None:
+def test_panic_and_destroy_events_are_counted(daemon: VirtwatchProcess, module_guest_factory: GuestFactory) -> None:
     def count(event: str, detail: str) -> float:
         return sample(daemon.scrape(), "libvirt_events_total", kind="lifecycle", event=event, detail=detail) or 0.0
 
     crashed0, stopped0, destroyed0 = count("CRASHED", "PANICKED"), count("STOPPED", "CRASHED"), \
         count("STOPPED", "DESTROYED")
-    panic = factory.create("panic", options={"panic": 2}, persistent=True, wait=False)
-    victim = factory.create("victim", wait=True)
+    panic = module_guest_factory.create("panic", options={"panic": 2}, persistent=True, wait=False)
+    victim = module_guest_factory.create("victim", wait=True)
     panic.wait_for_state(libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED, timeout=60)
     daemon.wait_until(lambda: count("STOPPED", "CRASHED") >= stopped0 + 1, 10, "STOPPED/CRASHED not counted")
     assert count("CRASHED", "PANICKED") >= crashed0 + 1

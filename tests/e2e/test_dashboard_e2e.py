@@ -28,7 +28,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from hostlib import open_conn, READY_MARKER, REPO_ROOT, URI, GuestFactory, GuestImage, VirtwatchProcess, free_port
+from hostlib import open_conn, READY_MARKER, REPO_ROOT, URI, GuestFactory, VirtwatchProcess, free_port
 
 DASHBOARD = REPO_ROOT / "config" / "grafana" / "virtwatch-dashboard.json"
 RATE_INTERVAL = "15s"
@@ -150,20 +150,11 @@ def substitute(expr: str, variables: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def factory(guest_image: GuestImage) -> Iterator[GuestFactory]:
-    f = GuestFactory(guest_image, test_name="dashboard-e2e")
-    try:
-        yield f
-    finally:
-        f.cleanup()
-
-
-@pytest.fixture(scope="module")
-def pool(factory: GuestFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def pool(module_guest_factory: GuestFactory, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A transient, active directory storage pool (gone when destroyed)."""
     d = tmp_path_factory.mktemp("pool")
-    name = f"vwe2e-dashpool-{factory.run_id[-6:]}"
-    factory.conn.storagePoolCreateXML(
+    name = f"vwe2e-dashpool-{module_guest_factory.run_id[-6:]}"
+    module_guest_factory.conn.storagePoolCreateXML(
         f"<pool type='dir'><name>{name}</name><target><path>{d}</path></target></pool>", 0)
     try:
         yield name
@@ -180,12 +171,13 @@ def pool(factory: GuestFactory, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 @pytest.fixture(scope="module")
-def stack(factory: GuestFactory, pool: str, tmp_path_factory: pytest.TempPathFactory):
+def stack(module_guest_factory: GuestFactory, pool: str, tmp_path_factory: pytest.TempPathFactory):
     """Guests + virtwatch (policy on) + Prometheus scraping it; yields (daemon, prometheus, guests)."""
     # The busy guests have a guest-agent channel but run no agent: virtwatch's agent lane tries
     # them after its start and libvirt answers "agent not connected" (counted in
     # libvirt_api_errors_total), so the API errors panel has real data.
-    busy = [factory.create(LABEL_BUSY, options={"io": 1, "net": 1}, agent=True, wait=False) for _ in range(2)]
+    busy = [module_guest_factory.create(LABEL_BUSY, options={"io": 1, "net": 1}, agent=True, wait=False)
+            for _ in range(2)]
     for g in busy:
         g.wait_for_serial(READY_MARKER)
     workdir = tmp_path_factory.mktemp("virtwatch")
@@ -211,7 +203,7 @@ glob = "vwe2e-dash*"   # this module's guests only, not other vwe2e-* guests on 
     prom = None
     try:
         # A persistent guest that panics 3 s after boot, over and over: the policy restarts it.
-        panic = factory.create(LABEL_PANIC, options={"panic": 3}, persistent=True, wait=False)
+        panic = module_guest_factory.create(LABEL_PANIC, options={"panic": 3}, persistent=True, wait=False)
         prom = PrometheusProcess(tmp_path_factory.mktemp("prometheus"), [
             {"job_name": "virtwatch", "static_configs": [{"targets": [f"127.0.0.1:{daemon.port}"]}]}]).start()
         yield daemon, prom, {"busy": busy, "panic": panic, "pool": pool}
@@ -220,7 +212,7 @@ glob = "vwe2e-dash*"   # this module's guests only, not other vwe2e-* guests on 
             prom.stop()
         # End the crash loop the operator's way: hold the guest (no more policy actions), then
         # destroy it, so no restart is in flight at SIGTERM.
-        for g in factory.guests:
+        for g in module_guest_factory.guests:
             if g.persistent:
                 hold = subprocess.run([sys.executable, "-m", "virtwatch", "hold", "--socket",
                                        str(workdir / "virtwatch.sock"), g.name], capture_output=True, text=True,
