@@ -352,6 +352,8 @@ class Daemon:
             self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
             self.loop.create_task(self.agent.run(), name="guest-agent"),
         ]
+        for task in self._tasks:
+            task.add_done_callback(_report_task_end)
         log.info("virtwatch_started", version=__version__, listen=self.settings.http.listen,
                  bound=self.listen_address, uri=self.settings.libvirt.uri, read_only=self.read_only,
                  poll_interval=self.settings.stats.poll_interval)
@@ -412,6 +414,18 @@ def _jsonable(v: Any) -> Any:
     if isinstance(v, dict):
         return {str(k): _jsonable(x) for k, x in v.items()}
     return str(v)
+
+
+def _report_task_end(task: asyncio.Task[Any]) -> None:
+    """Log a daemon task that ended other than by cancellation (a bug): at once, with
+    its traceback. :meth:`Daemon.healthy` is False from then on, so the systemd
+    watchdog stops being fed and ``Restart=on-failure`` restarts the daemon."""
+    if task.cancelled():
+        return
+    err = task.exception()
+    log.error("task_failed", task=task.get_name(), error=repr(err),
+              exc_info=(type(err), err, err.__traceback__) if err is not None else None,
+              detail="watchdog no longer fed; systemd restarts the daemon")
 
 
 async def _cancel(task: asyncio.Task[Any] | None) -> None:

@@ -275,7 +275,11 @@ class StatsPoller:
                 await self._connection.ready.wait()
                 next_due = self._monotonic()
                 continue
-            await self.poll_once()
+            try:
+                await self.poll_once()
+            except Exception:  # a bug must cost one poll, not every poll after it
+                self._instruments.poll_errors.inc()
+                log.exception("poll_crashed")
             next_due += interval
             missed = 0
             now = self._monotonic()
@@ -353,6 +357,13 @@ class StatsPoller:
             except CallTimeout:
                 ok = False
                 self._instruments.poll_errors.inc()
+                log.warning("host_stats_timeout", timeout_seconds=timeout)
+            except libvirt.libvirtError as err:
+                # each host call catches its own errors, so this is the whole call refused:
+                # the connection was retired (lost) while this call waited for its thread
+                ok = False
+                self._instruments.poll_errors.inc()
+                log.warning("host_stats_failed", error=str(err).strip(), code=error_code_name(err))
         domains = dict(fresh)
         self._last = domains  # stale entries already carry their last answer
         duration = self._monotonic() - started
