@@ -43,3 +43,42 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
     The sort is stable, so the order within each group is unchanged.
     """
     items.sort(key=lambda item: "event_impl" in getattr(item, "fixturenames", ()))
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remember the session's exit status for :func:`pytest_unconfigure`."""
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Leave without interpreter finalization, as ``virtwatch run`` does.
+
+    Finalization frees every libvirt object still referenced, and joins the
+    non-daemon threads of ``asyncio.to_thread``. One libvirt call stuck in C
+    since a libvirtd freeze or restart (e2e tests make both happen) holds its
+    connection's lock forever, so either step can block for good: a suite that
+    had passed then never exited (seen in CI, which gave up after 90 minutes).
+    Threads still alive are named on stderr, then the process exits with the
+    session's status.
+    """
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is None:  # no session ran (usage error, --help): exit normally
+        return
+    import os
+    import sys
+    import threading
+
+    alive = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    if alive:
+        names = ", ".join(sorted(f"{t.name}{'' if t.daemon else ' (non-daemon)'}" for t in alive))
+        print(f"conftest: exiting past {len(alive)} live thread(s): {names}", file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+    os._exit(status)
