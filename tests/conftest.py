@@ -49,8 +49,15 @@ _EXIT_STATUS = pytest.StashKey[int]()
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Remember the session's exit status for :func:`pytest_unconfigure`."""
+    """Remember the session's exit status for :func:`pytest_unconfigure`, and arm a
+    last-resort watchdog: should the process still be alive 5 minutes later (a hang
+    in some plugin's teardown, before ours runs), every thread's stack is written to
+    stderr and the process exits 1, instead of CI waiting out its 90 minutes."""
+    import faulthandler
+    import sys
+
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
+    faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)
 
 
 @pytest.hookimpl(trylast=True)
@@ -71,11 +78,13 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     import os
     import sys
     import threading
+    from collections import Counter
 
-    alive = [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+    alive = Counter(f"{t.name}{'' if t.daemon else ' (non-daemon)'}" for t in threading.enumerate()
+                    if t is not threading.main_thread() and t.is_alive())
     if alive:
-        names = ", ".join(sorted(f"{t.name}{'' if t.daemon else ' (non-daemon)'}" for t in alive))
-        print(f"conftest: exiting past {len(alive)} live thread(s): {names}", file=sys.stderr)
+        names = ", ".join(f"{name} x{n}" for name, n in sorted(alive.items()))
+        print(f"conftest: exiting past {sum(alive.values())} live thread(s): {names}", file=sys.stderr)
     for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
         try:
             stream.flush()

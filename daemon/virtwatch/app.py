@@ -165,6 +165,7 @@ class Daemon:
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http.extra_routes.append(self.console.add_routes)
         self._tasks: list[asyncio.Task[Any]] = []
+        self._stopping = False
         self._runner: web.AppRunner | None = None
         self.listen_address: tuple[str, int] | None = None
         self.started_at = wall_clock()
@@ -353,7 +354,7 @@ class Daemon:
             self.loop.create_task(self.agent.run(), name="guest-agent"),
         ]
         for task in self._tasks:
-            task.add_done_callback(_report_task_end)
+            task.add_done_callback(lambda t: _report_task_end(t, self._stopping))
         log.info("virtwatch_started", version=__version__, listen=self.settings.http.listen,
                  bound=self.listen_address, uri=self.settings.libvirt.uri, read_only=self.read_only,
                  poll_interval=self.settings.stats.poll_interval)
@@ -367,6 +368,7 @@ class Daemon:
         """Stop in order: poller, libvirt connection (teardown order of design
         doc §3a), drain libvirtaio, event pump, HTTP. Bounded by
         ``daemon.shutdown_timeout``."""
+        self._stopping = True
         deadline = self.loop.time() + self.settings.daemon.shutdown_timeout
         by_name = {t.get_name(): t for t in self._tasks}
         for name in ("stats-poller", "backlog-gauge"):
@@ -416,14 +418,15 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def _report_task_end(task: asyncio.Task[Any]) -> None:
-    """Log a daemon task that ended other than by cancellation (a bug): at once, with
-    its traceback. :meth:`Daemon.healthy` is False from then on, so the systemd
-    watchdog stops being fed and ``Restart=on-failure`` restarts the daemon."""
-    if task.cancelled():
+def _report_task_end(task: asyncio.Task[Any], stopping: bool) -> None:
+    """Log a daemon task that ended before :meth:`Daemon.stop` (a bug): at once, with
+    its traceback if it raised. :meth:`Daemon.healthy` is False from then on, so the
+    systemd watchdog stops being fed and ``Restart=on-failure`` restarts the daemon.
+    Tasks that end during a stop, or by cancellation, are not reported."""
+    if stopping or task.cancelled():
         return
     err = task.exception()
-    log.error("task_failed", task=task.get_name(), error=repr(err),
+    log.error("task_failed", task=task.get_name(), error=repr(err) if err is not None else "returned",
               exc_info=(type(err), err, err.__traceback__) if err is not None else None,
               detail="watchdog no longer fed; systemd restarts the daemon")
 

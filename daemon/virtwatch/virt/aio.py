@@ -15,6 +15,9 @@ are replayed on the loop thread with ``call_soon_threadsafe``. Handle and
 timer ids are allocated synchronously, as libvirt requires, so the calling
 thread gets its id back at once.
 
+Removals after the loop has closed (objects freed at process exit) never
+call libvirt's free callback: see :meth:`ThreadSafeAsyncIOImpl._submit`.
+
 It also fixes libvirtaio's timers: changing a running timer's interval
 restarts its sleep (stock libvirtaio finished the old sleep first, so a 3 s
 timer changed to 10 ms still fired after 3 s).
@@ -58,20 +61,25 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         self._known: set[int] = set()
         self._ids = itertools.count(1)
         self._flush_scheduled = False
+        self.dropped_after_close = 0  # removals after the loop closed whose free was left to process exit
 
     # -- ordering machinery -------------------------------------------------
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
         """Queue ``fn(*args)`` in call order; run now if on the loop thread.
 
-        Once the loop is closed nothing can be dispatched any more: removals
-        free libvirt's opaque data at once, adds and updates are dropped
-        (libvirt objects freed at interpreter exit end up here).
+        Once the loop is closed nothing can be dispatched any more: adds and
+        updates are dropped, and removals forget the callback *without*
+        freeing libvirt's opaque data (libvirt objects freed at interpreter
+        exit end up here). libvirt calls remove with the object's lock held
+        (``virNetSocketRemoveIOCallback``) and the free callback takes that
+        same lock, so freeing here deadlocks: it hung pytest's exit in CI
+        for 90 minutes. The free must come later, from the loop, and no loop
+        runs any more: the data is left to the exiting process.
         """
         if self.loop.is_closed():
             if fn in (self._do_remove_handle, self._do_remove_timeout):
-                callback = self.callbacks.pop(args[0], None)
-                if callback is not None:
-                    libvirt.virEventInvokeFreeCallback(callback.opaque)
+                if self.callbacks.pop(args[0], None) is not None:
+                    self.dropped_after_close += 1
             return
         with self._lock:
             self._ops.append((fn, args))
@@ -97,11 +105,12 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
             fn(*args)
 
     def schedule_ff_callback(self, iden: int, opaque: Any) -> None:
-        """Free libvirt's opaque data of a removed handle/timer on the loop; once
-        the loop is closed (an object freed at interpreter exit) free it at once
-        instead of failing with "Event loop is closed"."""
+        """Free libvirt's opaque data of a removed handle/timer later, on the
+        loop (never inside the remove: see :meth:`_submit`). Once the loop is
+        closed the data is left to the exiting process instead of failing with
+        "Event loop is closed"."""
         if self.loop.is_closed():
-            libvirt.virEventInvokeFreeCallback(opaque)
+            self.dropped_after_close += 1
             return
         super().schedule_ff_callback(iden, opaque)
 

@@ -1,4 +1,5 @@
-"""Daemon task supervision: a task that ends with an exception is reported at once."""
+"""Daemon task supervision: a task that ends before the daemon stops is reported at
+once; tasks that end while it stops, or are cancelled, are not."""
 
 from __future__ import annotations
 
@@ -9,18 +10,27 @@ from structlog.testing import capture_logs
 from virtwatch.app import _report_task_end
 
 
-async def test_a_daemon_task_that_dies_is_logged_at_once_and_a_cancelled_one_is_not() -> None:
+async def test_a_task_that_dies_or_returns_early_is_logged_and_a_stop_is_not() -> None:
     async def broken() -> None:
         raise KeyError("bug")
 
+    async def returns() -> None:
+        return None
+
     loop = asyncio.get_running_loop()
     dead = loop.create_task(broken(), name="stats-poller")
-    stopped = loop.create_task(asyncio.sleep(10), name="guest-agent")
+    ended = loop.create_task(returns(), name="connection")
+    cancelled = loop.create_task(asyncio.sleep(10), name="guest-agent")
     await asyncio.sleep(0)
-    stopped.cancel()
-    await asyncio.wait([dead, stopped])
+    cancelled.cancel()
+    await asyncio.wait([dead, ended, cancelled])
     with capture_logs() as logs:
-        _report_task_end(dead)
-        _report_task_end(stopped)
+        for task in (dead, ended, cancelled):
+            _report_task_end(task, stopping=False)
     assert [(e["event"], e["task"], e["error"], e["log_level"]) for e in logs] == [
-        ("task_failed", "stats-poller", "KeyError('bug')", "error")]
+        ("task_failed", "stats-poller", "KeyError('bug')", "error"),
+        ("task_failed", "connection", "returned", "error")]
+    with capture_logs() as logs:
+        for task in (dead, ended, cancelled):
+            _report_task_end(task, stopping=True)  # the connection task returns at every stop
+    assert logs == []
