@@ -60,34 +60,39 @@ async def test_stuck_guest_goes_stale_and_recovers(actor, make_guests) -> None:
     registry = CollectorRegistry()
     instruments = Instruments(registry)
     settings = load_settings(None, {"stats.poll_interval": 1.0, "stats.poll_timeout": 0.3, "stats.host": False})
-    poller = StatsPoller(settings.stats, Conn(actor), Calls(instruments, 8), instruments, source=source)
+    calls = Calls(instruments, 8)
+    poller = StatsPoller(settings.stats, Conn(actor), calls, instruments, source=source)
+    try:
 
-    # first poll: the bulk call hangs past the deadline -> each guest probed alone
-    source.release.clear()
-    snap = await poller.poll_once()
-    assert registry.get_sample_value("libvirt_poll_errors_total") == 1
-    by_name = {d.name: d for d in snap.domains.values()}
-    assert by_name[stuck].stale is True
-    assert all(by_name[n].stale is False for n in names[1:])
-    stuck_uuid = next(d.UUIDString() for d in doms if d.name() == stuck)
-    assert [d.uuid for d in snap.domains.values() if d.stale] == [stuck_uuid]
-    assert poller.stale == frozenset({stuck_uuid})
+        # first poll: the bulk call hangs past the deadline -> each guest probed alone
+        source.release.clear()
+        snap = await poller.poll_once()
+        assert registry.get_sample_value("libvirt_poll_errors_total") == 1
+        by_name = {d.name: d for d in snap.domains.values()}
+        assert by_name[stuck].stale is True
+        assert all(by_name[n].stale is False for n in names[1:])
+        stuck_uuid = next(d.UUIDString() for d in doms if d.name() == stuck)
+        assert [d.uuid for d in snap.domains.values() if d.stale] == [stuck_uuid]
+        assert poller.stale == frozenset({stuck_uuid})
 
-    # next poll: only the responsive guests in one call; the stuck probe is still in flight
-    source.calls.clear()
-    snap = await poller.poll_once()
-    bulk = [c for c in source.calls if c[0] == "some" and len(c[1]) > 1]
-    assert bulk and stuck not in bulk[0][1]
-    assert all(n in bulk[0][1] for n in names[1:])
-    assert not any(c[0] == "all" for c in source.calls)
-    assert {d.name: d.stale for d in snap.domains.values()}[stuck] is True
+        # next poll: only the responsive guests in one call; the stuck probe is still in flight
+        source.calls.clear()
+        snap = await poller.poll_once()
+        bulk = [c for c in source.calls if c[0] == "some" and len(c[1]) > 1]
+        assert bulk and stuck not in bulk[0][1]
+        assert all(n in bulk[0][1] for n in names[1:])
+        assert not any(c[0] == "all" for c in source.calls)
+        assert {d.name: d.stale for d in snap.domains.values()}[stuck] is True
 
-    # the guest answers again -> fresh on the next poll, and bulk polling resumes after
-    source.release.set()
-    await asyncio.sleep(0.1)
-    snap = await poller.poll_once()
-    assert {d.name: d.stale for d in snap.domains.values()}[stuck] is False
-    assert poller.stale == frozenset()
-    source.calls.clear()
-    await poller.poll_once()
-    assert source.calls[0][0] == "all"
+        # the guest answers again -> fresh on the next poll, and bulk polling resumes after
+        source.release.set()
+        await asyncio.sleep(0.1)
+        snap = await poller.poll_once()
+        assert {d.name: d.stale for d in snap.domains.values()}[stuck] is False
+        assert poller.stale == frozenset()
+        source.calls.clear()
+        await poller.poll_once()
+        assert source.calls[0][0] == "all"
+    finally:
+        source.release.set()
+        calls.shutdown()

@@ -128,8 +128,8 @@ async def until(cond: Any, timeout: float = 5.0) -> float:
 
 async def test_agent_refresh_sets_timeout_and_exports_metrics() -> None:
     guests = Guests(G("a", "u-a"), G("b", "u-noagent"))
-    agent = GuestAgent(AgentSettings(interval=0.1, timeout=3, startup_delay=0), Calls(Instruments(
-        CollectorRegistry()), 4, 5.0), guests, wall=lambda: 1000.0)
+    calls = Calls(Instruments(CollectorRegistry()), 4, 5.0)
+    agent = GuestAgent(AgentSettings(interval=0.1, timeout=3, startup_delay=0), calls, guests, wall=lambda: 1000.0)
     conn = FakeConn()
     agent.connection_ready(conn)
     task = asyncio.get_running_loop().create_task(agent.run())
@@ -156,6 +156,7 @@ async def test_agent_refresh_sets_timeout_and_exports_metrics() -> None:
         assert conn.peak == 1
     finally:
         task.cancel()
+        calls.shutdown()
 
 
 async def test_hung_agent_holds_one_slot_and_others_keep_working() -> None:
@@ -183,11 +184,13 @@ async def test_hung_agent_holds_one_slot_and_others_keep_working() -> None:
     finally:
         conn.release.set()
         task.cancel()
+        calls.shutdown()
 
 
 def test_drift_free_schedule() -> None:
-    agent = GuestAgent(AgentSettings(interval=10.0), Calls(Instruments(CollectorRegistry()), 1), Guests(),
-                       mono=lambda: 0.0)
+    calls = Calls(Instruments(CollectorRegistry()), 1)
+    agent = GuestAgent(AgentSettings(interval=10.0), calls, Guests(), mono=lambda: 0.0)
+    calls.shutdown()  # the schedule needs no call
     agent._advance("g", 100.0, 103.0)  # work started 3 s late: next deadline still 110
     assert agent._due["g"] == 110.0
     agent._advance("g", 110.0, 135.5)  # missed two deadlines: skip to the next one ahead, no catch-up burst

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import io
 from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import aiohttp
@@ -122,8 +123,18 @@ def settings(**kw: Any) -> ConsoleSettings:
     return ConsoleSettings(**base)
 
 
-def calls() -> Calls:
-    return Calls(Instruments(CollectorRegistry()), 4, 5.0)
+@pytest.fixture
+def calls() -> Iterator[Callable[[], Calls]]:
+    """Makes ``Calls`` pools (4 threads, 5 s deadline); all are shut down after the test."""
+    made: list[Calls] = []
+
+    def make() -> Calls:
+        made.append(Calls(Instruments(CollectorRegistry()), 4, 5.0))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.shutdown()
 
 
 async def until(cond: Any, timeout: float = 3.0) -> float:
@@ -134,7 +145,7 @@ def event(kind: str, ev: str, detail: str, name: str = "web-1", seq: int = 1, t:
     return Event(time=t, seq=seq, source="domain", kind=kind, name=name, uuid="uuid-" + name, event=ev, detail=detail)
 
 
-async def test_selection_by_glob_and_selector() -> None:
+async def test_selection_by_glob_and_selector(calls: Callable[[], Calls]) -> None:
     cap = ConsoleCapture(settings(), calls(), Guests(), None, selector=lambda n: 8 if n == "db" else None)
     assert cap.wants("web-1") and cap.wants("db") and not cap.wants("mail")
     off = ConsoleCapture(settings(enabled=False), calls(), Guests(), None)
@@ -142,7 +153,7 @@ async def test_selection_by_glob_and_selector() -> None:
     assert cap.uses_stream_callbacks() is False
 
 
-async def test_attach_reads_into_ring_then_reattaches_after_takeover(tmp_path: Path) -> None:
+async def test_attach_reads_into_ring_then_reattaches_after_takeover(tmp_path: Path, calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"hello\r\n", -2, b"world\n", b""], [b"again\n"]])
     guests = Guests(G("web-1", "uuid-web-1", RUNNING), G("mail", "uuid-mail", RUNNING))
     cap = ConsoleCapture(settings(), calls(), guests, tmp_path)
@@ -161,7 +172,7 @@ async def test_attach_reads_into_ring_then_reattaches_after_takeover(tmp_path: P
     assert cap.attached() == []
 
 
-async def test_busy_console_backs_off_then_attaches() -> None:
+async def test_busy_console_backs_off_then_attaches(calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"got it\n"]])
     conn.busy = True
     cap = ConsoleCapture(settings(), calls(), Guests(G("web-1", "uuid-web-1", RUNNING)), None)
@@ -175,7 +186,7 @@ async def test_busy_console_backs_off_then_attaches() -> None:
     await cap.stop()
 
 
-async def test_force_flag_is_passed_only_when_configured() -> None:
+async def test_force_flag_is_passed_only_when_configured(calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"x\n"]])
     cap = ConsoleCapture(settings(force=True), calls(), Guests(G("web-1", "uuid-web-1", RUNNING)), None)
     assert await cap.attach("web-1") == "detached"  # not connected yet
@@ -186,7 +197,7 @@ async def test_force_flag_is_passed_only_when_configured() -> None:
     await cap.stop()
 
 
-async def test_stopped_guest_waits_for_started_event() -> None:
+async def test_stopped_guest_waits_for_started_event(calls: Callable[[], Calls]) -> None:
     guests = Guests(G("web-1", "uuid-web-1", RUNNING))
     conn = FakeConn([[b"boot 1\n", b""], [b"boot 2\n"]])
     cap = ConsoleCapture(settings(), calls(), guests, None)
@@ -203,7 +214,7 @@ async def test_stopped_guest_waits_for_started_event() -> None:
     await cap.stop()
 
 
-async def test_read_cap_per_tick_bounds_work() -> None:
+async def test_read_cap_per_tick_bounds_work(calls: Callable[[], Calls]) -> None:
     big = [b"y" * 65536 for _ in range(20)]
     conn = FakeConn([big])
     cap = ConsoleCapture(settings(max_read_per_tick=128 * 1024, buffer_kib=64, guests=("web-1",)), calls(),
@@ -217,7 +228,7 @@ async def test_read_cap_per_tick_bounds_work() -> None:
     await cap.stop()
 
 
-async def test_stream_error_detaches() -> None:
+async def test_stream_error_detaches(calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"a\n", lv_error(libvirt.VIR_ERR_RPC)], [b"b\n"]])
     cap = ConsoleCapture(settings(), calls(), Guests(G("web-1", "uuid-web-1", RUNNING)), None)
     cap.connection_ready(conn)
@@ -226,7 +237,7 @@ async def test_stream_error_detaches() -> None:
     await cap.stop()
 
 
-async def test_crash_persists_tail_and_log_file_coalesced(tmp_path: Path) -> None:
+async def test_crash_persists_tail_and_log_file_coalesced(tmp_path: Path, calls: Callable[[], Calls]) -> None:
     serial = tmp_path / "serial.log"
     serial.write_text("".join(f"early {i}\n" for i in range(300)))
     lines = b"".join(b"VWLINE %d\r\n" % i for i in range(250))
@@ -253,7 +264,7 @@ async def test_crash_persists_tail_and_log_file_coalesced(tmp_path: Path) -> Non
     await cap.stop()
 
 
-async def test_http_console_endpoint(tmp_path: Path) -> None:
+async def test_http_console_endpoint(tmp_path: Path, calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"l1\nl2\nl3\n"]])
     cap = ConsoleCapture(settings(), calls(), Guests(G("web-1", "uuid-web-1", RUNNING)), tmp_path)
     await cap.start()
@@ -304,7 +315,7 @@ async def test_http_console_endpoint(tmp_path: Path) -> None:
         await cap.stop()
 
 
-async def test_connection_lost_drops_streams_and_reattaches_on_ready() -> None:
+async def test_connection_lost_drops_streams_and_reattaches_on_ready(calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"first\n"], [b"second\n"]])
     cap = ConsoleCapture(settings(), calls(), Guests(G("web-1", "uuid-web-1", RUNNING)), None)
     cap.connection_ready(conn)
@@ -318,7 +329,7 @@ async def test_connection_lost_drops_streams_and_reattaches_on_ready() -> None:
     await cap.stop()
 
 
-async def test_policy_selection_sizes_the_ring_and_reselect_attaches_then_releases() -> None:
+async def test_policy_selection_sizes_the_ring_and_reselect_attaches_then_releases(calls: Callable[[], Calls]) -> None:
     # selector = the policy's console_buffer (KiB) when capture_console is on, else None
     policy: dict[str, int] = {}
     conn = FakeConn([[b"boot\n"], [b"again\n"]])
