@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
+import os
+import sys
+import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -53,9 +58,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     last-resort watchdog: should the process still be alive 5 minutes later (a hang
     in some plugin's teardown, before ours runs), every thread's stack is written to
     stderr and the process exits 1, instead of CI waiting out its 90 minutes."""
-    import faulthandler
-    import sys
-
     session.config.stash[_EXIT_STATUS] = int(exitstatus)
     faulthandler.dump_traceback_later(300, exit=True, file=sys.__stderr__)
 
@@ -75,11 +77,6 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     status = config.stash.get(_EXIT_STATUS, None)
     if status is None:  # no session ran (usage error, --help): exit normally
         return
-    import os
-    import sys
-    import threading
-    from collections import Counter
-
     alive = Counter(f"{t.name}{'' if t.daemon else ' (non-daemon)'}" for t in threading.enumerate()
                     if t is not threading.main_thread() and t.is_alive())
     if alive:

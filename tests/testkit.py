@@ -41,3 +41,13 @@ def sample(text: str, name: str, **labels: str) -> float | None:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return s.value
     return None
+
+
+class ReadyConnection:
+    """Connection port for a :class:`~virtwatch.virt.stats.StatsPoller`: ``conn``
+    (a test-driver connection), always ready."""
+
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+        self.ready = asyncio.Event()
+        self.ready.set()

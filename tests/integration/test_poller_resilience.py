@@ -10,9 +10,12 @@ no poll ever ran after.)
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
+import pytest
 from prometheus_client import CollectorRegistry
+from testkit import ReadyConnection, until
 
 from virtwatch.config import load_settings
 from virtwatch.metrics.instruments import Instruments
@@ -20,13 +23,21 @@ from virtwatch.virt.calls import Calls
 from virtwatch.virt.stats import LibvirtStatsSource, StatsPoller
 
 
-class Conn:
-    """Connection port: the actor connection, always ready."""
+class Metered:
+    """A one-thread ``Calls`` and the registry its instruments count into."""
 
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.ready = asyncio.Event()
-        self.ready.set()
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.instruments = Instruments(self.registry)
+        self.calls = Calls(self.instruments, 1)
+
+
+@pytest.fixture
+def metered() -> Iterator[Metered]:
+    """A :class:`Metered`; its pool is shut down after the test."""
+    m = Metered()
+    yield m
+    m.calls.shutdown()
 
 
 class RetiringSource(LibvirtStatsSource):
@@ -58,14 +69,12 @@ class FailingOnceSource(LibvirtStatsSource):
         return super().all_domains(conn, flags)
 
 
-async def test_connection_retired_between_calls_fails_one_poll(actor, make_guests) -> None:
+async def test_connection_retired_between_calls_fails_one_poll(actor, make_guests, metered: Metered) -> None:
     await asyncio.to_thread(make_guests, "retire", 2)
-    registry = CollectorRegistry()
-    instruments = Instruments(registry)
-    calls = Calls(instruments, 1)
+    registry, calls = metered.registry, metered.calls
     settings = load_settings(None, {"stats.poll_interval": 1.0, "stats.host": True})
-    poller = StatsPoller(settings.stats, Conn(actor), calls, instruments, source=RetiringSource(calls),
-                         wall=lambda: 1000.0)
+    poller = StatsPoller(settings.stats, ReadyConnection(actor), calls, metered.instruments,
+                         source=RetiringSource(calls), wall=lambda: 1000.0)
 
     snap = await poller.poll_once()  # before the fix: ConnectionRetired escaped here
     assert snap is not None and snap.host is None
@@ -79,26 +88,19 @@ async def test_connection_retired_between_calls_fails_one_poll(actor, make_guest
     assert snap is not None and snap.host is not None and snap.host.node_info is not None
     assert registry.get_sample_value("libvirt_last_poll_success_timestamp_seconds") == 1000.0
     assert len([d for d in snap.domains.values() if d.name.startswith("retire")]) == 2
-    calls.shutdown()
 
 
-async def test_unexpected_error_costs_one_poll_not_the_poller(actor, make_guests) -> None:
+async def test_unexpected_error_costs_one_poll_not_the_poller(actor, make_guests, metered: Metered) -> None:
     await asyncio.to_thread(make_guests, "oops", 1)
-    registry = CollectorRegistry()
-    instruments = Instruments(registry)
-    calls = Calls(instruments, 1)
     settings = load_settings(None, {"stats.poll_interval": 0.1, "stats.host": False})
     snaps: list[Any] = []
-    poller = StatsPoller(settings.stats, Conn(actor), calls, instruments, source=FailingOnceSource(),
-                         on_snapshot=snaps.append)
+    poller = StatsPoller(settings.stats, ReadyConnection(actor), metered.calls, metered.instruments,
+                         source=FailingOnceSource(), on_snapshot=snaps.append)
     task = asyncio.get_running_loop().create_task(poller.run())
     try:
-        async with asyncio.timeout(10):
-            while len(snaps) < 2:
-                await asyncio.sleep(0.01)
+        await until(lambda: len(snaps) >= 2, 10, "two snapshots after the failed poll")
         assert not task.done()
-        assert registry.get_sample_value("libvirt_poll_errors_total") == 1
+        assert metered.registry.get_sample_value("libvirt_poll_errors_total") == 1
         assert any(d.name.startswith("oops") for d in snaps[-1].domains.values())
     finally:
         task.cancel()
-        calls.shutdown()

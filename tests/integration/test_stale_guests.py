@@ -18,6 +18,7 @@ from virtwatch.virt.calls import Calls
 from virtwatch.virt.stats import LibvirtStatsSource, StatsPoller
 
 from prometheus_client import CollectorRegistry
+from testkit import ReadyConnection
 
 
 class StuckGuestSource(LibvirtStatsSource):
@@ -43,15 +44,6 @@ class StuckGuestSource(LibvirtStatsSource):
         return super().some_domains(conn, doms, flags)
 
 
-class Conn:
-    """Connection port: the actor connection, always ready."""
-
-    def __init__(self, conn: Any) -> None:
-        self.conn = conn
-        self.ready = asyncio.Event()
-        self.ready.set()
-
-
 async def test_stuck_guest_goes_stale_and_recovers(actor, make_guests) -> None:
     doms = await asyncio.to_thread(make_guests, "stale", 3)
     names = sorted(d.name() for d in doms)
@@ -61,7 +53,7 @@ async def test_stuck_guest_goes_stale_and_recovers(actor, make_guests) -> None:
     instruments = Instruments(registry)
     settings = load_settings(None, {"stats.poll_interval": 1.0, "stats.poll_timeout": 0.3, "stats.host": False})
     calls = Calls(instruments, 8)
-    poller = StatsPoller(settings.stats, Conn(actor), calls, instruments, source=source)
+    poller = StatsPoller(settings.stats, ReadyConnection(actor), calls, instruments, source=source)
     try:
 
         # first poll: the bulk call hangs past the deadline -> each guest probed alone

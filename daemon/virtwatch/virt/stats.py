@@ -354,16 +354,13 @@ class StatsPoller:
         if self.settings.host:
             try:
                 host = await self._calls.run("hostStats", self._source.host, conn, self._host_error, timeout=timeout)
-            except CallTimeout:
+            except (CallTimeout, libvirt.libvirtError) as err:
+                # each host call catches its own errors, so a libvirtError here is the whole call
+                # refused: the connection was retired (lost) while this call waited for its thread
                 ok = False
                 self._instruments.poll_errors.inc()
-                log.warning("host_stats_timeout", timeout_seconds=timeout)
-            except libvirt.libvirtError as err:
-                # each host call catches its own errors, so this is the whole call refused:
-                # the connection was retired (lost) while this call waited for its thread
-                ok = False
-                self._instruments.poll_errors.inc()
-                log.warning("host_stats_failed", error=str(err).strip(), code=error_code_name(err))
+                log.warning("host_stats_failed", error=str(err).strip(),
+                            code="timeout" if isinstance(err, CallTimeout) else error_code_name(err))
         domains = dict(fresh)
         self._last = domains  # stale entries already carry their last answer
         duration = self._monotonic() - started
