@@ -59,7 +59,9 @@ async def test_operator_commands(policy_daemon: Daemon, make_guests) -> None:
     (dom,) = await asyncio.to_thread(make_guests, "ctl", 1, True)
     name = dom.name()
     await until(lambda: name in d.policy.engine.snapshot().guests)
-    # actions run on the policy's own connection and thread, never behind statistics calls
+    # actions run on the policy's own connection and thread, never behind statistics calls;
+    # it opens once the main connection is ready, so it may still be opening here
+    await until(lambda: d.policy_side.conn is not None, 10.0, "policy side connection open")
     assert d.policy_side.conn is not None and d.policy_side.conn is not d.connection.conn
 
     rc, out, err = await cli(d, "status", "--json")
