@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -333,6 +334,9 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
     if passed and control_fd is None:
         log.warning("systemd_sockets_ignored", names=sorted(passed), hint="FileDescriptorName=control expected")
     impl = register_event_impl(loop)  # before any connection is opened
+    # One worker for the daemon's non-libvirt blocking work (rendering /metrics, SQLite, bcrypt):
+    # with one thread per lane, the process holds lanes + 2 threads at most (README, "Stuck guests").
+    loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="virtwatch-worker"))
     route_libvirt_errors()
     stop, reload = asyncio.Event(), asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

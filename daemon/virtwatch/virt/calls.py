@@ -71,9 +71,10 @@ class Calls:
         default_timeout: deadline in seconds when a call gives none.
     """
 
-    def __init__(self, instruments: Instruments, max_in_flight: int = 4, default_timeout: float = 30.0) -> None:
+    def __init__(self, instruments: Instruments, max_in_flight: int = 4, default_timeout: float = 30.0,
+                 name: str = "virtwatch-libvirt") -> None:
         self._instruments = instruments
-        self._pool = DaemonThreadPool(max_in_flight, "virtwatch-libvirt")
+        self._pool = DaemonThreadPool(max_in_flight, name)
         self._busy = 0
         self._lock = threading.Lock()
         self._retired: list[libvirt.virConnect] = []
@@ -120,11 +121,27 @@ class Calls:
             if count_errors:
                 self._instruments.api_errors.labels(call=call, code="timeout").inc()
             raise CallTimeout(call, limit) from None
+        except asyncio.CancelledError:
+            # The caller went away (a stop): the call's outcome is nobody's, never an
+            # "exception was never retrieved" traceback in the log.
+            cfut.cancel()
+            fut.add_done_callback(_swallow)
+            raise
         except libvirt.libvirtError as err:
             if count_errors:
                 code = "connection_closed" if isinstance(err, ConnectionRetired) else error_code_name(err)
                 self._instruments.api_errors.labels(call=call, code=code).inc()
             raise
+
+    async def run_when_free(self, call: str, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` after every call already queued or running here has
+        returned, with no deadline and even on a retired connection.
+
+        For closing a quarantined lane: with one worker the close then runs on
+        the connection's own thread, strictly after its stuck call returned.
+        Raises whatever ``fn`` raises; RuntimeError after :meth:`shutdown`.
+        """
+        return await asyncio.wrap_future(self._pool.submit(self._in_slot, call, fn, args, True))
 
     def retire(self, conn: libvirt.virConnect) -> None:
         """From now on, calls naming ``conn`` fail with :class:`ConnectionRetired`
@@ -192,14 +209,21 @@ class DaemonThreadPool(concurrent.futures.Executor):
     def __init__(self, workers: int, name: str) -> None:
         self._queue: "queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]" = queue.SimpleQueue()
         self._closed = False
-        self._threads = [threading.Thread(target=self._work, name=f"{name}_{i}", daemon=True) for i in range(workers)]
-        for t in self._threads:
-            t.start()
+        self._workers = workers
+        self._name = name
+        self._threads: list[threading.Thread] = []
 
     def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
-        """Schedule ``fn(*args, **kwargs)``; RuntimeError after :meth:`shutdown`."""
+        """Schedule ``fn(*args, **kwargs)``; RuntimeError after :meth:`shutdown`.
+
+        Threads start with the first submissions (up to ``workers``), so a pool
+        that is never used (the agent's, with the agent off) costs no thread."""
         if self._closed:
             raise RuntimeError("pool is shut down")
+        if len(self._threads) < self._workers:
+            t = threading.Thread(target=self._work, name=f"{self._name}_{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+            t.start()
         fut: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._queue.put((fut, (lambda: fn(*args, **kwargs)), ()))
         return fut
