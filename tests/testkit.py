@@ -51,3 +51,33 @@ class ReadyConnection:
         self.conn = conn
         self.ready = asyncio.Event()
         self.ready.set()
+
+
+class PollerRig:
+    """What a :class:`~virtwatch.virt.stats.StatsPoller` test needs on the test driver:
+    settings (``test:///default`` plus ``overrides``), a registry with the daemon's
+    instruments, and a lane pool whose main connection is ``conn`` (ready).
+    Call :meth:`close` after the test (it waits for idle lanes to close)."""
+
+    def __init__(self, conn: Any, **overrides: Any) -> None:
+        from prometheus_client import CollectorRegistry
+
+        from virtwatch.config import load_settings
+        from virtwatch.metrics.instruments import Instruments
+        from virtwatch.virt.lanes import LanePool
+
+        self.settings = load_settings(None, {"libvirt.uri": "test:///default", **overrides})
+        self.registry = CollectorRegistry()
+        self.instruments = Instruments(self.registry)
+        self.lanes = LanePool(self.settings.libvirt, True, self.instruments, self.settings.stats.max_stuck_lanes)
+        self.registry.register(self.lanes)
+        self.lanes.connection_ready(conn)
+        self.connection = ReadyConnection(conn)
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """A sample of the rig's registry (None when absent)."""
+        return self.registry.get_sample_value(name, labels)
+
+    async def close(self) -> None:
+        """Retire every lane and wait (bounded) for the idle ones to close."""
+        await self.lanes.stop(timeout=5.0)

@@ -30,6 +30,7 @@ from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
 from .virt.calls import Calls
 from .virt.connection import ConnectionManager, SideConnection
+from .virt.lanes import LanePool, shares_main_connection
 from .virt.events import EventPump
 from .logs import EventLogger
 from .virt.records import Event
@@ -118,7 +119,15 @@ class Daemon:
                                             self.instruments)
         self._previous: Snapshot | None = None
         self._latest: Snapshot | None = None
-        self.poller = StatsPoller(settings.stats, self.connection, self.calls, self.instruments,
+        # Statistics and host figures run on lanes of their own (one connection, one thread
+        # each), so a call stuck on a hung QEMU never holds up events, resync or console opens,
+        # nor the next poll (issue 9). Statistics never need write access.
+        self.lanes = LanePool(settings.libvirt, True, self.instruments, settings.stats.max_stuck_lanes,
+                              shared=shares_main_connection(settings.libvirt.uri))
+        self.connection.add_listener(self.lanes)
+        self.registry.register(self.lanes)
+        self.lanes.count_also(lambda: self.connection.conn is not None)
+        self.poller = StatsPoller(settings.stats, self.connection, self.lanes, self.instruments,
                                   wall=wall_clock, on_snapshot=self._on_snapshot)
         self.connection.add_listener(self.poller)
         self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
@@ -140,6 +149,7 @@ class Daemon:
         self.agent_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
         self.agent = GuestAgent(settings.agent, self.agent_calls, self.guests, wall=wall_clock)
         self.agent_side = SideConnection("agent", settings.libvirt, self.read_only, self.agent_calls, self.agent)
+        self.lanes.count_also(lambda: self.agent_side.conn is not None)
         self.pump.subscribe(self.console.on_event)
         self.connection.add_listener(self.console)
         self.pump.subscribe(self.agent.on_event)
@@ -159,6 +169,7 @@ class Daemon:
             self.policy_side = SideConnection("policy", settings.libvirt, self.read_only, self.policy_calls,
                                               self.policy)
             self.connection.add_listener(self.policy_side)
+            self.lanes.count_also(lambda: self.policy_side is not None and self.policy_side.conn is not None)
             self.pump.subscribe(self.policy.engine.on_event)
             self.registry.register(self.policy.collector)
             self.policy.engine.selection_listeners.append(self.console.reselect)
@@ -373,6 +384,7 @@ class Daemon:
         by_name = {t.get_name(): t for t in self._tasks}
         for name in ("stats-poller", "backlog-gauge"):
             await _cancel(by_name.get(name))
+        await self.lanes.stop(timeout=max(0.1, min(2.0, deadline - self.loop.time())))
         await self.control.stop()
         if self.policy is not None:
             await self.policy.stop()  # in-flight actions end recorded as interrupted; retries stay persisted

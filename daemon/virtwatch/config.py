@@ -63,6 +63,10 @@ class StatsSettings(Section):
         ("state", "cpu", "balloon", "vcpu", "interface", "block"), description="getAllDomainStats groups"
     )
     host: StrictBool = Field(True, description="also collect node, storage pool and network figures")
+    max_stuck_lanes: int = Field(
+        4, ge=1, le=16,
+        description="most stats connections left behind calls stuck on a hung guest at once; each holds one "
+                    "libvirtd worker (20 by default) until the guest answers")
 
     @property
     def effective_poll_timeout(self) -> float:

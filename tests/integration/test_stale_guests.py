@@ -1,90 +1,177 @@
-"""A guest stuck past the poll deadline is marked stale; later polls ask only the
-responsive guests, and the stuck one comes back once it answers.
+"""One stuck guest costs only itself: its call is isolated on a lane that is
+quarantined, the same poll still reads every other guest, later polls leave it
+out, and it rejoins as soon as it answers.
 
-The stats source wraps the real test-driver source and blocks the calls that
-involve one chosen guest (the test driver itself never hangs, a real QEMU in a
-long job or a dead NFS mount does).
+The stats source wraps the real test-driver source. Calls that reach a "hung"
+guest block until the test releases it, the way a call into a SIGSTOPped QEMU
+blocks in libvirtd (the test driver itself never hangs), and while such a call
+is in flight the guest's control state reads OCCUPIED, as libvirt reports it
+(``virDomainGetControlInfo``; checked on real QEMU in tests/e2e/test_stuck_guests.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from virtwatch.config import load_settings
-from virtwatch.metrics.instruments import Instruments
-from virtwatch.virt.calls import Calls
-from virtwatch.virt.stats import LibvirtStatsSource, StatsPoller
+import libvirt
+import pytest_asyncio
+from testkit import PollerRig, until
 
-from prometheus_client import CollectorRegistry
-from testkit import ReadyConnection
+from virtwatch.virt.stats import ControlState, LibvirtStatsSource, StatsPoller
 
 
-class StuckGuestSource(LibvirtStatsSource):
-    """Blocks any call touching ``stuck_name`` until ``release`` is set."""
+class HungGuestsSource(LibvirtStatsSource):
+    """Blocks any statistics call that reaches a guest named in ``hung`` until
+    ``release`` is set; records every call as (kind, sorted guest names)."""
 
-    def __init__(self, stuck_name: str) -> None:
-        self.stuck_name = stuck_name
+    def __init__(self, hung: set[str]) -> None:
+        self.hung = set(hung)
         self.release = threading.Event()
         self.calls: list[tuple[str, list[str]]] = []
+        self._occupied_since: dict[str, float] = {}  # name -> monotonic time its monitor got stuck
+        self._lock = threading.Lock()
 
-    def all_domains(self, conn: Any, flags: int) -> list:
-        out = super().all_domains(conn, flags)
-        self.calls.append(("all", sorted(d.name() for d, _ in out)))
-        if any(d.name() == self.stuck_name for d, _ in out):
-            self.release.wait(30)
+    def _maybe_hang(self, names: list[str]) -> None:
+        hit = sorted(n for n in names if n in self.hung and not self.release.is_set())
+        if not hit:
+            return
+        with self._lock:
+            self._occupied_since.setdefault(hit[0], time.monotonic())  # libvirt stops at the first one
+        self.release.wait(30)
+        with self._lock:
+            self._occupied_since.pop(hit[0], None)
+
+    def bulk(self, conn: Any, exclude: frozenset[str], flags: int) -> list:
+        rows = super().bulk(conn, exclude, flags)
+        names = sorted(r[0] for r in rows)
+        self.calls.append(("some" if exclude else "all", names))
+        self._maybe_hang(names)
+        return rows
+
+    def control(self, conn: Any) -> dict[str, ControlState]:
+        out = super().control(conn)
+        with self._lock:
+            busy = dict(self._occupied_since)
+        for uuid, cs in out.items():
+            if cs.name in busy:
+                out[uuid] = ControlState(cs.name, uuid, libvirt.VIR_DOMAIN_CONTROL_OCCUPIED,
+                                         int((time.monotonic() - busy[cs.name]) * 1000))
         return out
 
-    def some_domains(self, conn: Any, doms: list, flags: int) -> list:
-        names = sorted(d.name() for d in doms)
-        self.calls.append(("some", names))
-        if self.stuck_name in names:
-            self.release.wait(30)
-        return super().some_domains(conn, doms, flags)
+    def probe(self, conn: Any, uuid: str, flags: int) -> Any:
+        name = conn.lookupByUUIDString(uuid).name()
+        self.calls.append(("probe", [name]))
+        with self._lock:
+            if name in self._occupied_since:
+                return None  # its monitor is still occupied: not asked
+        self._maybe_hang([name])
+        return super().probe(conn, uuid, flags)
 
 
-async def test_stuck_guest_goes_stale_and_recovers(actor, make_guests) -> None:
+@pytest_asyncio.fixture
+async def rig(actor: libvirt.virConnect) -> AsyncIterator[PollerRig]:
+    """1 s poll budget (first attempt 0.5 s), host figures on."""
+    r = PollerRig(actor, **{"stats.poll_interval": 1.0, "stats.poll_timeout": 1.0})
+    yield r
+    await r.close()
+
+
+def lane_threads() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("virtwatch-lane-")}
+
+
+async def test_one_hung_guest_costs_only_itself(actor, make_guests, rig: PollerRig) -> None:
     doms = await asyncio.to_thread(make_guests, "stale", 3)
     names = sorted(d.name() for d in doms)
-    stuck = names[0]
-    source = StuckGuestSource(stuck)
-    registry = CollectorRegistry()
-    instruments = Instruments(registry)
-    settings = load_settings(None, {"stats.poll_interval": 1.0, "stats.poll_timeout": 0.3, "stats.host": False})
-    calls = Calls(instruments, 8)
-    poller = StatsPoller(settings.stats, ReadyConnection(actor), calls, instruments, source=source)
+    hung = names[0]
+    hung_uuid = next(d.UUIDString() for d in doms if d.name() == hung)
+    source = HungGuestsSource({hung})
+    walls = iter(range(1000, 2000))
+    poller = StatsPoller(rig.settings.stats, rig.connection, rig.lanes, rig.instruments, source=source,
+                         wall=lambda: float(next(walls)))
     try:
-
-        # first poll: the bulk call hangs past the deadline -> each guest probed alone
-        source.release.clear()
+        # poll 1: the bulk call hangs on the guest; its lane is quarantined, the guest is
+        # named by its control state, and a second bulk call without it reads the others
         snap = await poller.poll_once()
-        assert registry.get_sample_value("libvirt_poll_errors_total") == 1
         by_name = {d.name: d for d in snap.domains.values()}
-        assert by_name[stuck].stale is True
+        assert by_name[hung].stale is True
         assert all(by_name[n].stale is False for n in names[1:])
-        stuck_uuid = next(d.UUIDString() for d in doms if d.name() == stuck)
-        assert [d.uuid for d in snap.domains.values() if d.stale] == [stuck_uuid]
-        assert poller.stale == frozenset({stuck_uuid})
+        assert poller.stale == frozenset({hung_uuid})
+        assert [c[0] for c in source.calls] == ["all", "some"]
+        assert hung not in source.calls[1][1] and set(names[1:]) <= set(source.calls[1][1])
+        assert rig.value("virtwatch_libvirt_lane_quarantines_total", role="stats") == 1
+        assert rig.value("virtwatch_libvirt_lanes", state="quarantined") == 1
+        assert rig.value("libvirt_last_poll_success_timestamp_seconds") == snap.time  # the others were read
+        assert snap.host is not None and snap.host.collected_at > 0
+        assert any(t.startswith("virtwatch-lane-stats-1") for t in lane_threads())  # held by the stuck call
 
-        # next poll: only the responsive guests in one call; the stuck probe is still in flight
+        # poll 2: only the responsive guests in the bulk call; the probe finds the monitor
+        # still occupied and does not ask; the hung guest's figures age
         source.calls.clear()
-        snap = await poller.poll_once()
-        bulk = [c for c in source.calls if c[0] == "some" and len(c[1]) > 1]
-        assert bulk and stuck not in bulk[0][1]
-        assert all(n in bulk[0][1] for n in names[1:])
-        assert not any(c[0] == "all" for c in source.calls)
-        assert {d.name: d.stale for d in snap.domains.values()}[stuck] is True
+        snap2 = await poller.poll_once()
+        assert ("probe", [hung]) in source.calls
+        bulk = [c for c in source.calls if c[0] in ("all", "some")]
+        assert len(bulk) == 1 and bulk[0][0] == "some" and hung not in bulk[0][1]
+        stuck = {d.name: d for d in snap2.domains.values()}[hung]
+        assert stuck.stale is True and stuck.collected_at == by_name[hung].collected_at
+        assert all(not d.stale for d in snap2.domains.values() if d.name != hung)
+        assert rig.value("virtwatch_libvirt_lanes", state="quarantined") == 1  # no new quarantine
 
-        # the guest answers again -> fresh on the next poll, and bulk polling resumes after
+        # the guest answers: the stuck call returns, its lane is closed and counted
         source.release.set()
-        await asyncio.sleep(0.1)
-        snap = await poller.poll_once()
-        assert {d.name: d.stale for d in snap.domains.values()}[stuck] is False
+        await until(lambda: rig.lanes.quarantined == 0, 5, "the quarantined lane closed")
+        assert rig.value("virtwatch_libvirt_lanes_recovered_total", role="stats") == 1
+        await until(lambda: not any(t.startswith("virtwatch-lane-stats-1") for t in lane_threads()), 5,
+                    "the quarantined lane's thread gone")
+
+        # poll 3: the probe reads it (fresh at once); poll 4: back in one getAllDomainStats
+        snap3 = await poller.poll_once()
+        assert {d.name: d.stale for d in snap3.domains.values()}[hung] is False
         assert poller.stale == frozenset()
         source.calls.clear()
         await poller.poll_once()
-        assert source.calls[0][0] == "all"
+        assert [c[0] for c in source.calls] == ["all"]
+        assert rig.value("virtwatch_libvirt_lanes", state="active") == 2  # stats, host: the probe lane closed
     finally:
         source.release.set()
-        calls.shutdown()
+
+
+async def test_cap_bounds_quarantined_lanes(actor, make_guests) -> None:
+    """Three guests hang, max_stuck_lanes = 2: never more than two lanes quarantined;
+    past the cap no lane is opened (nothing is read, nothing probed), and everything
+    recovers once the guests answer."""
+    doms = await asyncio.to_thread(make_guests, "cap", 4)
+    names = sorted(d.name() for d in doms)
+    source = HungGuestsSource(set())
+    rig = PollerRig(actor, **{"stats.poll_interval": 1.0, "stats.poll_timeout": 1.0, "stats.max_stuck_lanes": 2,
+                              "stats.host": False})
+    poller = StatsPoller(rig.settings.stats, rig.connection, rig.lanes, rig.instruments, source=source)
+    try:
+        snap = await poller.poll_once()
+        assert {d.name: d.stale for d in snap.domains.values() if d.name in names} == {n: False for n in names}
+        source.hung = set(names[:3])
+        # stuck on names[0] (quarantined, identified), then on names[1] (quarantined: the cap)
+        snap = await poller.poll_once()
+        assert rig.lanes.quarantined == 2
+        assert {d.name for d in snap.domains.values() if d.name in names and d.stale} == set(names)
+        assert rig.value("virtwatch_libvirt_lane_quarantines_total", role="stats") == 2
+        for _ in range(3):
+            snap = await poller.poll_once()
+            assert rig.lanes.quarantined == 2
+        assert rig.value("virtwatch_libvirt_lane_unavailable_total", role="stats", reason="cap") == 3
+        assert rig.value("virtwatch_libvirt_lane_unavailable_total", role="probe", reason="cap") == 3
+        assert [c for c in source.calls if c[0] == "probe"] == []  # past the cap: not probed
+        assert {d.name for d in snap.domains.values() if d.name in names and d.stale} == set(names)
+        source.release.set()
+        await until(lambda: rig.lanes.quarantined == 0, 5, "the quarantined lanes closed")
+        assert rig.value("virtwatch_libvirt_lanes_recovered_total", role="stats") == 2
+        snap = await poller.poll_once()  # the probe reads the suspect, the bulk call the rest
+        assert {d.name: d.stale for d in snap.domains.values() if d.name in names} == {n: False for n in names}
+        assert poller.stale == frozenset()
+    finally:
+        source.release.set()
+        await rig.close()

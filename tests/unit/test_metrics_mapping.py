@@ -19,13 +19,16 @@ def build(recorded: dict, stale: set[str] = frozenset()) -> tuple[GuestRegistry,
     for d in recorded["domains"]:
         st = d["stats"]
         entries.append(ResyncEntry(d["name"], d["uuid"], st["state.state"], st["state.reason"], True, False))
-        domains[d["uuid"]] = DomainStats(d["name"], d["uuid"], st, d["name"] in stale, 100.0)
+        # a stale guest's figures are the ones it gave 12.5 s before this poll
+        domains[d["uuid"]] = DomainStats(d["name"], d["uuid"], st, d["name"] in stale,
+                                         87.5 if d["name"] in stale else 100.0)
     reg.apply_resync(entries, started_after_seq=0)
     host = HostStats(node_info=("x86_64", 24000, 2, 2400, 1, 1, 2, 1), memory={"total": 1024, "free": 512},
                      cpu={"kernel": 2_000_000_000, "user": 1_000_000_000, "idle": 5, "iowait": 0},
                      pools=(PoolInfo("default", "p-uuid", 2, 1000, 400, 600, True),
                             PoolInfo("off", "p2", 0, 0, 0, 0, False)),
-                     networks=(NetworkInfo("default", "n1", True), NetworkInfo("iso", "n2", False)))
+                     networks=(NetworkInfo("default", "n1", True), NetworkInfo("iso", "n2", False)),
+                     collected_at=99.5)
     return reg, Snapshot(seq=1, time=100.0, duration=0.01, domains=domains, host=host)
 
 
@@ -86,6 +89,9 @@ def test_paused_on_io_error_and_host_figures(recorded_domstats: dict) -> None:
     assert s[("libvirt_domain_state_code", (("domain", "ioerr"),))] == 3
     assert s[("libvirt_domain_state_reason_code", (("domain", "ioerr"),))] == 5  # VIR_DOMAIN_PAUSED_IOERROR
     assert s[("libvirt_domain_stats_stale", (("domain", "b02"),))] == 1
+    assert s[("libvirt_domain_stats_age_seconds", (("domain", "b02"),))] == 12.5
+    assert s[("libvirt_domain_stats_age_seconds", (("domain", "ioerr"),))] == 0.0
+    assert s[("libvirt_host_stats_timestamp_seconds", ())] == 99.5
     assert s[("libvirt_domains", (("state", "running"),))] == 20
     assert s[("libvirt_domains", (("state", "shutoff"),))] == 4
     assert s[("libvirt_node_cpus", ())] == 2

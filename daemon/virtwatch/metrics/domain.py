@@ -113,6 +113,9 @@ def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> l
                                labels=["domain"])
     stale = GaugeMetricFamily(p + "stats_stale", "1 if the guest did not answer the last statistics poll in time.",
                               labels=["domain"])
+    age = GaugeMetricFamily(p + "stats_age_seconds",
+                            "Seconds between the latest poll and when this guest's statistics were read "
+                            "(grows while the guest is stale).", labels=["domain"])
     agent = GaugeMetricFamily(p + "guest_agent_connected",
                               "1 if the QEMU guest agent channel is connected (AGENT_LIFECYCLE events).",
                               labels=["domain"])
@@ -141,6 +144,7 @@ def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> l
         if ds is None:
             continue
         stale.add_metric([name], 1 if ds.stale else 0)
+        age.add_metric([name], max(0.0, snapshot.time - ds.collected_at) if snapshot is not None else 0.0)
         st = ds.stats
         for key, fam in scalar.items():
             v = st.get(key)
@@ -170,7 +174,7 @@ def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> l
                 v = st.get(f"net.{i}.{key}")
                 if isinstance(v, (int, float)):
                     fam.add_metric([name, target], v)
-    return [info, state, reason, stale, agent, *scalar.values(), *vcpu.values(), block_info, *block.values(),
+    return [info, state, reason, stale, age, agent, *scalar.values(), *vcpu.values(), block_info, *block.values(),
             net_info, *net.values()]
 
 
@@ -198,6 +202,9 @@ def host_families(guests: list[GuestView], host: HostStats | None, info: Mapping
     out.append(by_state)
     if host is None:
         return out
+    out.append(GaugeMetricFamily("libvirt_host_stats_timestamp_seconds",
+                                 "Unix time the host figures below were read (they are kept when a poll "
+                                 "cannot read them).", value=host.collected_at))
     if host.node_info:
         model, mem_mib, cpus, mhz = host.node_info[:4]
         g = GaugeMetricFamily("libvirt_node_cpus", "Active host CPUs (virNodeGetInfo).", value=cpus)

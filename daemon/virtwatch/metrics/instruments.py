@@ -29,6 +29,12 @@ class Instruments:
         polls_skipped: ``libvirt_polls_skipped_total`` (previous poll still running).
         poll_errors: ``libvirt_poll_errors_total``.
         event_backlog: ``virtwatch_event_backlog`` events queued, not yet delivered.
+        lane_quarantines: ``virtwatch_libvirt_lane_quarantines_total{role}``, lanes
+            taken out of service because a call outlived its deadline.
+        lanes_recovered: ``virtwatch_libvirt_lanes_recovered_total{role}``, quarantined
+            lanes closed after their stuck call returned.
+        lane_unavailable: ``virtwatch_libvirt_lane_unavailable_total{role,reason}``, calls
+            not made because the role had no usable lane (``cap``, ``busy``, ``open_failed``...).
     """
 
     def __init__(self, registry: CollectorRegistry) -> None:
@@ -56,6 +62,15 @@ class Instruments:
                                    registry=registry)
         self.event_backlog = Gauge("virtwatch_event_backlog", "Events queued and not yet delivered.",
                                    registry=registry)
+        self.lane_quarantines = Counter("virtwatch_libvirt_lane_quarantines",
+                                        "Lanes quarantined because a call outlived its deadline, by role.",
+                                        ["role"], registry=registry)
+        self.lanes_recovered = Counter("virtwatch_libvirt_lanes_recovered",
+                                       "Quarantined lanes closed after their stuck call returned, by role.",
+                                       ["role"], registry=registry)
+        self.lane_unavailable = Counter("virtwatch_libvirt_lane_unavailable",
+                                        "Calls not made because the role had no usable lane, by role and reason.",
+                                        ["role", "reason"], registry=registry)
         build = GaugeMetricFamily("virtwatch_build_info", "virtwatch version.", labels=["version"])
         build.add_metric([__version__], 1)
         self._build = build

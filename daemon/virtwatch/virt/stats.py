@@ -6,11 +6,21 @@ overlap: the schedule is drift-free (deadline *k* is ``start + k *
 interval``), a poll still running at its successor's deadline makes that
 tick a counted skip.
 
-Degraded mode: when the bulk call misses its deadline, every known guest is
-probed alone (``domainListGetStats([dom])``, one call in flight per guest);
-those that do not answer in time are marked stale, and later polls ask only
-the responsive guests in one ``domainListGetStats`` call while stale guests
-are re-probed one by one until they answer.
+Every call runs on a *lane* (:mod:`~virtwatch.virt.lanes`): one connection
+with one thread, so a call stuck on a hung QEMU holds only its own lane. The
+bulk call runs on the ``stats`` lane, host figures on the ``host`` lane, in
+parallel, each with the poll's deadline.
+
+Stuck guests: a call that meets a hung QEMU blocks until QEMU answers (NOWAIT
+only helps the calls after it). When the bulk call misses its deadline, its
+lane is quarantined, and on a fresh lane ``virDomainGetControlInfo`` (which
+never waits for QEMU) names the guests whose monitor has been occupied for
+most of that deadline: those become *suspects*, and the bulk call is asked
+again without them within the same poll. Later polls ask only the responsive
+guests (``domainListGetStats`` with the explicit list, NOWAIT). Suspects are
+probed one by one on the ``probe`` lane (control state first, statistics only
+when the monitor is free), so one that wakes up rejoins at once; until then it
+is exported stale with its last figures and their age.
 
 The result of each poll is an immutable :class:`Snapshot`; the metrics
 collector renders from the latest one and never calls libvirt.
@@ -28,7 +38,8 @@ import structlog
 
 from ..config import StatsSettings
 from ..metrics.instruments import Instruments
-from .calls import CallTimeout, Calls, error_code_name
+from .calls import CallTimeout, error_code_name
+from .lanes import LanePool, LaneUnavailable
 
 log = structlog.get_logger("virtwatch.stats")
 
@@ -110,6 +121,7 @@ class HostStats:
         memory: ``virNodeGetMemoryStats(ALL_CELLS)`` in KiB (total, free, buffers, cached).
         cpu: ``virNodeGetCPUStats(ALL_CPUS)`` in ns (kernel, user, idle, iowait).
         pools, networks: inventory.
+        collected_at: wall time (s) the figures were read.
     """
 
     node_info: tuple[Any, ...] | None
@@ -117,6 +129,33 @@ class HostStats:
     cpu: Mapping[str, int] | None
     pools: tuple[PoolInfo, ...]
     networks: tuple[NetworkInfo, ...]
+    collected_at: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ControlState:
+    """``virDomainGetControlInfo`` of one running guest (answered without QEMU).
+
+    ``state`` is virDomainControlState (0 ok, 1 job, 2 occupied, 3 error);
+    ``state_ms`` how long the monitor has been in it, in milliseconds.
+    """
+
+    name: str
+    uuid: str
+    state: int
+    state_ms: int
+
+
+def stuck_guests(states: Mapping[str, ControlState], min_ms: float) -> set[str]:
+    """UUIDs whose monitor looks stuck: occupied by one command for at least
+    ``min_ms`` milliseconds, or in error (libvirt's "stuck in a job" case)."""
+    return {u for u, s in states.items()
+            if (s.state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and s.state_ms >= min_ms)
+            or s.state == libvirt.VIR_DOMAIN_CONTROL_ERROR}
+
+
+DomainRow = tuple[str, str, dict[str, Any]]
+"""One guest's answer: (name, uuid, typed-parameter stats dict)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -136,36 +175,68 @@ class Snapshot:
 class StatsSource(Protocol):
     """Where the poller reads from (libvirt in the daemon; injectable in tests).
 
-    Every method blocks and is run in a worker thread by the poller.
+    Every method blocks, takes the lane's connection first, and is run on a
+    lane's thread by the poller. Rows carry names and UUIDs, never virDomain
+    objects: those belong to the lane's connection and stay on its thread.
     """
 
-    def all_domains(self, conn: Any, flags: int) -> list[tuple[Any, dict[str, Any]]]:
-        """``getAllDomainStats(flags, NOWAIT)`` → [(virDomain, stats)]."""
+    def bulk(self, conn: Any, exclude: frozenset[str], flags: int) -> list[DomainRow]:
+        """Every guest's stats except the UUIDs in ``exclude`` (NOWAIT)."""
 
-    def some_domains(self, conn: Any, doms: list[Any], flags: int) -> list[tuple[Any, dict[str, Any]]]:
-        """``domainListGetStats(doms, flags, NOWAIT)`` → [(virDomain, stats)]."""
+    def control(self, conn: Any) -> dict[str, ControlState]:
+        """Control state of every running guest, by UUID."""
+
+    def probe(self, conn: Any, uuid: str, flags: int) -> DomainRow | None:
+        """One guest's stats, or None when its monitor is still occupied (not asked).
+        Raises libvirtError ``VIR_ERR_NO_DOMAIN`` when it is gone."""
 
     def host(self, conn: Any, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Host figures; each refused call is reported to ``on_error`` and left None/empty."""
 
-    def list_domains(self, conn: Any) -> list[Any]:
-        """``listAllDomains()`` → every virDomain (no guest job involved)."""
+
+def _rows(results: list[tuple[Any, dict[str, Any]]]) -> list[DomainRow]:
+    return [(dom.name(), dom.UUIDString(), st) for dom, st in results]
 
 
 class LibvirtStatsSource:
     """:class:`StatsSource` over a real ``virConnect``."""
 
-    def all_domains(self, conn: libvirt.virConnect, flags: int) -> list[tuple[Any, dict[str, Any]]]:
-        """One ``getAllDomainStats`` RPC for every guest, active or not."""
-        return conn.getAllDomainStats(flags, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+    NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 
-    def some_domains(self, conn: libvirt.virConnect, doms: list[Any], flags: int) -> list[tuple[Any, dict[str, Any]]]:
-        """One ``domainListGetStats`` RPC for ``doms``."""
-        return conn.domainListGetStats(doms, flags, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT)
+    def bulk(self, conn: libvirt.virConnect, exclude: frozenset[str], flags: int) -> list[DomainRow]:
+        """One ``getAllDomainStats`` RPC for every guest, active or not; with
+        ``exclude``, ``listAllDomains`` plus one ``domainListGetStats`` for the rest."""
+        if not exclude:
+            return _rows(conn.getAllDomainStats(flags, self.NOWAIT))
+        doms = [d for d in conn.listAllDomains() if d.UUIDString() not in exclude]
+        return _rows(conn.domainListGetStats(doms, flags, self.NOWAIT)) if doms else []
 
-    def list_domains(self, conn: libvirt.virConnect) -> list[Any]:
-        """One ``listAllDomains`` RPC."""
-        return conn.listAllDomains()
+    def control(self, conn: libvirt.virConnect) -> dict[str, ControlState]:
+        """``listAllDomains(ACTIVE)`` plus ``controlInfo()`` per guest (no QEMU involved)."""
+        out = {}
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                state, _details, ms = dom.controlInfo()
+            except libvirt.libvirtError:
+                continue  # stopped or vanished meanwhile
+            uuid = dom.UUIDString()
+            out[uuid] = ControlState(name=dom.name(), uuid=uuid, state=state, state_ms=ms)
+        return out
+
+    def probe(self, conn: libvirt.virConnect, uuid: str, flags: int) -> DomainRow | None:
+        """``lookupByUUIDString``, ``controlInfo`` and, when the monitor is free,
+        ``domainListGetStats([dom])``."""
+        dom = conn.lookupByUUIDString(uuid)
+        try:
+            state = dom.controlInfo()[0]
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise
+            state = libvirt.VIR_DOMAIN_CONTROL_OK  # not running: nothing can be stuck
+        if state in (libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, libvirt.VIR_DOMAIN_CONTROL_ERROR):
+            return None
+        rows = _rows(conn.domainListGetStats([dom], flags, self.NOWAIT))
+        return rows[0] if rows else None
 
     def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
@@ -200,7 +271,7 @@ class LibvirtStatsSource:
 
 
 class ConnectionPort(Protocol):
-    """What the poller needs from the connection manager."""
+    """What the poller needs from the connection manager: whether it is ready."""
 
     @property
     def conn(self) -> Any:
@@ -214,21 +285,21 @@ class StatsPoller:
 
     Args:
         settings: the ``[stats]`` section.
-        connection: gives the current connection (None while down).
-        calls: bounded executor; each poll uses one call slot at a time.
+        connection: tells whether libvirt is connected (polls wait while not).
+        lanes: the lane pool every call runs on (roles ``stats``, ``host``, ``probe``).
         instruments: poll duration, skips, errors, last success.
         source: the stats source (default: libvirt).
         monotonic, wall: clocks in seconds (injected for tests).
         on_snapshot: called with each new snapshot (on the loop).
     """
 
-    def __init__(self, settings: StatsSettings, connection: ConnectionPort, calls: Calls, instruments: Instruments,
-                 source: StatsSource | None = None, monotonic: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], float] = time.time,
+    def __init__(self, settings: StatsSettings, connection: ConnectionPort, lanes: LanePool,
+                 instruments: Instruments, source: StatsSource | None = None,
+                 monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  on_snapshot: Callable[[Snapshot], None] | None = None) -> None:
         self.settings = settings
         self._connection = connection
-        self._calls = calls
+        self._lanes = lanes
         self._instruments = instruments
         self._source = source or LibvirtStatsSource()
         self._monotonic = monotonic
@@ -236,31 +307,25 @@ class StatsPoller:
         self._on_snapshot = on_snapshot
         self._flags = stats_flags(settings.groups)
         self._seq = 0
-        self._domains: dict[str, Any] = {}           # uuid -> virDomain (current connection only)
-        self._stale: set[str] = set()
-        self._probes: dict[str, asyncio.Future[Any]] = {}
+        self._suspects: dict[str, str] = {}          # uuid -> name of guests not asked in bulk
         self._last: dict[str, DomainStats] = {}
+        self._host: HostStats | None = None
         self.latest: Snapshot | None = None
         self._running = False
 
     # -- connection listener --------------------------------------------------
     def connection_ready(self, conn: Any) -> None:
-        """New connection: forget objects of the previous one."""
-        self._reset()
+        """New connection: stuck calls of the old one are gone with it."""
+        self._suspects.clear()
 
     def connection_lost(self) -> None:
-        """Drop every virDomain object (teardown order, design doc §3a)."""
-        self._reset()
-
-    def _reset(self) -> None:
-        self._domains.clear()
-        self._stale.clear()
-        self._probes.clear()
+        """libvirt is gone: no guest is suspect any more (nothing to probe)."""
+        self._suspects.clear()
 
     @property
     def stale(self) -> frozenset[str]:
-        """UUIDs of guests currently marked stale."""
-        return frozenset(self._stale)
+        """UUIDs of guests currently suspect (left out of the bulk call)."""
+        return frozenset(self._suspects)
 
     # -- schedule -----------------------------------------------------------
     async def run(self) -> None:
@@ -291,132 +356,152 @@ class StatsPoller:
                 log.warning("poll_overran", skipped=missed, interval_seconds=interval)
 
     async def poll_once(self) -> Snapshot | None:
-        """Run one poll now; returns the new snapshot, or None if it failed.
+        """Run one poll now; returns the new snapshot (None if one is running).
 
         Never raises for libvirt failures (they are counted and logged).
         """
-        conn = self._connection.conn
-        if conn is None:
-            return None
         if self._running:
             self._instruments.polls_skipped.inc()
             return None
         self._running = True
-        started = self._monotonic()
         try:
-            return await self._poll(conn, started)
+            return await self._poll(self._monotonic())
         finally:
             self._running = False
 
-    async def _poll(self, conn: Any, started: float) -> Snapshot | None:
-        timeout = self.settings.effective_poll_timeout
-        fresh: dict[str, DomainStats] = {}
-        ok = True
-        try:
-            if self._stale:
-                responsive = [d for u, d in self._domains.items() if u not in self._stale]
-                results = await self._calls.run("domainListGetStats", self._source.some_domains, conn, responsive,
-                                                self._flags, timeout=timeout) if responsive else []
-            else:
-                results = await self._calls.run("getAllDomainStats", self._source.all_domains, conn, self._flags,
-                                                timeout=timeout)
-            if self._connection.conn is not conn:
-                return None  # the connection changed under us: these objects belong to the old one
-            now = self._wall()
-            if not self._stale:
-                self._domains.clear()
-            for dom, st in results:
-                uuid = dom.UUIDString()
-                self._domains[uuid] = dom
-                fresh[uuid] = DomainStats(name=dom.name(), uuid=uuid, stats=st, stale=False, collected_at=now)
-        except CallTimeout:
-            ok = False
+    async def _poll(self, started: float) -> Snapshot:
+        end = started + self.settings.effective_poll_timeout
+        probe_now = dict(self._suspects)
+        async with asyncio.TaskGroup() as tg:
+            host_task = tg.create_task(self._host_figures(end)) if self.settings.host else None
+            probe_task = tg.create_task(self._probe(probe_now, end)) if probe_now else None
+            rows = await self._bulk(end)
+        host_ok = host_task.result() if host_task is not None else True
+        probed, gone = probe_task.result() if probe_task is not None else ({}, set())
+        now = self._wall()
+        domains: dict[str, DomainStats] = {}
+        for name, uuid, st in rows or ():
+            domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
+        for uuid, (name, st) in probed.items():
+            self._suspects.pop(uuid, None)  # answered: back in the bulk call from the next poll
+            domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
+        for uuid in gone:
+            self._suspects.pop(uuid, None)
+        if not self._suspects:
+            self._lanes.release("probe")  # back to the normal lane count
+        # Not answered this poll: suspects, and every known guest when the bulk call failed.
+        left = dict(self._suspects)
+        if rows is None:
+            left.update({u: d.name for u, d in self._last.items() if u not in gone})
+        for uuid, name in left.items():
+            if uuid in domains:
+                continue
+            last = self._last.get(uuid)
+            domains[uuid] = DomainStats(name=name, uuid=uuid, stats=last.stats if last else {}, stale=True,
+                                        collected_at=last.collected_at if last else now)
+        self._last = domains
+        stale_names = sorted(d.name for d in domains.values() if d.stale)
+        if stale_names:
+            log.warning("guests_stale", guests=stale_names)
+        ok = rows is not None and host_ok
+        if not ok:
             self._instruments.poll_errors.inc()
-            log.warning("poll_timeout", timeout_seconds=timeout, guests=len(self._domains))
-            if not self._domains:  # never polled successfully: learn the guests without stats
-                try:
-                    for dom in await self._calls.run("listAllDomains", self._source.list_domains, conn,
-                                                     timeout=timeout):
-                        self._domains[dom.UUIDString()] = dom
-                except (CallTimeout, libvirt.libvirtError) as err:
-                    log.warning("poll_list_failed", error=str(err).strip())
-            fresh = await self._probe_each(conn, list(self._domains))
-        except libvirt.libvirtError as err:
-            self._instruments.poll_errors.inc()
-            log.warning("poll_failed", error=str(err).strip(), code=error_code_name(err))
-            return None
-        if self._stale:
-            fresh.update(await self._probe_each(conn, [u for u in self._stale if u not in fresh]))
-        if self._connection.conn is not conn:
-            self._reset()
-            return None
-        host = None
-        if self.settings.host:
-            try:
-                host = await self._calls.run("hostStats", self._source.host, conn, self._host_error, timeout=timeout)
-            except (CallTimeout, libvirt.libvirtError) as err:
-                # each host call catches its own errors, so a libvirtError here is the whole call
-                # refused: the connection was retired (lost) while this call waited for its thread
-                ok = False
-                self._instruments.poll_errors.inc()
-                log.warning("host_stats_failed", error=str(err).strip(),
-                            code="timeout" if isinstance(err, CallTimeout) else error_code_name(err))
-        domains = dict(fresh)
-        self._last = domains  # stale entries already carry their last answer
         duration = self._monotonic() - started
         self._seq += 1
-        snap = Snapshot(seq=self._seq, time=self._wall(), duration=duration, domains=domains, host=host)
+        snap = Snapshot(seq=self._seq, time=self._wall(), duration=duration, domains=domains, host=self._host)
         self.latest = snap
         self._instruments.poll_duration.observe(duration)
         if ok:
             self._instruments.last_poll_success.set(snap.time)
         if self._on_snapshot is not None:
             self._on_snapshot(snap)
-        log.debug("poll_done", guests=len(domains), stale=len(self._stale), duration_seconds=round(duration, 4))
+        log.debug("poll_done", guests=len(domains), stale=len(stale_names), duration_seconds=round(duration, 4))
         return snap
 
-    async def _probe_each(self, conn: Any, uuids: list[str]) -> dict[str, DomainStats]:
-        """Probe guests one by one (one call in flight per guest); the ones
-        that miss the deadline are marked stale and keep their last stats."""
-        timeout = self.settings.effective_poll_timeout
-        loop = asyncio.get_running_loop()
-        for uuid in uuids:
-            dom = self._domains.get(uuid)
-            if dom is None or (uuid in self._probes and not self._probes[uuid].done()):
+    async def _bulk(self, end: float) -> list[DomainRow] | None:
+        """The bulk call on the stats lane; None when it gave nothing this poll.
+
+        The first attempt gets half the poll's budget. When it times out, the
+        guests it is stuck on are found (:meth:`_identify`) and a second
+        attempt without them gets the rest."""
+        exclude = frozenset(self._suspects)
+        for attempt in (1, 2):
+            remaining = end - self._monotonic()
+            deadline = remaining / 2 if attempt == 1 else remaining
+            call = "domainListGetStats" if exclude else "getAllDomainStats"
+            try:
+                return await self._lanes.run("stats", call, self._source.bulk, exclude, self._flags,
+                                             timeout=max(0.05, deadline))
+            except CallTimeout:
+                log.warning("poll_timeout", timeout_seconds=round(deadline, 3), attempt=attempt,
+                            excluded=len(exclude))
+            except LaneUnavailable as err:
+                log.warning("poll_no_lane", reason=err.reason)
+                return None
+            except libvirt.libvirtError as err:
+                log.warning("poll_failed", error=str(err).strip(), code=error_code_name(err))
+                return None
+            if attempt == 2:
+                return None
+            newly = await self._identify(end, min_ms=deadline * 1000 / 2)
+            if not newly:
+                return None
+            exclude = exclude | newly
+        return None
+
+    async def _identify(self, end: float, min_ms: float) -> frozenset[str]:
+        """Suspects added: the running guests whose monitor has been occupied for
+        at least ``min_ms`` (control state, read on a fresh stats lane)."""
+        try:
+            states = await self._lanes.run("stats", "controlInfo", self._source.control,
+                                           timeout=max(0.05, end - self._monotonic()))
+        except (CallTimeout, LaneUnavailable, libvirt.libvirtError) as err:
+            log.warning("stuck_guest_lookup_failed", error=str(err).strip())
+            return frozenset()
+        stuck = stuck_guests(states, min_ms) - set(self._suspects)
+        for uuid in stuck:
+            self._suspects[uuid] = states[uuid].name
+        if stuck:
+            log.warning("guests_suspect", guests=sorted(states[u].name for u in stuck),
+                        detail="monitor occupied: left out of the bulk call, probed alone")
+        return frozenset(stuck)
+
+    async def _probe(self, suspects: Mapping[str, str], end: float) -> tuple[dict[str, tuple[str, dict[str, Any]]], set[str]]:
+        """Probe suspects one by one on the probe lane until one hangs or time is up.
+
+        Returns (answers by UUID as (name, stats), UUIDs of guests that are gone)."""
+        answered: dict[str, tuple[str, dict[str, Any]]] = {}
+        gone: set[str] = set()
+        for uuid in sorted(suspects):
+            remaining = end - self._monotonic()
+            if remaining <= 0:
+                break
+            try:
+                row = await self._lanes.run("probe", "domainListGetStats", self._source.probe, uuid, self._flags,
+                                            timeout=remaining)
+            except (CallTimeout, LaneUnavailable):
+                break  # that lane is quarantined (or none is left): the rest wait for the next poll
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    gone.add(uuid)
                 continue
-            self._probes[uuid] = loop.create_task(
-                self._calls.run("domainListGetStats", self._source.some_domains, conn, [dom], self._flags,
-                                timeout=3600))
-        pending = {u: f for u, f in self._probes.items() if u in uuids}
-        if pending:
-            await asyncio.wait(pending.values(), timeout=timeout)
-        out: dict[str, DomainStats] = {}
-        now = self._wall()
-        for uuid in uuids:
-            fut = self._probes.get(uuid)
-            dom = self._domains.get(uuid)
-            if fut is not None and fut.done():
-                self._probes.pop(uuid, None)
-                err = fut.exception()
-                if err is None:
-                    for d, st in fut.result():
-                        out[uuid] = DomainStats(name=d.name(), uuid=uuid, stats=st, stale=False, collected_at=now)
-                    self._stale.discard(uuid)
-                    continue
-                if isinstance(err, libvirt.libvirtError) and err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                    self._domains.pop(uuid, None)
-                    self._stale.discard(uuid)
-                    continue
-            if dom is None:
-                continue
-            self._stale.add(uuid)
-            last = self._last.get(uuid)
-            out[uuid] = DomainStats(name=dom.name(), uuid=uuid, stats=last.stats if last else {}, stale=True,
-                                    collected_at=last.collected_at if last else now)
-        stale_names = sorted(d.name for d in out.values() if d.stale)
-        if stale_names:
-            log.warning("guests_stale", guests=stale_names)
-        return out
+            if row is not None:
+                answered[uuid] = (row[0], row[2])
+        return answered, gone
+
+    async def _host_figures(self, end: float) -> bool:
+        """Host figures on the host lane; True when fresh ones were read."""
+        try:
+            host = await self._lanes.run("host", "hostStats", self._source.host, self._host_error,
+                                         timeout=max(0.05, end - self._monotonic()))
+        except (CallTimeout, LaneUnavailable, libvirt.libvirtError) as err:
+            # each host call catches its own errors, so a libvirtError here is the whole call refused
+            log.warning("host_stats_failed", error=str(err).strip(),
+                        code="timeout" if isinstance(err, CallTimeout)
+                        else err.reason if isinstance(err, LaneUnavailable) else error_code_name(err))
+            return False
+        self._host = dataclasses.replace(host, collected_at=self._wall())
+        return True
 
     def _host_error(self, call: str, err: libvirt.libvirtError) -> None:
         code = error_code_name(err)
