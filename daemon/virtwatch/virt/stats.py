@@ -183,8 +183,8 @@ class StatsSource(Protocol):
     def bulk(self, conn: Any, exclude: frozenset[str], flags: int) -> list[DomainRow]:
         """Every guest's stats except the UUIDs in ``exclude`` (NOWAIT)."""
 
-    def control(self, conn: Any) -> dict[str, ControlState]:
-        """Control state of every running guest, by UUID."""
+    def control(self, conn: Any, uuids: frozenset[str] | None = None) -> dict[str, ControlState]:
+        """Control state of every running guest (or of ``uuids``), by UUID."""
 
     def probe(self, conn: Any, uuid: str, flags: int) -> DomainRow | None:
         """One guest's stats, or None when its monitor is still occupied (not asked).
@@ -211,10 +211,20 @@ class LibvirtStatsSource:
         doms = [d for d in conn.listAllDomains() if d.UUIDString() not in exclude]
         return _rows(conn.domainListGetStats(doms, flags, self.NOWAIT)) if doms else []
 
-    def control(self, conn: libvirt.virConnect) -> dict[str, ControlState]:
-        """``listAllDomains(ACTIVE)`` plus ``controlInfo()`` per guest (no QEMU involved)."""
+    def control(self, conn: libvirt.virConnect, uuids: frozenset[str] | None = None) -> dict[str, ControlState]:
+        """``controlInfo()`` (no QEMU involved) of every running guest (``listAllDomains(ACTIVE)``)
+        or of ``uuids`` (``lookupByUUIDString``; gone or stopped ones are left out)."""
         out = {}
-        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+        if uuids is None:
+            doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        else:
+            doms = []
+            for uuid in sorted(uuids):
+                try:
+                    doms.append(conn.lookupByUUIDString(uuid))
+                except libvirt.libvirtError:
+                    continue
+        for dom in doms:
             try:
                 state, _details, ms = dom.controlInfo()
             except libvirt.libvirtError:
@@ -376,6 +386,8 @@ class StatsPoller:
             host_task = tg.create_task(self._host_figures(end)) if self.settings.host else None
             probe_task = tg.create_task(self._probe(probe_now, end)) if probe_now else None
             rows = await self._bulk(end)
+            if rows:
+                rows = await self._drop_thin(rows, end)
         host_ok = host_task.result() if host_task is not None else True
         probed, gone = probe_task.result() if probe_task is not None else ({}, set())
         now = self._wall()
@@ -448,6 +460,35 @@ class StatsPoller:
                 return None
             exclude = exclude | newly
         return None
+
+    async def _drop_thin(self, rows: list[DomainRow], end: float) -> list[DomainRow]:
+        """Rows of guests stuck behind somebody else's call, made suspects.
+
+        NOWAIT skips, rather than waits for, a guest whose job another call holds.
+        When that call is stuck on a hung QEMU (another client's, or ours on a
+        quarantined lane), the guest answers with fewer fields than last time and
+        would look fresh. Only guests whose answer shrank are checked (one
+        ``controlInfo`` each); those whose monitor has been occupied for half the
+        first attempt's deadline become suspects, and their rows are dropped."""
+        thin = frozenset(uuid for _n, uuid, st in rows
+                         if uuid in self._last and len(st) < len(self._last[uuid].stats))
+        if not thin:
+            return rows
+        min_ms = self.settings.effective_poll_timeout / 2 * 1000 / 2
+        try:
+            states = await self._lanes.run("stats", "controlInfo", self._source.control, thin,
+                                           timeout=max(0.05, end - self._monotonic()))
+        except (CallTimeout, LaneUnavailable, libvirt.libvirtError) as err:
+            log.debug("thin_check_failed", error=str(err).strip())
+            return rows
+        stuck = stuck_guests(states, min_ms)
+        if not stuck:
+            return rows
+        for uuid in stuck:
+            self._suspects[uuid] = states[uuid].name
+        log.warning("guests_suspect", guests=sorted(states[u].name for u in stuck),
+                    detail="answered without monitor figures while its monitor is occupied by another call")
+        return [r for r in rows if r[1] not in stuck]
 
     async def _identify(self, end: float, min_ms: float) -> frozenset[str]:
         """Suspects added: the running guests whose monitor has been occupied for
