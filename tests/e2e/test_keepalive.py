@@ -17,56 +17,13 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from hostlib import URI, start_libvirtd
+from hostlib import URI, libvirtd_pid, start_libvirtd, thaw
 from hostlib.daemon import VirtwatchProcess, sample
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
 
 INTERVAL, COUNT = 1, 2
 SLACK = 3.0  # seconds on top of interval × (count + 1): RPC in flight, timer granularity, loop latency
-
-
-def libvirtd_pid() -> int:
-    """PID of the live (not zombie) ``libvirtd`` process."""
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                stat = fh.read()
-        except OSError:
-            continue
-        comm = stat[stat.index("(") + 1:stat.rindex(")")]
-        state = stat[stat.rindex(")") + 2]
-        if comm == "libvirtd" and state not in ("Z", "X"):
-            return int(entry)
-    raise RuntimeError("no live libvirtd process")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            stat = fh.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in ("Z", "X")
-
-
-def thaw(pid: int) -> bool:
-    """SIGCONT libvirtd; True when it is still alive a second later.
-
-    libvirt 9.0's libvirtd itself sometimes segfaults on waking (kernel log:
-    ``rpc-libvirtd[...]: segfault ... in libvirtd``) when requests from a client
-    that keepalive has meanwhile closed are still queued. That is libvirtd's
-    bug, not ours: it is restarted so that the rest of the suite has one, and
-    our daemon must reconnect either way.
-    """
-    os.kill(pid, signal.SIGCONT)
-    time.sleep(1.0)
-    if _alive(pid):
-        return True
-    start_libvirtd()
-    return False
 
 
 async def metrics(d: Daemon) -> dict[str, float]:

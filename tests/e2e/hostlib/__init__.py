@@ -20,7 +20,7 @@ from .guests import (
     purge_leftovers,
     remove_domain,
 )
-from .host import REPO_ROOT, START_SCRIPT, check_guest_net_free, host_skip_reason, start_libvirtd
+from .host import REPO_ROOT, START_SCRIPT, check_guest_net_free, host_skip_reason, libvirtd_pid, start_libvirtd, thaw
 from .image import GuestImage, ImageBuildError, cache_dir, cached_image, ensure_image
 
 __all__ = [
@@ -28,5 +28,5 @@ __all__ = [
     "Guest", "GuestBootTimeout", "GuestFactory", "GuestImage", "ImageBuildError",
     "TinyFilesystem", "cache_dir", "cached_image", "check_guest_net_free", "create_qcow2", "domain_xml",
     "ensure_image", "host_skip_reason", "kernel_cmdline", "purge_leftovers",
-    "remove_domain", "start_libvirtd", "VirtwatchProcess", "free_port", "sample", "open_conn",
+    "remove_domain", "start_libvirtd", "libvirtd_pid", "thaw", "VirtwatchProcess", "free_port", "sample", "open_conn",
 ]
