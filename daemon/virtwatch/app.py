@@ -145,7 +145,7 @@ class Daemon:
         self.pump.subscribe(self.agent.on_event)
         if settings.agent.enabled:
             self.connection.add_listener(self.agent_side)
-        self.registry.register(self.agent.collector)
+        self.exposition.add_collector("agent", self.agent.collector)
         # Policy engine (issue 3): only when enabled; it needs the read-write connection.
         # Its actions (a restore takes seconds) run on a connection and thread of their own, so
         # they never wait behind statistics calls (a guest whose QEMU hangs can stall those).
@@ -160,7 +160,7 @@ class Daemon:
                                               self.policy)
             self.connection.add_listener(self.policy_side)
             self.pump.subscribe(self.policy.engine.on_event)
-            self.registry.register(self.policy.collector)
+            self.exposition.add_collector("policy", self.policy.collector)
             self.policy.engine.selection_listeners.append(self.console.reselect)
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http.extra_routes.append(self.console.add_routes)

@@ -105,6 +105,7 @@ async def test_operator_commands(policy_daemon: Daemon, make_guests) -> None:
     info = f'virtwatch_policy_guest_info{{domain="{name}",intent="stopped",managed="true",mode="enforce"}} 1.0'
     assert info.encode() in body
     assert f'virtwatch_policy_given_up{{domain="{name}"}} 0.0'.encode() in body
+    assert b'virtwatch_collector_success{collector="policy"} 1.0' in body
 
 
 async def test_unreachable_daemon_and_disabled_policy(daemon: Daemon, tmp_path: Path) -> None:
