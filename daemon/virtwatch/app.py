@@ -337,7 +337,7 @@ class Daemon:
         await self.console.start()  # opens console.sqlite when capture is enabled
         await self.alerter.start()
         if self.policy is not None:
-            await self.policy.engine.start()
+            await self.policy.start()  # the engine, then the event journal's pruning
         try:
             await self.control.start()
             if self.control.inherited and self.control.path != self.settings.daemon.socket:
