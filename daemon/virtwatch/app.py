@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from . import __version__
 from .alerts import Alerter
-from .control import ControlServer, NotAvailable, UnknownGuest
+from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .config import Settings, parse_listen
@@ -243,7 +243,7 @@ class Daemon:
         return {"intent": g.intent, "managed": g.managed, "mode": g.mode, "given_up": g.given_up,
                 "given_up_reason": g.given_up_reason, "next_retry": g.next_retry,
                 "pending_action": g.pending_action, "attempt": g.attempt,
-                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts)}
+                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override)}
 
     def control_status(self) -> dict[str, Any]:
         """Daemon summary plus every guest's state and policy state."""
@@ -297,6 +297,19 @@ class Daemon:
             raise UnknownGuest(name) from None
         log.info("operator_action", action=action, guest=name)
         return {"name": name, "action": action, "policy": self._policy_guest(name)}
+
+    def control_override(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Replace one guest's runtime policy override ({} clears it)."""
+        if self.policy is None:
+            raise NotAvailable("policy is disabled ([policy] enabled = false)")
+        try:
+            self.policy.engine.set_override(name, values)
+        except KeyError:
+            raise UnknownGuest(name) from None
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        log.info("operator_action", action="override", guest=name)
+        return {"name": name, "action": "override", "policy": self._policy_guest(name)}
 
     def control_events(self, since: int, limit: int) -> dict[str, Any]:
         """Recent events after ``since``."""
