@@ -28,7 +28,7 @@ Agent commands need a read-write connection (``libvirt.read_only = "no"`` or
 policy enabled); on a read-only connection libvirt refuses them
 (``VIR_ERR_OPERATION_DENIED``) and the agent lane idles until the next connect.
 
-Metrics (:class:`AgentCollector`, register it in the live registry):
+Metrics (:class:`AgentCollector`, added to the exposition as collector ``agent``):
 ``libvirt_domain_guest_info{domain,hostname,os_name,os_version,timezone}``,
 ``libvirt_domain_interface_address_info{domain,interface,address,family}``
 (loopback addresses skipped), ``libvirt_domain_guest_time_offset_seconds{domain}``
@@ -166,7 +166,7 @@ class GuestAgent:
         mono: monotonic clock for the schedule (default: the loop's clock).
 
     Wiring: ``pump.subscribe(agent.on_event)``, ``connection.add_listener(agent)``,
-    run :meth:`run` as a task, ``registry.register(agent.collector)``.
+    run :meth:`run` as a task, ``exposition.add_collector("agent", agent.collector)``.
     """
 
     def __init__(self, settings: AgentSettings, calls: Calls, guests: GuestLookup,

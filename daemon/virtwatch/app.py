@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from . import __version__
 from .alerts import Alerter
-from .control import ControlServer, NotAvailable, UnknownGuest
+from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .config import Settings, parse_listen
@@ -125,7 +125,6 @@ class Daemon:
         self.lanes = LanePool(settings.libvirt, True, self.instruments, settings.stats.max_stuck_lanes,
                               shared=shares_main_connection(settings.libvirt.uri))
         self.connection.add_listener(self.lanes)
-        self.registry.register(self.lanes)
         self.lanes.count_also(lambda: self.connection.conn is not None)
         self.poller = StatsPoller(settings.stats, self.connection, self.lanes, self.instruments,
                                   wall=wall_clock, on_snapshot=self._on_snapshot)
@@ -138,6 +137,7 @@ class Daemon:
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
                                                                    self.inventory.view(lambda: self.poller.latest),
                                                                    lambda: self.connection.info))
+        self.exposition.add_collector("lanes", self.lanes)
         self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
                             ready=self.connection.ready.is_set)
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
@@ -155,7 +155,7 @@ class Daemon:
         self.pump.subscribe(self.agent.on_event)
         if settings.agent.enabled:
             self.connection.add_listener(self.agent_side)
-        self.registry.register(self.agent.collector)
+        self.exposition.add_collector("agent", self.agent.collector)
         # Policy engine (issue 3): only when enabled; it needs the read-write connection.
         # Its actions (a restore takes seconds) run on a connection and thread of their own, so
         # they never wait behind statistics calls (a guest whose QEMU hangs can stall those).
@@ -171,7 +171,7 @@ class Daemon:
             self.connection.add_listener(self.policy_side)
             self.lanes.count_also(lambda: self.policy_side is not None and self.policy_side.conn is not None)
             self.pump.subscribe(self.policy.engine.on_event)
-            self.registry.register(self.policy.collector)
+            self.exposition.add_collector("policy", self.policy.collector)
             self.policy.engine.selection_listeners.append(self.console.reselect)
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http.extra_routes.append(self.console.add_routes)
@@ -254,7 +254,7 @@ class Daemon:
         return {"intent": g.intent, "managed": g.managed, "mode": g.mode, "given_up": g.given_up,
                 "given_up_reason": g.given_up_reason, "next_retry": g.next_retry,
                 "pending_action": g.pending_action, "attempt": g.attempt,
-                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts)}
+                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override)}
 
     def control_status(self) -> dict[str, Any]:
         """Daemon summary plus every guest's state and policy state."""
@@ -309,6 +309,19 @@ class Daemon:
         log.info("operator_action", action=action, guest=name)
         return {"name": name, "action": action, "policy": self._policy_guest(name)}
 
+    def control_override(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Replace one guest's runtime policy override ({} clears it)."""
+        if self.policy is None:
+            raise NotAvailable("policy is disabled ([policy] enabled = false)")
+        try:
+            self.policy.engine.set_override(name, values)
+        except KeyError:
+            raise UnknownGuest(name) from None
+        except ValueError as err:
+            raise BadRequest(str(err)) from None
+        log.info("operator_action", action="override", guest=name)
+        return {"name": name, "action": "override", "policy": self._policy_guest(name)}
+
     def control_events(self, since: int, limit: int) -> dict[str, Any]:
         """Recent events after ``since``."""
         evs = self.recent.since(since, limit=limit)
@@ -348,7 +361,7 @@ class Daemon:
         await self.console.start()  # opens console.sqlite when capture is enabled
         await self.alerter.start()
         if self.policy is not None:
-            await self.policy.engine.start()
+            await self.policy.start()  # the engine, then the event journal's pruning
         try:
             await self.control.start()
             if self.control.inherited and self.control.path != self.settings.daemon.socket:

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import sys
+import tomllib
 from typing import Any, Sequence
 
 import structlog
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
     operator("hold", "Hold a guest: virtwatch takes no action on it until released.")
     operator("release", "Release a held guest (intent follows its current state).")
     operator("reset", "Clear a guest's restart budget and given-up state.")
+    ov = operator("override", "Set a guest's runtime policy override: the KEY=VALUE pairs (per-guest policy "
+                  "keys, profile, mode) replace the override in force; --clear removes it. It outranks domain "
+                  "metadata and [[policy.match]] rules, makes the guest managed and is kept across restarts.")
+    ov.add_argument("pairs", nargs="*", metavar="KEY=VALUE", help="VALUE as in the TOML file (2.5, true, "
+                    "[\"managedsave:300\"]); other words are strings: on_crash=leave mode=dry-run")
+    ov.add_argument("--clear", action="store_true", help="remove the guest's override")
     ev = operator("events", "Show recent libvirt events.", None)
     ev.add_argument("--since", type=int, default=0, help="only events after this sequence number")
     ev.add_argument("--limit", type=int, default=50)
@@ -91,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(args)
     if args.command == "guests-save":
         return guests_save(args)
-    if args.command in ("status", "explain", "hold", "release", "reset", "events"):
+    if args.command in ("status", "explain", "hold", "release", "reset", "override", "events"):
         return operator_command(args)
     if args.command == "console-log":
         from .virt.console import console_log_command
@@ -133,10 +140,10 @@ def _socket_path(args: argparse.Namespace) -> str:
 
 
 def operator_command(args: argparse.Namespace) -> int:
-    """status / explain / hold / release / reset / events over the control socket.
+    """status / explain / hold / release / reset / override / events over the control socket.
 
-    Exit codes: 0 ok, 1 daemon unreachable, 2 usage/config, 3 unknown guest,
-    4 feature unavailable (e.g. policy disabled).
+    Exit codes: 0 ok, 1 daemon unreachable, 2 usage/config or input the daemon
+    rejected (HTTP 400), 3 unknown guest, 4 feature unavailable (e.g. policy disabled).
     """
     from .control import DaemonUnreachable, request
 
@@ -155,22 +162,68 @@ def operator_command(args: argparse.Namespace) -> int:
         method, url = "GET", f"/v1/explain/{_quote(guest)}"
     elif cmd == "events":
         method, url = "GET", f"/v1/events?since={args.since}&limit={args.limit}"
+    elif cmd == "override":
+        try:
+            values: dict[str, Any] | None = override_values(args.pairs, args.clear)
+        except ValueError as err:
+            print(f"virtwatch: {err}", file=sys.stderr)
+            return EXIT_USAGE
+        method, url = "PUT", f"/v1/guests/{_quote(guest)}/override"
     else:
         method, url = "POST", f"/v1/guests/{_quote(guest)}/{cmd}"
     try:
-        status, body = request(path, method, url)
+        status, body = request(path, method, url, values if cmd == "override" else None)
     except DaemonUnreachable as err:
         print(f"virtwatch: cannot reach the daemon: {err}", file=sys.stderr)
         return EXIT_UNREACHABLE
     if status != 200:
         print(f"virtwatch: {body.get('error', status)}", file=sys.stderr)
-        return EXIT_NOT_FOUND if status == 404 else EXIT_UNAVAILABLE
+        return {404: EXIT_NOT_FOUND, 400: EXIT_USAGE}.get(status, EXIT_UNAVAILABLE)
     if args.json:
         print(json.dumps(body, indent=2, sort_keys=True))
         return EXIT_OK
     for line in _render(cmd, guest, body):
         print(line)
     return EXIT_OK
+
+
+def override_values(pairs: list[str], clear: bool) -> dict[str, Any]:
+    """``KEY=VALUE`` words → ``{key: value}`` for ``virtwatch override`` ({} with ``clear``).
+
+    VALUE is read as a TOML value when it is one (``2``, ``2.5``, ``true``,
+    ``["managedsave:300"]``), else taken as the word itself (``leave``,
+    ``dry-run``, ``managedsave:300,destroy:30``); the daemon validates it.
+    Raises ValueError for a malformed or repeated pair, pairs with ``clear``, or neither.
+    """
+    if clear:
+        if pairs:
+            raise ValueError("--clear takes no KEY=VALUE pairs")
+        return {}
+    if not pairs:
+        raise ValueError("give KEY=VALUE pairs or --clear")
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        if key in out:
+            raise ValueError(f"{key} given twice")
+        out[key] = _toml_value(raw.strip())
+    return out
+
+
+def _toml_value(raw: str) -> Any:
+    scalar = (bool, int, float, str)
+    if "\n" in raw:  # one value, never a second TOML line
+        return raw
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+    if isinstance(value, scalar) or (isinstance(value, list) and all(isinstance(x, scalar) for x in value)):
+        return value
+    return raw  # dates, tables: not policy values; the daemon names the key
 
 
 def _quote(name: str | None) -> str:
@@ -199,6 +252,9 @@ def _render(cmd: str, guest: str | None, body: dict[str, Any]) -> list[str]:
             lines.append(f"  {g['name']:<24} {g['state']:<10} {g['reason']:<14}{extra}")
         return lines
     pol = body.get("policy")
+    if cmd == "override":
+        ov = (pol or {}).get("override") or {}
+        return [f"{body['name']}: override set: {_fmt_override(ov)}" if ov else f"{body['name']}: override cleared"]
     if cmd in ("hold", "release", "reset"):
         return [f"{body['name']}: {cmd} done; intent={pol['intent'] if pol else '?'}"
                 f"{' GIVEN UP' if pol and pol['given_up'] else ''}"]
@@ -208,6 +264,8 @@ def _render(cmd: str, guest: str | None, body: dict[str, Any]) -> list[str]:
     if pol:
         lines.append(f"  policy: intent={pol['intent']} managed={pol['managed']} mode={pol['mode']} "
                      f"given_up={pol['given_up']} attempt={pol['attempt']} restarts={pol['restarts']}")
+        if pol.get("override"):
+            lines.append(f"  override: {_fmt_override(pol['override'])}")
     for key in ("agent_connected", "cpu_percent"):
         if body.get(key) is not None:
             lines.append(f"  {key}: {body[key]}")
@@ -220,6 +278,10 @@ def _render(cmd: str, guest: str | None, body: dict[str, Any]) -> list[str]:
     if console:
         lines.append(f"  console: {console}")
     return lines
+
+
+def _fmt_override(ov: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v!r}" for k, v in sorted(ov.items()))
 
 
 def guests_save(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""The operator Unix socket: ``virtwatch status|explain|hold|release|reset|events``.
+"""The operator Unix socket: ``virtwatch status|explain|hold|release|reset|override|events``.
 
 The running daemon serves a small JSON-over-HTTP API on a Unix socket
 (``daemon.socket``, mode 0660): whoever can open the socket may operate the
@@ -11,6 +11,9 @@ Routes (all answer JSON; errors are ``{"error": "..."}``):
 * ``GET  /v1/guests/{name}``      one guest: state, policy state, extras
 * ``GET  /v1/explain/{name}``     merged policy, key sources, decision now
 * ``POST /v1/guests/{name}/hold|release|reset``
+* ``PUT  /v1/guests/{name}/override``  body: a JSON object of policy keys (per-guest
+  keys, ``profile``, ``mode``) that *replaces* the guest's runtime override; ``{}``
+  clears it. 400 names every bad key or value.
 * ``GET  /v1/events?since=SEQ``   recent events
 """
 
@@ -34,6 +37,10 @@ class NotAvailable(Exception):
     """The operation needs a feature that is off (e.g. policy disabled)."""
 
 
+class BadRequest(ValueError):
+    """The operator's input is invalid; the message says what (HTTP 400)."""
+
+
 class ControlPort(Protocol):
     """What the daemon exposes to operators (implemented by the app)."""
 
@@ -48,6 +55,10 @@ class ControlPort(Protocol):
 
     def control_action(self, name: str, action: str) -> dict[str, Any]:
         """hold/release/reset; raises :class:`UnknownGuest` / :class:`NotAvailable`."""
+
+    def control_override(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Replace the runtime policy override; raises :class:`UnknownGuest` /
+        :class:`NotAvailable` / :class:`BadRequest`."""
 
     def control_events(self, since: int, limit: int) -> dict[str, Any]:
         """Recent events after ``since``."""
@@ -86,6 +97,7 @@ class ControlServer:
         app.router.add_get("/v1/guests/{name}", self._guest)
         app.router.add_get("/v1/explain/{name}", self._explain)
         app.router.add_post("/v1/guests/{name}/{action:hold|release|reset}", self._action)
+        app.router.add_put("/v1/guests/{name}/override", self._override)
         app.router.add_get("/v1/events", self._events)
         return app
 
@@ -133,6 +145,8 @@ class ControlServer:
             return web.json_response({"error": f"no guest named {err.args[0]!r}"}, status=404)
         except NotAvailable as err:
             return web.json_response({"error": str(err)}, status=409)
+        except BadRequest as err:
+            return web.json_response({"error": str(err)}, status=400)
 
     async def _status(self, _r: web.Request) -> web.Response:
         return await self._call(self._port.control_status)
@@ -145,6 +159,16 @@ class ControlServer:
 
     async def _action(self, r: web.Request) -> web.Response:
         return await self._call(self._port.control_action, r.match_info["name"], r.match_info["action"])
+
+    async def _override(self, r: web.Request) -> web.Response:
+        try:
+            values = await r.json()
+        except ValueError:
+            values = None
+        if not isinstance(values, dict):
+            return web.json_response({"error": "the body must be a JSON object of policy keys, e.g. "
+                                      '{"restart_delay": 2.0}; {} clears the override'}, status=400)
+        return await self._call(self._port.control_override, r.match_info["name"], values)
 
     async def _events(self, r: web.Request) -> web.Response:
         try:
@@ -183,14 +207,18 @@ class DaemonUnreachable(Exception):
     """The socket is missing, refused, or not permitted."""
 
 
-def request(path: str, method: str, url: str, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
+def request(path: str, method: str, url: str, body: Any = None, timeout: float = 10.0) -> tuple[int, dict[str, Any]]:
     """One request to the daemon's control socket → (HTTP status, JSON body).
 
-    Raises :class:`DaemonUnreachable` when the daemon cannot be reached.
+    ``body``, when not None, is sent as JSON. Raises :class:`DaemonUnreachable`
+    when the daemon cannot be reached.
     """
     conn = _UnixHTTPConnection(path, timeout)
     try:
-        conn.request(method, url)
+        if body is None:
+            conn.request(method, url)
+        else:
+            conn.request(method, url, body=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
         raw = resp.read()
         try:

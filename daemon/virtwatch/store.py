@@ -15,7 +15,8 @@
   too), a loud warning is logged, and a fresh database is created: never a crash.
 
 The store is synchronous and meant to be called from the event loop thread
-(local writes are short); it is not thread-safe.
+(local writes are short); it is not thread-safe. :func:`prune_journal` is the
+exception: it opens a connection of its own and is meant for a worker thread.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ import structlog
 from .policy.budget import History
 
 SCHEMA_VERSION = 1
+
+#: Event rows deleted per transaction by :func:`prune_journal`: the engine's writes wait for one batch at most.
+PRUNE_BATCH = 2000
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (
@@ -393,10 +397,11 @@ class Store:
         return [dict(r) for r in rows]
 
     def prune_events(self, keep: int) -> int:
-        """Delete all but the newest ``keep`` event rows. Returns rows deleted."""
-        with self.transaction() as conn:
-            cur = conn.execute("DELETE FROM events WHERE id <= (SELECT MAX(id) FROM events) - ?", (keep,))
-            return cur.rowcount
+        """Delete all but the newest ``keep`` event rows, on the calling thread. Returns rows deleted.
+
+        The daemon prunes with :func:`prune_journal` in a worker thread instead.
+        """
+        return _prune(self._conn, None, keep, PRUNE_BATCH, None).by_count
 
     # -- meta ----------------------------------------------------------------
 
@@ -427,6 +432,61 @@ class Store:
     def journal_mode(self) -> str:
         """``PRAGMA journal_mode`` (``wal`` for files)."""
         return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class JournalPrune:
+    """What one :func:`prune_journal` run did: rows deleted by age, then by count, and rows left."""
+
+    by_age: int
+    by_count: int
+    kept: int
+
+
+def prune_journal(path: str | os.PathLike[str], before: float, keep: int, batch: int = PRUNE_BATCH,
+                  stop: Callable[[], bool] | None = None) -> JournalPrune:
+    """Bound the event journal of the database at ``path``: delete the rows whose ``time`` is
+    before ``before`` (seconds since the epoch), then all but the newest ``keep`` rows.
+
+    Blocking: run it in a worker thread. It uses a connection of its own (the
+    :class:`Store`'s belongs to the loop thread), never creates the file, and
+    deletes ``batch`` rows per transaction, so the engine's writes to the same
+    (WAL) database wait for one batch at most. ``stop()`` true ends it between
+    batches. Raises sqlite3.Error (e.g. the file is missing or locked for over
+    10 s) or OSError.
+    """
+    conn = sqlite3.connect(f"{Path(path).resolve().as_uri()}?mode=rw", uri=True, isolation_level=None,
+                           timeout=10.0)
+    try:
+        # a prune lost to a power cut is simply done again: no fsync per batch needed
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return _prune(conn, before, keep, batch, stop)
+    finally:
+        conn.close()
+
+
+def _prune(conn: sqlite3.Connection, before: float | None, keep: int, batch: int,
+           stop: Callable[[], bool] | None) -> JournalPrune:
+    """Delete event rows older than ``before`` (None: none by age), then beyond the newest ``keep``,
+    in autocommitted batches of ``batch`` rows, oldest first."""
+    def drain(where: str, arg: float | int) -> int:
+        total = 0
+        while True:
+            n = conn.execute(f"DELETE FROM events WHERE id IN (SELECT id FROM events WHERE {where} "
+                             "ORDER BY id LIMIT ?)", (arg, batch)).rowcount
+            total += n
+            if n < batch or (stop and stop()):
+                return total
+
+    by_age = drain("time < ?", before) if before is not None else 0
+    by_count = 0
+    if not (stop and stop()):
+        # the newest row past the ``keep`` newest: it and everything older goes
+        row = conn.execute("SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?", (keep,)).fetchone()
+        if row is not None:
+            by_count = drain("id <= ?", row[0])
+    kept = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
+    return JournalPrune(by_age, by_count, kept)
 
 
 class _Unusable(Exception):

@@ -79,6 +79,38 @@ async def test_poll_publishes_snapshot_and_vanished_guests_vanish(daemon: Daemon
     assert f'domain="{gone.name()}"' not in text
 
 
+class _RaisingCollector:
+    """A collector with a bug: ``collect`` raises."""
+
+    def collect(self):
+        """Raise, as a buggy collector does."""
+        raise RuntimeError("collector bug")
+
+    def describe(self):
+        """No up-front description."""
+        return []
+
+
+async def test_a_broken_collector_never_fails_the_scrape(daemon: Daemon, make_guests) -> None:
+    (dom,) = await asyncio.to_thread(make_guests, "scrape", 1)
+    name = dom.name()
+    await until(lambda: daemon.guests.by_name(name) is not None)
+    broken = _RaisingCollector()
+    daemon.registry.register(broken)  # e.g. a component collector registered in the live registry
+    status, text = await scrape(daemon)
+    assert status == 200
+    assert metric(text, "virtwatch_collector_success", collector="daemon") == 0
+    assert metric(text, "virtwatch_collector_success", collector="agent") == 1
+    assert metric(text, "virtwatch_collector_success", collector="state") == 1
+    assert metric(text, "libvirt_domain_state_code", domain=name) == 1  # the state families are still there
+    assert metric(text, "libvirt_up") is None  # the broken unit's own families are left out
+    daemon.registry.unregister(broken)
+    status, text = await scrape(daemon)
+    assert status == 200
+    assert metric(text, "virtwatch_collector_success", collector="daemon") == 1
+    assert metric(text, "libvirt_up") == 1
+
+
 async def test_reconnect_reregisters_callbacks_and_resyncs(daemon: Daemon, make_guests) -> None:
     (dom,) = await asyncio.to_thread(make_guests, "recon", 1, True)
     name = dom.name()

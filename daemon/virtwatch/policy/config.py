@@ -223,6 +223,11 @@ class PolicySettings(BaseModel):
     boot_settle_quiet: float = Field(5.0, ge=0, le=600, description="boot flow: no state change for this long = settled, seconds")
     start_delay: float = Field(2.0, ge=0, le=3600, description="boot flow: seconds between launching two starts")
 
+    journal_max_age: float = Field(30 * 86400.0, gt=0, le=10 * 365 * 86400,
+                                   description="event journal: rows older than this are deleted, seconds (30 days)")
+    journal_max_events: int = Field(100_000, ge=1, le=100_000_000,
+                                    description="event journal: only the newest this many rows are kept")
+
     @field_validator("profile")
     @classmethod
     def _profile_names(cls, v: dict[str, Any]) -> dict[str, Any]:

@@ -72,7 +72,8 @@ class GuestSnapshot:
     """Per-guest policy state for metrics and ``virtwatch status``.
 
     ``next_retry`` is wall-clock seconds or None; ``restarts`` counts restarts
-    performed by cause (the ``reason`` label of ``libvirt_domain_restarts_total``).
+    performed by cause (the ``reason`` label of ``libvirt_domain_restarts_total``);
+    ``override`` is the runtime policy override in force (JSON values, {} if none).
     """
 
     name: str
@@ -89,6 +90,7 @@ class GuestSnapshot:
     restarts: Mapping[str, int]
     state: int | None
     reason: int | None
+    override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -970,10 +972,13 @@ class PolicyEngine:
         return self._snap(g)
 
     def set_override(self, name: str, values: Mapping[str, Any] | None) -> GuestSnapshot:
-        """Set (or clear with None/{}) the runtime policy override of a guest. Raises KeyError, ValueError."""
+        """Replace (or clear with None/{}) the runtime policy override of a guest: per-guest
+        keys, ``profile``, ``mode``, validated by :func:`~virtwatch.policy.select.validate_override`
+        and persisted. Raises KeyError (unknown guest), ValueError (naming every bad key)."""
         g = self._known(name)
         clean = validate_override(values or {}, self._settings)
         self._persist(g, g.st.replace(override=MappingProxyType(clean)))
+        self._log.info("policy_override", guest=name, uuid=g.st.uuid, override=clean)
         self._selection_changed(name)
         return self._snap(g)
 
@@ -985,7 +990,8 @@ class PolicyEngine:
         return GuestSnapshot(g.st.name, g.st.uuid, g.st.intent, sel.managed, sel.mode, h.given_up, h.given_up_reason,
                              h.next_retry, g.st.pending_action, h.attempt,
                              len(budget.window(h, self._clock.time(), sel.policy)), MappingProxyType(dict(h.restarts)),
-                             g.live[0] if g.live else None, g.live[1] if g.live else None)
+                             g.live[0] if g.live else None, g.live[1] if g.live else None,
+                             MappingProxyType(dict(g.st.override)))
 
     def snapshot(self) -> EngineSnapshot:
         """Current state for metrics/status (guests that vanished are left out)."""

@@ -2,7 +2,7 @@
 
 Precedence per key (highest first):
 
-1. runtime override (operator, via the daemon socket)
+1. runtime override (operator: ``virtwatch override GUEST KEY=VALUE...`` over the daemon socket)
 2. the guest's XML metadata in namespace ``https://virtwatch.dev/xmlns/policy/1``
 3. ``[[policy.match]]`` rules in file order (the first matching rule that sets a key wins)
 4. profiles named by those layers, in the same order (override's, metadata's, rules')
@@ -96,9 +96,7 @@ def parse_metadata(xml: str | None) -> GuestMetadata:
     try:
         values = overlay_values(PolicyOverlay.model_validate(raw))
     except pydantic.ValidationError as err:
-        for e in err.errors():
-            loc = ".".join(str(p) for p in e["loc"])
-            errors.append(f"metadata.{loc}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+        errors.extend(f"metadata.{line}" for line in _validation_lines(err))
     return GuestMetadata(True, MappingProxyType(values), profile, mode, MappingProxyType(labels), tuple(errors))
 
 
@@ -153,9 +151,11 @@ def select(
 ) -> Selection:
     """Merge the layers for one guest. Pure.
 
-    ``override`` holds per-guest keys plus optional ``profile`` and ``mode``
-    (already validated by the caller with :func:`validate_override`). Never
-    raises: invalid metadata is ignored and reported in ``errors``.
+    ``override`` holds per-guest keys plus optional ``profile`` and ``mode`` as
+    :func:`validate_override` returns them (JSON values, as the store keeps
+    them); its per-guest keys are made typed here through the same model.
+    Never raises: invalid metadata or override values are ignored and reported
+    in ``errors``.
     """
     errors: list[str] = []
     md = parse_metadata(metadata_xml)
@@ -163,12 +163,20 @@ def select(
     override = dict(override or {})
     o_profile = override.pop("profile", None)
     o_mode = override.pop("mode", None)
+    if o_mode is not None and (not isinstance(o_mode, str) or o_mode not in MODE_RANK):
+        errors.append(f"override.mode: {o_mode!r} is not one of enforce, dry-run, observe")
+        o_mode = None
+    o_values: dict[str, Any] = {}
+    try:
+        o_values = overlay_values(PolicyOverlay.model_validate(override))
+    except pydantic.ValidationError as err:  # e.g. stored by another version: the override is left out
+        errors.extend(f"override.{line}" for line in _validation_lines(err))
 
     matched = tuple(i for i, r in enumerate(settings.match) if rule_matches(r, name, uuid, md.labels))
     # (label, values, profile, mode) from highest to lowest precedence
     layers: list[tuple[str, dict[str, Any], str | None, str | None]] = []
     if override or o_profile or o_mode:
-        layers.append(("override", override, o_profile, o_mode))
+        layers.append(("override", o_values, o_profile, o_mode))
     if md.present:
         layers.append(("metadata", dict(md.values), md.profile, md.mode))
     for i in matched:
@@ -209,25 +217,41 @@ def select(
 
 
 def validate_override(values: Mapping[str, Any], settings: PolicySettings) -> dict[str, Any]:
-    """Validate runtime override values (per-guest keys, ``profile``, ``mode``).
+    """Validate runtime override values (per-guest keys, ``profile``, ``mode``) with the
+    model of ``[policy.defaults]``: same types and bounds.
 
-    Returns the cleaned mapping. Raises ValueError naming the bad key.
+    Returns the cleaned mapping in JSON form, as the store persists it (e.g.
+    ``on_host_shutdown = "managedsave:30"`` becomes ``[{"action": "managedsave",
+    "timeout": 30.0}]``); {} clears. Raises ValueError naming every bad key, one
+    ``"key: problem"`` per problem, joined by ``"; "``.
     """
     values = dict(values)
     out: dict[str, Any] = {}
+    problems: list[str] = []
     prof = values.pop("profile", None)
     if prof is not None:
-        if prof not in settings.profile:
-            raise ValueError(f"profile: unknown profile {prof!r}")
-        out["profile"] = prof
+        if not isinstance(prof, str) or prof not in settings.profile:
+            problems.append(f"profile: unknown profile {prof!r}")
+        else:
+            out["profile"] = prof
     mode = values.pop("mode", None)
     if mode is not None:
-        if mode not in MODE_RANK:
-            raise ValueError(f"mode: {mode!r} is not one of enforce, dry-run, observe")
-        out["mode"] = mode
+        if not isinstance(mode, str) or mode not in MODE_RANK:
+            problems.append(f"mode: {mode!r} is not one of enforce, dry-run, observe")
+        else:
+            out["mode"] = mode
     try:
-        out.update(overlay_values(PolicyOverlay.model_validate(values)))
+        out.update(PolicyOverlay.model_validate(values).model_dump(mode="json", exclude_none=True))
     except pydantic.ValidationError as err:
-        e = err.errors()[0]
-        raise ValueError(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}") from None
+        problems.extend(_validation_lines(err))
+        if any(e["type"] == "extra_forbidden" for e in err.errors()):
+            problems.append(f"valid keys: profile, mode, {', '.join(POLICY_KEYS)}")
+    if problems:
+        raise ValueError("; ".join(problems))
     return out
+
+
+def _validation_lines(err: pydantic.ValidationError) -> list[str]:
+    """One ``"key: problem"`` per error (``unknown key`` for keys the model forbids)."""
+    return [f"{'.'.join(str(p) for p in e['loc'])}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}"
+            for e in err.errors()]

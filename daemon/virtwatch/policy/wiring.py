@@ -2,12 +2,14 @@
 
 :class:`PolicyRuntime` owns everything the engine needs when
 ``[policy] enabled = true``: the SQLite store under ``daemon.state_dir``,
-the :class:`LibvirtHypervisor` on the daemon's connection, the alert bridge
-and a prometheus-client collector over :meth:`PolicyEngine.snapshot`.
+the :class:`LibvirtHypervisor` on the daemon's connection, the alert bridge,
+a prometheus-client collector over :meth:`PolicyEngine.snapshot` and the
+event journal's retention (:class:`~virtwatch.policy.journal.JournalPruner`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -16,8 +18,10 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..alerts import Alerter
+from .clock import Clock, SystemClock
 from .config import PolicySettings
 from .engine import PolicyAlert, PolicyEngine
+from .journal import JournalPruner
 from .libvirt_port import LibvirtHypervisor
 
 log = structlog.get_logger("virtwatch.policy")
@@ -93,10 +97,11 @@ class PolicyRuntime:
         alerter: instant alerts.
         boot_id_path: file holding the host boot id.
         calls: the :class:`~virtwatch.virt.calls.Calls` of that connection (one thread).
+        clock: time source of the engine and the journal pruner (``SystemClock()``).
     """
 
     def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
-                 boot_id_path: str, calls: Any = None) -> None:
+                 boot_id_path: str, calls: Any = None, clock: Clock | None = None) -> None:
         from ..store import Store
 
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
@@ -107,9 +112,18 @@ class PolicyRuntime:
                 return calls.run(what, fn, timeout=86400, count_errors=False)
         self.hypervisor = LibvirtHypervisor(connection, timeout=settings.action_timeout, runner=runner)
         self._alerter = alerter
-        self.engine = PolicyEngine(settings, self.hypervisor, self.store, alert=self._on_alert,
+        clock = clock or SystemClock()
+        self.engine = PolicyEngine(settings, self.hypervisor, self.store, clock=clock, alert=self._on_alert,
                                    boot_id_path=boot_id_path)
         self.collector = PolicyCollector(self.engine)
+        self.pruner = JournalPruner(self.store.path, settings.journal_max_age, settings.journal_max_events, clock)
+        self._prune_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        """Start the engine, then the journal pruner (prunes at once, then hourly)."""
+        await self.engine.start()
+        if self._prune_task is None:
+            self._prune_task = asyncio.get_running_loop().create_task(self.pruner.run(), name="policy-journal-prune")
 
     def _on_alert(self, a: PolicyAlert) -> None:
         if a.kind == "given_up":
@@ -139,6 +153,14 @@ class PolicyRuntime:
         return snap
 
     async def stop(self) -> None:
-        """Stop the engine (pending retries stay persisted) and close the store."""
+        """Stop the pruner and the engine (pending retries stay persisted), close the store."""
+        self.pruner.stop()
+        if self._prune_task is not None:
+            self._prune_task.cancel()
+            try:
+                await self._prune_task
+            except asyncio.CancelledError:
+                pass
+            self._prune_task = None
         await self.engine.stop()
         self.store.close()

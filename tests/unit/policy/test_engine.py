@@ -425,6 +425,24 @@ async def test_override_applies(rig):
         rig.engine.set_override("o", {"on_crash": "nope"})
 
 
+async def test_override_is_persisted_shown_and_reloaded(rig):
+    running(rig.hv, "o")
+    await rig.start()
+    rig.engine.set_override("o", {"mode": "dry-run"})
+    assert rig.engine.snapshot().guests["o"].mode == "dry-run"
+    rig.engine.set_override("o", {"on_host_shutdown": "shutdown:30", "restart_delay": 4})  # replaces
+    stored = {"on_host_shutdown": [{"action": "shutdown", "timeout": 30.0}], "restart_delay": 4.0}
+    assert dict(rig.store.get_guest("o").override) == stored
+    snap = rig.engine.snapshot().guests["o"]
+    assert snap.mode == "enforce" and dict(snap.override) == stored
+    await rig.restart_daemon()
+    assert rig.engine.explain("o").sources["on_host_shutdown"] == "override"
+    rep = await rig.engine.save_guests()  # the reloaded steps work: a clean shutdown, not the default managed save
+    assert dict(rep.results) == {"o": "shutdown"} and rig.hv.count("managed_save") == 0
+    rig.engine.set_override("o", {})
+    assert dict(rig.store.get_guest("o").override) == {} and rig.engine.explain("o").sources["restart_delay"] == "defaults"
+
+
 async def test_undefined_guest_is_forgotten(rig):
     running(rig.hv, "t")
     await rig.start()

@@ -1,5 +1,7 @@
 """Selection precedence: override > metadata > match rules (file order) > profile > defaults."""
 
+import json
+
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.select import parse_metadata, select, validate_override
 
@@ -101,3 +103,33 @@ def test_validate_override():
         validate_override({"profile": "zzz"}, S)
     with pytest.raises(ValueError, match="bogus"):
         validate_override({"bogus": 1}, S)
+
+
+def test_override_values_survive_the_json_round_trip_of_the_store():
+    # the store persists an override as JSON: what validate_override returns must be JSON,
+    # and select must turn it back into typed values (ShutdownStep, not dicts)
+    v = validate_override({"on_host_shutdown": "managedsave:30,destroy", "restart_delay": "2"}, S)
+    stored = json.loads(json.dumps(v))
+    assert stored == v == {"on_host_shutdown": [{"action": "managedsave", "timeout": 30.0},
+                                                {"action": "destroy", "timeout": 120.0}], "restart_delay": 2.0}
+    sel = select(S, "mail", "u", None, stored)
+    assert [(st.action, st.timeout) for st in sel.policy.on_host_shutdown] == [("managedsave", 30.0), ("destroy", 120.0)]
+    assert sel.policy.restart_delay == 2.0 and sel.sources["on_host_shutdown"] == "override"
+    assert sel.managed and sel.errors == ()
+
+
+def test_validate_override_names_every_bad_key_and_the_valid_ones():
+    with pytest.raises(ValueError) as exc:
+        validate_override({"bogus": 1, "restart_delay": -1, "mode": "fast"}, S)
+    msg = str(exc.value)
+    assert "bogus: unknown key" in msg and "on_crash" in msg  # says which keys exist
+    assert "restart_delay: Input should be greater than or equal to 0" in msg
+    assert "mode: 'fast' is not one of enforce, dry-run, observe" in msg
+
+
+def test_a_stored_override_that_no_longer_validates_is_ignored_and_reported():
+    # e.g. written by another virtwatch version: select never raises, it reports
+    sel = select(S, "web1", "u", None, {"restart_delay": -5, "no_longer_a_key": 1})
+    assert sel.policy.restart_delay == 3.0 and sel.sources["restart_delay"].startswith("match[0]")
+    assert any(e.startswith("override.restart_delay") for e in sel.errors)
+    assert any(e == "override.no_longer_a_key: unknown key" for e in sel.errors)
