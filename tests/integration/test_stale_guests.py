@@ -185,6 +185,7 @@ class HeldElsewhereSource(LibvirtStatsSource):
     def __init__(self, held: str) -> None:
         self.held = held
         self.holding = False
+        self.occupied_ms = 30_000
         self.controls: list[frozenset[str] | None] = []
 
     # The test driver returns the state group only; a QEMU guest also has monitor figures.
@@ -199,7 +200,7 @@ class HeldElsewhereSource(LibvirtStatsSource):
         out = super().control(conn, uuids)
         for uuid, cs in out.items():
             if cs.name == self.held and self.holding:
-                out[uuid] = ControlState(cs.name, uuid, libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, 30_000)
+                out[uuid] = ControlState(cs.name, uuid, libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, self.occupied_ms)
         return out
 
     def probe(self, conn: Any, uuid: str, flags: int) -> Any:
@@ -217,9 +218,16 @@ async def test_guest_held_by_another_clients_stuck_call_is_not_fresh(actor, make
     first = await poller.poll_once()
     assert source.controls == []  # nothing shrank: no control-state call at all
     source.holding = True
+    source.occupied_ms = 20  # held only just now: not fresh, not yet a suspect
+    snap = await poller.poll_once()
+    assert {d.name: d.stale for d in snap.domains.values()}[names[0]] is True
+    assert poller.stale == frozenset()
+    source.occupied_ms = 30_000  # held for long: a suspect, left out of the bulk call
+    source.controls.clear()
     snap = await poller.poll_once()
     by_name = {d.name: d for d in snap.domains.values()}
     assert by_name[names[0]].stale is True
+    assert poller.stale == frozenset({next(d.UUIDString() for d in doms if d.name() == names[0])})
     assert by_name[names[0]].stats == {d.name: d for d in first.domains.values()}[names[0]].stats  # last full figures
     assert all(not by_name[n].stale for n in names[1:])
     assert len(source.controls) == 1 and source.controls[0] is not None and len(source.controls[0]) == 1

@@ -319,6 +319,7 @@ class StatsPoller:
         self._seq = 0
         self._suspects: dict[str, str] = {}          # uuid -> name of guests not asked in bulk
         self._last: dict[str, DomainStats] = {}
+        self._fields: dict[str, int] = {}             # uuid -> fields in its last answer given with a free monitor
         self._host: HostStats | None = None
         self.latest: Snapshot | None = None
         self._running = False
@@ -386,8 +387,9 @@ class StatsPoller:
             host_task = tg.create_task(self._host_figures(end)) if self.settings.host else None
             probe_task = tg.create_task(self._probe(probe_now, end)) if probe_now else None
             rows = await self._bulk(end)
+            held: frozenset[str] = frozenset()
             if rows:
-                rows = await self._drop_thin(rows, end)
+                rows, held = await self._drop_thin(rows, end)
         host_ok = host_task.result() if host_task is not None else True
         probed, gone = probe_task.result() if probe_task is not None else ({}, set())
         now = self._wall()
@@ -396,13 +398,16 @@ class StatsPoller:
             domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
         for uuid, (name, st) in probed.items():
             self._suspects.pop(uuid, None)  # answered: back in the bulk call from the next poll
+            self._fields[uuid] = len(st)  # asked only once its monitor was free
             domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
         for uuid in gone:
             self._suspects.pop(uuid, None)
         if not self._suspects:
             self._lanes.release("probe")  # back to the normal lane count
-        # Not answered this poll: suspects, and every known guest when the bulk call failed.
+        # Not answered this poll: suspects, guests held by another call, and every known
+        # guest when the bulk call failed.
         left = dict(self._suspects)
+        left.update({u: self._last[u].name for u in held if u in self._last})
         if rows is None:
             left.update({u: d.name for u, d in self._last.items() if u not in gone})
         for uuid, name in left.items():
@@ -412,6 +417,7 @@ class StatsPoller:
             domains[uuid] = DomainStats(name=name, uuid=uuid, stats=last.stats if last else {}, stale=True,
                                         collected_at=last.collected_at if last else now)
         self._last = domains
+        self._fields = {u: n for u, n in self._fields.items() if u in domains}
         stale_names = sorted(d.name for d in domains.values() if d.stale)
         if stale_names:
             log.warning("guests_stale", guests=stale_names)
@@ -461,34 +467,43 @@ class StatsPoller:
             exclude = exclude | newly
         return None
 
-    async def _drop_thin(self, rows: list[DomainRow], end: float) -> list[DomainRow]:
-        """Rows of guests stuck behind somebody else's call, made suspects.
+    async def _drop_thin(self, rows: list[DomainRow], end: float) -> tuple[list[DomainRow], frozenset[str]]:
+        """Rows of guests held by somebody else's call, taken out; returns (kept, held).
 
         NOWAIT skips, rather than waits for, a guest whose job another call holds.
         When that call is stuck on a hung QEMU (another client's, or ours on a
-        quarantined lane), the guest answers with fewer fields than last time and
-        would look fresh. Only guests whose answer shrank are checked (one
-        ``controlInfo`` each); those whose monitor has been occupied for half the
-        first attempt's deadline become suspects, and their rows are dropped."""
-        thin = frozenset(uuid for _n, uuid, st in rows
-                         if uuid in self._last and len(st) < len(self._last[uuid].stats))
+        quarantined lane), the guest answers without its monitor figures (28 of 53
+        fields on QEMU 7.2) and would look fresh. A guest whose answer has fewer
+        fields than its last answer given with a free monitor gets one
+        ``controlInfo``: while its monitor is occupied (or in error) the row is
+        held (stale this poll, last figures kept), and once occupied for half the
+        first attempt's deadline the guest becomes a suspect. With the monitor
+        free the smaller answer is real (a device went away) and becomes the new
+        reference. A healthy poll makes no extra call."""
+        thin = frozenset(uuid for _n, uuid, st in rows if len(st) < self._fields.get(uuid, 0))
+        for _n, uuid, st in rows:
+            if uuid not in thin:
+                self._fields[uuid] = len(st)
         if not thin:
-            return rows
+            return rows, frozenset()
         min_ms = self.settings.effective_poll_timeout / 2 * 1000 / 2
         try:
             states = await self._lanes.run("stats", "controlInfo", self._source.control, thin,
                                            timeout=max(0.05, end - self._monotonic()))
         except (CallTimeout, LaneUnavailable, libvirt.libvirtError) as err:
             log.debug("thin_check_failed", error=str(err).strip())
-            return rows
-        stuck = stuck_guests(states, min_ms)
-        if not stuck:
-            return rows
+            return [r for r in rows if r[1] not in thin], thin  # unknown: not fresh
+        held = frozenset(u for u in thin if u in states and states[u].state in (
+            libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, libvirt.VIR_DOMAIN_CONTROL_ERROR))
+        for uuid in thin - held:
+            self._fields[uuid] = next(len(st) for _n, u, st in rows if u == uuid)
+        stuck = stuck_guests({u: states[u] for u in held}, min_ms)
         for uuid in stuck:
             self._suspects[uuid] = states[uuid].name
-        log.warning("guests_suspect", guests=sorted(states[u].name for u in stuck),
-                    detail="answered without monitor figures while its monitor is occupied by another call")
-        return [r for r in rows if r[1] not in stuck]
+        if stuck:
+            log.warning("guests_suspect", guests=sorted(states[u].name for u in stuck),
+                        detail="answered without monitor figures while its monitor is occupied by another call")
+        return [r for r in rows if r[1] not in held], held
 
     async def _identify(self, end: float, min_ms: float) -> frozenset[str]:
         """Suspects added: the running guests whose monitor has been occupied for
