@@ -9,6 +9,7 @@ Daemon exactly as the CLI does, on the libvirt test driver.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 from typing import Any, Callable
 
@@ -416,6 +417,11 @@ class Daemon:
             except TimeoutError:
                 log.warning("shutdown_connection_timeout")
                 await _cancel(conn_task)
+        # A virDomain or virConnect caught in a reference cycle (an exception's traceback
+        # holds the frame of the call that raised it, e.g. a refused agentSetResponseTimeout)
+        # keeps its connection's socket handle and keepalive timer registered until the cycle
+        # collector runs: the drain then waited out its 2 s at every stop.
+        gc.collect()
         try:
             async with asyncio.timeout(max(0.1, min(2.0, deadline - self.loop.time()))):
                 await self.impl.drain()

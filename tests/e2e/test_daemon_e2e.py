@@ -42,6 +42,26 @@ def daemon(tmp_path_factory: pytest.TempPathFactory, busy) -> Iterator[Virtwatch
         assert "Traceback" not in log, log
 
 
+def test_stop_releases_every_libvirt_callback(busy, tmp_path: Path) -> None:
+    """A stop on a healthy host is prompt: every connection's socket handle and keepalive
+    timer is released before the drain. With the guest agent on a read-only connection,
+    each refused agentSetResponseTimeout left a virDomain in a traceback cycle, so the
+    drain waited out its 2 s at every stop (``shutdown_drain_timeout``, 5 of 5 stops)."""
+    times = []
+    for i in range(3):
+        vw = VirtwatchProcess(tmp_path / str(i), config=(
+            f"[daemon]\nstate_dir = \"{tmp_path / str(i)}\"\nsocket = \"{tmp_path / str(i) / 'vw.sock'}\"\n"),
+            poll_interval=1.0).start()
+        vw.wait_until(lambda: "agent_denied_read_only" in vw.log_text(), 10, "the agent never tried")
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        assert vw.stop() == 0, vw.log_tail()
+        times.append(time.monotonic() - t0)
+        assert "shutdown_drain_timeout" not in vw.log_text(), vw.log_tail()
+    print(f"\nstop with the agent denied on a read-only connection: {', '.join(f'{t:.2f}' for t in times)} s")
+    assert max(times) < 1.5
+
+
 def test_counters_grow_between_polls(daemon: VirtwatchProcess, busy) -> None:
     names = [g.name for g in busy]
     keys = [("libvirt_domain_block_read_bytes_total", {"target": "vda"}),
