@@ -177,8 +177,8 @@ async def test_busy_console_backs_off_then_attaches(calls: Callable[[], Calls]) 
     conn.busy = True
     cap = ConsoleCapture(settings(), calls(), Guests(G("web-1", "uuid-web-1", RUNNING)), None)
     cap.connection_ready(conn)
-    await until(lambda: len(conn.opens) >= 3)
-    assert cap.state("web-1")["status"] == "busy"
+    # the open is recorded in the worker thread, the status on the loop after it returns
+    await until(lambda: len(conn.opens) >= 3 and cap.state("web-1")["status"] == "busy")
     assert cap.state("web-1")["last_error"] == "VIR_ERR_OPERATION_FAILED"
     conn.busy = False
     await until(lambda: cap.tail("web-1") == ["got it"])
