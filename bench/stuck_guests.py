@@ -39,9 +39,10 @@ class BenchGuests(GuestFactory):
 
 def describe(label: str, records: list[PollRecord], healthy: list[str], prev: PollRecord | None) -> str:
     periods = [b.at - a.at for a, b in zip(records, records[1:])]
-    durations = poll_durations(([prev] if prev else []) + records)  # the first pair has the poll that met the hang
-    shares = [advanced_share(records, n) for n in healthy]
-    return (f"{label:<22} polls {len(records) - 1:>3}  period {statistics.median(periods):5.2f} s "
+    paired = ([prev] if prev else []) + records  # the first pair has the poll that met the hang
+    durations = poll_durations(paired)
+    shares = [advanced_share(paired, n) for n in healthy]
+    return (f"{label:<22} polls {len(paired) - 1:>3}  period {statistics.median(periods):5.2f} s "
             f"(max {max(periods):5.2f})  duration {statistics.median(durations):5.3f} s "
             f"(max {max(durations):5.3f})  healthy CPU advanced {100 * min(shares):5.1f} % of polls (worst guest)  "
             f"lanes max {max(lanes_total(r) for r in records):.0f}  threads max {max(r.threads or 0 for r in records)}"

@@ -65,7 +65,9 @@ def check_window(rec: PollRecorder, vw: VirtwatchProcess, victims: list[str], he
     """Assert what must hold while ``victims`` are frozen; return printable figures."""
     window = rec.between(start, end)
     assert len(window) >= int(FREEZE / POLL) - 2, f"only {len(window)} polls seen in {FREEZE} s"
-    shares = {n: advanced_share(window, n) for n in healthy}
+    prev = rec.before(start)
+    paired = ([prev] if prev else []) + window  # the first poll after SIGSTOP is the one that meets the hang
+    shares = {n: advanced_share(paired, n) for n in healthy}
     assert min(shares.values()) >= 0.8, f"CPU time of healthy guests advanced in too few polls: {shares}"
     for r in window:
         # host figures were read in this very poll (or the one before, if the scrape raced it)
@@ -82,11 +84,10 @@ def check_window(rec: PollRecorder, vw: VirtwatchProcess, victims: list[str], he
     assert all(r.stale.get(v) == 1 for r in later for v in victims)
     assert all(r.stale.get(n) == 0 for r in later[1:] for n in healthy)
     periods = [b.at - a.at for a, b in zip(window, window[1:])]
-    prev = rec.before(start)
-    durations = poll_durations(([prev] if prev else []) + window)  # the first pair has the stuck poll
+    durations = poll_durations(paired)
     return [f"SIGSTOP to stale {to_stale:.1f} s",
             f"healthy guests' CPU advanced in {100 * min(shares.values()):.0f}-{100 * max(shares.values()):.0f} % "
-            f"of {len(window) - 1} polls",
+            f"of {len(paired) - 1} polls",
             f"poll period median {sorted(periods)[len(periods) // 2]:.2f} s, poll duration median "
             f"{sorted(durations)[len(durations) // 2]:.2f} s, max {max(durations):.2f} s",
             f"max threads {max(r.threads or 0 for r in window)}, max libvirtd clients "
