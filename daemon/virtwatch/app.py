@@ -38,7 +38,7 @@ from .virt.records import Event
 from .virt.stats import Snapshot, StatsPoller
 from .agent import GuestAgent
 from .inventory import Inventory
-from .virt.console import ConsoleCapture
+from .console import ConsoleCapture
 from .web import build_app_kwargs, build_site_kwargs, load_web_config
 
 log = structlog.get_logger("virtwatch.app")

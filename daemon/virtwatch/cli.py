@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file",
                            description="Validate FILE; print every problem. Exit 0 when valid, 2 otherwise.")
     check.add_argument("file", metavar="FILE")
-    from .virt.console import add_console_log_parser
+    from .console.capture import add_console_log_parser
     add_console_log_parser(sub)  # console-log GUEST [--crash N]
     return parser
 
@@ -101,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("status", "explain", "hold", "release", "reset", "override", "events"):
         return operator_command(args)
     if args.command == "console-log":
-        from .virt.console import console_log_command
+        from .console.capture import console_log_command
         return console_log_command(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_CONFIG

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virtwatch.config import load_settings
-from virtwatch.virt.console import (
+from virtwatch.console.capture import (
     ConsoleSettings,
     CrashStore,
     RingBuffer,

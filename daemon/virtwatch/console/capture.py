@@ -61,8 +61,8 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from .calls import CallTimeout, Calls, error_code_name
-from .records import Event
+from ..virt.calls import CallTimeout, Calls, error_code_name
+from ..virt.records import Event
 
 log = structlog.get_logger("virtwatch.console")
 
