@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 from .agent import AgentSettings
 from .alerts.config import AlertSettings
 from .policy.config import PolicySettings
-from .console import ConsoleSettings
+from .console.settings import ConsoleSettings
 
 
 class Section(BaseModel):

@@ -5,6 +5,7 @@ The daemon (``app.py``) needs :class:`ConsoleCapture`; the configuration
 (``config.py``) needs :class:`ConsoleSettings`.
 """
 
-from .capture import ConsoleCapture, ConsoleSettings
+from .capture import ConsoleCapture
+from .settings import ConsoleSettings
 
 __all__ = ["ConsoleCapture", "ConsoleSettings"]

@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from virtwatch.metrics.instruments import Instruments
 from virtwatch.virt.calls import Calls
-from virtwatch.console.capture import ConsoleCapture, ConsoleSettings, console_log_main
+from virtwatch.console.capture import ConsoleCapture, console_log_main
+from virtwatch.console.settings import ConsoleSettings
 from virtwatch.virt.records import Event
 
 RUNNING, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUTOFF

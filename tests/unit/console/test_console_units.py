@@ -10,7 +10,6 @@ import pytest
 
 from virtwatch.config import load_settings
 from virtwatch.console.capture import (
-    ConsoleSettings,
     CrashStore,
     RingBuffer,
     backoff,
@@ -19,6 +18,7 @@ from virtwatch.console.capture import (
     read_file_tail,
     text_lines,
 )
+from virtwatch.console.settings import ConsoleSettings
 from virtwatch.virt.records import Event
 
 
