@@ -11,13 +11,12 @@ import pytest
 from virtwatch.config import load_settings
 from virtwatch.console.capture import (
     CrashStore,
-    RingBuffer,
     backoff,
     is_crash_event,
     parse_console_devices,
     read_file_tail,
-    text_lines,
 )
+from virtwatch.console.ring import RingBuffer, text_lines
 from virtwatch.console.settings import ConsoleSettings
 from virtwatch.virt.records import Event
 
