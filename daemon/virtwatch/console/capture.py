@@ -52,7 +52,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -62,6 +61,7 @@ from aiohttp import web
 
 from ..virt.calls import CallTimeout, Calls, error_code_name
 from ..virt.records import Event
+from .devices import RECV_CHUNK, ConsoleDevices, open_console, read_file_tail, take_screenshot
 from .ring import RingBuffer, text_lines
 from .settings import ConsoleSettings
 
@@ -72,46 +72,9 @@ log = structlog.get_logger("virtwatch.console")
 #: everywhere (design doc §3a measured the leak on 9.0).
 STREAM_CALLBACKS_FIXED_IN: int | None = None
 
-#: ``recv`` size per call, bytes.
-RECV_CHUNK = 64 * 1024
-
-
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Delay in seconds before the ``attempt``-th retry (1-based): ``base * 2**(attempt-1)`` capped."""
     return min(cap, base * (2 ** max(0, attempt - 1)))
-
-
-# -- domain XML helpers -----------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ConsoleDevices:
-    """What the domain XML says about consoles: the first serial's virtlogd
-    log file (None without ``<log file=...>``) and whether there is graphics."""
-
-    log_file: str | None
-    graphics: bool
-
-
-def parse_console_devices(xml: str) -> ConsoleDevices:
-    """Read ``devices/serial/log/@file`` (falling back to ``devices/console/log``)
-    and the presence of ``devices/graphics`` from a domain XML (``XMLDesc``)."""
-    root = ET.fromstring(xml)
-    log_file = None
-    for path in ("./devices/serial/log", "./devices/console/log"):
-        el = root.find(path)
-        if el is not None and el.get("file"):
-            log_file = el.get("file")
-            break
-    return ConsoleDevices(log_file=log_file, graphics=root.find("./devices/graphics") is not None)
-
-
-def read_file_tail(path: str, max_bytes: int) -> bytes:
-    """The last ``max_bytes`` bytes of ``path`` (blocking; raises OSError)."""
-    with open(path, "rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - max_bytes))
-        return fh.read()
 
 
 # -- crash store -------------------------------------------------------------------
@@ -512,7 +475,7 @@ class ConsoleCapture:
         c.status = "attaching"
         flags = libvirt.VIR_DOMAIN_CONSOLE_FORCE if self.settings.force else 0
         try:
-            stream, devices, uuid = await self._calls.run("openConsole", _open_console, conn, name,
+            stream, devices, uuid = await self._calls.run("openConsole", open_console, conn, name,
                                                           self.settings.device, flags, timeout=self._call_timeout)
         except libvirt.libvirtError as err:
             code = err.get_error_code()
@@ -748,7 +711,7 @@ class ConsoleCapture:
             return None
         path = self._state_dir / "screenshots" / f"{ev.name}-{int(ev.time)}-{ev.seq}.img"
         try:
-            mime = await self._calls.run("screenshot", _screenshot, conn, ev.uuid, str(path),
+            mime = await self._calls.run("screenshot", take_screenshot, conn, ev.uuid, str(path),
                                          timeout=self._call_timeout, count_errors=False)
         except (libvirt.libvirtError, CallTimeout, OSError) as err:
             log.info("console_screenshot_failed", guest=ev.name, error=str(err).strip())
@@ -784,49 +747,6 @@ class ConsoleCapture:
         return web.json_response({"name": name, "capture": state, "lines": self.tail(name, lines),
                                   "crashes": [{"n": i + 1, "id": r.id, "time": r.time, "events": r.events}
                                               for i, r in enumerate(crashes)]})
-
-
-def _open_console(conn: libvirt.virConnect, name: str, device: str | None,
-                  flags: int) -> tuple[libvirt.virStream, ConsoleDevices, str]:
-    """Blocking: look the guest up, read its XML, open its console into a new
-    NONBLOCK stream (no stream callback: see module doc). Raises libvirtError."""
-    dom = conn.lookupByName(name)
-    devices = parse_console_devices(dom.XMLDesc(0))
-    stream = conn.newStream(libvirt.VIR_STREAM_NONBLOCK)
-    try:
-        dom.openConsole(device, stream, flags)
-    except libvirt.libvirtError:
-        try:
-            stream.abort()
-        except libvirt.libvirtError:
-            pass
-        raise
-    return stream, devices, dom.UUIDString()
-
-
-def _screenshot(conn: libvirt.virConnect, uuid: str, path: str) -> str:
-    """Blocking: ``virDomainScreenshot`` of screen 0 into ``path``; returns the
-    MIME type. Uses a blocking stream read in this worker thread (no stream
-    callback). Raises libvirtError/OSError."""
-    dom = conn.lookupByUUIDString(uuid)
-    stream = conn.newStream(0)
-    try:
-        mime = dom.screenshot(stream, 0, 0)
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "wb") as fh:
-            while True:
-                chunk = stream.recv(RECV_CHUNK)
-                if not chunk or isinstance(chunk, int):
-                    break
-                fh.write(chunk)
-        stream.finish()
-    except BaseException:
-        try:
-            stream.abort()
-        except libvirt.libvirtError:
-            pass
-        raise
-    return mime
 
 
 # -- CLI ---------------------------------------------------------------------------

@@ -13,9 +13,8 @@ from virtwatch.console.capture import (
     CrashStore,
     backoff,
     is_crash_event,
-    parse_console_devices,
-    read_file_tail,
 )
+from virtwatch.console.devices import parse_console_devices, read_file_tail
 from virtwatch.console.ring import RingBuffer, text_lines
 from virtwatch.console.settings import ConsoleSettings
 from virtwatch.virt.records import Event
