@@ -9,11 +9,8 @@ from pathlib import Path
 import pytest
 
 from virtwatch.config import load_settings
-from virtwatch.console.capture import (
-    CrashStore,
-    backoff,
-    is_crash_event,
-)
+from virtwatch.console.capture import backoff, is_crash_event
+from virtwatch.console.crashstore import CrashStore
 from virtwatch.console.devices import parse_console_devices, read_file_tail
 from virtwatch.console.ring import RingBuffer, text_lines
 from virtwatch.console.settings import ConsoleSettings
