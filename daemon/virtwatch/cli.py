@@ -13,13 +13,18 @@ import json
 import os
 import signal
 import sys
+import time
 import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
 from typing import Any, Sequence
 
 import structlog
 
 from . import __version__
 from .config import ConfigError, config_warnings, load_settings
+from .console.crashstore import CrashStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -80,8 +85,18 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration file",
                            description="Validate FILE; print every problem. Exit 0 when valid, 2 otherwise.")
     check.add_argument("file", metavar="FILE")
-    from .console.capture import add_console_log_parser
-    add_console_log_parser(sub)  # console-log GUEST [--crash N]
+
+    console_log = sub.add_parser("console-log", help="show a guest's captured console",
+                         description="Print a guest's captured console. Without --crash: the live tail from the "
+                         "running daemon's HTTP API. With --crash N: the N-th most recent crash record "
+                         "(1 = latest), read from console.sqlite in the state directory.")
+    console_log.add_argument("guest", metavar="GUEST")
+    console_log.add_argument("--crash", type=int, metavar="N", help="the N-th most recent crash (1 = latest)")
+    console_log.add_argument("--list", action="store_true", help="list recorded crashes")
+    console_log.add_argument("--lines", type=int, default=200, help="lines of the live tail (default 200)")
+    console_log.add_argument("--config", metavar="FILE", help="configuration file (for daemon.state_dir and http.listen)")
+    console_log.add_argument("--state-dir", metavar="DIR", help="state directory (overrides the configuration)")
+    console_log.add_argument("--url", metavar="URL", help="daemon base URL (default from http.listen)")
     return parser
 
 
@@ -101,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("status", "explain", "hold", "release", "reset", "override", "events"):
         return operator_command(args)
     if args.command == "console-log":
-        from .console.capture import console_log_command
         return console_log_command(args)
     parser.error(f"unknown command {args.command}")
     return EXIT_CONFIG
@@ -125,6 +139,78 @@ def check_config(path: str) -> int:
         print(f"warning: {w}", file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
+
+
+def console_log_command(args: argparse.Namespace) -> int:
+    """``virtwatch console-log``: load the configuration (for ``daemon.state_dir``
+    and ``http.listen``), then :func:`console_log_main`. Exit 2 on a bad config."""
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as err:
+        print(f"{err.source}: invalid configuration: {'; '.join(err.errors)}", file=sys.stderr)
+        return 2
+    return console_log_main(args, settings.daemon.state_dir, settings.http.listen)
+
+
+def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> int:
+    """Run ``console-log``; returns an exit code: 0 found; 1 no crash record, or the daemon
+    unreachable; 2 a bad request; 3 the guest's console is not captured (HTTP 404)."""
+    if args.crash is not None or args.list:
+        path = Path(args.state_dir or state_dir) / "console.sqlite"
+        if not path.exists():
+            print(f"no crash records: {path} does not exist", file=sys.stderr)
+            return 1
+        store = CrashStore(path, read_only=True)
+        try:
+            if args.list:
+                for i, r in enumerate(store.crashes(args.guest)):
+                    print(f"{i + 1}\t{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.time))}\t"
+                          f"{', '.join(r.events)}")
+                return 0
+            rec = store.crash(args.guest, args.crash)
+        finally:
+            store.close()
+        if rec is None:
+            print(f"no crash {args.crash} recorded for {args.guest}", file=sys.stderr)
+            return 1
+        print(f"# crash {args.crash} of {rec.guest} at "
+              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rec.time))}: {', '.join(rec.events)}")
+        print(rec.console_tail)
+        if rec.log_tail:
+            print(f"# serial log {rec.log_file}:")
+            print(rec.log_tail)
+        if rec.screenshot:
+            print(f"# screenshot: {rec.screenshot}")
+        return 0
+    base = args.url or _local_url(listen)
+    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.request.quote(args.guest, safe='')}/console?lines={args.lines}"
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            body = json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:  # the daemon says why (not captured, bad lines...): show that, not just the status
+            why = json.loads(err.read()).get("error") or err.reason
+        except (ValueError, OSError, AttributeError):
+            why = err.reason
+        print(f"{args.guest}: {why} (HTTP {err.code})", file=sys.stderr)
+        return 3 if err.code == 404 else 2
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
+        print(f"daemon unreachable at {base}: {err}", file=sys.stderr)
+        return 1
+    capture = body.get("capture") or {}
+    if capture.get("status") not in (None, "attached") and capture.get("last_error"):
+        print(f"# capture {capture['status']}: {capture['last_error']}", file=sys.stderr)
+    for line in body.get("lines", []):
+        print(line)
+    return 0
+
+
+def _local_url(listen: str) -> str:
+    host, _, port = listen.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4

@@ -40,17 +40,12 @@ Interfaces: :meth:`ConsoleCapture.tail` (alerting), :meth:`ConsoleCapture.add_ro
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import dataclasses
 import fnmatch
-import json
 import os
 import sqlite3
-import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol
 
@@ -595,97 +590,6 @@ class ConsoleCapture:
         return web.json_response({"name": name, "capture": state, "lines": self.tail(name, lines),
                                   "crashes": [{"n": i + 1, "id": r.id, "time": r.time, "events": r.events}
                                               for i, r in enumerate(crashes)]})
-
-
-# -- CLI ---------------------------------------------------------------------------
-
-def add_console_log_parser(sub: Any) -> None:
-    """Add ``console-log GUEST [--crash N] [--list]`` to an argparse subparsers object."""
-    p = sub.add_parser("console-log", help="show a guest's captured console",
-                       description="Print a guest's captured console. Without --crash: the live tail from the "
-                       "running daemon's HTTP API. With --crash N: the N-th most recent crash record "
-                       "(1 = latest), read from console.sqlite in the state directory.")
-    p.add_argument("guest", metavar="GUEST")
-    p.add_argument("--crash", type=int, metavar="N", help="the N-th most recent crash (1 = latest)")
-    p.add_argument("--list", action="store_true", help="list recorded crashes")
-    p.add_argument("--lines", type=int, default=200, help="lines of the live tail (default 200)")
-    p.add_argument("--config", metavar="FILE", help="configuration file (for daemon.state_dir and http.listen)")
-    p.add_argument("--state-dir", metavar="DIR", help="state directory (overrides the configuration)")
-    p.add_argument("--url", metavar="URL", help="daemon base URL (default from http.listen)")
-
-
-def console_log_command(args: argparse.Namespace) -> int:
-    """``virtwatch console-log``: load the configuration (for ``daemon.state_dir``
-    and ``http.listen``), then :func:`console_log_main`. Exit 2 on a bad config."""
-    from ..config import ConfigError, load_settings
-
-    try:
-        settings = load_settings(args.config)
-    except ConfigError as err:
-        print(f"{err.source}: invalid configuration: {'; '.join(err.errors)}", file=sys.stderr)
-        return 2
-    return console_log_main(args, settings.daemon.state_dir, settings.http.listen)
-
-
-def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> int:
-    """Run ``console-log``; returns an exit code: 0 found; 1 no crash record, or the daemon
-    unreachable; 2 a bad request; 3 the guest's console is not captured (HTTP 404)."""
-    if args.crash is not None or args.list:
-        path = Path(args.state_dir or state_dir) / "console.sqlite"
-        if not path.exists():
-            print(f"no crash records: {path} does not exist", file=sys.stderr)
-            return 1
-        store = CrashStore(path, read_only=True)
-        try:
-            if args.list:
-                for i, r in enumerate(store.crashes(args.guest)):
-                    print(f"{i + 1}\t{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(r.time))}\t"
-                          f"{', '.join(r.events)}")
-                return 0
-            rec = store.crash(args.guest, args.crash)
-        finally:
-            store.close()
-        if rec is None:
-            print(f"no crash {args.crash} recorded for {args.guest}", file=sys.stderr)
-            return 1
-        print(f"# crash {args.crash} of {rec.guest} at "
-              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(rec.time))}: {', '.join(rec.events)}")
-        print(rec.console_tail)
-        if rec.log_tail:
-            print(f"# serial log {rec.log_file}:")
-            print(rec.log_tail)
-        if rec.screenshot:
-            print(f"# screenshot: {rec.screenshot}")
-        return 0
-    base = args.url or _local_url(listen)
-    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.request.quote(args.guest, safe='')}/console?lines={args.lines}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        try:  # the daemon says why (not captured, bad lines...): show that, not just the status
-            why = json.loads(err.read()).get("error") or err.reason
-        except (ValueError, OSError, AttributeError):
-            why = err.reason
-        print(f"{args.guest}: {why} (HTTP {err.code})", file=sys.stderr)
-        return 3 if err.code == 404 else 2
-    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
-        print(f"daemon unreachable at {base}: {err}", file=sys.stderr)
-        return 1
-    capture = body.get("capture") or {}
-    if capture.get("status") not in (None, "attached") and capture.get("last_error"):
-        print(f"# capture {capture['status']}: {capture['last_error']}", file=sys.stderr)
-    for line in body.get("lines", []):
-        print(line)
-    return 0
-
-
-def _local_url(listen: str) -> str:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
 
 
 def crash_lines_text(records: Iterable[CrashRecord]) -> list[str]:

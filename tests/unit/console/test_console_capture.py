@@ -21,7 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from virtwatch.metrics.instruments import Instruments
 from virtwatch.virt.calls import Calls
-from virtwatch.console.capture import ConsoleCapture, console_log_main
+from virtwatch.cli import console_log_main
+from virtwatch.console.capture import ConsoleCapture
 from virtwatch.console.settings import ConsoleSettings
 from virtwatch.virt.records import Event
 
