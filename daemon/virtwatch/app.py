@@ -139,8 +139,6 @@ class Daemon:
                                                                    self.inventory.view(lambda: self.poller.latest),
                                                                    lambda: self.connection.info))
         self.exposition.add_collector("lanes", self.lanes)
-        self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
-                            ready=self.connection.ready.is_set)
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
                                       selector=self._console_capture, wall=wall_clock,
@@ -175,7 +173,8 @@ class Daemon:
             self.exposition.add_collector("policy", self.policy.collector)
             self.policy.engine.selection_listeners.append(self.console.reselect)
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
-        self.http.extra_routes.append(self.console.add_routes)
+        self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
+                            ready=self.connection.ready.is_set, console=self.console)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._runner: web.AppRunner | None = None

@@ -33,9 +33,10 @@ with graphics, a screenshot are persisted in ``console.sqlite`` in the state
 directory (:class:`CrashStore`). Two crash events of one guest within
 ``coalesce_seconds`` (CRASHED/PANICKED then STOPPED/CRASHED) make one record.
 
-Interfaces: :meth:`ConsoleCapture.tail` (alerting), :meth:`ConsoleCapture.add_routes`
-(``GET /api/v1/guests/{name}/console``) and :func:`console_log_main` (the
-``virtwatch console-log`` command).
+Interfaces: :meth:`ConsoleCapture.tail` (alerting), :meth:`ConsoleCapture.state`,
+:meth:`ConsoleCapture.crash` and :meth:`ConsoleCapture.crashes` (read by the HTTP
+route ``GET /api/v1/guests/{name}/console`` in :mod:`virtwatch.metrics.http`);
+``virtwatch console-log`` (in :mod:`virtwatch.cli`) reads ``console.sqlite`` itself.
 """
 
 from __future__ import annotations
@@ -51,7 +52,6 @@ from typing import Any, Callable, Iterable, Protocol
 
 import libvirt
 import structlog
-from aiohttp import web
 
 from ..virt.calls import CallTimeout, Calls, error_code_name
 from ..virt.records import Event
@@ -561,35 +561,22 @@ class ConsoleCapture:
             return None
         return f"{path} ({mime})"
 
-    # -- HTTP ----------------------------------------------------------------------
-    def add_routes(self, app: web.Application) -> None:
-        """Add ``GET /api/v1/guests/{name}/console`` to ``app``."""
-        app.router.add_get("/api/v1/guests/{name}/console", self.http_console)
+    # -- crash records (off the loop) ----------------------------------------------
+    @property
+    def crash_lines(self) -> int:
+        """Lines kept with a crash record (``crash_lines``); the HTTP tail's default."""
+        return self.settings.crash_lines
 
-    async def http_console(self, request: web.Request) -> web.Response:
-        """``?lines=N`` (default ``crash_lines``): live tail; ``?crash=N``: the
-        N-th most recent crash record. 404 when neither exists."""
-        name = request.match_info["name"]
-        try:
-            lines = int(request.query.get("lines", str(self.settings.crash_lines)))
-            crash_n = int(request.query["crash"]) if "crash" in request.query else None
-        except ValueError:
-            return web.json_response({"error": "lines and crash must be integers"}, status=400)
-        if not 0 <= lines <= 100000:
-            return web.json_response({"error": "lines must be between 0 and 100000"}, status=400)
+    async def crash(self, name: str, n: int) -> CrashRecord | None:
+        """The ``n``-th most recent crash record of ``name`` (1 = latest), read in a
+        worker thread; None without one (or without a store yet)."""
         store = self.store
-        if crash_n is not None:
-            rec = await asyncio.to_thread(store.crash, name, crash_n) if store is not None else None
-            if rec is None:
-                return web.json_response({"error": f"no crash {crash_n} recorded for {name!r}"}, status=404)
-            return web.json_response({"name": name, "crash": rec.as_dict()})
-        crashes = await asyncio.to_thread(store.crashes, name, 20) if store is not None else []
-        state = self.state(name)
-        if state is None and not crashes:
-            return web.json_response({"error": f"console of {name!r} is not captured"}, status=404)
-        return web.json_response({"name": name, "capture": state, "lines": self.tail(name, lines),
-                                  "crashes": [{"n": i + 1, "id": r.id, "time": r.time, "events": r.events}
-                                              for i, r in enumerate(crashes)]})
+        return await asyncio.to_thread(store.crash, name, n) if store is not None else None
+
+    async def crashes(self, name: str, limit: int = 20) -> list[CrashRecord]:
+        """``name``'s crash records, newest first, at most ``limit``, read in a worker thread."""
+        store = self.store
+        return await asyncio.to_thread(store.crashes, name, limit) if store is not None else []
 
 
 def crash_lines_text(records: Iterable[CrashRecord]) -> list[str]:

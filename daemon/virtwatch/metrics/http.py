@@ -32,6 +32,26 @@ class StatusPort(Protocol):
         """Extra per-guest data (policy state, agent info); {} if none."""
 
 
+class ConsolePort(Protocol):
+    """The console capture as the HTTP API reads it (a :class:`~virtwatch.console.ConsoleCapture`)."""
+
+    @property
+    def crash_lines(self) -> int:
+        """Lines of the live tail when the request names none."""
+
+    def state(self, name: str) -> dict[str, Any] | None:
+        """JSON-ready capture state of ``name``; None when it is not captured."""
+
+    def tail(self, name: str, lines: int | None = None) -> list[str]:
+        """The last ``lines`` console lines of ``name`` from memory."""
+
+    async def crash(self, name: str, n: int) -> Any:
+        """The ``n``-th most recent crash record (``as_dict()``), or None."""
+
+    async def crashes(self, name: str, limit: int = 20) -> list[Any]:
+        """Crash records (``id``, ``time``, ``events``), newest first."""
+
+
 def guest_json(g: GuestView, snap: Snapshot | None) -> dict[str, Any]:
     """A guest as the JSON API returns it (state names decoded, stats summary).
 
@@ -78,11 +98,13 @@ class HTTPApp:
         status: daemon status port.
         ready: returns True when libvirt is connected and resynced (``/readyz``).
         middlewares: extra aiohttp middlewares (auth), applied in order.
+        console: the console capture; None leaves out ``/api/v1/guests/{name}/console``.
     """
 
     def __init__(self, exposition: Exposition, guests: GuestRegistry, snapshot: Callable[[], Snapshot | None],
                  events: RecentEvents, status: StatusPort, ready: Callable[[], bool],
-                 middlewares: list[Callable[..., Awaitable[Any]]] | None = None) -> None:
+                 middlewares: list[Callable[..., Awaitable[Any]]] | None = None,
+                 console: ConsolePort | None = None) -> None:
         self._exposition = exposition
         self._guests = guests
         self._snapshot = snapshot
@@ -90,8 +112,7 @@ class HTTPApp:
         self._status = status
         self._ready = ready
         self._middlewares = middlewares or []
-        #: callables ``hook(app)`` adding component routes (console: /api/v1/guests/{name}/console)
-        self.extra_routes: list[Callable[[web.Application], None]] = []
+        self._console = ConsoleAPI(console) if console is not None else None
 
     def build(self, app_kwargs: dict[str, Any] | None = None) -> web.Application:
         """The application. ``app_kwargs`` go to ``web.Application`` (middlewares,
@@ -107,8 +128,8 @@ class HTTPApp:
         app.router.add_get("/api/v1/guests", self.api_guests)
         app.router.add_get("/api/v1/guests/{name}", self.api_guest)
         app.router.add_get("/api/v1/events", self.api_events)
-        for hook in self.extra_routes:
-            hook(app)
+        if self._console is not None:
+            self._console.add_routes(app)
         return app
 
     async def metrics(self, _request: web.Request) -> web.Response:
@@ -197,6 +218,41 @@ td.num{{text-align:right;font-variant-numeric:tabular-nums}}.st-running{{color:#
 </table></body></html>
 """
         return web.Response(text=body, content_type="text/html")
+
+
+class ConsoleAPI:
+    """``GET /api/v1/guests/{name}/console`` over a :class:`ConsolePort`."""
+
+    def __init__(self, console: ConsolePort) -> None:
+        self._console = console
+
+    def add_routes(self, app: web.Application) -> None:
+        """Add the console route to ``app``."""
+        app.router.add_get("/api/v1/guests/{name}/console", self.console)
+
+    async def console(self, request: web.Request) -> web.Response:
+        """``?lines=N`` (default ``crash_lines``): live tail; ``?crash=N``: the
+        N-th most recent crash record. 404 when neither exists; 400 for a bad number."""
+        name = request.match_info["name"]
+        try:
+            lines = int(request.query.get("lines", str(self._console.crash_lines)))
+            crash_n = int(request.query["crash"]) if "crash" in request.query else None
+        except ValueError:
+            return web.json_response({"error": "lines and crash must be integers"}, status=400)
+        if not 0 <= lines <= 100000:
+            return web.json_response({"error": "lines must be between 0 and 100000"}, status=400)
+        if crash_n is not None:
+            rec = await self._console.crash(name, crash_n)
+            if rec is None:
+                return web.json_response({"error": f"no crash {crash_n} recorded for {name!r}"}, status=404)
+            return web.json_response({"name": name, "crash": rec.as_dict()})
+        crashes = await self._console.crashes(name, 20)
+        state = self._console.state(name)
+        if state is None and not crashes:
+            return web.json_response({"error": f"console of {name!r} is not captured"}, status=404)
+        return web.json_response({"name": name, "capture": state, "lines": self._console.tail(name, lines),
+                                  "crashes": [{"n": i + 1, "id": r.id, "time": r.time, "events": r.events}
+                                              for i, r in enumerate(crashes)]})
 
 
 def _fmt_bytes(v: int | None) -> str:

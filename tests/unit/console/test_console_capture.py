@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
+from virtwatch.metrics.http import ConsoleAPI
 from virtwatch.metrics.instruments import Instruments
 from virtwatch.virt.calls import Calls
 from virtwatch.cli import console_log_main
@@ -276,7 +277,7 @@ async def test_http_console_endpoint(tmp_path: Path, calls: Callable[[], Calls])
     cap.on_event(event("watchdog", "WATCHDOG", "RESET"))
     await until(lambda: cap.store is not None and bool(cap.store.crashes("web-1")))
     app = web.Application()
-    cap.add_routes(app)
+    ConsoleAPI(cap).add_routes(app)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
