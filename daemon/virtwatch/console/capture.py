@@ -10,8 +10,8 @@ task on the daemon's loop. ``recv`` on a non-blocking remote stream only
 copies data the RPC client already queued (the socket itself is served by
 libvirtaio) and returns ``-2`` when nothing is queued, so it never blocks the
 loop. We use polling on every libvirt version: no release fixing the
-callback leak has been verified here (:data:`STREAM_CALLBACKS_FIXED_IN` is
-None), and polling costs little with the adaptive interval.
+callback leak has been verified here, and polling costs little with the
+adaptive interval.
 
 Per guest (:class:`GuestConsole`):
 
@@ -48,7 +48,7 @@ import os
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Callable, Protocol
 
 import libvirt
 import structlog
@@ -61,11 +61,6 @@ from .ring import RingBuffer, text_lines
 from .settings import ConsoleSettings
 
 log = structlog.get_logger("virtwatch.console")
-
-#: First libvirt version (``getLibVersion`` number) whose stream callbacks are
-#: known not to leak. None: not verified for any version, so polling is used
-#: everywhere (design doc §3a measured the leak on 9.0).
-STREAM_CALLBACKS_FIXED_IN: int | None = None
 
 def backoff(attempt: int, base: float, cap: float) -> float:
     """Delay in seconds before the ``attempt``-th retry (1-based): ``base * 2**(attempt-1)`` capped."""
@@ -93,9 +88,6 @@ class GuestLookup(Protocol):
 
     def guests(self) -> list[Any]:
         """Every known guest view."""
-
-
-CrashListener = Callable[[CrashRecord], None]
 
 
 # -- per guest ------------------------------------------------------------------------
@@ -174,9 +166,7 @@ class ConsoleCapture:
         self._consoles: dict[str, GuestConsole] = {}
         self._crash_tasks: set[asyncio.Task[Any]] = set()
         self._last_crash: dict[str, tuple[float, int]] = {}
-        self._listeners: list[CrashListener] = []
         self._stopping = False
-        self.libvirt_version: int | None = None
 
     # -- selection -----------------------------------------------------------
     def wants(self, name: str) -> bool:
@@ -186,16 +176,6 @@ class ConsoleCapture:
         if any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.guests):
             return True
         return self._selector is not None and self._selector(name) is not None
-
-    def uses_stream_callbacks(self) -> bool:
-        """True only on a libvirt known to free streams that used callbacks
-        (never, until :data:`STREAM_CALLBACKS_FIXED_IN` is set)."""
-        fixed = STREAM_CALLBACKS_FIXED_IN
-        return fixed is not None and self.libvirt_version is not None and self.libvirt_version >= fixed
-
-    def add_crash_listener(self, listener: CrashListener) -> None:
-        """Call ``listener(record)`` after each crash record is written (alerting)."""
-        self._listeners.append(listener)
 
     # -- reading ----------------------------------------------------------------
     def tail(self, name: str, lines: int | None = None) -> list[str]:
@@ -239,10 +219,6 @@ class ConsoleCapture:
     def connection_ready(self, conn: libvirt.virConnect) -> None:
         """Connected: attach every running guest we capture."""
         self._conn = conn
-        try:
-            self.libvirt_version = conn.getLibVersion()
-        except libvirt.libvirtError:
-            self.libvirt_version = None
         if not self.settings.enabled or self._stopping:
             return
         for g in self._guests.guests():
@@ -538,13 +514,6 @@ class ConsoleCapture:
             self._last_crash[ev.uuid or ev.name] = (ev.time, crash_id)
             log.warning("console_crash_recorded", guest=ev.name, crash_id=crash_id, kind=ev.kind,
                         libvirt_event=ev.event, detail=ev.detail, lines=tail.count("\n") + 1 if tail else 0)
-            record = await asyncio.to_thread(self.store.crash, ev.name, 1)
-            if record is not None:
-                for listener in list(self._listeners):
-                    try:
-                        listener(record)
-                    except Exception as err:
-                        log.error("console_crash_listener_failed", error=repr(err))
         except Exception as err:
             log.error("console_crash_persist_failed", guest=ev.name, error=repr(err))
 
@@ -577,8 +546,3 @@ class ConsoleCapture:
         """``name``'s crash records, newest first, at most ``limit``, read in a worker thread."""
         store = self.store
         return await asyncio.to_thread(store.crashes, name, limit) if store is not None else []
-
-
-def crash_lines_text(records: Iterable[CrashRecord]) -> list[str]:
-    """One summary line per record (for status output)."""
-    return [f"{r.id} {r.guest} {', '.join(r.events)}" for r in records]
