@@ -28,6 +28,7 @@ import aiohttp
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from ..infra.backoff import Backoff
 from .config import AlertSettings
 
 Clock = Callable[[], float]
@@ -96,13 +97,10 @@ def alerts_endpoint(base: str) -> str:
     return base if base.endswith("/api/v2/alerts") else base + "/api/v2/alerts"
 
 
-def backoff_delay(attempt: int, settings: AlertSettings, jitter: float) -> float:
-    """Delay before retry number ``attempt`` (0-based): capped exponential, equal jitter.
-
-    ``jitter`` in [0, 1) scales the delay between 50 % and 100 % of the capped value.
-    """
-    base = min(settings.retry_max_delay, settings.retry_min_delay * (2 ** min(attempt, 60)))
-    return base * (0.5 + 0.5 * jitter)
+def retry_backoff(settings: AlertSettings, rand: Callable[[], float]) -> Backoff:
+    """Delays after failed POSTs: doubling from ``retry_min_delay`` up to ``retry_max_delay``
+    seconds, with equal jitter (each between 50 % and 100 % of that)."""
+    return Backoff(settings.retry_min_delay, settings.retry_max_delay, jitter=(0.5, 1.0), rand=rand)
 
 
 class AlertMetrics:
@@ -172,7 +170,7 @@ class AlertmanagerClient:
         self._clock = clock
         self._sleep = sleep
         self._session_factory = session_factory or aiohttp.ClientSession
-        self._jitter = jitter or random.Random().random
+        self._backoff = retry_backoff(settings, jitter or random.Random().random)
         self._log = logger or structlog.get_logger("virtwatch.alerts")
         self.metrics = AlertMetrics(registry)
         self._targets = [_Target(url, alerts_endpoint(url)) for url in settings.alertmanager_urls]
@@ -278,8 +276,8 @@ class AlertmanagerClient:
             else:
                 self.metrics.failed.labels(t.url).inc(len(batch))
                 self._requeue(t, batch)
-                delay = backoff_delay(t.attempt, self._settings, self._jitter())
                 t.attempt += 1
+                delay = self._backoff.delay(t.attempt)
                 self._log.info("alerts_retry", alertmanager=t.url, attempt=t.attempt, delay=round(delay, 3),
                                pending=len(t.pending))
                 self.metrics.queue_length.labels(t.url).set(len(t.pending))

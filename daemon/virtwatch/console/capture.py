@@ -53,6 +53,7 @@ from typing import Any, Callable, Protocol
 import libvirt
 import structlog
 
+from ..infra.backoff import Backoff
 from ..virt.calls import CallTimeout, Calls, error_code_name
 from ..virt.records import Event
 from .crashstore import CrashRecord, CrashStore
@@ -61,11 +62,6 @@ from .ring import RingBuffer, text_lines
 from .settings import ConsoleSettings
 
 log = structlog.get_logger("virtwatch.console")
-
-def backoff(attempt: int, base: float, cap: float) -> float:
-    """Delay in seconds before the ``attempt``-th retry (1-based): ``base * 2**(attempt-1)`` capped."""
-    return min(cap, base * (2 ** max(0, attempt - 1)))
-
 
 def is_crash_event(ev: Event) -> bool:
     """Events that persist the console: lifecycle CRASHED (any detail),
@@ -161,6 +157,7 @@ class ConsoleCapture:
         self._wall = wall
         self._call_timeout = call_timeout
         self._state_dir = Path(state_dir) if state_dir is not None else None
+        self._reattach = Backoff(settings.reattach_min_delay, settings.reattach_max_delay)
         self.store: CrashStore | None = None
         self._conn: libvirt.virConnect | None = None
         self._consoles: dict[str, GuestConsole] = {}
@@ -403,7 +400,7 @@ class ConsoleCapture:
                 status = await self.attach(c.name)
                 if status != "attached":
                     attempt += 1
-                    delay = backoff(attempt, s.reattach_min_delay, s.reattach_max_delay)
+                    delay = self._reattach.delay(attempt)
                     log.info("console_attach_retry", guest=c.name, status=status, error=c.last_error,
                              attempt=attempt, retry_in_seconds=delay)
                     await self._sleep_or_wake(c, delay)
@@ -421,7 +418,7 @@ class ConsoleCapture:
                 if self._running(c.name):
                     attempt += 1
                     c.status = "busy"
-                    delay = backoff(attempt, s.reattach_min_delay, s.reattach_max_delay)
+                    delay = self._reattach.delay(attempt)
                     log.info("console_lost", guest=c.name, retry_in_seconds=delay)
                     await self._sleep_or_wake(c, delay)
         except asyncio.CancelledError:

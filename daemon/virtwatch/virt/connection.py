@@ -26,6 +26,7 @@ import libvirt
 import structlog
 
 from ..config import LibvirtSettings
+from ..infra.backoff import Backoff
 from ..metrics.instruments import Instruments
 from ..state import GuestRegistry, ResyncEntry
 from .calls import CallTimeout, Calls, error_code_name
@@ -44,16 +45,10 @@ class ConnectionListener(Protocol):
         """The connection is gone (or being closed); drop libvirt objects now."""
 
 
-def backoff_delay(attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
-    """Reconnect delay in seconds for the ``attempt``-th consecutive failure (1-based).
-
-    Exponential (``base * 2**(attempt-1)``), capped at ``cap``, with ±20 %
-    jitter so that many hosts do not reconnect in lockstep; never below
-    ``base / 2`` nor above ``cap``.
-    """
-    raw = min(cap, base * (2 ** max(0, attempt - 1)))
-    jittered = raw * (0.8 + 0.4 * rand())
-    return max(base / 2, min(cap, jittered))
+def reconnect_backoff(settings: LibvirtSettings, rand: Callable[[], float] = random.random) -> Backoff:
+    """Reconnect delays: doubling from ``reconnect_min_delay`` up to ``reconnect_max_delay``
+    seconds, with ±20 % jitter so that many hosts do not reconnect in lockstep."""
+    return Backoff(settings.reconnect_min_delay, settings.reconnect_max_delay, jitter=(0.8, 1.2), rand=rand)
 
 
 def open_connection(uri: str, read_only: bool) -> libvirt.virConnect:
@@ -102,7 +97,7 @@ class ConnectionManager:
         self._pump = pump
         self._guests = guests
         self._instruments = instruments
-        self._rand = rand
+        self._backoff = reconnect_backoff(settings, rand)
         self._subs = EventSubscriptions(pump)
         self._listeners: list[ConnectionListener] = []
         self._conn: libvirt.virConnect | None = None
@@ -138,8 +133,7 @@ class ConnectionManager:
             conn = await self._connect()
             if conn is None:
                 attempt += 1
-                delay = backoff_delay(attempt, self.settings.reconnect_min_delay,
-                                      self.settings.reconnect_max_delay, self._rand)
+                delay = self._backoff.delay(attempt)
                 log.warning("libvirt_connect_failed", uri=self.settings.uri, attempt=attempt,
                             retry_in_seconds=round(delay, 3), error=self.last_error)
                 await self._wait_stop(delay)
@@ -149,8 +143,7 @@ class ConnectionManager:
             await self._teardown(conn)
             if not self._stopping.is_set():
                 attempt = 1
-                await self._wait_stop(backoff_delay(attempt, self.settings.reconnect_min_delay,
-                                                    self.settings.reconnect_max_delay, self._rand))
+                await self._wait_stop(self._backoff.delay(attempt))
 
     async def stop(self) -> None:
         """Ask :meth:`run` to tear down and return."""
@@ -405,7 +398,7 @@ class SideConnection:
         self.read_only = read_only
         self.calls = calls
         self._listener = listener
-        self._rand = rand
+        self._backoff = reconnect_backoff(settings, rand)
         self._conn: libvirt.virConnect | None = None
         self._gen = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -458,7 +451,7 @@ class SideConnection:
                 conn = await self.calls.run("open", self._open_blocking, timeout=s.call_timeout)
             except (libvirt.libvirtError, CallTimeout) as err:
                 attempt += 1
-                delay = backoff_delay(attempt, s.reconnect_min_delay, s.reconnect_max_delay, self._rand)
+                delay = self._backoff.delay(attempt)
                 log.warning("libvirt_side_connect_failed", side=self.name, error=str(err).strip(),
                             retry_in_seconds=round(delay, 3))
                 await asyncio.sleep(delay)

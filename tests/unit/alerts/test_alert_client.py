@@ -8,7 +8,7 @@ import ssl
 
 from prometheus_client import CollectorRegistry
 
-from virtwatch.alerts.client import (AlertmanagerClient, AlertRecord, alert_payload, alerts_endpoint, backoff_delay,
+from virtwatch.alerts.client import (AlertmanagerClient, AlertRecord, alert_payload, alerts_endpoint, retry_backoff,
                                      rfc3339)
 from virtwatch.alerts.config import AlertSettings
 
@@ -81,9 +81,9 @@ def test_endpoint():
 
 def test_backoff_doubles_is_capped_and_jittered():
     s = settings(retry_min_delay=1.0, retry_max_delay=8.0)
-    assert [backoff_delay(n, s, jitter=1.0) for n in range(6)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
-    assert [backoff_delay(n, s, jitter=0.0) for n in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
-    assert backoff_delay(1000, s, jitter=0.5) == 6.0
+    assert [retry_backoff(s, lambda: 1.0).delay(n) for n in range(1, 7)] == [1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert [retry_backoff(s, lambda: 0.0).delay(n) for n in range(1, 6)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    assert retry_backoff(s, lambda: 0.5).delay(1001) == 6.0
 
 
 # -- delivery ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from virtwatch.config import load_settings
-from virtwatch.console.capture import backoff, is_crash_event
+from virtwatch.console.capture import is_crash_event
 from virtwatch.console.crashstore import CrashStore
 from virtwatch.console.devices import parse_console_devices, read_file_tail
 from virtwatch.console.ring import RingBuffer, text_lines
@@ -56,10 +56,6 @@ def test_text_lines_normalises_crlf_keeps_partial_and_limits() -> None:
     assert text_lines(b"\xffok\n", 1) == ["\ufffdok"]
     assert text_lines(b"a\n", 0) == []
     assert text_lines(b"", 3) == []
-
-
-def test_backoff_doubles_and_caps() -> None:
-    assert [backoff(n, 0.5, 3.0) for n in (1, 2, 3, 4, 5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
 
 
 def test_parse_console_devices_reads_serial_log_and_graphics() -> None:
