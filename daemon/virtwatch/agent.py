@@ -48,6 +48,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
+from .infra.timing import wait_event
 from .virt.calls import CallTimeout, Calls, error_code_name
 from .virt.records import Event
 
@@ -254,12 +255,7 @@ class GuestAgent:
                 continue
             self._wake.clear()
             wait = None if name is None or self._conn is None or self._denied else max(0.0, due - now)
-            try:
-                # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
-                async with asyncio.timeout(wait):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
+            await wait_event(self._wake, wait)
 
     async def refresh(self, name: str) -> AgentInfo | None:
         """Query ``name``'s agent now (three to five calls, one at a time).

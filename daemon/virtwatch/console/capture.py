@@ -54,6 +54,7 @@ import libvirt
 import structlog
 
 from ..infra.backoff import Backoff
+from ..infra.timing import wait_event
 from ..virt.calls import CallTimeout, Calls, error_code_name
 from ..virt.records import Event
 from .crashstore import CrashRecord, CrashStore
@@ -439,12 +440,7 @@ class ConsoleCapture:
 
     async def _sleep_or_wake(self, c: GuestConsole, delay: float) -> None:
         c.wake.clear()
-        try:
-            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation
-            async with asyncio.timeout(delay):
-                await c.wake.wait()
-        except TimeoutError:
-            pass
+        await wait_event(c.wake, delay)
 
     async def _pump(self, c: GuestConsole) -> None:
         """Poll the stream until EOF/error/loss with an adaptive interval:

@@ -27,6 +27,7 @@ import structlog
 
 from ..config import LibvirtSettings
 from ..infra.backoff import Backoff
+from ..infra.timing import wait_event
 from ..metrics.instruments import Instruments
 from ..state import GuestRegistry, ResyncEntry
 from .calls import CallTimeout, Calls, error_code_name
@@ -136,14 +137,14 @@ class ConnectionManager:
                 delay = self._backoff.delay(attempt)
                 log.warning("libvirt_connect_failed", uri=self.settings.uri, attempt=attempt,
                             retry_in_seconds=round(delay, 3), error=self.last_error)
-                await self._wait_stop(delay)
+                await wait_event(self._stopping, delay)
                 continue
             attempt = 0
             await self._serve(conn)
             await self._teardown(conn)
             if not self._stopping.is_set():
                 attempt = 1
-                await self._wait_stop(self._backoff.delay(attempt))
+                await wait_event(self._stopping, self._backoff.delay(attempt))
 
     async def stop(self) -> None:
         """Ask :meth:`run` to tear down and return."""
@@ -253,12 +254,8 @@ class ConnectionManager:
         tick = float(self.settings.keepalive_interval)
         next_resync = loop.time() + interval if interval > 0 else None
         while not self._closed.is_set():
-            try:
-                async with asyncio.timeout(tick):
-                    await self._closed.wait()
+            if await wait_event(self._closed, tick):
                 break
-            except TimeoutError:
-                pass
             try:
                 alive = conn.isAlive() == 1
             except libvirt.libvirtError:
@@ -317,13 +314,6 @@ class ConnectionManager:
         await teardown_step(self._calls, "close", _close, conn, min(5.0, self.settings.call_timeout))
         self._calls.forget(conn)
         log.info("libvirt_connection_closed_late", uri=self.settings.uri)
-
-    async def _wait_stop(self, delay: float) -> None:
-        try:
-            async with asyncio.timeout(delay):
-                await self._stopping.wait()
-        except TimeoutError:
-            pass
 
 
 async def teardown_step(calls: Calls, call: str, fn: Callable[[libvirt.virConnect], Any], conn: libvirt.virConnect,
