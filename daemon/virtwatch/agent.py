@@ -48,7 +48,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from .infra.timing import wait_event
+from .infra.timing import next_deadline, wait_event
 from .virt.calls import CallTimeout, Calls, error_code_name
 from .virt.records import Event
 
@@ -340,11 +340,7 @@ class GuestAgent:
     def _advance(self, name: str, due: float, now: float) -> None:
         """Drift-free: next deadline = this deadline + interval; missed
         deadlines are skipped (never run twice to catch up)."""
-        interval = self.settings.interval
-        nxt = due + interval
-        if nxt <= now:
-            nxt += ((now - nxt) // interval + 1) * interval
-        self._due[name] = nxt
+        self._due[name], _ = next_deadline(due, self.settings.interval, now)
 
     def _eligible(self, name: str) -> bool:
         g = self._guests.by_name(name)

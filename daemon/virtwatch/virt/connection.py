@@ -27,7 +27,7 @@ import structlog
 
 from ..config import LibvirtSettings
 from ..infra.backoff import Backoff
-from ..infra.timing import wait_event
+from ..infra.timing import DriftFreeSchedule, wait_event
 from ..metrics.instruments import Instruments
 from ..state import GuestRegistry, ResyncEntry
 from .calls import CallTimeout, Calls, error_code_name
@@ -252,7 +252,7 @@ class ConnectionManager:
         loop = asyncio.get_running_loop()
         interval = self.settings.resync_interval
         tick = float(self.settings.keepalive_interval)
-        next_resync = loop.time() + interval if interval > 0 else None
+        resync = DriftFreeSchedule(interval, loop.time() + interval) if interval > 0 else None
         while not self._closed.is_set():
             if await wait_event(self._closed, tick):
                 break
@@ -264,9 +264,8 @@ class ConnectionManager:
                 self.close_reason = self.close_reason or "not_alive"
                 self._closed.set()
                 break
-            if next_resync is not None and loop.time() >= next_resync:
-                while next_resync <= loop.time():
-                    next_resync += interval  # drift-free: the schedule, not when the work ended
+            if resync is not None and loop.time() >= resync.due:
+                resync.advance(loop.time())
                 try:
                     await self.resync()
                 except (libvirt.libvirtError, CallTimeout, RuntimeError) as err:

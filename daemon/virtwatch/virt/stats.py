@@ -37,6 +37,7 @@ import libvirt
 import structlog
 
 from ..config import StatsSettings
+from ..infra.timing import DriftFreeSchedule
 from ..metrics.instruments import Instruments
 from .calls import CallTimeout, error_code_name
 from .lanes import LanePool, LaneUnavailable
@@ -342,26 +343,21 @@ class StatsPoller:
     async def run(self) -> None:
         """Poll every ``poll_interval`` seconds until cancelled."""
         interval = self.settings.poll_interval
-        next_due = self._monotonic()
+        schedule = DriftFreeSchedule(interval, self._monotonic())
         while True:
             now = self._monotonic()
-            if now < next_due:
-                await asyncio.sleep(next_due - now)
+            if now < schedule.due:
+                await asyncio.sleep(schedule.due - now)
             if self._connection.conn is None:
                 await self._connection.ready.wait()
-                next_due = self._monotonic()
+                schedule.restart(self._monotonic())
                 continue
             try:
                 await self.poll_once()
             except Exception:  # a bug must cost one poll, not every poll after it
                 self._instruments.poll_errors.inc()
                 log.exception("poll_crashed")
-            next_due += interval
-            missed = 0
-            now = self._monotonic()
-            while next_due <= now:
-                next_due += interval
-                missed += 1
+            missed = schedule.advance(self._monotonic())
             if missed:
                 self._instruments.polls_skipped.inc(missed)
                 log.warning("poll_overran", skipped=missed, interval_seconds=interval)
