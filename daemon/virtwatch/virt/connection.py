@@ -27,6 +27,7 @@ import structlog
 
 from ..config import LibvirtSettings
 from ..infra.backoff import Backoff
+from ..infra.tasks import notify_all
 from ..infra.timing import DriftFreeSchedule, wait_event
 from ..metrics.instruments import Instruments
 from ..state import GuestRegistry, ResyncEntry
@@ -34,6 +35,8 @@ from .calls import CallTimeout, Calls, error_code_name
 from .events import EventPump, EventSubscriptions
 
 log = structlog.get_logger("virtwatch.connection")
+
+_LISTENER_FAILED = "connection_listener_failed"
 
 
 class ConnectionListener(Protocol):
@@ -219,11 +222,7 @@ class ConnectionManager:
         self.last_error = None
         self.ready.set()
         self._instruments.up.set(1)
-        for listener in list(self._listeners):
-            try:
-                listener.connection_ready(conn)
-            except Exception as err:
-                log.error("connection_listener_failed", listener=repr(listener), error=repr(err))
+        notify_all(self._listeners, lambda listener: listener.connection_ready(conn), log_event=_LISTENER_FAILED)
         return conn
 
     async def _keepalive(self, conn: libvirt.virConnect) -> None:
@@ -287,11 +286,7 @@ class ConnectionManager:
         self._instruments.up.set(0)
         self._calls.retire(conn)
         if was_ready:
-            for listener in list(self._listeners):
-                try:
-                    listener.connection_lost()
-                except Exception as err:
-                    log.error("connection_listener_failed", listener=repr(listener), error=repr(err))
+            notify_all(self._listeners, lambda listener: listener.connection_lost(), log_event=_LISTENER_FAILED)
         timeout = min(5.0, self.settings.call_timeout)
         for call, fn in (("domainEventDeregisterAny", self._subs.deregister),
                          ("unregisterCloseCallback", _unregister_close)):
@@ -426,10 +421,7 @@ class SideConnection:
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                self._listener.connection_lost()
-            except Exception as err:
-                log.error("connection_listener_failed", listener=repr(self._listener), error=repr(err))
+            notify_all([self._listener], lambda listener: listener.connection_lost(), log_event=_LISTENER_FAILED)
             self._spawn(self._close(conn))
 
     async def _open(self, gen: int) -> None:
@@ -456,10 +448,7 @@ class SideConnection:
             self._conn = conn
             self.opens += 1
             log.info("libvirt_side_connected", side=self.name, uri=s.uri, read_only=self.read_only)
-            try:
-                self._listener.connection_ready(conn)
-            except Exception as err:
-                log.error("connection_listener_failed", listener=repr(self._listener), error=repr(err))
+            notify_all([self._listener], lambda listener: listener.connection_ready(conn), log_event=_LISTENER_FAILED)
             return
 
     def _open_blocking(self) -> libvirt.virConnect:
