@@ -54,6 +54,7 @@ import libvirt
 import structlog
 
 from ..infra.backoff import Backoff
+from ..infra.tasks import TaskSet
 from ..infra.timing import wait_event
 from ..virt.calls import CallTimeout, Calls, error_code_name
 from ..virt.records import Event
@@ -162,7 +163,7 @@ class ConsoleCapture:
         self.store: CrashStore | None = None
         self._conn: libvirt.virConnect | None = None
         self._consoles: dict[str, GuestConsole] = {}
-        self._crash_tasks: set[asyncio.Task[Any]] = set()
+        self._crash_tasks = TaskSet()
         self._last_crash: dict[str, tuple[float, int]] = {}
         self._stopping = False
 
@@ -252,9 +253,7 @@ class ConsoleCapture:
             c = self._ensure(ev.name)
             c.wake.set()
         if is_crash_event(ev) and ev.name in self._consoles:
-            task = asyncio.get_running_loop().create_task(self._persist(ev), name=f"console-crash-{ev.name}")
-            self._crash_tasks.add(task)
-            task.add_done_callback(self._crash_done)
+            self._crash_tasks.spawn(self._persist(ev), name=f"console-crash-{ev.name}", on_done=self._crash_done)
         if ev.kind == "lifecycle" and ev.event in ("STOPPED", "UNDEFINED"):
             c = self._consoles.get(ev.name)
             if c is not None:
@@ -264,8 +263,7 @@ class ConsoleCapture:
         """Detach every console (``virStreamAbort``) and drop every stream,
         finish pending crash records; call before the connection closes."""
         self._stopping = True
-        if self._crash_tasks:
-            await asyncio.wait(list(self._crash_tasks), timeout=self.settings.settle + self._call_timeout)
+        await self._crash_tasks.wait(self.settings.settle + self._call_timeout)
         tasks = [c.task for c in self._consoles.values() if c.task is not None and not c.task.done()]
         for t in tasks:
             t.cancel()
@@ -430,13 +428,12 @@ class ConsoleCapture:
             c.last_error = repr(err)
 
     def _crash_done(self, task: asyncio.Task[Any]) -> None:
-        self._crash_tasks.discard(task)
         c = self._consoles.get(task.get_name().removeprefix("console-crash-"))
         if c is not None:
             c.wake.set()  # let its supervisor re-check (a transient guest is gone now)
 
     def _pending_crash_names(self) -> set[str]:
-        return {t.get_name().removeprefix("console-crash-") for t in self._crash_tasks}
+        return {n.removeprefix("console-crash-") for n in self._crash_tasks.names()}
 
     async def _sleep_or_wake(self, c: GuestConsole, delay: float) -> None:
         c.wake.clear()

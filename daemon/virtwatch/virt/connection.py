@@ -27,7 +27,7 @@ import structlog
 
 from ..config import LibvirtSettings
 from ..infra.backoff import Backoff
-from ..infra.tasks import notify_all
+from ..infra.tasks import TaskSet, notify_all
 from ..infra.timing import DriftFreeSchedule, wait_event
 from ..metrics.instruments import Instruments
 from ..state import GuestRegistry, ResyncEntry
@@ -112,7 +112,7 @@ class ConnectionManager:
         self.last_error: str | None = None
         self.info: dict[str, Any] = {}
         self.close_reason: str | None = None
-        self._parked: set[asyncio.Task[None]] = set()
+        self._parked = TaskSet()
         instruments.up.set(0)
 
     # -- public ---------------------------------------------------------------
@@ -298,9 +298,7 @@ class ConnectionManager:
             return
         log.warning("libvirt_connection_parked", uri=self.settings.uri, calls_in_flight=self._calls.in_flight_on(conn),
                     detail="calls still inside libvirt: the connection is closed once they return")
-        task = asyncio.get_running_loop().create_task(self._close_when_idle(conn), name="libvirt-close-parked")
-        self._parked.add(task)
-        task.add_done_callback(self._parked.discard)
+        self._parked.spawn(self._close_when_idle(conn), name="libvirt-close-parked")
 
     async def _close_when_idle(self, conn: libvirt.virConnect) -> None:
         while not await self._calls.wait_idle(conn, 60.0):
@@ -385,7 +383,7 @@ class SideConnection:
         self._backoff = reconnect_backoff(settings, rand)
         self._conn: libvirt.virConnect | None = None
         self._gen = 0
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = TaskSet()
         self.opens = 0
 
     @property
@@ -406,17 +404,14 @@ class SideConnection:
     async def stop(self) -> None:
         """Close the side connection (bounded by ``call_timeout``); call before the main one stops."""
         self._gen += 1
-        for t in list(self._tasks):
-            t.cancel()
+        self._tasks.cancel()
         conn, self._conn = self._conn, None
         if conn is not None:
             self._listener.connection_lost()
             await self._close(conn)
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro, name=f"libvirt-{self.name}-connection")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._tasks.spawn(coro, name=f"libvirt-{self.name}-connection")
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -42,7 +42,6 @@ each see another copy of the host.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 from typing import Any, Callable, Iterator, TypeVar
@@ -52,6 +51,7 @@ import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ..config import LibvirtSettings
+from ..infra.tasks import TaskSet
 from ..metrics.instruments import Instruments
 from .calls import CallTimeout, Calls
 from .connection import open_connection
@@ -136,7 +136,7 @@ class LanePool:
         self._main: libvirt.virConnect | None = None
         self._active: dict[str, Lane] = {}
         self._out: set[Lane] = set()           # quarantined or retiring, not closed yet
-        self._closing: set[asyncio.Task[None]] = set()
+        self._closing = TaskSet()
         self._seq = itertools.count(1)
         self._others: list[Callable[[], bool]] = []
         self.opened = 0
@@ -214,9 +214,7 @@ class LanePool:
         """Retire every lane and wait up to ``timeout`` s for the idle ones to close
         (a lane stuck in a call stays behind: its thread is a daemon thread)."""
         self.connection_lost()
-        pending = [t for t in self._closing if not t.done()]
-        if pending:
-            await asyncio.wait(pending, timeout=timeout)
+        await self._closing.wait(timeout)
 
     # -- internals --------------------------------------------------------------
     def _unavailable(self, role: str, reason: str) -> LaneUnavailable:
@@ -296,9 +294,7 @@ class LanePool:
         if quarantined:
             lane.quarantined_at = self._monotonic()
         self._out.add(lane)
-        task = asyncio.get_running_loop().create_task(self._close(lane), name=f"lane-close-{lane.name}")
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
+        self._closing.spawn(self._close(lane), name=f"lane-close-{lane.name}")
 
     async def _close(self, lane: Lane) -> None:
         try:
