@@ -23,6 +23,7 @@ from .agent import AgentSettings
 from .alerts.config import AlertSettings
 from .policy.config import PolicySettings
 from .console.settings import ConsoleSettings
+from .infra.validation import format_validation_errors
 
 
 class Section(BaseModel):
@@ -149,23 +150,12 @@ def parse_listen(value: str) -> tuple[str | None, int]:
     return (host or None), int(port)
 
 
-def _format_errors(err: pydantic.ValidationError) -> list[str]:
-    out = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        out.append(f"{loc}: {msg}")
-    return out
-
-
 def settings_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Settings:
     """Validate a parsed TOML mapping. Raises :class:`ConfigError` with every problem."""
     try:
         return Settings.model_validate(dict(data))
     except pydantic.ValidationError as err:
-        raise ConfigError(source, _format_errors(err)) from None
+        raise ConfigError(source, format_validation_errors(err)) from None
 
 
 def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -50,7 +50,7 @@ def test_unknown_keys_and_bad_values_name_their_path(tmp_path: Path) -> None:
     assert "stats.poll_intervall: unknown key" in joined
     assert "stats.poll_interval: Input should be greater than or equal to 0.1" in joined
     assert "libvirt.keepalive_count" in joined
-    assert "http.listen" in joined
+    assert "http.listen: expected HOST:PORT, got 'nope'" in errors  # the validator's words, no "Value error, "
     assert "bogus: unknown key" in joined
     assert len(errors) == 5
 

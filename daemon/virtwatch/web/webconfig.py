@@ -40,6 +40,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..config import ConfigError
+from ..infra.validation import format_validation_errors
 
 __all__ = [
     "WebConfig",
@@ -168,19 +169,6 @@ class WebConfig(_Section):
         return v
 
 
-def _format_errors(err: pydantic.ValidationError) -> list[str]:
-    out = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = "unknown or unsupported key"
-        elif msg.startswith("Value error, "):
-            msg = msg[len("Value error, ") :]
-        out.append(f"{loc}: {msg}")
-    return out
-
-
 def _resolve(data: Any, base: Path) -> Any:
     """Make ``tls_server_config`` file paths absolute relative to ``base``."""
     if not isinstance(data, dict):
@@ -209,7 +197,7 @@ def web_config_from_mapping(data: Mapping[str, Any] | None, source: str = "<web 
     try:
         return WebConfig.model_validate(resolved)
     except pydantic.ValidationError as err:
-        raise WebConfigError(source, _format_errors(err)) from None
+        raise WebConfigError(source, format_validation_errors(err, unknown_key="unknown or unsupported key")) from None
 
 
 def load_web_config(path: str | Path | None) -> WebConfig:
