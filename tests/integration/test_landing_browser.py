@@ -23,6 +23,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from testkit import until
 
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
@@ -138,15 +139,6 @@ def decode_png(data: bytes) -> tuple[int, int, list[bytes]]:
         rows.append(bytes(line) if bpp == 3 else bytes(x for j in range(0, stride, 4) for x in line[j:j + 3]))
         prev = line
     return width, height, rows
-
-
-async def until(cond: Any, timeout: float, what: str) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{what} within {timeout} s")
 
 
 async def test_landing_page_in_headless_chromium(event_impl: Any, make_guests: Any, tmp_path: Path) -> None:

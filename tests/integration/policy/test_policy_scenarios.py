@@ -11,6 +11,7 @@ import time
 
 import libvirt
 import pytest
+from testkit import until
 
 from virtwatch.policy.clock import SystemClock
 from virtwatch.policy.config import PolicySettings
@@ -96,15 +97,6 @@ class Pump:
             pass
 
 
-async def eventually(cond, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("condition not met within timeout")
-
-
 class World:
     def __init__(self, tmp_path, settings=None, n=N_GUESTS):
         self.tmp = tmp_path
@@ -128,8 +120,8 @@ class World:
         await self.engine.start()
         self.engine.set_ready(True)
         self.pump.start()
-        await eventually(lambda: len(self.engine.snapshot().guests) == len(self.pump.known))
-        await eventually(lambda: all(g.intent == "running" for g in self.engine.snapshot().guests.values()))
+        await until(lambda: len(self.engine.snapshot().guests) == len(self.pump.known))
+        await until(lambda: all(g.intent == "running" for g in self.engine.snapshot().guests.values()))
 
     def starts(self, name=None):
         return sum(1 for r in self.store.actions(name, limit=100000) if r.action in ("start", "restore") and r.result != "interrupted")
@@ -156,16 +148,16 @@ async def test_crash_is_restarted_on_the_driver(world):
     world.pump.crash("g00")
     assert world.state("g00") == DomainState.SHUTOFF
     t0 = time.monotonic()
-    await eventually(lambda: world.state("g00") == DomainState.RUNNING)
+    await until(lambda: world.state("g00") == DomainState.RUNNING)
     assert 0.3 <= time.monotonic() - t0 < 2.0
-    await eventually(lambda: dict(world.engine.snapshot().guests["g00"].restarts) == {"crash": 1})
+    await until(lambda: dict(world.engine.snapshot().guests["g00"].restarts) == {"crash": 1})
     assert world.starts("g00") == 1
 
 
 async def test_admin_destroy_stays_off(world):
     await world.up()
     world.conn.lookupByName("g01").destroy()
-    await eventually(lambda: world.engine.snapshot().guests["g01"].intent == "stopped")
+    await until(lambda: world.engine.snapshot().guests["g01"].intent == "stopped")
     await asyncio.sleep(1.0)
     assert world.state("g01") == DomainState.SHUTOFF and world.starts() == 0
 
@@ -178,7 +170,7 @@ async def test_event_storm_over_all_guests_one_restart_each(world):
     for _ in range(100):
         for i in range(N_GUESTS):
             world.pump.emit(f"g{i:02d}", "STOPPED", "CRASHED")
-    await eventually(lambda: all(world.state(f"g{i:02d}") == DomainState.RUNNING for i in range(N_GUESTS)), timeout=10)
+    await until(lambda: all(world.state(f"g{i:02d}") == DomainState.RUNNING for i in range(N_GUESTS)), timeout=10)
     await asyncio.sleep(1.0)
     assert world.starts() == N_GUESTS
     assert all(g.failures_in_window == 1 for g in world.engine.snapshot().guests.values())
@@ -188,10 +180,10 @@ async def test_flapping_guest_gives_no_action_storm(world):
     await world.up()
     for _ in range(3 + 1):
         world.pump.crash("g02")
-        await eventually(lambda: world.state("g02") == DomainState.RUNNING or world.engine.snapshot().guests["g02"].given_up,
-                         timeout=10)
+        await until(lambda: world.state("g02") == DomainState.RUNNING or world.engine.snapshot().guests["g02"].given_up,
+                    timeout=10)
         await asyncio.sleep(0.1)
-    await eventually(lambda: world.engine.snapshot().guests["g02"].given_up)
+    await until(lambda: world.engine.snapshot().guests["g02"].given_up)
     assert world.starts("g02") == 3
     await asyncio.sleep(1.0)
     assert world.starts("g02") == 3 and world.state("g02") == DomainState.SHUTOFF
@@ -204,7 +196,7 @@ async def test_breaker_limits_actions_per_minute(tmp_path):
         await w.up()
         for i in range(N_GUESTS):
             w.pump.crash(f"g{i:02d}")
-        await eventually(lambda: w.starts() == 5)
+        await until(lambda: w.starts() == 5)
         await asyncio.sleep(1.0)
         assert w.starts() == 5
         assert w.engine.snapshot().breaker_open
@@ -218,7 +210,7 @@ async def test_reconnect_mid_backoff(tmp_path):
     try:
         await w.up()
         w.pump.crash("g03")
-        await eventually(lambda: w.engine.snapshot().guests["g03"].pending_action == "restart")
+        await until(lambda: w.engine.snapshot().guests["g03"].pending_action == "restart")
         # the connection drops mid-backoff
         w.engine.set_ready(False)
         w.link["conn"] = None
@@ -229,7 +221,7 @@ async def test_reconnect_mid_backoff(tmp_path):
         w.link["conn"] = w.conn
         w.pump.connected = True
         w.engine.set_ready(True)
-        await eventually(lambda: w.state("g03") == DomainState.RUNNING)
+        await until(lambda: w.state("g03") == DomainState.RUNNING)
         await asyncio.sleep(1.0)
         assert w.starts("g03") == 1
         assert w.engine.snapshot().guests["g03"].failures_in_window == 1
@@ -257,7 +249,7 @@ async def test_daemon_restart_mid_backoff_no_repeat(tmp_path):
     try:
         await w.up()
         w.pump.crash("g06")
-        await eventually(lambda: (g := w.store.get_guest("g06")) is not None and g.pending_action == "restart")
+        await until(lambda: (g := w.store.get_guest("g06")) is not None and g.pending_action == "restart")
         due = w.store.get_guest("g06").history.next_retry
         # the daemon stops (SIGTERM or SIGKILL: the retry is already committed)
         await w.pump.stop()
@@ -269,7 +261,7 @@ async def test_daemon_restart_mid_backoff_no_repeat(tmp_path):
         await w.engine.start()
         w.engine.set_ready(True)
         w.pump.start()
-        await eventually(lambda: w.state("g06") == DomainState.RUNNING)
+        await until(lambda: w.state("g06") == DomainState.RUNNING)
         assert time.time() >= due - 0.05
         await asyncio.sleep(1.0)
         assert w.starts("g06") == 1
@@ -283,7 +275,7 @@ async def test_save_path_then_boot_flow_restores(tmp_path):
     try:
         await w.up()
         w.conn.lookupByName("g03").destroy()
-        await eventually(lambda: w.engine.snapshot().guests["g03"].intent == "stopped")
+        await until(lambda: w.engine.snapshot().guests["g03"].intent == "stopped")
         rep = await w.engine.save_guests()
         assert dict(rep.results) == {"g00": "managedsave", "g01": "managedsave", "g02": "managedsave"}
         assert all(w.conn.lookupByName(f"g0{i}").hasManagedSaveImage(0) for i in range(3))
@@ -298,7 +290,7 @@ async def test_save_path_then_boot_flow_restores(tmp_path):
         await w.engine.start()
         w.engine.set_ready(True)
         w.pump.start()
-        await eventually(lambda: all(w.state(f"g0{i}") == DomainState.RUNNING for i in range(3)))
+        await until(lambda: all(w.state(f"g0{i}") == DomainState.RUNNING for i in range(3)))
         await asyncio.sleep(0.5)
         assert w.state("g03") == DomainState.SHUTOFF
         assert not any(w.conn.lookupByName(f"g0{i}").hasManagedSaveImage(0) for i in range(3))

@@ -8,7 +8,7 @@ import threading
 from typing import Any
 
 import libvirt
-import testkit
+from testkit import until
 from prometheus_client import CollectorRegistry, generate_latest
 
 from virtwatch.agent import AgentSettings, GuestAgent, parse_addresses, parse_guest_info
@@ -120,10 +120,6 @@ class FakeConn:
 
     def lookupByUUIDString(self, uuid: str) -> FakeDom:
         return FakeDom(self, uuid)
-
-
-async def until(cond: Any, timeout: float = 5.0) -> float:
-    return await testkit.until(cond, timeout, interval=0.005)
 
 
 async def test_agent_refresh_sets_timeout_and_exports_metrics() -> None:

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 import libvirt
-import testkit
+from testkit import until
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -135,10 +135,6 @@ def calls() -> Iterator[Callable[[], Calls]]:
     yield make
     for c in made:
         c.shutdown()
-
-
-async def until(cond: Any, timeout: float = 3.0) -> float:
-    return await testkit.until(cond, timeout, interval=0.005)
 
 
 def event(kind: str, ev: str, detail: str, name: str = "web-1", seq: int = 1, t: float = 100.0) -> Event:
