@@ -305,7 +305,7 @@ async def _guests_save(settings: Any) -> int:
 
     from .policy.libvirt_port import LibvirtHypervisor
     from .policy.engine import PolicyEngine
-    from .store import Store
+    from .policy.store import Store
     from .virt.aio import register_event_impl
 
     log = structlog.get_logger("virtwatch.cli")

@@ -5,7 +5,7 @@
   classifies them in order with the guest's context (preceding SHUTDOWN
   detail, watchdog action, our own in-flight operation), calls the pure
   :func:`~virtwatch.policy.decide.decide`, persists every transition
-  (:class:`~virtwatch.store.Store`, one transaction each) and runs the
+  (:class:`~virtwatch.policy.store.Store`, one transaction each) and runs the
   scheduled action when it is due.
 - Guards: nothing is decided while :meth:`set_ready` is False; a circuit
   breaker defers actions beyond ``max_actions_per_minute``; starts and
@@ -32,7 +32,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import structlog
 
-from ..store import GuestState, Store
+from .store import GuestState, Store
 from ..virt.records import Event
 from . import budget
 from .classify import STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state
@@ -216,7 +216,7 @@ class PolicyEngine:
     Args:
         settings: the ``[policy]`` section (replace with :meth:`update_settings` on reload).
         hypervisor: the :class:`~virtwatch.policy.ports.Hypervisor` port.
-        store: opened :class:`~virtwatch.store.Store`.
+        store: opened :class:`~virtwatch.policy.store.Store`.
         clock: time source (``SystemClock()``).
         rand: random source in [0, 1) for jitter.
         alert: called with each :class:`PolicyAlert` (must not block).

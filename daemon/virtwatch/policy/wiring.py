@@ -23,6 +23,7 @@ from .config import PolicySettings
 from .engine import PolicyAlert, PolicyEngine
 from .journal import JournalPruner
 from .libvirt_port import LibvirtHypervisor
+from .store import Store
 
 log = structlog.get_logger("virtwatch.policy")
 
@@ -102,8 +103,6 @@ class PolicyRuntime:
 
     def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
                  boot_id_path: str, calls: Any = None, clock: Clock | None = None) -> None:
-        from ..store import Store
-
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         self.store = Store.open(Path(state_dir) / "virtwatch.sqlite")
         runner = None

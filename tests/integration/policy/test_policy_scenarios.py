@@ -18,7 +18,7 @@ from virtwatch.policy.engine import PolicyEngine
 from virtwatch.policy.host import LibvirtGuestsPaths
 from virtwatch.policy.libvirt_port import LibvirtHypervisor
 from virtwatch.policy.ports import DomainState
-from virtwatch.store import Store
+from virtwatch.policy.store import Store
 from virtwatch.virt.records import Event
 
 N_GUESTS = 20

@@ -11,7 +11,7 @@ from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.engine import PolicyEngine
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.host import LibvirtGuestsPaths
-from virtwatch.store import Store
+from virtwatch.policy.store import Store
 from virtwatch.virt.records import Event
 
 LIFECYCLE_CODES = {"DEFINED": 0, "UNDEFINED": 1, "STARTED": 2, "SUSPENDED": 3, "RESUMED": 4, "STOPPED": 5,

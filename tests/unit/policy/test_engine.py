@@ -6,7 +6,7 @@ import pytest
 
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
-from virtwatch.store import GuestState, Store
+from virtwatch.policy.store import GuestState, Store
 from virtwatch.policy.budget import History
 
 from .rig import Rig, settle

@@ -18,7 +18,7 @@ from virtwatch.policy.clock import FakeClock
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.journal import JOURNAL_PRUNE_INTERVAL
 from virtwatch.policy.wiring import PolicyRuntime
-from virtwatch.store import Store, prune_journal
+from virtwatch.policy.store import Store, prune_journal
 
 DAY = 86400.0
 

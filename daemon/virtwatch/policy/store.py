@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
-from .policy.budget import History
+from .budget import History
 
 SCHEMA_VERSION = 1
 

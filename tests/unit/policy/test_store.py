@@ -14,7 +14,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from virtwatch.policy.budget import History
-from virtwatch.store import SCHEMA_VERSION, GuestState, Store
+from virtwatch.policy.store import SCHEMA_VERSION, GuestState, Store
 
 
 class FixedClock:
@@ -139,7 +139,7 @@ def test_newer_schema_moved_aside(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys
-    from virtwatch.store import Store, GuestState
+    from virtwatch.policy.store import Store, GuestState
     from virtwatch.policy.budget import History
     s = Store.open(sys.argv[1])
     n = 0
