@@ -10,8 +10,9 @@
   commits the outcome. After a crash, :meth:`Store.interrupted_actions` lists
   the started-but-not-finished ones: the engine checks the guest's real state
   instead of blindly repeating them.
-- Schema version in ``PRAGMA user_version``. A database that is corrupt or has
-  a newer schema is renamed ``<path>.corrupt-<unix time>`` (WAL/SHM files
+- Opened by :func:`virtwatch.infra.sqlite.open_database`: schema version in
+  ``PRAGMA user_version`` (:data:`MIGRATIONS`). A database that is corrupt or
+  has a newer schema is renamed ``<path>.corrupt-<unix time>`` (WAL/SHM files
   too), a loud warning is logged, and a fresh database is created: never a crash.
 
 The store is synchronous and meant to be called from the event loop thread
@@ -32,9 +33,9 @@ from typing import Any, Callable, Mapping
 
 import structlog
 
+from ..infra.sqlite import DatabaseUnusable, open_database
 from .budget import History
 
-SCHEMA_VERSION = 1
 
 #: Event rows deleted per transaction by :func:`prune_journal`: the engine's writes wait for one batch at most.
 PRUNE_BATCH = 2000
@@ -94,6 +95,10 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_guest ON events (guest, id);
 """
 
+#: ``MIGRATIONS[i]`` takes the schema from version i to i + 1 (:func:`~virtwatch.infra.sqlite.open_database`).
+MIGRATIONS = (_SCHEMA,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class GuestState:
@@ -138,8 +143,8 @@ class ActionRow:
     detail: str
 
 
-class StoreError(Exception):
-    """The database cannot be used even after recreating it (e.g. directory not writable)."""
+#: The database cannot be used even after recreating it (e.g. directory not writable).
+StoreError = DatabaseUnusable
 
 
 class Store:
@@ -160,7 +165,8 @@ class Store:
     @classmethod
     def open(cls, path: str | os.PathLike[str], clock: Callable[[], float] = _time.time,
              logger: Any = None) -> "Store":
-        """Open or create the database at ``path`` (``":memory:"`` allowed).
+        """Open or create the database at ``path`` (``":memory:"`` allowed), through
+        :func:`~virtwatch.infra.sqlite.open_database` (WAL, ``synchronous=FULL``).
 
         A corrupt or newer-schema file is moved aside (``<path>.corrupt-<ts>``)
         with a warning and replaced by a fresh one. Raises :class:`StoreError`
@@ -168,70 +174,13 @@ class Store:
         """
         log = logger or structlog.get_logger("virtwatch.store")
         p = Path(path)
-        moved: Path | None = None
-        try:
-            conn = cls._connect(p)
-        except _Unusable as err:
-            if str(p) == ":memory:":
-                raise StoreError(str(err)) from None
-            moved = cls._move_aside(p, clock)
-            log.warning("store_moved_aside", path=str(p), moved_to=str(moved), reason=str(err),
+        opened = open_database(p, MIGRATIONS, synchronous="FULL", clock=clock)
+        if opened.moved_aside is not None:
+            log.warning("store_moved_aside", path=str(p), moved_to=str(opened.moved_aside), reason=opened.reason,
                         msg="policy state database unusable: moved aside, starting with empty state")
-            try:
-                conn = cls._connect(p)
-            except (_Unusable, sqlite3.Error, OSError) as err2:
-                raise StoreError(f"{p}: cannot create a fresh database: {err2}") from None
-        store = cls(conn, p, clock)
-        store.moved_aside = moved
+        store = cls(opened.conn, p, clock)
+        store.moved_aside = opened.moved_aside
         return store
-
-    @staticmethod
-    def _connect(p: Path) -> sqlite3.Connection:
-        conn = None
-        try:
-            if str(p) != ":memory:":
-                p.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(p), isolation_level=None, timeout=10.0)
-            conn.row_factory = sqlite3.Row
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise _Unusable(f"schema version {version} is newer than this virtwatch's {SCHEMA_VERSION}")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise _Unusable(f"integrity check failed: {check}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            if version < SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            return conn
-        except sqlite3.DatabaseError as err:
-            if conn is not None:
-                conn.close()
-            raise _Unusable(f"not a usable SQLite database: {err}") from None
-        except _Unusable:
-            if conn is not None:
-                conn.close()
-            raise
-
-    @staticmethod
-    def _move_aside(p: Path, clock: Callable[[], float]) -> Path:
-        target = p.with_name(f"{p.name}.corrupt-{int(clock())}")
-        n = 1
-        while target.exists():
-            target = p.with_name(f"{p.name}.corrupt-{int(clock())}-{n}")
-            n += 1
-        os.replace(p, target)
-        for suffix in ("-wal", "-shm"):
-            side = p.with_name(p.name + suffix)
-            if side.exists():
-                os.replace(side, target.with_name(target.name + suffix))
-        return target
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -487,7 +436,3 @@ def _prune(conn: sqlite3.Connection, before: float | None, keep: int, batch: int
             by_count = drain("id <= ?", row[0])
     kept = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
     return JournalPrune(by_age, by_count, kept)
-
-
-class _Unusable(Exception):
-    """Internal: this file cannot be used as our database."""
