@@ -151,20 +151,23 @@ class Store:
     """SQLite-backed policy state. Open with :meth:`Store.open`.
 
     ``clock`` returns wall-clock seconds (for ``updated`` columns and the
-    ``.corrupt-<ts>`` suffix).
+    ``.corrupt-<ts>`` suffix). ``on_commit`` is called on the committing thread
+    after every transaction (:meth:`transaction`) commits; it must not raise.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float],
+                 on_commit: Callable[[], None] | None = None) -> None:
         self._conn = conn
         self.path = path
         self._clock = clock
+        self._on_commit = on_commit
         self.moved_aside: Path | None = None
 
     # -- opening -------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], clock: Callable[[], float] = _time.time,
-             logger: Any = None) -> "Store":
+             logger: Any = None, on_commit: Callable[[], None] | None = None) -> "Store":
         """Open or create the database at ``path`` (``":memory:"`` allowed), through
         :func:`~virtwatch.infra.sqlite.open_database` (WAL, ``synchronous=FULL``).
 
@@ -178,7 +181,7 @@ class Store:
         if opened.moved_aside is not None:
             log.warning("store_moved_aside", path=str(p), moved_to=str(opened.moved_aside), reason=opened.reason,
                         msg="policy state database unusable: moved aside, starting with empty state")
-        store = cls(opened.conn, p, clock)
+        store = cls(opened.conn, p, clock, on_commit)
         store.moved_aside = opened.moved_aside
         return store
 
@@ -192,8 +195,9 @@ class Store:
     # -- transactions --------------------------------------------------------
 
     class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
+        def __init__(self, conn: sqlite3.Connection, on_commit: Callable[[], None] | None) -> None:
             self.conn = conn
+            self.on_commit = on_commit
 
         def __enter__(self) -> sqlite3.Connection:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -202,12 +206,14 @@ class Store:
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
             if exc_type is None:
                 self.conn.execute("COMMIT")
+                if self.on_commit is not None:
+                    self.on_commit()
             else:
                 self.conn.execute("ROLLBACK")
 
     def transaction(self) -> "Store._Tx":
         """``with store.transaction() as conn:`` — one atomic transition."""
-        return Store._Tx(self._conn)
+        return Store._Tx(self._conn, self._on_commit)
 
     # -- guests --------------------------------------------------------------
 

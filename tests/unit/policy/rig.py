@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Callable
 
 from virtwatch.policy.clock import FakeClock
 from virtwatch.policy.config import PolicySettings
@@ -25,7 +26,8 @@ async def settle(n: int = 50) -> None:
 
 class Rig:
     def __init__(self, tmp: Path, settings: dict, hv: FakeHypervisor | None = None, clock: FakeClock | None = None,
-                 boot_id: str = "boot-1", auto_boot_flow: bool = True) -> None:
+                 boot_id: str = "boot-1", auto_boot_flow: bool = True,
+                 on_commit: Callable[[], None] | None = None) -> None:
         self.auto_boot_flow = auto_boot_flow
         self.tmp = tmp
         self.settings = PolicySettings.model_validate({"enabled": True, **settings})
@@ -37,7 +39,8 @@ class Rig:
         self.seq = 0
         self.pumped = 0
         self.alerts = []
-        self.store = Store.open(tmp / "state.db", clock=self.clock.time)
+        self.on_commit = on_commit
+        self.store = Store.open(tmp / "state.db", clock=self.clock.time, on_commit=on_commit)
         self.engine = self._engine()
 
     def _engine(self) -> PolicyEngine:
@@ -55,7 +58,7 @@ class Rig:
         """Stop the engine, reopen the store from disk, start a new engine."""
         await self.engine.stop()
         self.store.close()
-        self.store = Store.open(self.tmp / "state.db", clock=self.clock.time)
+        self.store = Store.open(self.tmp / "state.db", clock=self.clock.time, on_commit=self.on_commit)
         self.engine = self._engine()
         await self.start()
 

@@ -89,6 +89,22 @@ def test_meta_and_boot(tmp_path):
     assert s.get_guest("a").boot_pending == "boot-1"
 
 
+def test_on_commit_runs_once_per_committed_transaction(tmp_path):
+    commits = []
+    s = Store.open(tmp_path / "state.db", on_commit=lambda: commits.append(len(s.load_guests())))
+    s.save_guest(GuestState("a"))
+    aid = s.begin_action(GuestState("b"), "start", "restart")
+    s.finish_action(aid, "ok")
+    try:
+        with s.transaction() as conn:
+            conn.execute("DELETE FROM guests")
+            raise RuntimeError("rolled back")
+    except RuntimeError:
+        pass
+    assert commits == [1, 2, 2]  # after each commit (the rows are visible), none for the rollback
+    s.close()
+
+
 def test_corrupt_file_moved_aside_with_warning(tmp_path):
     p = tmp_path / "state.db"
     p.write_bytes(b"this is not sqlite at all " * 400)
