@@ -11,7 +11,7 @@ import asyncio
 import heapq
 import itertools
 import time as _time
-from typing import Protocol
+from typing import Awaitable, Callable, Protocol
 
 
 class Clock(Protocol):
@@ -46,14 +46,19 @@ class SystemClock:
 class FakeClock:
     """Manual clock: time moves only by :meth:`advance`. Sleepers wake in deadline order.
 
-    ``start_time`` is the wall-clock value at monotonic 0.
+    ``start_time`` is the wall-clock value at monotonic 0. ``settle`` is awaited
+    after each wake-up and at the end of :meth:`advance` (default: yield to the
+    loop 20 times); pass one that also waits for work in other threads (a
+    store's writes) so that a sleeper has finished reacting before time moves on.
     """
 
-    def __init__(self, start_time: float = 1_800_000_000.0) -> None:
+    def __init__(self, start_time: float = 1_800_000_000.0,
+                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
         self._mono = 0.0
         self._offset = start_time
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._ids = itertools.count()
+        self._settle = settle or _yield_20
 
     def monotonic(self) -> float:
         """Current fake monotonic seconds."""
@@ -91,8 +96,11 @@ class FakeClock:
                 continue
             self._mono = max(self._mono, deadline)
             fut.set_result(None)
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await self._settle()
         self._mono = target
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await self._settle()
+
+
+async def _yield_20() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)

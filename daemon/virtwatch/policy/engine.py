@@ -5,8 +5,8 @@
   classifies them in order with the guest's context (preceding SHUTDOWN
   detail, watchdog action, our own in-flight operation), calls the pure
   :func:`~virtwatch.policy.decide.decide`, persists every transition
-  (:class:`~virtwatch.policy.store.Store`, one transaction each) and runs the
-  scheduled action when it is due.
+  (:class:`~virtwatch.policy.store.AsyncStore`, one transaction each, off the
+  loop) and runs the scheduled action when it is due.
 - Guards: nothing is decided while :meth:`set_ready` is False; a circuit
   breaker defers actions beyond ``max_actions_per_minute``; starts and
   restores are bounded by semaphores; every libvirt call has a deadline.
@@ -32,7 +32,7 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import structlog
 
-from .store import GuestState, Store
+from .store import AsyncStore, GuestState
 from ..virt.records import Event
 from . import budget
 from .classify import STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state
@@ -216,7 +216,8 @@ class PolicyEngine:
     Args:
         settings: the ``[policy]`` section (replace with :meth:`update_settings` on reload).
         hypervisor: the :class:`~virtwatch.policy.ports.Hypervisor` port.
-        store: opened :class:`~virtwatch.policy.store.Store`.
+        store: an open :class:`~virtwatch.policy.store.AsyncStore`. The engine reads it once, in
+            :meth:`start`; after that its memory is the state and the store its durable copy.
         clock: time source (``SystemClock()``).
         rand: random source in [0, 1) for jitter.
         alert: called with each :class:`PolicyAlert` (must not block).
@@ -233,7 +234,7 @@ class PolicyEngine:
             the console capture re-checks ``capture_console`` there.
     """
 
-    def __init__(self, settings: PolicySettings, hypervisor: Hypervisor, store: Store, *,
+    def __init__(self, settings: PolicySettings, hypervisor: Hypervisor, store: AsyncStore, *,
                  clock: Clock | None = None, rand: Callable[[], float] | None = None,
                  alert: Callable[[PolicyAlert], None] | None = None,
                  boot_id_path: str | Path = BOOT_ID_PATH,
@@ -265,6 +266,7 @@ class PolicyEngine:
         self._auto_boot = auto_boot_flow
         self._boot_lock = asyncio.Lock()
         self._boot_id: str | None = None
+        self._boot_handled: str | None = None  # the boot id persisted as handled (meta ``boot_id``)
         self.selection_listeners: list[Callable[[str], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
@@ -273,26 +275,37 @@ class PolicyEngine:
         """Load persisted state, close interrupted actions, start workers for guests with a pending retry."""
         if self._running:
             return
+        states = await self._store.load_guests()
+        interrupted = await self._store.interrupted_actions()
+        boot_handled = await self._store.get_meta("boot_id")
+        if self._running:  # a concurrent start() got there first
+            return
         self._running = True
+        self._boot_handled = boot_handled
         try:
             self._boot_id = read_boot_id(self._boot_id_path)
         except OSError as err:
             self._boot_id = None
             self._log.warning("policy_boot_id_unreadable", path=str(self._boot_id_path), error=str(err))
-        for name, st in self._store.load_guests().items():
-            g = self._guest(name, st.uuid, st)
+        for name, st in states.items():
+            g = self._guests.get(name)
+            if g is None:
+                g = self._guest(name, st.uuid, st)
+            else:  # met in an event before start: what was persisted is its state
+                g.st = st.replace(uuid=g.st.uuid or st.uuid)
             if st.pending_action and st.history.next_retry is not None:
                 delay = max(0.0, st.history.next_retry - self._clock.time())
                 g.pending_due = self._clock.monotonic() + delay
                 self._log.info("policy_pending_reloaded", guest=name, uuid=st.uuid, action=st.pending_action,
                                in_seconds=round(delay, 3))
                 self._wake(g)
-        for row in self._store.interrupted_actions():
-            self._store.finish_action(row.id, "interrupted", "daemon stopped while the action ran")
+        for row in interrupted:
             self._actions[(row.action, "interrupted")] += 1
             self._recover.add(row.guest)
             self._log.warning("policy_action_interrupted", guest=row.guest, action=row.action, action_id=row.id,
                               msg="checking the guest's real state at the next resync instead of repeating it")
+        for row in interrupted:
+            await self._store.finish_action(row.id, "interrupted", "daemon stopped while the action ran")
 
     async def stop(self) -> None:
         """Cancel workers and background tasks (pending retries stay persisted)."""
@@ -338,7 +351,7 @@ class PolicyEngine:
         """True while the boot flow of the current host boot has not completed."""
         if self._boot_id is None:
             return False
-        if self._store.get_meta("boot_id") != self._boot_id:
+        if self._boot_handled != self._boot_id:
             return True
         return any(g.st.boot_pending == self._boot_id for g in self._guests.values())
 
@@ -391,10 +404,9 @@ class PolicyEngine:
         return t
 
     def _guest(self, name: str, uuid: str = "", st: GuestState | None = None) -> _Guest:
+        """The table's entry for ``name``, created (with ``st``, else a state never persisted) if new."""
         g = self._guests.get(name)
         if g is None:
-            if st is None:
-                st = self._store.get_guest(name)
             st = st or GuestState(name=name, uuid=uuid, intent="unknown")
             g = _Guest(st, asyncio.Queue())
             self._guests[name] = g
@@ -451,9 +463,9 @@ class PolicyEngine:
         finally:
             tag.ended = self._clock.monotonic()
 
-    def _persist(self, g: _Guest, st: GuestState) -> None:
-        g.st = st
-        self._store.save_guest(st)
+    async def _persist(self, g: _Guest, st: GuestState) -> None:
+        g.st = st  # memory first: writes are queued in the order of the transitions
+        await self._store.save_guest(st)
 
     async def _wait_ready(self) -> None:
         await self._ready.wait()
@@ -575,7 +587,7 @@ class PolicyEngine:
                 g.watchdog_action = None
         self._track_live(g, ev, cls)
         if ev.kind == "lifecycle" and ev.event == "UNDEFINED":
-            self._forget(g, ev)
+            await self._forget(g, ev)
             return
         sel = self._selection(g)
         self._first_sight(g, sel, g.live[0] if g.live else DomainState.SHUTOFF)
@@ -589,16 +601,16 @@ class PolicyEngine:
             # (<on_crash> destroy/restart): decide once, on the stop. Only a guest that stays
             # crashed (<on_crash> preserve) is decided on this event, after CRASH_STOP_WAIT.
             g.crash_deferred = ev
-            self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
-                                          cls.cause.value, "crash noted: waiting for libvirt to stop the guest")
+            await self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
+                                                cls.cause.value, "crash noted: waiting for libvirt to stop the guest")
             self._spawn(self._crash_timeout(g, ev))
             return
         if cls.transition in (Transition.NONE, Transition.NOTE, Transition.SHUTTING_DOWN):
-            self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
-                                          cls.cause.value if cls.cause else None, None)
+            await self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
+                                                cls.cause.value if cls.cause else None, None)
             return
         d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
-        self._apply(g, d, sel, ev)
+        await self._apply(g, d, sel, ev)
 
     async def _crash_timeout(self, g: _Guest, ev: Event) -> None:
         await self._clock.sleep(CRASH_STOP_WAIT)
@@ -616,13 +628,13 @@ class PolicyEngine:
         if ev.event in m:
             g.live = (int(m[ev.event][0]), int(m[ev.event][1]))
 
-    def _forget(self, g: _Guest, ev: Event) -> None:
+    async def _forget(self, g: _Guest, ev: Event) -> None:
         g.gone = True
         g.pending_due = None
-        self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload, None,
-                                      "undefined: forgotten")
-        self._store.delete_guest(g.st.name)
-        g.st = GuestState(name=g.st.name, uuid=g.st.uuid, intent="unknown")
+        old, g.st = g.st, GuestState(name=g.st.name, uuid=g.st.uuid, intent="unknown")
+        await self._store.record_transition(old, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload, None,
+                                            "undefined: forgotten")
+        await self._store.delete_guest(old.name)
 
     async def _process_resync(self, g: _Guest, state: tuple[int, int]) -> None:
         g.live = state
@@ -635,30 +647,31 @@ class PolicyEngine:
                 await self._process_recover(g, "action interrupted by a daemon stop")
                 return
         if g.pending_due is not None:
-            self._persist(g, g.st)
+            await self._persist(g, g.st)
             return
         cls = classify_state(*state)
         if cls.is_stop and self.boot_flow_pending():
-            self._persist(g, g.st)  # off since the host went down: the boot flow decides, not failure handling
+            await self._persist(g, g.st)  # off since the host went down: the boot flow decides, not failure handling
             return
         nr = g.st.history.next_retry
         if nr is not None and cls.is_stop and sel.mode == "enforce" and g.st.intent == "running":
             # a retry decided earlier (e.g. in dry-run, or before a reload) but not scheduled: schedule it now
             g.pending_due = self._clock.monotonic() + max(0.0, nr - self._clock.time())
-            self._persist(g, g.st.replace(pending_action=g.st.pending_action or "restart"))
+            await self._persist(g, g.st.replace(pending_action=g.st.pending_action or "restart"))
             return
         if cls.transition == Transition.STARTED:
             if g.st.intent == "stopped":
                 d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
-                self._apply(g, d, sel, None)
+                await self._apply(g, d, sel, None)
             else:
-                self._persist(g, g.st.replace(history=budget.record_stable(g.st.history, self._clock.time(), sel.policy)))
+                await self._persist(g, g.st.replace(history=budget.record_stable(g.st.history, self._clock.time(),
+                                                                                 sel.policy)))
             return
         if cls.is_stop and g.st.intent == "running" and not g.st.history.given_up:
             d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
-            self._apply(g, d, sel, None)
+            await self._apply(g, d, sel, None)
             return
-        self._persist(g, g.st)
+        await self._persist(g, g.st)
 
     async def _process_recover(self, g: _Guest, why: str) -> None:
         sel = self._selection(g)
@@ -668,9 +681,9 @@ class PolicyEngine:
             self._log.warning("policy_state_failed", guest=g.st.name, code=err.code, error=err.message)
             return
         d = decide_recover(self._record(g), g.st.history, self._clock.time(), sel, why)
-        self._apply(g, d, sel, None)
+        await self._apply(g, d, sel, None)
 
-    def _apply(self, g: _Guest, d: Decision, sel: Selection, ev: Event | None) -> None:
+    async def _apply(self, g: _Guest, d: Decision, sel: Selection, ev: Event | None) -> None:
         """Persist a decision's transition, log it, and (enforce mode) schedule its action."""
         mode = sel.mode
         h = d.history
@@ -691,11 +704,11 @@ class PolicyEngine:
         st = g.st.replace(intent=d.intent, history=h, pending_action=pending)
         text = d.message(mode)
         if ev is not None:
-            self._store.record_transition(st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
-                                          d.cause.value if d.cause else None, f"{d.action.value}: {text}")
             g.st = st
+            await self._store.record_transition(st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
+                                                d.cause.value if d.cause else None, f"{d.action.value}: {text}")
         else:
-            self._persist(g, st)
+            await self._persist(g, st)
         level = "info" if (d.action != Action.NONE or mode == "enforce") and mode != "observe" else "debug"
         getattr(self._log, level)("policy_decision", guest=g.st.name, uuid=g.st.uuid, action=d.action.value,
                                   cause=d.cause.value if d.cause else None, mode=mode, delay=round(d.delay, 3),
@@ -743,7 +756,7 @@ class PolicyEngine:
             self._log.info("policy_pending_dropped", guest=g.st.name, action=action, mode=sel.mode, intent=g.st.intent,
                            given_up=g.st.history.given_up)
             g.pending_due = None
-            self._persist(g, g.st.replace(pending_action=None, history=g.st.history.replace(next_retry=None)))
+            await self._persist(g, g.st.replace(pending_action=None, history=g.st.history.replace(next_retry=None)))
             return
         g.pending_due = None
         self._action_times.append(self._clock.monotonic())
@@ -756,29 +769,27 @@ class PolicyEngine:
 
     async def _do_resume(self, g: _Guest, sel: Selection) -> None:
         now = self._clock.time()
-        st = g.st.replace(pending_action=None, history=budget.record_resume(g.st.history, now))
-        aid = self._store.begin_action(st, "resume", "I/O error pause")
-        g.st = st
+        g.st = g.st.replace(pending_action=None, history=budget.record_resume(g.st.history, now))
+        aid = await self._store.begin_action(g.st, "resume", "I/O error pause")
         try:
             await self._tagged(g, "resume", self._hv.resume(g.st.name))
             result, detail = "ok", ""
         except HypervisorError as err:
             result, detail = ("ok", "not paused any more") if err.code == ErrorCode.OPERATION_INVALID else ("failed", err.message)
         self._actions[("resume", result)] += 1
-        self._store.finish_action(aid, result, detail, g.st)
+        await self._store.finish_action(aid, result, detail, g.st)
         self._log.info("policy_action", guest=g.st.name, uuid=g.st.uuid, action="resume", result=result, detail=detail)
 
     async def _do_kill(self, g: _Guest, sel: Selection) -> None:
-        st = g.st.replace(pending_action="restart")
-        aid = self._store.begin_action(st, "kill", "policy on_io_error = kill")
-        g.st = st
+        g.st = g.st.replace(pending_action="restart")
+        aid = await self._store.begin_action(g.st, "kill", "policy on_io_error = kill")
         try:
             await self._tagged(g, "kill", self._hv.destroy(g.st.name))
             result, detail = "ok", ""
         except HypervisorError as err:
             result, detail = ("ok", "not running") if err.code == ErrorCode.OPERATION_INVALID else ("failed", err.message)
         self._actions[("kill", result)] += 1
-        self._store.finish_action(aid, result, detail, g.st)
+        await self._store.finish_action(aid, result, detail, g.st)
         self._log.info("policy_action", guest=g.st.name, uuid=g.st.uuid, action="kill", result=result, detail=detail)
         nr = g.st.history.next_retry
         delay = max(0.0, (nr - self._clock.time())) if nr is not None else 0.0
@@ -789,12 +800,12 @@ class PolicyEngine:
         try:
             state, reason = await self._call("state", self._hv.state(name))
         except HypervisorError as err:
-            self._after_start_error(g, sel, err, "state")
+            await self._after_start_error(g, sel, err, "state")
             return
         g.live = (state, reason)
         if state in (DomainState.RUNNING, DomainState.BLOCKED):
             st = g.st.replace(pending_action=None, history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
-            self._persist(g, st)
+            await self._persist(g, st)
             self._actions[("restart", "already_running")] += 1
             self._log.info("policy_action", guest=name, uuid=g.st.uuid, action="restart", result="already_running")
             return
@@ -803,7 +814,7 @@ class PolicyEngine:
                 await self._tagged(g, "destroy", self._hv.destroy(name))
             except HypervisorError as err:
                 if err.code != ErrorCode.OPERATION_INVALID:
-                    self._after_start_error(g, sel, err, "destroy")
+                    await self._after_start_error(g, sel, err, "destroy")
                     return
         h = g.st.history
         why = f"restart, attempt {h.attempt}" if h.attempt else "restart (recover)"
@@ -818,13 +829,14 @@ class PolicyEngine:
             has_save = False
         sem = self._restores if has_save else self._starts
         action = "restore" if has_save else "start"
+        cause = (g.last_cause or await self._last_cause(g) or "recover") if count_restart else ""
         h = g.st.history.replace(next_retry=None)
         if count_restart:
-            h = budget.record_restart(h, g.last_cause or self._last_cause(g) or "recover")
+            h = budget.record_restart(h, cause)
         st = g.st.replace(pending_action=None, history=h)
         async with sem:
-            aid = self._store.begin_action(st, action, reason_text)
             g.st = st
+            aid = await self._store.begin_action(st, action, reason_text)
             try:
                 await self._tagged(g, "start", self._hv.start(name))
                 result = "restored" if has_save else "ok"
@@ -839,8 +851,8 @@ class PolicyEngine:
                     return result
                 else:
                     self._actions[(action, "failed")] += 1
-                    self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
-                    self._after_start_error(g, sel, err, action)
+                    await self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
+                    await self._after_start_error(g, sel, err, action)
                     return "failed"
         now = self._clock.time()
         g.st = g.st.replace(history=budget.record_start(g.st.history, now, sel.policy), intent=g.st.intent
@@ -856,7 +868,7 @@ class PolicyEngine:
             except HypervisorError:
                 pass
         self._actions[(action, result)] += 1
-        self._store.finish_action(aid, result, detail, g.st)
+        await self._store.finish_action(aid, result, detail, g.st)
         self._log.info("policy_action", guest=name, uuid=g.st.uuid, action=action, result=result, detail=detail)
         return result
 
@@ -867,8 +879,8 @@ class PolicyEngine:
             return False
         return state in (DomainState.RUNNING, DomainState.BLOCKED)
 
-    def _last_cause(self, g: _Guest) -> str | None:
-        rows = self._store.events(g.st.name, limit=20)
+    async def _last_cause(self, g: _Guest) -> str | None:
+        rows = await self._store.events(g.st.name, limit=20)
         for r in rows:
             if r["cause"] and r["cause"] not in ("ours", "host_shutdown"):
                 return str(r["cause"])
@@ -878,19 +890,20 @@ class PolicyEngine:
         name = g.st.name
         how = sel.policy.on_restore_failure
         self._actions[("restore", "failed")] += 1
-        self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
+        await self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
         if how == "keep":
             msg = (f"{name}: managed-save image cannot be restored ([{err.code}] {err.message}); image kept, guest left off "
                    "(on_restore_failure = keep)")
             self._raise_alert("restore_failed", g, msg)
-            self._persist(g, g.st.replace(history=budget.give_up(g.st.history, "managed-save image cannot be restored")))
+            await self._persist(g, g.st.replace(history=budget.give_up(g.st.history,
+                                                                       "managed-save image cannot be restored")))
             return "failed", msg
         self._log.warning("policy_restore_discard", guest=name, uuid=g.st.uuid, how=how, code=err.code,
                           msg=f"{name}: managed-save image cannot be restored: discarding it and cold-booting (on_restore_failure = {how}); "
                               "the guest's saved RAM state is lost")
         self._raise_alert("restore_failed", g, f"{name}: restore failed, image discarded, cold boot ({how})")
-        st = g.st
-        aid2 = self._store.begin_action(st, "force-boot" if how == "force-boot" else "discard-and-boot", "restore failed")
+        aid2 = await self._store.begin_action(g.st, "force-boot" if how == "force-boot" else "discard-and-boot",
+                                              "restore failed")
         try:
             if how == "discard":
                 await self._tagged(g, "remove_managed_save", self._hv.remove_managed_save(name))
@@ -899,16 +912,16 @@ class PolicyEngine:
                 await self._tagged(g, "start", self._hv.start(name, force_boot=True))
         except HypervisorError as err2:
             if not err2.already_running:
-                self._store.finish_action(aid2, "failed", f"[{err2.code}] {err2.message}", g.st)
+                await self._store.finish_action(aid2, "failed", f"[{err2.code}] {err2.message}", g.st)
                 self._actions[(how, "failed")] += 1
-                self._after_start_error(g, sel, err2, how)
+                await self._after_start_error(g, sel, err2, how)
                 return "failed", err2.message
         g.st = g.st.replace(history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
-        self._store.finish_action(aid2, "ok", "", g.st)
+        await self._store.finish_action(aid2, "ok", "", g.st)
         self._actions[(how, "ok")] += 1
         return "discarded", ""
 
-    def _after_start_error(self, g: _Guest, sel: Selection, err: HypervisorError, what: str) -> None:
+    async def _after_start_error(self, g: _Guest, sel: Selection, err: HypervisorError, what: str) -> None:
         """A start (or its preparation) failed: give up on permanent errors, else count a failure and retry."""
         now = self._clock.time()
         pol = sel.policy
@@ -917,15 +930,15 @@ class PolicyEngine:
         else:
             h = budget.record_failure(g.st.history, now, pol, f"{what} failed: [{err.code}] {err.message}")
         if h.given_up:
-            self._persist(g, g.st.replace(history=h, pending_action=None))
             g.pending_due = None
+            await self._persist(g, g.st.replace(history=h, pending_action=None))
             self._actions[("give_up", "ok")] += 1
             self._raise_alert("given_up", g, f"give up {g.st.name}: {h.given_up_reason}")
             return
         delay = budget.backoff_delay(h.attempt, pol, self._rand())
         h = budget.schedule(h, now + delay)
-        self._persist(g, g.st.replace(history=h, pending_action="restart"))
         g.pending_due = self._clock.monotonic() + delay
+        await self._persist(g, g.st.replace(history=h, pending_action="restart"))
         self._raise_alert("start_failed", g, f"{what} {g.st.name} failed ([{err.code}] {err.message}); "
                           f"retry in {delay:.0f} s, attempt {len(budget.window(h, now, pol))}/{pol.limit_burst}")
 
@@ -933,30 +946,28 @@ class PolicyEngine:
 
     def _known(self, name: str) -> _Guest:
         g = self._guests.get(name)
-        if g is None:
-            st = self._store.get_guest(name)
-            if st is None:
-                raise KeyError(name)
-            g = self._guest(name, st.uuid, st)
+        if g is None:  # every persisted guest was loaded at start
+            raise KeyError(name)
         return g
 
-    def hold(self, name: str) -> GuestSnapshot:
+    async def hold(self, name: str) -> GuestSnapshot:
         """Operator hold: intent ``held``, pending action cancelled; nothing acts on the guest. Raises KeyError."""
         g = self._known(name)
         g.pending_due = None
-        self._persist(g, g.st.replace(intent="held", pending_action=None, history=g.st.history.replace(next_retry=None)))
+        await self._persist(g, g.st.replace(intent="held", pending_action=None,
+                                            history=g.st.history.replace(next_retry=None)))
         self._log.info("policy_hold", guest=name, uuid=g.st.uuid)
         return self._snap(g)
 
-    def release(self, name: str) -> GuestSnapshot:
+    async def release(self, name: str) -> GuestSnapshot:
         """Release a hold: intent follows the live state (running if active, else stopped). Raises KeyError."""
         g = self._known(name)
         active = g.live is not None and g.live[0] in ACTIVE_STATES
-        self._persist(g, g.st.replace(intent="running" if active else "stopped"))
+        await self._persist(g, g.st.replace(intent="running" if active else "stopped"))
         self._log.info("policy_release", guest=name, uuid=g.st.uuid, intent=g.st.intent)
         return self._snap(g)
 
-    def reset(self, name: str) -> GuestSnapshot:
+    async def reset(self, name: str) -> GuestSnapshot:
         """Operator reset: clear given-up, failures and backoff; restart at once if intent is running and it is off.
 
         Raises KeyError for an unknown guest.
@@ -964,20 +975,20 @@ class PolicyEngine:
         g = self._known(name)
         g.pending_due = None
         st = g.st.replace(history=budget.reset(g.st.history), pending_action=None)
-        self._persist(g, st)
+        await self._persist(g, st)
         self._log.info("policy_reset", guest=name, uuid=g.st.uuid)
         if st.intent == "running":
             g.queue.put_nowait(_Item("recover", None, self._clock.monotonic(), why="operator reset"))
             self._ensure_worker(g)
         return self._snap(g)
 
-    def set_override(self, name: str, values: Mapping[str, Any] | None) -> GuestSnapshot:
+    async def set_override(self, name: str, values: Mapping[str, Any] | None) -> GuestSnapshot:
         """Replace (or clear with None/{}) the runtime policy override of a guest: per-guest
         keys, ``profile``, ``mode``, validated by :func:`~virtwatch.policy.select.validate_override`
         and persisted. Raises KeyError (unknown guest), ValueError (naming every bad key)."""
         g = self._known(name)
         clean = validate_override(values or {}, self._settings)
-        self._persist(g, g.st.replace(override=MappingProxyType(clean)))
+        await self._persist(g, g.st.replace(override=MappingProxyType(clean)))
         self._log.info("policy_override", guest=name, uuid=g.st.uuid, override=clean)
         self._selection_changed(name)
         return self._snap(g)
@@ -1064,7 +1075,7 @@ class PolicyEngine:
         self._boot_id = boot_id
         await self._wait_ready()
         log = self._log.bind(boot_id=boot_id)
-        if self._store.get_meta("boot_id") != boot_id:
+        if self._boot_handled != boot_id:
             await self._settle()
             infos = await self._call("list_guests", self._hv.list_guests())
             marked: list[GuestState] = []
@@ -1082,7 +1093,8 @@ class PolicyEngine:
                 if ok:
                     g.st = g.st.replace(boot_pending=boot_id)
                     marked.append(g.st)
-            self._store.begin_boot(boot_id, marked)
+            self._boot_handled = boot_id
+            await self._store.begin_boot(boot_id, marked)
             log.info("policy_boot_flow", candidates=[s.name for s in marked])
         else:
             log.info("policy_boot_flow_resume")
@@ -1123,7 +1135,7 @@ class PolicyEngine:
                 failed.append(name)
                 log.warning("policy_boot_start_failed", guest=name, code=err.code, error=err.message)
             finally:
-                self._persist(g, g.st.replace(boot_pending=None, was_running=False))
+                await self._persist(g, g.st.replace(boot_pending=None, was_running=False))
 
         tasks = []
         for i, g in enumerate(todo):
@@ -1166,9 +1178,9 @@ class PolicyEngine:
             if sel.managed and info.state in ACTIVE_STATES:
                 targets.append((g, sel))
         marked = [g.st.replace(was_running=True) for g, _ in targets]
-        self._store.save_guests(marked)
         for (g, _), st in zip(targets, marked):
             g.st = st
+        await self._store.save_guests(marked)
         results: dict[str, str] = {}
         sem = asyncio.Semaphore(self._settings.max_parallel_saves)
 
@@ -1186,7 +1198,7 @@ class PolicyEngine:
     async def _save_one(self, g: _Guest, steps: tuple[ShutdownStep, ...]) -> str:
         name = g.st.name
         for step in steps:
-            aid = self._store.begin_action(g.st, step.action, "host shutdown")
+            aid = await self._store.begin_action(g.st, step.action, "host shutdown")
             try:
                 if step.action == "managedsave":
                     await self._tagged(g, "managedsave", self._hv.managed_save(name), step.timeout)
@@ -1194,12 +1206,12 @@ class PolicyEngine:
                     await self._tagged(g, "destroy", self._hv.destroy(name), step.timeout)
                 else:
                     await self._tagged(g, "shutdown", self._shutdown_and_wait(name, step.timeout), step.timeout + 1)
-                self._store.finish_action(aid, "ok", "", g.st)
+                await self._store.finish_action(aid, "ok", "", g.st)
                 self._actions[(step.action, "ok")] += 1
                 self._log.info("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="ok")
                 return step.action
             except HypervisorError as err:
-                self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
+                await self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
                 self._actions[(step.action, "failed")] += 1
                 self._log.warning("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="failed",
                                   code=err.code, error=err.message)
