@@ -2,7 +2,8 @@
 
 ``monotonic()`` schedules delays; ``time()`` (seconds since the epoch) is what
 gets persisted (monotonic time does not survive a reboot). ``sleep()`` waits on
-the clock's own time, so a fake clock also controls the engine's timers.
+the clock's own time, and :func:`within` puts a deadline on the clock's time,
+so a fake clock controls the engine's timers and deadlines alike.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import asyncio
 import heapq
 import itertools
 import time as _time
-from typing import Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -25,6 +28,33 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` of this clock's time (<= 0: just yield)."""
+
+
+async def within(clock: Clock, seconds: float, aw: Awaitable[T]) -> T:
+    """``await aw``, for at most ``seconds`` of ``clock``'s time; returns its result or raises its error.
+
+    ``aw`` runs as a task of its own, raced against ``clock.sleep(seconds)``:
+    when the sleep ends first, the task is cancelled and TimeoutError is
+    raised. Cancelling the caller cancels the task too (and is never
+    swallowed, unlike 3.11's ``asyncio.wait_for``).
+    """
+    work = asyncio.ensure_future(aw)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait((work, timer), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        if not work.done():
+            work.cancel()
+            work.add_done_callback(_retrieve)  # what it raises on its way out is of no interest now
+    if work.done():
+        return work.result()
+    raise TimeoutError(f"no answer within {seconds:g} s")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class SystemClock:

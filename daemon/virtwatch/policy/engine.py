@@ -36,7 +36,7 @@ from .store import AsyncStore, GuestState
 from ..virt.records import Event
 from . import budget
 from .classify import STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state
-from .clock import Clock, SystemClock
+from .clock import Clock, SystemClock, within
 from .config import PolicySettings, ShutdownStep
 from .decide import Action, Decision, GuestRecord, decide, decide_recover, initial_intent
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
@@ -440,10 +440,9 @@ class PolicyEngine:
                 self._log.error("policy_alert_sink_failed", error=repr(err))
 
     async def _call(self, what: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        """Await a hypervisor call under the engine's own deadline (on top of the port's)."""
+        """Await a hypervisor call under the engine's own deadline (on top of the port's), on the engine's clock."""
         try:
-            async with asyncio.timeout(timeout or self._settings.action_timeout):
-                return await aw
+            return await within(self._clock, timeout or self._settings.action_timeout, aw)
         except TimeoutError:
             raise HypervisorError(ErrorCode.OPERATION_TIMEOUT, f"{what}: no answer within deadline") from None
 
