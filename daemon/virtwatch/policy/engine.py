@@ -214,7 +214,7 @@ class PolicyEngine:
     """Keeps guests running by policy.
 
     Args:
-        settings: the ``[policy]`` section (replace with :meth:`update_settings` on reload).
+        settings: the ``[policy]`` section (a reload builds a new engine: SIGHUP rebuilds the daemon).
         hypervisor: the :class:`~virtwatch.policy.ports.Hypervisor` port.
         store: an open :class:`~virtwatch.policy.store.AsyncStore`. The engine reads it once, in
             :meth:`start`; after that its memory is the state and the store its durable copy.
@@ -321,14 +321,6 @@ class PolicyEngine:
         for g in self._guests.values():
             g.worker = None
 
-    def update_settings(self, settings: PolicySettings) -> None:
-        """Apply a reloaded ``[policy]`` section: selections are recomputed and every guest reconciled."""
-        self._settings = settings
-        self._starts = asyncio.Semaphore(settings.max_parallel_starts)
-        self._restores = asyncio.Semaphore(settings.max_parallel_restores)
-        if self._running and self.ready:
-            self._spawn(self.resync())
-
     def set_ready(self, ready: bool) -> None:
         """The connection is up and state resynced (True) or not (False). On True, reconcile every guest."""
         was = self._ready.is_set()
@@ -354,10 +346,6 @@ class PolicyEngine:
         if self._boot_handled != self._boot_id:
             return True
         return any(g.st.boot_pending == self._boot_id for g in self._guests.values())
-
-    def set_host_shutdown(self, active: bool) -> None:
-        """The host is (or is no longer) shutting down: stops then are never reacted to."""
-        self._host_shutdown = active
 
     @property
     def ready(self) -> bool:

@@ -164,9 +164,9 @@ async def test_save_path_fallbacks_and_was_running(tmp_path):
         await r.run(30)
         assert r.hv.count("start") == 0
         assert {(await r.store.get_guest(n)).intent for n in ("a", "b", "c")} == {"running"}
-        # next boot: all three come back, "a" restored from its image
+        # next boot (a new daemon): all three come back, "a" restored from its image
         r.boot_path.write_text("boot-2\n")
-        r.engine.set_host_shutdown(False)
+        await r.restart_daemon()
         rep2 = await r.engine.run_boot_flow()
         assert rep2.restored == ("a",) and set(rep2.started) == {"b", "c"}
     finally:
