@@ -35,7 +35,8 @@ import structlog
 from .store import AsyncStore, GuestState
 from ..virt.records import Event
 from . import budget
-from .classify import STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state
+from .classify import (STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state,
+                       guest_failure)
 from .clock import Clock, SystemClock, within
 from .config import PolicySettings, ShutdownStep
 from .decide import Action, Decision, GuestRecord, decide, decide_recover, initial_intent
@@ -160,16 +161,6 @@ class SaveReport:
     refused: bool
     why: str
     results: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-
-
-def _guest_failure(ev: Event) -> bool:
-    """Events that only the guest (or QEMU) causes, never a virtwatch operation."""
-    if ev.kind in ("io_error", "watchdog"):
-        return True
-    if ev.kind != "lifecycle":
-        return False
-    return (ev.event == "CRASHED" or (ev.event == "STOPPED" and ev.detail in ("CRASHED", "FAILED"))
-            or (ev.event == "SUSPENDED" and ev.detail in ("IOERROR", "WATCHDOG")))
 
 
 #: seconds to wait, after a CRASHED event, for libvirt's STOPPED/CRASHED before deciding on the crash itself
@@ -559,7 +550,7 @@ class PolicyEngine:
         # A guest's own failure (panic, QEMU death, I/O-error or watchdog pause) is never caused by
         # our operation, even when it follows one within own_event_grace (a guest whose disk is
         # full pauses again seconds after we restarted it).
-        ours = None if _guest_failure(ev) else self._is_ours(g, item.arrived)
+        ours = None if guest_failure(ev.kind, ev.event, ev.detail) else self._is_ours(g, item.arrived)
         inp = ClassifyInput(ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours,
                             self._host_shutdown)
         cls = classify(inp)
