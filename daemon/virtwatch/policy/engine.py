@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import dataclasses
 import random
 from pathlib import Path
 from types import MappingProxyType
@@ -32,7 +31,6 @@ from typing import Any, Awaitable, Callable, Mapping, TypeVar
 
 import structlog
 
-from .store import AsyncStore, GuestState
 from ..virt.records import Event
 from . import budget
 from .classify import (STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state,
@@ -41,8 +39,11 @@ from .clock import Clock, SystemClock, within
 from .config import PolicySettings, ShutdownStep
 from .decide import Action, Decision, GuestRecord, decide, decide_recover, initial_intent
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
+from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, OpTag,
+                    PolicyAlert, SaveReport, WorkItem)
 from .ports import ACTIVE_STATES, DomainState, ErrorCode, Hypervisor, HypervisorError, RunningReason
 from .select import Selection, select, validate_override
+from .store import AsyncStore
 
 T = TypeVar("T")
 
@@ -52,153 +53,8 @@ BREAKER_WINDOW = 60.0
 POLL_INTERVAL = 1.0
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PolicyAlert:
-    """An alert the engine raises (given up, I/O error pause, restore failure, breaker...).
-
-    ``kind`` is a stable identifier: ``given_up``, ``io_error``, ``api_error``, ``crash_left``,
-    ``watchdog``, ``restore_failed``, ``image_not_used``, ``start_failed``, ``breaker_open``.
-    ``time`` is wall-clock seconds.
-    """
-
-    kind: str
-    guest: str
-    uuid: str
-    message: str
-    time: float
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GuestSnapshot:
-    """Per-guest policy state for metrics and ``virtwatch status``.
-
-    ``next_retry`` is wall-clock seconds or None; ``restarts`` counts restarts
-    performed by cause (the ``reason`` label of ``libvirt_domain_restarts_total``);
-    ``override`` is the runtime policy override in force (JSON values, {} if none).
-    """
-
-    name: str
-    uuid: str
-    intent: str
-    managed: bool
-    mode: str
-    given_up: bool
-    given_up_reason: str
-    next_retry: float | None
-    pending_action: str | None
-    attempt: int
-    failures_in_window: int
-    restarts: Mapping[str, int]
-    state: int | None
-    reason: int | None
-    override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class EngineSnapshot:
-    """Engine-wide state: readiness, breaker, action counters ``(action, result) -> n``, guests by name."""
-
-    ready: bool
-    host_shutdown: bool
-    breaker_open: bool
-    actions: Mapping[tuple[str, str], int]
-    guests: Mapping[str, GuestSnapshot]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Explanation:
-    """``virtwatch explain GUEST``: merged policy, where each key came from, and what would happen now."""
-
-    name: str
-    uuid: str
-    managed: bool
-    mode: str
-    mode_source: str
-    intent: str
-    state: int | None
-    reason: int | None
-    policy: Mapping[str, Any]
-    sources: Mapping[str, str]
-    matched_rules: tuple[int, ...]
-    errors: tuple[str, ...]
-    history: budget.History
-    pending_action: str | None
-    decision_now: str
-
-    def lines(self) -> list[str]:
-        """Human-readable rendering, one line per item."""
-        out = [f"guest {self.name} ({self.uuid})", f"managed: {'yes' if self.managed else 'no (observed only)'}",
-               f"mode: {self.mode} (from {self.mode_source})", f"intent: {self.intent}",
-               f"state: {self.state}/{self.reason}"]
-        h = self.history
-        out.append(f"attempt: {h.attempt}, failures in window: {len(h.failures)}, given up: {h.given_up}"
-                   + (f" ({h.given_up_reason})" if h.given_up else ""))
-        if self.pending_action:
-            out.append(f"pending: {self.pending_action} at {h.next_retry}")
-        for k, v in self.policy.items():
-            out.append(f"  {k} = {v!r}  [{self.sources.get(k, 'defaults')}]")
-        out.extend(f"warning: {e}" for e in self.errors)
-        out.append(f"now: {self.decision_now}")
-        return out
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class BootReport:
-    """Outcome of :meth:`PolicyEngine.run_boot_flow`: ``skipped`` when this boot id was already handled."""
-
-    boot_id: str
-    skipped: bool
-    started: tuple[str, ...] = ()
-    restored: tuple[str, ...] = ()
-    failed: tuple[str, ...] = ()
-    would_start: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SaveReport:
-    """Outcome of :meth:`PolicyEngine.save_guests`: per guest the step that worked (or ``failed``)."""
-
-    refused: bool
-    why: str
-    results: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-
-
 #: seconds to wait, after a CRASHED event, for libvirt's STOPPED/CRASHED before deciding on the crash itself
 CRASH_STOP_WAIT = 10.0
-
-
-@dataclasses.dataclass(slots=True)
-class _Item:
-    kind: str                 # "event", "resync", "recover", "wake", "crash_timeout"
-    event: Event | None
-    arrived: float            # monotonic
-    state: tuple[int, int] | None = None
-    why: str = ""
-
-
-@dataclasses.dataclass(slots=True)
-class _OpTag:
-    op: str
-    started: float
-    ended: float | None = None
-
-
-@dataclasses.dataclass(slots=True)
-class _Guest:
-    st: GuestState
-    queue: asyncio.Queue[_Item]
-    worker: asyncio.Task[None] | None = None
-    live: tuple[int, int] | None = None
-    metadata: str | None = None
-    metadata_known: bool = False
-    prev_shutdown: str | None = None
-    watchdog_action: str | None = None
-    ops: list[_OpTag] = dataclasses.field(default_factory=list)
-    pending_due: float | None = None     # monotonic
-    gone: bool = False
-    last_cause: str | None = None
-    crash_deferred: Event | None = None   # a CRASHED event waiting for libvirt's STOPPED/CRASHED
-    stop_seen: str | None = None          # boot id when a live STOPPED/CRASHED event last arrived
 
 
 class PolicyEngine:
@@ -241,7 +97,7 @@ class PolicyEngine:
         self._boot_id_path = boot_id_path
         self._lg_paths = libvirt_guests
         self._log = logger or structlog.get_logger("virtwatch.policy")
-        self._guests: dict[str, _Guest] = {}
+        self._guests: dict[str, GuestEntry] = {}
         self._ready = asyncio.Event()
         self._host_shutdown = False
         self._running = False
@@ -352,7 +208,7 @@ class PolicyEngine:
         g = self._guest(event.name, event.uuid)
         if event.kind == "lifecycle" and event.event in ("STOPPED", "CRASHED"):
             g.stop_seen = self._boot_id  # stopped under our eyes in this boot: its own event decides, not the boot flow
-        g.queue.put_nowait(_Item("event", event, self._clock.monotonic()))
+        g.queue.put_nowait(WorkItem("event", event, self._clock.monotonic()))
         self._ensure_worker(g)
 
     async def resync(self) -> None:
@@ -368,7 +224,7 @@ class PolicyEngine:
             g = self._guest(info.name, info.uuid)
             g.gone = False
             g.metadata_known = False
-            g.queue.put_nowait(_Item("resync", None, self._clock.monotonic(), (info.state, info.reason)))
+            g.queue.put_nowait(WorkItem("resync", None, self._clock.monotonic(), (info.state, info.reason)))
             self._ensure_worker(g)
         for name, g in self._guests.items():
             if name not in seen and not g.gone:
@@ -382,33 +238,33 @@ class PolicyEngine:
         t.add_done_callback(self._tasks.discard)
         return t
 
-    def _guest(self, name: str, uuid: str = "", st: GuestState | None = None) -> _Guest:
+    def _guest(self, name: str, uuid: str = "", st: GuestState | None = None) -> GuestEntry:
         """The table's entry for ``name``, created (with ``st``, else a state never persisted) if new."""
         g = self._guests.get(name)
         if g is None:
             st = st or GuestState(name=name, uuid=uuid, intent="unknown")
-            g = _Guest(st, asyncio.Queue())
+            g = GuestEntry(st, asyncio.Queue())
             self._guests[name] = g
         if uuid and g.st.uuid != uuid:
             g.st = g.st.replace(uuid=uuid)
         return g
 
-    def _ensure_worker(self, g: _Guest) -> None:
+    def _ensure_worker(self, g: GuestEntry) -> None:
         if self._running and (g.worker is None or g.worker.done()):
             g.worker = asyncio.ensure_future(self._worker(g))
 
-    def _wake(self, g: _Guest) -> None:
-        g.queue.put_nowait(_Item("wake", None, self._clock.monotonic()))
+    def _wake(self, g: GuestEntry) -> None:
+        g.queue.put_nowait(WorkItem("wake", None, self._clock.monotonic()))
         self._ensure_worker(g)
 
-    def _selection(self, g: _Guest) -> Selection:
+    def _selection(self, g: GuestEntry) -> Selection:
         return select(self._settings, g.st.name, g.st.uuid, g.metadata, g.st.override)
 
-    def _record(self, g: _Guest) -> GuestRecord:
+    def _record(self, g: GuestEntry) -> GuestRecord:
         state, reason = g.live if g.live else (DomainState.NOSTATE, 0)
         return GuestRecord(g.st.name, g.st.uuid, state, reason, g.st.intent)  # type: ignore[arg-type]
 
-    def _raise_alert(self, kind: str, g: _Guest, message: str) -> None:
+    def _raise_alert(self, kind: str, g: GuestEntry, message: str) -> None:
         a = PolicyAlert(kind, g.st.name, g.st.uuid, message, self._clock.time())
         self.alerts.append(a)
         self._log.warning("policy_alert", alert=kind, guest=g.st.name, uuid=g.st.uuid, msg=message)
@@ -425,7 +281,7 @@ class PolicyEngine:
         except TimeoutError:
             raise HypervisorError(ErrorCode.OPERATION_TIMEOUT, f"{what}: no answer within deadline") from None
 
-    def _is_ours(self, g: _Guest, arrived: float) -> str | None:
+    def _is_ours(self, g: GuestEntry, arrived: float) -> str | None:
         grace = self._settings.own_event_grace
         now = self._clock.monotonic()
         g.ops = [o for o in g.ops if o.ended is None or now - o.ended <= grace]
@@ -433,22 +289,22 @@ class PolicyEngine:
         # a stop that follows our kill and our restart within the grace is the kill's: prefer stopping ops
         return next((op for op in hits if op in STOPPING_OPS), hits[0] if hits else None)
 
-    async def _tagged(self, g: _Guest, op: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        tag = _OpTag(op, self._clock.monotonic())
+    async def _tagged(self, g: GuestEntry, op: str, aw: Awaitable[T], timeout: float | None = None) -> T:
+        tag = OpTag(op, self._clock.monotonic())
         g.ops.append(tag)
         try:
             return await self._call(op, aw, timeout)
         finally:
             tag.ended = self._clock.monotonic()
 
-    async def _persist(self, g: _Guest, st: GuestState) -> None:
+    async def _persist(self, g: GuestEntry, st: GuestState) -> None:
         g.st = st  # memory first: writes are queued in the order of the transitions
         await self._store.save_guest(st)
 
     async def _wait_ready(self) -> None:
         await self._ready.wait()
 
-    async def _refresh_metadata(self, g: _Guest) -> None:
+    async def _refresh_metadata(self, g: GuestEntry) -> None:
         if g.metadata_known:
             return
         try:
@@ -481,7 +337,7 @@ class PolicyEngine:
 
     # ------------------------------------------------------------------ worker
 
-    async def _next_item(self, g: _Guest) -> _Item | None:
+    async def _next_item(self, g: GuestEntry) -> WorkItem | None:
         """Next queued item, or None when the pending action is due first."""
         if not g.queue.empty():
             return g.queue.get_nowait()
@@ -502,7 +358,7 @@ class PolicyEngine:
             return getter.result()
         return None
 
-    async def _worker(self, g: _Guest) -> None:
+    async def _worker(self, g: GuestEntry) -> None:
         while self._running:
             try:
                 item = await self._next_item(g)
@@ -524,7 +380,7 @@ class PolicyEngine:
                 self._log.exception("policy_worker_error", guest=g.st.name, error=repr(err))
                 await self._clock.sleep(1.0)
 
-    async def _process(self, g: _Guest, batch: list[_Item]) -> None:
+    async def _process(self, g: GuestEntry, batch: list[WorkItem]) -> None:
         await self._refresh_metadata(g)
         for item in batch:
             if item.kind == "event" and item.event is not None:
@@ -537,11 +393,11 @@ class PolicyEngine:
                 g.crash_deferred = None
                 await self._process_event(g, item, defer_crash=False)
 
-    def _first_sight(self, g: _Guest, sel: Selection, state: int) -> None:
+    def _first_sight(self, g: GuestEntry, sel: Selection, state: int) -> None:
         if g.st.intent == "unknown":
             g.st = g.st.replace(intent=initial_intent(sel.policy, state))
 
-    async def _process_event(self, g: _Guest, item: _Item, defer_crash: bool = True) -> None:
+    async def _process_event(self, g: GuestEntry, item: WorkItem, defer_crash: bool = True) -> None:
         ev = item.event
         assert ev is not None
         if ev.kind == "metadata_change" or (ev.kind == "lifecycle" and ev.event == "DEFINED"):
@@ -590,13 +446,13 @@ class PolicyEngine:
         d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
         await self._apply(g, d, sel, ev)
 
-    async def _crash_timeout(self, g: _Guest, ev: Event) -> None:
+    async def _crash_timeout(self, g: GuestEntry, ev: Event) -> None:
         await self._clock.sleep(CRASH_STOP_WAIT)
         if g.crash_deferred is ev:
-            g.queue.put_nowait(_Item("crash_timeout", ev, self._clock.monotonic()))
+            g.queue.put_nowait(WorkItem("crash_timeout", ev, self._clock.monotonic()))
             self._ensure_worker(g)
 
-    def _track_live(self, g: _Guest, ev: Event, cls: Classification) -> None:
+    def _track_live(self, g: GuestEntry, ev: Event, cls: Classification) -> None:
         if ev.kind != "lifecycle":
             return
         m = {"STARTED": (DomainState.RUNNING, RunningReason.RESTORED if ev.detail == "RESTORED" else RunningReason.BOOTED),
@@ -606,7 +462,7 @@ class PolicyEngine:
         if ev.event in m:
             g.live = (int(m[ev.event][0]), int(m[ev.event][1]))
 
-    async def _forget(self, g: _Guest, ev: Event) -> None:
+    async def _forget(self, g: GuestEntry, ev: Event) -> None:
         g.gone = True
         g.pending_due = None
         old, g.st = g.st, GuestState(name=g.st.name, uuid=g.st.uuid, intent="unknown")
@@ -614,7 +470,7 @@ class PolicyEngine:
                                             "undefined: forgotten")
         await self._store.delete_guest(old.name)
 
-    async def _process_resync(self, g: _Guest, state: tuple[int, int]) -> None:
+    async def _process_resync(self, g: GuestEntry, state: tuple[int, int]) -> None:
         g.live = state
         sel = self._selection(g)
         self._first_sight(g, sel, state[0])
@@ -651,7 +507,7 @@ class PolicyEngine:
             return
         await self._persist(g, g.st)
 
-    async def _process_recover(self, g: _Guest, why: str) -> None:
+    async def _process_recover(self, g: GuestEntry, why: str) -> None:
         sel = self._selection(g)
         try:
             g.live = await self._call("state", self._hv.state(g.st.name))
@@ -661,7 +517,7 @@ class PolicyEngine:
         d = decide_recover(self._record(g), g.st.history, self._clock.time(), sel, why)
         await self._apply(g, d, sel, None)
 
-    async def _apply(self, g: _Guest, d: Decision, sel: Selection, ev: Event | None) -> None:
+    async def _apply(self, g: GuestEntry, d: Decision, sel: Selection, ev: Event | None) -> None:
         """Persist a decision's transition, log it, and (enforce mode) schedule its action."""
         mode = sel.mode
         h = d.history
@@ -715,7 +571,7 @@ class PolicyEngine:
             return 0.0
         return BREAKER_WINDOW - (now - self._action_times[0])
 
-    async def _run_pending(self, g: _Guest) -> None:
+    async def _run_pending(self, g: GuestEntry) -> None:
         action = g.st.pending_action
         if action is None:
             g.pending_due = None
@@ -745,7 +601,7 @@ class PolicyEngine:
         else:
             await self._do_restart(g, sel, action)
 
-    async def _do_resume(self, g: _Guest, sel: Selection) -> None:
+    async def _do_resume(self, g: GuestEntry, sel: Selection) -> None:
         now = self._clock.time()
         g.st = g.st.replace(pending_action=None, history=budget.record_resume(g.st.history, now))
         aid = await self._store.begin_action(g.st, "resume", "I/O error pause")
@@ -758,7 +614,7 @@ class PolicyEngine:
         await self._store.finish_action(aid, result, detail, g.st)
         self._log.info("policy_action", guest=g.st.name, uuid=g.st.uuid, action="resume", result=result, detail=detail)
 
-    async def _do_kill(self, g: _Guest, sel: Selection) -> None:
+    async def _do_kill(self, g: GuestEntry, sel: Selection) -> None:
         g.st = g.st.replace(pending_action="restart")
         aid = await self._store.begin_action(g.st, "kill", "policy on_io_error = kill")
         try:
@@ -773,7 +629,7 @@ class PolicyEngine:
         delay = max(0.0, (nr - self._clock.time())) if nr is not None else 0.0
         g.pending_due = self._clock.monotonic() + delay
 
-    async def _do_restart(self, g: _Guest, sel: Selection, action: str) -> None:
+    async def _do_restart(self, g: GuestEntry, sel: Selection, action: str) -> None:
         name = g.st.name
         try:
             state, reason = await self._call("state", self._hv.state(name))
@@ -798,7 +654,7 @@ class PolicyEngine:
         why = f"restart, attempt {h.attempt}" if h.attempt else "restart (recover)"
         await self._start_guest(g, sel, reason_text=why, count_restart=True)
 
-    async def _start_guest(self, g: _Guest, sel: Selection, reason_text: str, count_restart: bool) -> str:
+    async def _start_guest(self, g: GuestEntry, sel: Selection, reason_text: str, count_restart: bool) -> str:
         """Start (or restore) a guest under the semaphores, journalled. Returns ok/restored/failed/...."""
         name = g.st.name
         try:
@@ -857,14 +713,14 @@ class PolicyEngine:
             return False
         return state in (DomainState.RUNNING, DomainState.BLOCKED)
 
-    async def _last_cause(self, g: _Guest) -> str | None:
+    async def _last_cause(self, g: GuestEntry) -> str | None:
         rows = await self._store.events(g.st.name, limit=20)
         for r in rows:
             if r["cause"] and r["cause"] not in ("ours", "host_shutdown"):
                 return str(r["cause"])
         return None
 
-    async def _restore_failed(self, g: _Guest, sel: Selection, err: HypervisorError, aid: int) -> tuple[str, str]:
+    async def _restore_failed(self, g: GuestEntry, sel: Selection, err: HypervisorError, aid: int) -> tuple[str, str]:
         name = g.st.name
         how = sel.policy.on_restore_failure
         self._actions[("restore", "failed")] += 1
@@ -899,7 +755,7 @@ class PolicyEngine:
         self._actions[(how, "ok")] += 1
         return "discarded", ""
 
-    async def _after_start_error(self, g: _Guest, sel: Selection, err: HypervisorError, what: str) -> None:
+    async def _after_start_error(self, g: GuestEntry, sel: Selection, err: HypervisorError, what: str) -> None:
         """A start (or its preparation) failed: give up on permanent errors, else count a failure and retry."""
         now = self._clock.time()
         pol = sel.policy
@@ -922,7 +778,7 @@ class PolicyEngine:
 
     # ------------------------------------------------------------------ operator commands
 
-    def _known(self, name: str) -> _Guest:
+    def _known(self, name: str) -> GuestEntry:
         g = self._guests.get(name)
         if g is None:  # every persisted guest was loaded at start
             raise KeyError(name)
@@ -956,7 +812,7 @@ class PolicyEngine:
         await self._persist(g, st)
         self._log.info("policy_reset", guest=name, uuid=g.st.uuid)
         if st.intent == "running":
-            g.queue.put_nowait(_Item("recover", None, self._clock.monotonic(), why="operator reset"))
+            g.queue.put_nowait(WorkItem("recover", None, self._clock.monotonic(), why="operator reset"))
             self._ensure_worker(g)
         return self._snap(g)
 
@@ -973,7 +829,7 @@ class PolicyEngine:
 
     # ------------------------------------------------------------------ introspection
 
-    def _snap(self, g: _Guest) -> GuestSnapshot:
+    def _snap(self, g: GuestEntry) -> GuestSnapshot:
         sel = self._selection(g)
         h = g.st.history
         return GuestSnapshot(g.st.name, g.st.uuid, g.st.intent, sel.managed, sel.mode, h.given_up, h.given_up_reason,
@@ -1085,7 +941,7 @@ class PolicyEngine:
         failed: list[str] = []
         would: list[str] = []
 
-        async def one(g: _Guest) -> None:
+        async def one(g: GuestEntry) -> None:
             sel = self._selection(g)
             name = g.st.name
             try:
@@ -1147,7 +1003,7 @@ class PolicyEngine:
             return SaveReport(True, status.why)
         self._host_shutdown = True
         infos = await self._call("list_guests", self._hv.list_guests())
-        targets: list[tuple[_Guest, Selection]] = []
+        targets: list[tuple[GuestEntry, Selection]] = []
         for info in infos:
             g = self._guest(info.name, info.uuid)
             g.live = (info.state, info.reason)
@@ -1162,7 +1018,7 @@ class PolicyEngine:
         results: dict[str, str] = {}
         sem = asyncio.Semaphore(self._settings.max_parallel_saves)
 
-        async def one(g: _Guest, sel: Selection) -> None:
+        async def one(g: GuestEntry, sel: Selection) -> None:
             async with sem:
                 if sel.mode != "enforce":
                     results[g.st.name] = f"would {sel.policy.on_host_shutdown[0].action}"
@@ -1173,7 +1029,7 @@ class PolicyEngine:
         self._log.info("policy_save_done", results=results)
         return SaveReport(False, status.why, MappingProxyType(results))
 
-    async def _save_one(self, g: _Guest, steps: tuple[ShutdownStep, ...]) -> str:
+    async def _save_one(self, g: GuestEntry, steps: tuple[ShutdownStep, ...]) -> str:
         name = g.st.name
         for step in steps:
             aid = await self._store.begin_action(g.st, step.action, "host shutdown")

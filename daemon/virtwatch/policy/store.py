@@ -38,6 +38,7 @@ import structlog
 
 from ..infra.sqlite import DatabaseUnusable, open_database
 from .budget import History
+from .model import GuestState
 
 T = TypeVar("T")
 
@@ -103,34 +104,6 @@ CREATE INDEX IF NOT EXISTS events_guest ON events (guest, id);
 #: ``MIGRATIONS[i]`` takes the schema from version i to i + 1 (:func:`~virtwatch.infra.sqlite.open_database`).
 MIGRATIONS = (_SCHEMA,)
 SCHEMA_VERSION = len(MIGRATIONS)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GuestState:
-    """Everything persisted about one guest.
-
-    Attributes:
-        name, uuid: identity (name is the key).
-        intent: ``running``, ``stopped`` or ``held``.
-        history: restart history (:class:`virtwatch.policy.budget.History`).
-        was_running: running when the host-shutdown save path ran.
-        boot_pending: boot id whose boot flow still has to handle this guest, or None.
-        override: runtime policy override (per-guest keys, ``profile``, ``mode``).
-        pending_action: action scheduled at ``history.next_retry`` (``restart``/``resume``), or None.
-    """
-
-    name: str
-    uuid: str = ""
-    intent: str = "stopped"
-    history: History = History()
-    was_running: bool = False
-    boot_pending: str | None = None
-    override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-    pending_action: str | None = None
-
-    def replace(self, **changes: Any) -> "GuestState":
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -20,9 +20,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ..alerts import Alerter
 from .clock import Clock, SystemClock
 from .config import PolicySettings
-from .engine import PolicyAlert, PolicyEngine
+from .engine import PolicyEngine
 from .journal import JournalPruner
 from .libvirt_port import LibvirtHypervisor
+from .model import PolicyAlert
 from .store import AsyncStore
 
 log = structlog.get_logger("virtwatch.policy")

@@ -7,7 +7,7 @@ import pytest
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.host import LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
 from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason
-from virtwatch.policy.store import GuestState
+from virtwatch.policy.model import GuestState
 
 from .rig import Rig
 

@@ -4,7 +4,7 @@ import pytest
 
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
-from virtwatch.policy.store import GuestState
+from virtwatch.policy.model import GuestState
 from virtwatch.policy.budget import History
 
 from .rig import Rig

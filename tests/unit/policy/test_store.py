@@ -18,7 +18,8 @@ from structlog.testing import capture_logs
 
 from testkit import until
 from virtwatch.policy.budget import History
-from virtwatch.policy.store import SCHEMA_VERSION, AsyncStore, GuestState, Store, StoreError
+from virtwatch.policy.model import GuestState
+from virtwatch.policy.store import SCHEMA_VERSION, AsyncStore, Store, StoreError
 
 
 class FixedClock:
@@ -159,7 +160,8 @@ def test_newer_schema_moved_aside(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys
-    from virtwatch.policy.store import Store, GuestState
+    from virtwatch.policy.model import GuestState
+    from virtwatch.policy.store import Store
     from virtwatch.policy.budget import History
     s = Store.open(sys.argv[1])
     n = 0
@@ -180,7 +182,8 @@ CHILD = textwrap.dedent("""
 
 CHILD_ASYNC = textwrap.dedent("""
     import asyncio, sys
-    from virtwatch.policy.store import AsyncStore, GuestState
+    from virtwatch.policy.model import GuestState
+    from virtwatch.policy.store import AsyncStore
 
     async def main():
         s = AsyncStore(sys.argv[1])
