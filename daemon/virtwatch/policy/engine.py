@@ -27,25 +27,23 @@ import collections
 import random
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, Awaitable, Callable, Mapping
 
 import structlog
 
 from ..virt.records import Event
 from . import budget
-from .classify import (STOPPING_OPS, Classification, ClassifyInput, Transition, classify, classify_state,
-                       guest_failure)
+from .classify import Classification, ClassifyInput, Transition, classify, classify_state, guest_failure
 from .clock import Clock, SystemClock, within
 from .config import PolicySettings, ShutdownStep
-from .decide import Action, Decision, GuestRecord, decide, decide_recover, initial_intent
+from .decide import Action, Decision, decide, decide_recover
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
-from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, OpTag,
-                    PolicyAlert, SaveReport, WorkItem)
+from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, PolicyAlert,
+                    SaveReport, WorkItem)
 from .ports import ACTIVE_STATES, DomainState, ErrorCode, Hypervisor, HypervisorError, RunningReason
 from .select import Selection, select, validate_override
+from .guests import ActionJournal, GuestTable, Outcome
 from .store import AsyncStore
-
-T = TypeVar("T")
 
 #: Window of the ``max_actions_per_minute`` circuit breaker, seconds.
 BREAKER_WINDOW = 60.0
@@ -55,6 +53,14 @@ POLL_INTERVAL = 1.0
 
 #: seconds to wait, after a CRASHED event, for libvirt's STOPPED/CRASHED before deciding on the crash itself
 CRASH_STOP_WAIT = 10.0
+
+
+def _ok_unless_invalid(detail: str) -> Callable[[HypervisorError], Outcome]:
+    """Read an action's error: OPERATION_INVALID (the guest is already where the action would
+    take it) is ``ok`` with ``detail``; any other error is ``failed`` with its message."""
+    def read(err: HypervisorError) -> Outcome:
+        return Outcome("ok", detail) if err.code == ErrorCode.OPERATION_INVALID else Outcome("failed", err.message, err)
+    return read
 
 
 class PolicyEngine:
@@ -88,33 +94,30 @@ class PolicyEngine:
                  libvirt_guests: LibvirtGuestsPaths = LibvirtGuestsPaths(),
                  auto_boot_flow: bool = True,
                  logger: Any = None) -> None:
+        self._log = logger or structlog.get_logger("virtwatch.policy")
+        self._t = GuestTable(settings, hypervisor, store, clock or SystemClock(), alert, self._log)
+        self._journal = ActionJournal(store, self._log)
         self._settings = settings
         self._hv = hypervisor
         self._store = store
-        self._clock: Clock = clock or SystemClock()
+        self._clock = self._t.clock
         self._rand = rand or random.Random().random
-        self._alert_sink = alert
         self._boot_id_path = boot_id_path
         self._lg_paths = libvirt_guests
-        self._log = logger or structlog.get_logger("virtwatch.policy")
-        self._guests: dict[str, GuestEntry] = {}
         self._ready = asyncio.Event()
-        self._host_shutdown = False
         self._running = False
         self._action_times: collections.deque[float] = collections.deque()
         self._breaker_open = False
-        self._actions: collections.Counter[tuple[str, str]] = collections.Counter()
         self._recover: set[str] = set()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._seq = 0
         self._starts = asyncio.Semaphore(settings.max_parallel_starts)
         self._restores = asyncio.Semaphore(settings.max_parallel_restores)
-        self.alerts: collections.deque[PolicyAlert] = collections.deque(maxlen=1000)
+        self.alerts = self._t.alerts
         self._auto_boot = auto_boot_flow
         self._boot_lock = asyncio.Lock()
         self._boot_id: str | None = None
         self._boot_handled: str | None = None  # the boot id persisted as handled (meta ``boot_id``)
-        self.selection_listeners: list[Callable[[str], None]] = []
+        self.selection_listeners = self._t.selection_listeners
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -134,30 +137,24 @@ class PolicyEngine:
         except OSError as err:
             self._boot_id = None
             self._log.warning("policy_boot_id_unreadable", path=str(self._boot_id_path), error=str(err))
-        for name, st in states.items():
-            g = self._guests.get(name)
-            if g is None:
-                g = self._guest(name, st.uuid, st)
-            else:  # met in an event before start: what was persisted is its state
-                g.st = st.replace(uuid=g.st.uuid or st.uuid)
+        for g in self._t.load(states):
+            st = g.st
             if st.pending_action and st.history.next_retry is not None:
                 delay = max(0.0, st.history.next_retry - self._clock.time())
                 g.pending_due = self._clock.monotonic() + delay
-                self._log.info("policy_pending_reloaded", guest=name, uuid=st.uuid, action=st.pending_action,
+                self._log.info("policy_pending_reloaded", guest=st.name, uuid=st.uuid, action=st.pending_action,
                                in_seconds=round(delay, 3))
                 self._wake(g)
         for row in interrupted:
-            self._actions[(row.action, "interrupted")] += 1
             self._recover.add(row.guest)
             self._log.warning("policy_action_interrupted", guest=row.guest, action=row.action, action_id=row.id,
                               msg="checking the guest's real state at the next resync instead of repeating it")
-        for row in interrupted:
-            await self._store.finish_action(row.id, "interrupted", "daemon stopped while the action ran")
+        await self._journal.close_interrupted(interrupted)
 
     async def stop(self) -> None:
         """Cancel workers and background tasks (pending retries stay persisted)."""
         self._running = False
-        tasks = [g.worker for g in self._guests.values() if g.worker] + list(self._tasks)
+        tasks = [g.worker for g in self._t.guests.values() if g.worker] + list(self._tasks)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -165,7 +162,7 @@ class PolicyEngine:
                 await t
             except (asyncio.CancelledError, Exception):
                 pass
-        for g in self._guests.values():
+        for g in self._t.guests.values():
             g.worker = None
 
     def set_ready(self, ready: bool) -> None:
@@ -192,7 +189,7 @@ class PolicyEngine:
             return False
         if self._boot_handled != self._boot_id:
             return True
-        return any(g.st.boot_pending == self._boot_id for g in self._guests.values())
+        return any(g.st.boot_pending == self._boot_id for g in self._t.guests.values())
 
     @property
     def ready(self) -> bool:
@@ -205,7 +202,7 @@ class PolicyEngine:
         """Enqueue one domain event (non-domain events are ignored). Never blocks, never raises."""
         if event.source != "domain" or not event.name:
             return
-        g = self._guest(event.name, event.uuid)
+        g = self._t.get(event.name, event.uuid)
         if event.kind == "lifecycle" and event.event in ("STOPPED", "CRASHED"):
             g.stop_seen = self._boot_id  # stopped under our eyes in this boot: its own event decides, not the boot flow
         g.queue.put_nowait(WorkItem("event", event, self._clock.monotonic()))
@@ -214,19 +211,19 @@ class PolicyEngine:
     async def resync(self) -> None:
         """Reconcile with libvirt's current guest list (after every (re)connect). Errors are logged."""
         try:
-            infos = await self._call("list_guests", self._hv.list_guests())
+            infos = await self._t.call("list_guests", self._hv.list_guests())
         except HypervisorError as err:
             self._log.warning("policy_resync_failed", code=err.code, error=err.message)
             return
         seen = set()
         for info in infos:
             seen.add(info.name)
-            g = self._guest(info.name, info.uuid)
+            g = self._t.get(info.name, info.uuid)
             g.gone = False
             g.metadata_known = False
             g.queue.put_nowait(WorkItem("resync", None, self._clock.monotonic(), (info.state, info.reason)))
             self._ensure_worker(g)
-        for name, g in self._guests.items():
+        for name, g in self._t.guests.items():
             if name not in seen and not g.gone:
                 g.gone = True
 
@@ -238,17 +235,6 @@ class PolicyEngine:
         t.add_done_callback(self._tasks.discard)
         return t
 
-    def _guest(self, name: str, uuid: str = "", st: GuestState | None = None) -> GuestEntry:
-        """The table's entry for ``name``, created (with ``st``, else a state never persisted) if new."""
-        g = self._guests.get(name)
-        if g is None:
-            st = st or GuestState(name=name, uuid=uuid, intent="unknown")
-            g = GuestEntry(st, asyncio.Queue())
-            self._guests[name] = g
-        if uuid and g.st.uuid != uuid:
-            g.st = g.st.replace(uuid=uuid)
-        return g
-
     def _ensure_worker(self, g: GuestEntry) -> None:
         if self._running and (g.worker is None or g.worker.done()):
             g.worker = asyncio.ensure_future(self._worker(g))
@@ -257,82 +243,16 @@ class PolicyEngine:
         g.queue.put_nowait(WorkItem("wake", None, self._clock.monotonic()))
         self._ensure_worker(g)
 
-    def _selection(self, g: GuestEntry) -> Selection:
-        return select(self._settings, g.st.name, g.st.uuid, g.metadata, g.st.override)
-
-    def _record(self, g: GuestEntry) -> GuestRecord:
-        state, reason = g.live if g.live else (DomainState.NOSTATE, 0)
-        return GuestRecord(g.st.name, g.st.uuid, state, reason, g.st.intent)  # type: ignore[arg-type]
-
-    def _raise_alert(self, kind: str, g: GuestEntry, message: str) -> None:
-        a = PolicyAlert(kind, g.st.name, g.st.uuid, message, self._clock.time())
-        self.alerts.append(a)
-        self._log.warning("policy_alert", alert=kind, guest=g.st.name, uuid=g.st.uuid, msg=message)
-        if self._alert_sink is not None:
-            try:
-                self._alert_sink(a)
-            except Exception as err:  # an alert sink must never break the engine
-                self._log.error("policy_alert_sink_failed", error=repr(err))
-
-    async def _call(self, what: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        """Await a hypervisor call under the engine's own deadline (on top of the port's), on the engine's clock."""
-        try:
-            return await within(self._clock, timeout or self._settings.action_timeout, aw)
-        except TimeoutError:
-            raise HypervisorError(ErrorCode.OPERATION_TIMEOUT, f"{what}: no answer within deadline") from None
-
-    def _is_ours(self, g: GuestEntry, arrived: float) -> str | None:
-        grace = self._settings.own_event_grace
-        now = self._clock.monotonic()
-        g.ops = [o for o in g.ops if o.ended is None or now - o.ended <= grace]
-        hits = [o.op for o in g.ops if o.started <= arrived and (o.ended is None or arrived <= o.ended + grace)]
-        # a stop that follows our kill and our restart within the grace is the kill's: prefer stopping ops
-        return next((op for op in hits if op in STOPPING_OPS), hits[0] if hits else None)
-
-    async def _tagged(self, g: GuestEntry, op: str, aw: Awaitable[T], timeout: float | None = None) -> T:
-        tag = OpTag(op, self._clock.monotonic())
-        g.ops.append(tag)
-        try:
-            return await self._call(op, aw, timeout)
-        finally:
-            tag.ended = self._clock.monotonic()
-
-    async def _persist(self, g: GuestEntry, st: GuestState) -> None:
-        g.st = st  # memory first: writes are queued in the order of the transitions
-        await self._store.save_guest(st)
-
     async def _wait_ready(self) -> None:
         await self._ready.wait()
-
-    async def _refresh_metadata(self, g: GuestEntry) -> None:
-        if g.metadata_known:
-            return
-        try:
-            before = g.metadata
-            g.metadata = await self._call("metadata", self._hv.metadata(g.st.name))
-            g.metadata_known = True
-            if g.metadata != before:
-                self._selection_changed(g.st.name)
-        except HypervisorError as err:
-            if err.code == ErrorCode.NO_DOMAIN:
-                g.metadata, g.metadata_known = None, True
-            else:
-                self._log.warning("policy_metadata_failed", guest=g.st.name, code=err.code, error=err.message)
-
-    def _selection_changed(self, name: str) -> None:
-        for listener in list(self.selection_listeners):
-            try:
-                listener(name)
-            except Exception as err:  # a listener must never break the engine
-                self._log.error("policy_selection_listener_failed", error=repr(err))
 
     def console_capture(self, name: str) -> int | None:
         """Guest ``name``'s ``console_buffer`` (KiB) when its merged policy sets
         ``capture_console`` (runtime override, domain metadata once read,
         ``[[match]]`` rules, profile, defaults), else None. Pure lookup; never
         raises, never calls libvirt."""
-        g = self._guests.get(name)
-        sel = select(self._settings, name, "", None) if g is None else self._selection(g)
+        g = self._t.guests.get(name)
+        sel = select(self._settings, name, "", None) if g is None else self._t.selection(g)
         return sel.policy.console_buffer if sel.policy.capture_console else None
 
     # ------------------------------------------------------------------ worker
@@ -381,7 +301,7 @@ class PolicyEngine:
                 await self._clock.sleep(1.0)
 
     async def _process(self, g: GuestEntry, batch: list[WorkItem]) -> None:
-        await self._refresh_metadata(g)
+        await self._t.refresh_metadata(g)
         for item in batch:
             if item.kind == "event" and item.event is not None:
                 await self._process_event(g, item)
@@ -393,22 +313,18 @@ class PolicyEngine:
                 g.crash_deferred = None
                 await self._process_event(g, item, defer_crash=False)
 
-    def _first_sight(self, g: GuestEntry, sel: Selection, state: int) -> None:
-        if g.st.intent == "unknown":
-            g.st = g.st.replace(intent=initial_intent(sel.policy, state))
-
     async def _process_event(self, g: GuestEntry, item: WorkItem, defer_crash: bool = True) -> None:
         ev = item.event
         assert ev is not None
         if ev.kind == "metadata_change" or (ev.kind == "lifecycle" and ev.event == "DEFINED"):
             g.metadata_known = False
-            await self._refresh_metadata(g)
+            await self._t.refresh_metadata(g)
         # A guest's own failure (panic, QEMU death, I/O-error or watchdog pause) is never caused by
         # our operation, even when it follows one within own_event_grace (a guest whose disk is
         # full pauses again seconds after we restarted it).
-        ours = None if guest_failure(ev.kind, ev.event, ev.detail) else self._is_ours(g, item.arrived)
+        ours = None if guest_failure(ev.kind, ev.event, ev.detail) else self._t.is_ours(g, item.arrived)
         inp = ClassifyInput(ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours,
-                            self._host_shutdown)
+                            self._t.host_shutdown)
         cls = classify(inp)
         # context for the next events
         if cls.transition == Transition.SHUTTING_DOWN:
@@ -423,8 +339,8 @@ class PolicyEngine:
         if ev.kind == "lifecycle" and ev.event == "UNDEFINED":
             await self._forget(g, ev)
             return
-        sel = self._selection(g)
-        self._first_sight(g, sel, g.live[0] if g.live else DomainState.SHUTOFF)
+        sel = self._t.selection(g)
+        self._t.first_sight(g, sel, g.live[0] if g.live else DomainState.SHUTOFF)
         if cls.transition == Transition.STARTED:
             self._recover.discard(g.st.name)
         if cls.transition in (Transition.STARTED, Transition.STOPPED):
@@ -443,7 +359,7 @@ class PolicyEngine:
             await self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
                                                 cls.cause.value if cls.cause else None, None)
             return
-        d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
+        d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
         await self._apply(g, d, sel, ev)
 
     async def _crash_timeout(self, g: GuestEntry, ev: Event) -> None:
@@ -472,8 +388,8 @@ class PolicyEngine:
 
     async def _process_resync(self, g: GuestEntry, state: tuple[int, int]) -> None:
         g.live = state
-        sel = self._selection(g)
-        self._first_sight(g, sel, state[0])
+        sel = self._t.selection(g)
+        self._t.first_sight(g, sel, state[0])
         name = g.st.name
         if name in self._recover:
             self._recover.discard(name)
@@ -481,40 +397,40 @@ class PolicyEngine:
                 await self._process_recover(g, "action interrupted by a daemon stop")
                 return
         if g.pending_due is not None:
-            await self._persist(g, g.st)
+            await self._t.persist(g, g.st)
             return
         cls = classify_state(*state)
         if cls.is_stop and self.boot_flow_pending():
-            await self._persist(g, g.st)  # off since the host went down: the boot flow decides, not failure handling
+            await self._t.persist(g, g.st)  # off since the host went down: the boot flow decides, not failure handling
             return
         nr = g.st.history.next_retry
         if nr is not None and cls.is_stop and sel.mode == "enforce" and g.st.intent == "running":
             # a retry decided earlier (e.g. in dry-run, or before a reload) but not scheduled: schedule it now
             g.pending_due = self._clock.monotonic() + max(0.0, nr - self._clock.time())
-            await self._persist(g, g.st.replace(pending_action=g.st.pending_action or "restart"))
+            await self._t.persist(g, g.st.replace(pending_action=g.st.pending_action or "restart"))
             return
         if cls.transition == Transition.STARTED:
             if g.st.intent == "stopped":
-                d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
+                d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
                 await self._apply(g, d, sel, None)
             else:
-                await self._persist(g, g.st.replace(history=budget.record_stable(g.st.history, self._clock.time(),
+                await self._t.persist(g, g.st.replace(history=budget.record_stable(g.st.history, self._clock.time(),
                                                                                  sel.policy)))
             return
         if cls.is_stop and g.st.intent == "running" and not g.st.history.given_up:
-            d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
+            d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
             await self._apply(g, d, sel, None)
             return
-        await self._persist(g, g.st)
+        await self._t.persist(g, g.st)
 
     async def _process_recover(self, g: GuestEntry, why: str) -> None:
-        sel = self._selection(g)
+        sel = self._t.selection(g)
         try:
-            g.live = await self._call("state", self._hv.state(g.st.name))
+            g.live = await self._t.call("state", self._hv.state(g.st.name))
         except HypervisorError as err:
             self._log.warning("policy_state_failed", guest=g.st.name, code=err.code, error=err.message)
             return
-        d = decide_recover(self._record(g), g.st.history, self._clock.time(), sel, why)
+        d = decide_recover(self._t.record(g), g.st.history, self._clock.time(), sel, why)
         await self._apply(g, d, sel, None)
 
     async def _apply(self, g: GuestEntry, d: Decision, sel: Selection, ev: Event | None) -> None:
@@ -542,7 +458,7 @@ class PolicyEngine:
             await self._store.record_transition(st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
                                                 d.cause.value if d.cause else None, f"{d.action.value}: {text}")
         else:
-            await self._persist(g, st)
+            await self._t.persist(g, st)
         level = "info" if (d.action != Action.NONE or mode == "enforce") and mode != "observe" else "debug"
         getattr(self._log, level)("policy_decision", guest=g.st.name, uuid=g.st.uuid, action=d.action.value,
                                   cause=d.cause.value if d.cause else None, mode=mode, delay=round(d.delay, 3),
@@ -551,9 +467,9 @@ class PolicyEngine:
             return
         if d.alert and mode == "enforce":
             kind = {Action.GIVE_UP: "given_up"}.get(d.action) or (d.cause.value if d.cause else "policy")
-            self._raise_alert(kind, g, d.alert)
+            self._t.raise_alert(kind, g, d.alert)
         if d.action == Action.GIVE_UP and mode == "enforce":
-            self._actions[("give_up", "ok")] += 1
+            self._journal.count("give_up", "ok")
         if acting and mode == "enforce":
             self._wake(g)
 
@@ -581,16 +497,16 @@ class PolicyEngine:
             g.pending_due = self._clock.monotonic() + wait
             if not self._breaker_open:
                 self._breaker_open = True
-                self._actions[("breaker", "deferred")] += 1
-                self._raise_alert("breaker_open", g, f"more than {self._settings.max_actions_per_minute} policy actions "
+                self._journal.count("breaker", "deferred")
+                self._t.raise_alert("breaker_open", g, f"more than {self._settings.max_actions_per_minute} policy actions "
                                   f"per minute: actions deferred (next in {wait:.0f} s)")
             return
-        sel = self._selection(g)
+        sel = self._t.selection(g)
         if sel.mode != "enforce" or g.st.intent != "running" or g.st.history.given_up:
             self._log.info("policy_pending_dropped", guest=g.st.name, action=action, mode=sel.mode, intent=g.st.intent,
                            given_up=g.st.history.given_up)
             g.pending_due = None
-            await self._persist(g, g.st.replace(pending_action=None, history=g.st.history.replace(next_retry=None)))
+            await self._t.persist(g, g.st.replace(pending_action=None, history=g.st.history.replace(next_retry=None)))
             return
         g.pending_due = None
         self._action_times.append(self._clock.monotonic())
@@ -604,27 +520,17 @@ class PolicyEngine:
     async def _do_resume(self, g: GuestEntry, sel: Selection) -> None:
         now = self._clock.time()
         g.st = g.st.replace(pending_action=None, history=budget.record_resume(g.st.history, now))
-        aid = await self._store.begin_action(g.st, "resume", "I/O error pause")
-        try:
-            await self._tagged(g, "resume", self._hv.resume(g.st.name))
-            result, detail = "ok", ""
-        except HypervisorError as err:
-            result, detail = ("ok", "not paused any more") if err.code == ErrorCode.OPERATION_INVALID else ("failed", err.message)
-        self._actions[("resume", result)] += 1
-        await self._store.finish_action(aid, result, detail, g.st)
-        self._log.info("policy_action", guest=g.st.name, uuid=g.st.uuid, action="resume", result=result, detail=detail)
+        out = await self._journal.run(g, "resume", "I/O error pause",
+                                      lambda: self._t.tagged(g, "resume", self._hv.resume(g.st.name)),
+                                      on_error=_ok_unless_invalid("not paused any more"))
+        self._journal.log_action(g, "resume", out)
 
     async def _do_kill(self, g: GuestEntry, sel: Selection) -> None:
         g.st = g.st.replace(pending_action="restart")
-        aid = await self._store.begin_action(g.st, "kill", "policy on_io_error = kill")
-        try:
-            await self._tagged(g, "kill", self._hv.destroy(g.st.name))
-            result, detail = "ok", ""
-        except HypervisorError as err:
-            result, detail = ("ok", "not running") if err.code == ErrorCode.OPERATION_INVALID else ("failed", err.message)
-        self._actions[("kill", result)] += 1
-        await self._store.finish_action(aid, result, detail, g.st)
-        self._log.info("policy_action", guest=g.st.name, uuid=g.st.uuid, action="kill", result=result, detail=detail)
+        out = await self._journal.run(g, "kill", "policy on_io_error = kill",
+                                      lambda: self._t.tagged(g, "kill", self._hv.destroy(g.st.name)),
+                                      on_error=_ok_unless_invalid("not running"))
+        self._journal.log_action(g, "kill", out)
         nr = g.st.history.next_retry
         delay = max(0.0, (nr - self._clock.time())) if nr is not None else 0.0
         g.pending_due = self._clock.monotonic() + delay
@@ -632,20 +538,20 @@ class PolicyEngine:
     async def _do_restart(self, g: GuestEntry, sel: Selection, action: str) -> None:
         name = g.st.name
         try:
-            state, reason = await self._call("state", self._hv.state(name))
+            state, reason = await self._t.call("state", self._hv.state(name))
         except HypervisorError as err:
             await self._after_start_error(g, sel, err, "state")
             return
         g.live = (state, reason)
         if state in (DomainState.RUNNING, DomainState.BLOCKED):
             st = g.st.replace(pending_action=None, history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
-            await self._persist(g, st)
-            self._actions[("restart", "already_running")] += 1
-            self._log.info("policy_action", guest=name, uuid=g.st.uuid, action="restart", result="already_running")
+            await self._t.persist(g, st)
+            self._journal.count("restart", "already_running")
+            self._journal.log_action(g, "restart", Outcome("already_running"))
             return
         if state in ACTIVE_STATES:
             try:
-                await self._tagged(g, "destroy", self._hv.destroy(name))
+                await self._t.tagged(g, "destroy", self._hv.destroy(name))
             except HypervisorError as err:
                 if err.code != ErrorCode.OPERATION_INVALID:
                     await self._after_start_error(g, sel, err, "destroy")
@@ -658,7 +564,7 @@ class PolicyEngine:
         """Start (or restore) a guest under the semaphores, journalled. Returns ok/restored/failed/...."""
         name = g.st.name
         try:
-            has_save = await self._call("has_managed_save", self._hv.has_managed_save(name))
+            has_save = await self._t.call("has_managed_save", self._hv.has_managed_save(name))
         except HypervisorError:
             has_save = False
         sem = self._restores if has_save else self._starts
@@ -668,47 +574,45 @@ class PolicyEngine:
         if count_restart:
             h = budget.record_restart(h, cause)
         st = g.st.replace(pending_action=None, history=h)
-        async with sem:
-            g.st = st
-            aid = await self._store.begin_action(st, action, reason_text)
+
+        async def start() -> Outcome:
             try:
-                await self._tagged(g, "start", self._hv.start(name))
-                result = "restored" if has_save else "ok"
-                detail = ""
+                await self._t.tagged(g, "start", self._hv.start(name))
+                out = Outcome("restored" if has_save else "ok")
             except HypervisorError as err:
                 if not err.already_running and not err.permanent and await self._is_running(name):
                     err = HypervisorError(ErrorCode.OPERATION_INVALID, err.message)  # some drivers use other codes
-                if err.already_running:
-                    result, detail = "already_running", err.message
-                elif has_save:
-                    result, detail = await self._restore_failed(g, sel, err, aid)
-                    return result
-                else:
-                    self._actions[(action, "failed")] += 1
-                    await self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
-                    await self._after_start_error(g, sel, err, action)
-                    return "failed"
-        now = self._clock.time()
-        g.st = g.st.replace(history=budget.record_start(g.st.history, now, sel.policy), intent=g.st.intent
-                            if g.st.intent == "held" else "running")
-        if has_save and result == "restored":
-            try:
-                state, reason = await self._call("state", self._hv.state(name))
-                g.live = (state, reason)
-                if state == DomainState.RUNNING and reason == RunningReason.BOOTED:
-                    self._raise_alert("image_not_used", g, f"{name}: managed-save image was not used (STARTED_BOOTED, "
-                                      "not STARTED_RESTORED): the guest cold-booted")
-                    detail = "image not used: cold boot"
-            except HypervisorError:
-                pass
-        self._actions[(action, result)] += 1
-        await self._store.finish_action(aid, result, detail, g.st)
-        self._log.info("policy_action", guest=name, uuid=g.st.uuid, action=action, result=result, detail=detail)
-        return result
+                if not err.already_running:
+                    raise err from None
+                out = Outcome("already_running", err.message)
+            g.st = g.st.replace(history=budget.record_start(g.st.history, self._clock.time(), sel.policy),
+                                intent=g.st.intent if g.st.intent == "held" else "running")
+            if out.result == "restored":
+                try:
+                    state, reason = await self._t.call("state", self._hv.state(name))
+                    g.live = (state, reason)
+                    if state == DomainState.RUNNING and reason == RunningReason.BOOTED:
+                        self._t.raise_alert("image_not_used", g, f"{name}: managed-save image was not used "
+                                            "(STARTED_BOOTED, not STARTED_RESTORED): the guest cold-booted")
+                        out = Outcome(out.result, "image not used: cold boot")
+                except HypervisorError:
+                    pass
+            return out
+
+        async with sem:
+            g.st = st
+            out = await self._journal.run(g, action, reason_text, start)
+            if out.error is not None:
+                if has_save:
+                    return await self._restore_failed(g, sel, out.error)
+                await self._after_start_error(g, sel, out.error, action)
+                return "failed"
+        self._journal.log_action(g, action, out)
+        return out.result
 
     async def _is_running(self, name: str) -> bool:
         try:
-            state, _ = await self._call("state", self._hv.state(name))
+            state, _ = await self._t.call("state", self._hv.state(name))
         except HypervisorError:
             return False
         return state in (DomainState.RUNNING, DomainState.BLOCKED)
@@ -720,40 +624,41 @@ class PolicyEngine:
                 return str(r["cause"])
         return None
 
-    async def _restore_failed(self, g: GuestEntry, sel: Selection, err: HypervisorError, aid: int) -> tuple[str, str]:
+    async def _restore_failed(self, g: GuestEntry, sel: Selection, err: HypervisorError) -> str:
+        """The managed-save image could not be restored (that restore is journalled as failed):
+        follow ``on_restore_failure``. Returns ``failed`` or ``discarded``."""
         name = g.st.name
         how = sel.policy.on_restore_failure
-        self._actions[("restore", "failed")] += 1
-        await self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
         if how == "keep":
             msg = (f"{name}: managed-save image cannot be restored ([{err.code}] {err.message}); image kept, guest left off "
                    "(on_restore_failure = keep)")
-            self._raise_alert("restore_failed", g, msg)
-            await self._persist(g, g.st.replace(history=budget.give_up(g.st.history,
+            self._t.raise_alert("restore_failed", g, msg)
+            await self._t.persist(g, g.st.replace(history=budget.give_up(g.st.history,
                                                                        "managed-save image cannot be restored")))
-            return "failed", msg
+            return "failed"
         self._log.warning("policy_restore_discard", guest=name, uuid=g.st.uuid, how=how, code=err.code,
                           msg=f"{name}: managed-save image cannot be restored: discarding it and cold-booting (on_restore_failure = {how}); "
                               "the guest's saved RAM state is lost")
-        self._raise_alert("restore_failed", g, f"{name}: restore failed, image discarded, cold boot ({how})")
-        aid2 = await self._store.begin_action(g.st, "force-boot" if how == "force-boot" else "discard-and-boot",
-                                              "restore failed")
-        try:
-            if how == "discard":
-                await self._tagged(g, "remove_managed_save", self._hv.remove_managed_save(name))
-                await self._tagged(g, "start", self._hv.start(name))
-            else:
-                await self._tagged(g, "start", self._hv.start(name, force_boot=True))
-        except HypervisorError as err2:
-            if not err2.already_running:
-                await self._store.finish_action(aid2, "failed", f"[{err2.code}] {err2.message}", g.st)
-                self._actions[(how, "failed")] += 1
-                await self._after_start_error(g, sel, err2, how)
-                return "failed", err2.message
-        g.st = g.st.replace(history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
-        await self._store.finish_action(aid2, "ok", "", g.st)
-        self._actions[(how, "ok")] += 1
-        return "discarded", ""
+        self._t.raise_alert("restore_failed", g, f"{name}: restore failed, image discarded, cold boot ({how})")
+
+        async def boot_without_image() -> None:
+            try:
+                if how == "discard":
+                    await self._t.tagged(g, "remove_managed_save", self._hv.remove_managed_save(name))
+                    await self._t.tagged(g, "start", self._hv.start(name))
+                else:
+                    await self._t.tagged(g, "start", self._hv.start(name, force_boot=True))
+            except HypervisorError as err2:
+                if not err2.already_running:
+                    raise
+            g.st = g.st.replace(history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
+
+        out = await self._journal.run(g, "force-boot" if how == "force-boot" else "discard-and-boot", "restore failed",
+                                      boot_without_image, count_as=how)
+        if out.error is not None:
+            await self._after_start_error(g, sel, out.error, how)
+            return "failed"
+        return "discarded"
 
     async def _after_start_error(self, g: GuestEntry, sel: Selection, err: HypervisorError, what: str) -> None:
         """A start (or its preparation) failed: give up on permanent errors, else count a failure and retry."""
@@ -765,39 +670,33 @@ class PolicyEngine:
             h = budget.record_failure(g.st.history, now, pol, f"{what} failed: [{err.code}] {err.message}")
         if h.given_up:
             g.pending_due = None
-            await self._persist(g, g.st.replace(history=h, pending_action=None))
-            self._actions[("give_up", "ok")] += 1
-            self._raise_alert("given_up", g, f"give up {g.st.name}: {h.given_up_reason}")
+            await self._t.persist(g, g.st.replace(history=h, pending_action=None))
+            self._journal.count("give_up", "ok")
+            self._t.raise_alert("given_up", g, f"give up {g.st.name}: {h.given_up_reason}")
             return
         delay = budget.backoff_delay(h.attempt, pol, self._rand())
         h = budget.schedule(h, now + delay)
         g.pending_due = self._clock.monotonic() + delay
-        await self._persist(g, g.st.replace(history=h, pending_action="restart"))
-        self._raise_alert("start_failed", g, f"{what} {g.st.name} failed ([{err.code}] {err.message}); "
+        await self._t.persist(g, g.st.replace(history=h, pending_action="restart"))
+        self._t.raise_alert("start_failed", g, f"{what} {g.st.name} failed ([{err.code}] {err.message}); "
                           f"retry in {delay:.0f} s, attempt {len(budget.window(h, now, pol))}/{pol.limit_burst}")
 
     # ------------------------------------------------------------------ operator commands
 
-    def _known(self, name: str) -> GuestEntry:
-        g = self._guests.get(name)
-        if g is None:  # every persisted guest was loaded at start
-            raise KeyError(name)
-        return g
-
     async def hold(self, name: str) -> GuestSnapshot:
         """Operator hold: intent ``held``, pending action cancelled; nothing acts on the guest. Raises KeyError."""
-        g = self._known(name)
+        g = self._t.known(name)
         g.pending_due = None
-        await self._persist(g, g.st.replace(intent="held", pending_action=None,
+        await self._t.persist(g, g.st.replace(intent="held", pending_action=None,
                                             history=g.st.history.replace(next_retry=None)))
         self._log.info("policy_hold", guest=name, uuid=g.st.uuid)
         return self._snap(g)
 
     async def release(self, name: str) -> GuestSnapshot:
         """Release a hold: intent follows the live state (running if active, else stopped). Raises KeyError."""
-        g = self._known(name)
+        g = self._t.known(name)
         active = g.live is not None and g.live[0] in ACTIVE_STATES
-        await self._persist(g, g.st.replace(intent="running" if active else "stopped"))
+        await self._t.persist(g, g.st.replace(intent="running" if active else "stopped"))
         self._log.info("policy_release", guest=name, uuid=g.st.uuid, intent=g.st.intent)
         return self._snap(g)
 
@@ -806,10 +705,10 @@ class PolicyEngine:
 
         Raises KeyError for an unknown guest.
         """
-        g = self._known(name)
+        g = self._t.known(name)
         g.pending_due = None
         st = g.st.replace(history=budget.reset(g.st.history), pending_action=None)
-        await self._persist(g, st)
+        await self._t.persist(g, st)
         self._log.info("policy_reset", guest=name, uuid=g.st.uuid)
         if st.intent == "running":
             g.queue.put_nowait(WorkItem("recover", None, self._clock.monotonic(), why="operator reset"))
@@ -820,17 +719,17 @@ class PolicyEngine:
         """Replace (or clear with None/{}) the runtime policy override of a guest: per-guest
         keys, ``profile``, ``mode``, validated by :func:`~virtwatch.policy.select.validate_override`
         and persisted. Raises KeyError (unknown guest), ValueError (naming every bad key)."""
-        g = self._known(name)
+        g = self._t.known(name)
         clean = validate_override(values or {}, self._settings)
-        await self._persist(g, g.st.replace(override=MappingProxyType(clean)))
+        await self._t.persist(g, g.st.replace(override=MappingProxyType(clean)))
         self._log.info("policy_override", guest=name, uuid=g.st.uuid, override=clean)
-        self._selection_changed(name)
+        self._t.selection_changed(name)
         return self._snap(g)
 
     # ------------------------------------------------------------------ introspection
 
     def _snap(self, g: GuestEntry) -> GuestSnapshot:
-        sel = self._selection(g)
+        sel = self._t.selection(g)
         h = g.st.history
         return GuestSnapshot(g.st.name, g.st.uuid, g.st.intent, sel.managed, sel.mode, h.given_up, h.given_up_reason,
                              h.next_retry, g.st.pending_action, h.attempt,
@@ -840,14 +739,14 @@ class PolicyEngine:
 
     def snapshot(self) -> EngineSnapshot:
         """Current state for metrics/status (guests that vanished are left out)."""
-        guests = {n: self._snap(g) for n, g in sorted(self._guests.items()) if not g.gone}
-        return EngineSnapshot(self.ready, self._host_shutdown, self._breaker_open,
-                              MappingProxyType(dict(self._actions)), MappingProxyType(guests))
+        guests = {n: self._snap(g) for n, g in sorted(self._t.guests.items()) if not g.gone}
+        return EngineSnapshot(self.ready, self._t.host_shutdown, self._breaker_open,
+                              MappingProxyType(dict(self._journal.counts)), MappingProxyType(guests))
 
     def explain(self, name: str) -> Explanation:
         """Merged policy with sources and the decision the engine would take now. Raises KeyError."""
-        g = self._known(name)
-        sel = self._selection(g)
+        g = self._t.known(name)
+        sel = self._t.selection(g)
         if g.live is None:
             now_text = "state unknown (not yet resynced)"
         else:
@@ -857,7 +756,7 @@ class PolicyEngine:
             elif cls.transition == Transition.STARTED:
                 now_text = f"{name} is running: nothing to do"
             elif cls.is_stop:
-                d = decide(self._record(g), cls, g.st.history, self._clock.time(), sel, 0.0)
+                d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, 0.0)
                 now_text = d.message(sel.mode)
             else:
                 now_text = cls.note or "nothing to do"
@@ -877,7 +776,7 @@ class PolicyEngine:
         quiet_since = start
         while self._clock.monotonic() - start < s.boot_settle_timeout:
             try:
-                cur = sorted((i.name, i.state) for i in await self._call("list_guests", self._hv.list_guests()))
+                cur = sorted((i.name, i.state) for i in await self._t.call("list_guests", self._hv.list_guests()))
             except HypervisorError:
                 cur = None
             now = self._clock.monotonic()
@@ -911,14 +810,14 @@ class PolicyEngine:
         log = self._log.bind(boot_id=boot_id)
         if self._boot_handled != boot_id:
             await self._settle()
-            infos = await self._call("list_guests", self._hv.list_guests())
+            infos = await self._t.call("list_guests", self._hv.list_guests())
             marked: list[GuestState] = []
             for info in infos:
-                g = self._guest(info.name, info.uuid)
+                g = self._t.get(info.name, info.uuid)
                 g.live = (info.state, info.reason)
-                await self._refresh_metadata(g)
-                sel = self._selection(g)
-                self._first_sight(g, sel, info.state)
+                await self._t.refresh_metadata(g)
+                sel = self._t.selection(g)
+                self._t.first_sight(g, sel, info.state)
                 pol = sel.policy
                 want = pol.autostart == "always" or (
                     pol.autostart == "was-running" and (g.st.intent == "running" or g.st.was_running))
@@ -932,8 +831,8 @@ class PolicyEngine:
             log.info("policy_boot_flow", candidates=[s.name for s in marked])
         else:
             log.info("policy_boot_flow_resume")
-        todo = [g for g in self._guests.values() if g.st.boot_pending == boot_id and not g.gone]
-        todo.sort(key=lambda g: (-self._selection(g).policy.priority, g.st.name))
+        todo = [g for g in self._t.guests.values() if g.st.boot_pending == boot_id and not g.gone]
+        todo.sort(key=lambda g: (-self._t.selection(g).policy.priority, g.st.name))
         if not todo:
             return BootReport(boot_id, skipped=True)
         started: list[str] = []
@@ -942,14 +841,14 @@ class PolicyEngine:
         would: list[str] = []
 
         async def one(g: GuestEntry) -> None:
-            sel = self._selection(g)
+            sel = self._t.selection(g)
             name = g.st.name
             try:
                 if sel.mode != "enforce":
                     would.append(name)
                     log.info("policy_boot_would_start", guest=name, mode=sel.mode)
                     return
-                state, _ = await self._call("state", self._hv.state(name))
+                state, _ = await self._t.call("state", self._hv.state(name))
                 if state in ACTIVE_STATES:
                     return
                 if g.stop_seen == boot_id or g.st.intent == "held":
@@ -969,7 +868,7 @@ class PolicyEngine:
                 failed.append(name)
                 log.warning("policy_boot_start_failed", guest=name, code=err.code, error=err.message)
             finally:
-                await self._persist(g, g.st.replace(boot_pending=None, was_running=False))
+                await self._t.persist(g, g.st.replace(boot_pending=None, was_running=False))
 
         tasks = []
         for i, g in enumerate(todo):
@@ -1001,14 +900,14 @@ class PolicyEngine:
             self._log.warning("policy_save_refused", why=status.why,
                               msg="libvirt-guests handles host shutdown; virtwatch does not save guests")
             return SaveReport(True, status.why)
-        self._host_shutdown = True
-        infos = await self._call("list_guests", self._hv.list_guests())
+        self._t.host_shutdown = True
+        infos = await self._t.call("list_guests", self._hv.list_guests())
         targets: list[tuple[GuestEntry, Selection]] = []
         for info in infos:
-            g = self._guest(info.name, info.uuid)
+            g = self._t.get(info.name, info.uuid)
             g.live = (info.state, info.reason)
-            await self._refresh_metadata(g)
-            sel = self._selection(g)
+            await self._t.refresh_metadata(g)
+            sel = self._t.selection(g)
             if sel.managed and info.state in ACTIVE_STATES:
                 targets.append((g, sel))
         marked = [g.st.replace(was_running=True) for g, _ in targets]
@@ -1032,24 +931,22 @@ class PolicyEngine:
     async def _save_one(self, g: GuestEntry, steps: tuple[ShutdownStep, ...]) -> str:
         name = g.st.name
         for step in steps:
-            aid = await self._store.begin_action(g.st, step.action, "host shutdown")
-            try:
-                if step.action == "managedsave":
-                    await self._tagged(g, "managedsave", self._hv.managed_save(name), step.timeout)
-                elif step.action == "destroy":
-                    await self._tagged(g, "destroy", self._hv.destroy(name), step.timeout)
-                else:
-                    await self._tagged(g, "shutdown", self._shutdown_and_wait(name, step.timeout), step.timeout + 1)
-                await self._store.finish_action(aid, "ok", "", g.st)
-                self._actions[(step.action, "ok")] += 1
+            out = await self._journal.run(g, step.action, "host shutdown", lambda step=step: self._save_step(g, step))
+            if out.error is None:
                 self._log.info("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="ok")
                 return step.action
-            except HypervisorError as err:
-                await self._store.finish_action(aid, "failed", f"[{err.code}] {err.message}", g.st)
-                self._actions[(step.action, "failed")] += 1
-                self._log.warning("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="failed",
-                                  code=err.code, error=err.message)
+            self._log.warning("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="failed",
+                              code=out.error.code, error=out.error.message)
         return "failed"
+
+    async def _save_step(self, g: GuestEntry, step: ShutdownStep) -> None:
+        name = g.st.name
+        if step.action == "managedsave":
+            await self._t.tagged(g, "managedsave", self._hv.managed_save(name), step.timeout)
+        elif step.action == "destroy":
+            await self._t.tagged(g, "destroy", self._hv.destroy(name), step.timeout)
+        else:
+            await self._t.tagged(g, "shutdown", self._shutdown_and_wait(name, step.timeout), step.timeout + 1)
 
     async def _shutdown_and_wait(self, name: str, timeout: float) -> None:
         await self._hv.shutdown(name)
