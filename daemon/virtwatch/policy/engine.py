@@ -36,7 +36,8 @@ from . import budget
 from .classify import Classification, ClassifyInput, Transition, classify, classify_state, guest_failure
 from .clock import Clock, SystemClock, within
 from .config import PolicySettings, ShutdownStep
-from .decide import Action, Decision, decide, decide_recover
+from .decide import (Action, Decision, ResyncStep, boot_candidate, decide, decide_recover, restore_failure_plan,
+                     resync_step)
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
 from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, PolicyAlert,
                     SaveReport, WorkItem)
@@ -390,38 +391,25 @@ class PolicyEngine:
         g.live = state
         sel = self._t.selection(g)
         self._t.first_sight(g, sel, state[0])
-        name = g.st.name
-        if name in self._recover:
-            self._recover.discard(name)
-            if g.pending_due is None:
-                await self._process_recover(g, "action interrupted by a daemon stop")
-                return
-        if g.pending_due is not None:
-            await self._t.persist(g, g.st)
-            return
-        cls = classify_state(*state)
-        if cls.is_stop and self.boot_flow_pending():
-            await self._t.persist(g, g.st)  # off since the host went down: the boot flow decides, not failure handling
-            return
-        nr = g.st.history.next_retry
-        if nr is not None and cls.is_stop and sel.mode == "enforce" and g.st.intent == "running":
-            # a retry decided earlier (e.g. in dry-run, or before a reload) but not scheduled: schedule it now
-            g.pending_due = self._clock.monotonic() + max(0.0, nr - self._clock.time())
+        interrupted = g.st.name in self._recover
+        self._recover.discard(g.st.name)
+        found = classify_state(*state)
+        h = g.st.history
+        step = resync_step(found, interrupted=interrupted, retry_scheduled=g.pending_due is not None,
+                           boot_flow_pending=found.is_stop and self.boot_flow_pending(), next_retry=h.next_retry,
+                           mode=sel.mode, intent=g.st.intent, given_up=h.given_up)
+        if step == ResyncStep.RECOVER:
+            await self._process_recover(g, "action interrupted by a daemon stop")
+        elif step == ResyncStep.SCHEDULE and h.next_retry is not None:
+            g.pending_due = self._clock.monotonic() + max(0.0, h.next_retry - self._clock.time())
             await self._t.persist(g, g.st.replace(pending_action=g.st.pending_action or "restart"))
-            return
-        if cls.transition == Transition.STARTED:
-            if g.st.intent == "stopped":
-                d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
-                await self._apply(g, d, sel, None)
-            else:
-                await self._t.persist(g, g.st.replace(history=budget.record_stable(g.st.history, self._clock.time(),
-                                                                                 sel.policy)))
-            return
-        if cls.is_stop and g.st.intent == "running" and not g.st.history.given_up:
-            d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
+        elif step == ResyncStep.DECIDE:
+            d = decide(self._t.record(g), found, h, self._clock.time(), sel, self._rand())
             await self._apply(g, d, sel, None)
-            return
-        await self._t.persist(g, g.st)
+        elif step == ResyncStep.STABLE:
+            await self._t.persist(g, g.st.replace(history=budget.record_stable(h, self._clock.time(), sel.policy)))
+        else:
+            await self._t.persist(g, g.st)
 
     async def _process_recover(self, g: GuestEntry, why: str) -> None:
         sel = self._t.selection(g)
@@ -629,21 +617,17 @@ class PolicyEngine:
         follow ``on_restore_failure``. Returns ``failed`` or ``discarded``."""
         name = g.st.name
         how = sel.policy.on_restore_failure
-        if how == "keep":
-            msg = (f"{name}: managed-save image cannot be restored ([{err.code}] {err.message}); image kept, guest left off "
-                   "(on_restore_failure = keep)")
-            self._t.raise_alert("restore_failed", g, msg)
-            await self._t.persist(g, g.st.replace(history=budget.give_up(g.st.history,
-                                                                       "managed-save image cannot be restored")))
+        plan = restore_failure_plan(name, how, err.code, err.message)
+        if plan.boot_action is None:
+            self._t.raise_alert("restore_failed", g, plan.alert)
+            await self._t.persist(g, g.st.replace(history=budget.give_up(g.st.history, plan.give_up_reason or "")))
             return "failed"
-        self._log.warning("policy_restore_discard", guest=name, uuid=g.st.uuid, how=how, code=err.code,
-                          msg=f"{name}: managed-save image cannot be restored: discarding it and cold-booting (on_restore_failure = {how}); "
-                              "the guest's saved RAM state is lost")
-        self._t.raise_alert("restore_failed", g, f"{name}: restore failed, image discarded, cold boot ({how})")
+        self._log.warning("policy_restore_discard", guest=name, uuid=g.st.uuid, how=how, code=err.code, msg=plan.warning)
+        self._t.raise_alert("restore_failed", g, plan.alert)
 
         async def boot_without_image() -> None:
             try:
-                if how == "discard":
+                if plan.remove_image:
                     await self._t.tagged(g, "remove_managed_save", self._hv.remove_managed_save(name))
                     await self._t.tagged(g, "start", self._hv.start(name))
                 else:
@@ -653,8 +637,7 @@ class PolicyEngine:
                     raise
             g.st = g.st.replace(history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
 
-        out = await self._journal.run(g, "force-boot" if how == "force-boot" else "discard-and-boot", "restore failed",
-                                      boot_without_image, count_as=how)
+        out = await self._journal.run(g, plan.boot_action, "restore failed", boot_without_image, count_as=how)
         if out.error is not None:
             await self._after_start_error(g, sel, out.error, how)
             return "failed"
@@ -818,12 +801,9 @@ class PolicyEngine:
                 await self._t.refresh_metadata(g)
                 sel = self._t.selection(g)
                 self._t.first_sight(g, sel, info.state)
-                pol = sel.policy
-                want = pol.autostart == "always" or (
-                    pol.autostart == "was-running" and (g.st.intent == "running" or g.st.was_running))
-                ok = (sel.managed and info.persistent and info.state == DomainState.SHUTOFF and want
-                      and g.st.intent != "held" and not g.st.history.given_up and g.stop_seen != boot_id)
-                if ok:
+                if boot_candidate(autostart=sel.policy.autostart, managed=sel.managed, persistent=info.persistent,
+                                  state=info.state, intent=g.st.intent, was_running=g.st.was_running,
+                                  given_up=g.st.history.given_up, stopped_this_boot=g.stop_seen == boot_id):
                     g.st = g.st.replace(boot_pending=boot_id)
                     marked.append(g.st)
             self._boot_handled = boot_id
