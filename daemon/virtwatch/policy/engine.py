@@ -35,18 +35,17 @@ from . import budget
 from .classify import Classification, ClassifyInput, Transition, classify, classify_state, guest_failure
 from .clock import Clock, SystemClock, within
 from .config import PolicySettings, ShutdownStep
-from .decide import Action, Decision, ResyncStep, boot_candidate, decide, decide_recover, resync_step
-from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
+from .decide import Action, Decision, ResyncStep, decide, decide_recover, resync_step
+from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active
 from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, PolicyAlert,
                     SaveReport, WorkItem)
 from .ports import ACTIVE_STATES, DomainState, ErrorCode, Hypervisor, HypervisorError, RunningReason
 from .select import Selection, select, validate_override
 from .actions import ActionRunner
-from .guests import ActionJournal, GuestTable
+from .boot import BootFlow
+from .guests import POLL_INTERVAL, ActionJournal, GuestTable
 from .store import AsyncStore
 
-#: Poll interval while waiting for a guest to power off / libvirt to settle, seconds.
-POLL_INTERVAL = 1.0
 
 
 #: seconds to wait, after a CRASHED event, for libvirt's STOPPED/CRASHED before deciding on the crash itself
@@ -92,7 +91,6 @@ class PolicyEngine:
         self._store = store
         self._clock = self._t.clock
         self._rand = rand or random.Random().random
-        self._boot_id_path = boot_id_path
         self._lg_paths = libvirt_guests
         self._ready = asyncio.Event()
         self._running = False
@@ -101,9 +99,7 @@ class PolicyEngine:
         self._actions = ActionRunner(self._t, self._journal, self._rand)
         self.alerts = self._t.alerts
         self._auto_boot = auto_boot_flow
-        self._boot_lock = asyncio.Lock()
-        self._boot_id: str | None = None
-        self._boot_handled: str | None = None  # the boot id persisted as handled (meta ``boot_id``)
+        self._boot = BootFlow(self._t, self._actions, boot_id_path, self._ready.wait)
         self.selection_listeners = self._t.selection_listeners
 
     # ------------------------------------------------------------------ lifecycle
@@ -118,12 +114,7 @@ class PolicyEngine:
         if self._running:  # a concurrent start() got there first
             return
         self._running = True
-        self._boot_handled = boot_handled
-        try:
-            self._boot_id = read_boot_id(self._boot_id_path)
-        except OSError as err:
-            self._boot_id = None
-            self._log.warning("policy_boot_id_unreadable", path=str(self._boot_id_path), error=str(err))
+        self._boot.load(boot_handled)
         for g in self._t.load(states):
             st = g.st
             if st.pending_action and st.history.next_retry is not None:
@@ -172,11 +163,13 @@ class PolicyEngine:
 
     def boot_flow_pending(self) -> bool:
         """True while the boot flow of the current host boot has not completed."""
-        if self._boot_id is None:
-            return False
-        if self._boot_handled != self._boot_id:
-            return True
-        return any(g.st.boot_pending == self._boot_id for g in self._t.guests.values())
+        return self._boot.pending()
+
+    async def run_boot_flow(self) -> BootReport:
+        """Once per host boot: start/restore candidate guests by priority then name
+        (:class:`~virtwatch.policy.boot.BootFlow`); a second run in the same boot is
+        ``skipped``. Raises OSError when the boot id cannot be read."""
+        return await self._boot.run()
 
     @property
     def ready(self) -> bool:
@@ -191,7 +184,7 @@ class PolicyEngine:
             return
         g = self._t.get(event.name, event.uuid)
         if event.kind == "lifecycle" and event.event in ("STOPPED", "CRASHED"):
-            g.stop_seen = self._boot_id  # stopped under our eyes in this boot: its own event decides, not the boot flow
+            g.stop_seen = self._boot.boot_id  # stopped under our eyes in this boot: its own event decides, not the boot flow
         g.queue.put_nowait(WorkItem("event", event, self._clock.monotonic()))
         self._ensure_worker(g)
 
@@ -530,119 +523,6 @@ class PolicyEngine:
                            g.live[0] if g.live else None, g.live[1] if g.live else None,
                            MappingProxyType(sel.policy.model_dump()), sel.sources, sel.matched, sel.errors,
                            g.st.history, g.st.pending_action, now_text)
-
-    # ------------------------------------------------------------------ boot flow
-
-    async def _settle(self) -> None:
-        s = self._settings
-        if s.boot_settle_timeout <= 0:
-            return
-        start = self._clock.monotonic()
-        last: list[tuple[str, int]] | None = None
-        quiet_since = start
-        while self._clock.monotonic() - start < s.boot_settle_timeout:
-            try:
-                cur = sorted((i.name, i.state) for i in await self._t.call("list_guests", self._hv.list_guests()))
-            except HypervisorError:
-                cur = None
-            now = self._clock.monotonic()
-            if cur != last:
-                last, quiet_since = cur, now
-            elif now - quiet_since >= s.boot_settle_quiet:
-                self._log.info("policy_boot_settled", after_seconds=round(now - start, 3))
-                return
-            await self._clock.sleep(POLL_INTERVAL)
-        self._log.warning("policy_boot_settle_timeout", timeout=s.boot_settle_timeout)
-
-    async def run_boot_flow(self) -> BootReport:
-        """Once per host boot: start/restore candidate guests by priority then name.
-
-        Candidates: managed, persistent, shut off after libvirt's autostart
-        settled, not held or given up, not seen stopping by a lifecycle event
-        since this daemon started (that event's own decision stands), and
-        ``autostart`` is ``always`` or ``was-running`` with intent running or
-        saved by the save path. The boot
-        id and the candidate list are persisted first, each guest is cleared
-        as it is handled: a daemon restart mid-flow resumes, replaying nothing.
-        Raises OSError when the boot id cannot be read.
-        """
-        async with self._boot_lock:
-            return await self._run_boot_flow()
-
-    async def _run_boot_flow(self) -> BootReport:
-        boot_id = read_boot_id(self._boot_id_path)
-        self._boot_id = boot_id
-        await self._wait_ready()
-        log = self._log.bind(boot_id=boot_id)
-        if self._boot_handled != boot_id:
-            await self._settle()
-            infos = await self._t.call("list_guests", self._hv.list_guests())
-            marked: list[GuestState] = []
-            for info in infos:
-                g = self._t.get(info.name, info.uuid)
-                g.live = (info.state, info.reason)
-                await self._t.refresh_metadata(g)
-                sel = self._t.selection(g)
-                self._t.first_sight(g, sel, info.state)
-                if boot_candidate(autostart=sel.policy.autostart, managed=sel.managed, persistent=info.persistent,
-                                  state=info.state, intent=g.st.intent, was_running=g.st.was_running,
-                                  given_up=g.st.history.given_up, stopped_this_boot=g.stop_seen == boot_id):
-                    g.st = g.st.replace(boot_pending=boot_id)
-                    marked.append(g.st)
-            self._boot_handled = boot_id
-            await self._store.begin_boot(boot_id, marked)
-            log.info("policy_boot_flow", candidates=[s.name for s in marked])
-        else:
-            log.info("policy_boot_flow_resume")
-        todo = [g for g in self._t.guests.values() if g.st.boot_pending == boot_id and not g.gone]
-        todo.sort(key=lambda g: (-self._t.selection(g).policy.priority, g.st.name))
-        if not todo:
-            return BootReport(boot_id, skipped=True)
-        started: list[str] = []
-        restored: list[str] = []
-        failed: list[str] = []
-        would: list[str] = []
-
-        async def one(g: GuestEntry) -> None:
-            sel = self._t.selection(g)
-            name = g.st.name
-            try:
-                if sel.mode != "enforce":
-                    would.append(name)
-                    log.info("policy_boot_would_start", guest=name, mode=sel.mode)
-                    return
-                state, _ = await self._t.call("state", self._hv.state(name))
-                if state in ACTIVE_STATES:
-                    return
-                if g.stop_seen == boot_id or g.st.intent == "held":
-                    # started and stopped again while the flow waited (an admin destroy, a crash):
-                    # that stop's own event decides, the boot flow must not undo it
-                    log.info("policy_boot_skip", guest=name, intent=g.st.intent,
-                             why="stopped while watched" if g.stop_seen == boot_id else f"intent {g.st.intent}")
-                    return
-                res = await self._actions.start_guest(g, sel, "boot flow", count_restart=False)
-                if res == "restored":
-                    restored.append(name)
-                elif res in ("ok", "already_running", "discarded"):
-                    started.append(name)
-                else:
-                    failed.append(name)
-            except HypervisorError as err:
-                failed.append(name)
-                log.warning("policy_boot_start_failed", guest=name, code=err.code, error=err.message)
-            finally:
-                await self._t.persist(g, g.st.replace(boot_pending=None, was_running=False))
-
-        tasks = []
-        for i, g in enumerate(todo):
-            if i and self._settings.start_delay > 0:
-                await self._clock.sleep(self._settings.start_delay)
-            tasks.append(asyncio.ensure_future(one(g)))
-        await asyncio.gather(*tasks)
-        report = BootReport(boot_id, False, tuple(started), tuple(restored), tuple(failed), tuple(would))
-        log.info("policy_boot_flow_done", started=report.started, restored=report.restored, failed=report.failed,
-                 would_start=report.would_start)
-        return report
 
     # ------------------------------------------------------------------ host shutdown
 

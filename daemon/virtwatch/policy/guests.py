@@ -28,6 +28,9 @@ from .store import ActionRow, AsyncStore
 
 T = TypeVar("T")
 
+#: Poll interval while waiting for a guest to power off or libvirt's guest list to settle, seconds.
+POLL_INTERVAL = 1.0
+
 
 class GuestTable:
     """Every guest the engine knows, by name, and what the engine's parts do with one.
