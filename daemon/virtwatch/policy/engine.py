@@ -32,18 +32,19 @@ import structlog
 
 from ..virt.records import Event
 from . import budget
-from .classify import Classification, ClassifyInput, Transition, classify, classify_state, guest_failure
-from .clock import Clock, SystemClock, within
-from .config import PolicySettings, ShutdownStep
-from .decide import Action, Decision, ResyncStep, decide, decide_recover, resync_step
-from .host import BOOT_ID_PATH, LibvirtGuestsPaths, libvirt_guests_active
-from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, PolicyAlert,
-                    SaveReport, WorkItem)
-from .ports import ACTIVE_STATES, DomainState, ErrorCode, Hypervisor, HypervisorError, RunningReason
-from .select import Selection, select, validate_override
 from .actions import ActionRunner
 from .boot import BootFlow
-from .guests import POLL_INTERVAL, ActionJournal, GuestTable
+from .classify import Classification, ClassifyInput, Transition, classify, classify_state, guest_failure
+from .clock import Clock, SystemClock
+from .config import PolicySettings
+from .decide import Action, Decision, ResyncStep, decide, decide_recover, resync_step
+from .guests import ActionJournal, GuestTable
+from .host import BOOT_ID_PATH, LibvirtGuestsPaths
+from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, PolicyAlert,
+                    SaveReport, WorkItem)
+from .ports import ACTIVE_STATES, DomainState, Hypervisor, HypervisorError, RunningReason
+from .select import Selection, select, validate_override
+from .shutdown import SavePath
 from .store import AsyncStore
 
 
@@ -91,7 +92,6 @@ class PolicyEngine:
         self._store = store
         self._clock = self._t.clock
         self._rand = rand or random.Random().random
-        self._lg_paths = libvirt_guests
         self._ready = asyncio.Event()
         self._running = False
         self._recover: set[str] = set()
@@ -100,6 +100,7 @@ class PolicyEngine:
         self.alerts = self._t.alerts
         self._auto_boot = auto_boot_flow
         self._boot = BootFlow(self._t, self._actions, boot_id_path, self._ready.wait)
+        self._save = SavePath(self._t, self._journal, libvirt_guests)
         self.selection_listeners = self._t.selection_listeners
 
     # ------------------------------------------------------------------ lifecycle
@@ -528,75 +529,10 @@ class PolicyEngine:
 
     def libvirt_guests_status(self) -> Any:
         """:func:`~virtwatch.policy.host.libvirt_guests_active` on the configured paths."""
-        return libvirt_guests_active(self._lg_paths)
+        return self._save.libvirt_guests_status()
 
     async def save_guests(self) -> SaveReport:
-        """Host-shutdown save path (``virtwatch guests-save``).
-
-        Refuses (and logs why) when libvirt-guests owns host shutdown.
-        Otherwise marks the host as shutting down, records which managed guests
-        were running (``was_running``), and for each runs the ``on_host_shutdown``
-        steps in order, each bounded by its timeout, until one stops the guest.
-        """
-        status = self.libvirt_guests_status()
-        if status.active:
-            self._log.warning("policy_save_refused", why=status.why,
-                              msg="libvirt-guests handles host shutdown; virtwatch does not save guests")
-            return SaveReport(True, status.why)
-        self._t.host_shutdown = True
-        infos = await self._t.call("list_guests", self._hv.list_guests())
-        targets: list[tuple[GuestEntry, Selection]] = []
-        for info in infos:
-            g = self._t.get(info.name, info.uuid)
-            g.live = (info.state, info.reason)
-            await self._t.refresh_metadata(g)
-            sel = self._t.selection(g)
-            if sel.managed and info.state in ACTIVE_STATES:
-                targets.append((g, sel))
-        marked = [g.st.replace(was_running=True) for g, _ in targets]
-        for (g, _), st in zip(targets, marked):
-            g.st = st
-        await self._store.save_guests(marked)
-        results: dict[str, str] = {}
-        sem = asyncio.Semaphore(self._settings.max_parallel_saves)
-
-        async def one(g: GuestEntry, sel: Selection) -> None:
-            async with sem:
-                if sel.mode != "enforce":
-                    results[g.st.name] = f"would {sel.policy.on_host_shutdown[0].action}"
-                    return
-                results[g.st.name] = await self._save_one(g, sel.policy.on_host_shutdown)
-
-        await asyncio.gather(*(one(g, s) for g, s in targets))
-        self._log.info("policy_save_done", results=results)
-        return SaveReport(False, status.why, MappingProxyType(results))
-
-    async def _save_one(self, g: GuestEntry, steps: tuple[ShutdownStep, ...]) -> str:
-        name = g.st.name
-        for step in steps:
-            out = await self._journal.run(g, step.action, "host shutdown", lambda step=step: self._save_step(g, step))
-            if out.error is None:
-                self._log.info("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="ok")
-                return step.action
-            self._log.warning("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="failed",
-                              code=out.error.code, error=out.error.message)
-        return "failed"
-
-    async def _save_step(self, g: GuestEntry, step: ShutdownStep) -> None:
-        name = g.st.name
-        if step.action == "managedsave":
-            await self._t.tagged(g, "managedsave", self._hv.managed_save(name), step.timeout)
-        elif step.action == "destroy":
-            await self._t.tagged(g, "destroy", self._hv.destroy(name), step.timeout)
-        else:
-            await self._t.tagged(g, "shutdown", self._shutdown_and_wait(name, step.timeout), step.timeout + 1)
-
-    async def _shutdown_and_wait(self, name: str, timeout: float) -> None:
-        await self._hv.shutdown(name)
-        start = self._clock.monotonic()
-        while self._clock.monotonic() - start < timeout:
-            state, _ = await self._hv.state(name)
-            if state == DomainState.SHUTOFF:
-                return
-            await self._clock.sleep(min(POLL_INTERVAL, timeout))
-        raise HypervisorError(ErrorCode.OPERATION_TIMEOUT, f"{name} did not power off within {timeout:g} s")
+        """Host-shutdown save path (``virtwatch guests-save``, :class:`~virtwatch.policy.shutdown.SavePath`):
+        refused when libvirt-guests owns host shutdown, else each managed running guest's
+        ``on_host_shutdown`` steps until one stops it."""
+        return await self._save.run()
