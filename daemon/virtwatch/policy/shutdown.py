@@ -107,10 +107,13 @@ class SavePath:
             await self._t.tagged(g, "shutdown", self._shutdown_and_wait(name, step.timeout), step.timeout + 1)
 
     async def _shutdown_and_wait(self, name: str, timeout: float) -> None:
-        await self._hv.shutdown(name)
+        """Ask the guest to shut down, then poll until it is off. Raises HypervisorError
+        (``OPERATION_TIMEOUT`` when still on after ``timeout`` seconds of the clock)."""
+        # each call under the engine's deadline too, as every other libvirt call of the engine
+        await self._t.call("shutdown", self._hv.shutdown(name), timeout)
         start = self._clock.monotonic()
         while self._clock.monotonic() - start < timeout:
-            state, _ = await self._hv.state(name)
+            state, _ = await self._t.call("state", self._hv.state(name), timeout)
             if state == DomainState.SHUTOFF:
                 return
             await self._clock.sleep(min(POLL_INTERVAL, timeout))

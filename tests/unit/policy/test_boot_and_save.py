@@ -1,5 +1,6 @@
 """Boot flow (once per boot id), restore failures, host-shutdown save path, libvirt-guests detection."""
 
+import asyncio
 import os
 
 import pytest
@@ -277,5 +278,28 @@ async def test_boot_flow_skips_a_candidate_destroyed_before_its_turn(tmp_path):
         assert rep.started == ("a",)
         assert r.hv.count("start", "b") == 0
         assert (await r.store.get_guest("b")).intent == "stopped"
+    finally:
+        await r.close()
+
+
+async def test_a_guest_that_ignores_the_shutdown_is_destroyed_after_the_steps_timeout(tmp_path):
+    class IgnoresAcpi(FakeHypervisor):
+        async def shutdown(self, name):
+            await self._enter("shutdown", name)  # asked, never powers off
+
+    r = Rig(tmp_path, auto_boot_flow=False, hv=IgnoresAcpi(),
+            settings={**BASE, "match": [{"glob": "*", "on_host_shutdown": "shutdown:30,destroy:5"}]})
+    try:
+        r.hv.add("a", state=DomainState.RUNNING, reason=RunningReason.BOOTED)
+        await r.start()
+        saving = asyncio.ensure_future(r.engine.save_guests())
+        await r.run(29)
+        assert not saving.done() and r.hv.count("destroy") == 0
+        await r.run(2)  # 30 s of the clock, no real waiting
+        rep = await saving
+        assert dict(rep.results) == {"a": "destroy"}
+        assert [(row.action, row.result, row.detail) for row in await r.store.actions("a")] == [
+            ("destroy", "ok", ""), ("shutdown", "failed", "[68] a did not power off within 30 s")]
+        assert 29 <= r.hv.count("state", "a") <= 31  # polled once a second
     finally:
         await r.close()
