@@ -42,12 +42,11 @@ from .guests import ActionJournal, GuestTable
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths
 from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, PolicyAlert,
                     SaveReport, WorkItem)
-from .ports import ACTIVE_STATES, DomainState, Hypervisor, HypervisorError, RunningReason
-from .select import Selection, select, validate_override
+from .operator import Operator
+from .ports import DomainState, Hypervisor, HypervisorError, RunningReason
+from .select import Selection
 from .shutdown import SavePath
 from .store import AsyncStore
-
-
 
 #: seconds to wait, after a CRASHED event, for libvirt's STOPPED/CRASHED before deciding on the crash itself
 CRASH_STOP_WAIT = 10.0
@@ -101,6 +100,7 @@ class PolicyEngine:
         self._auto_boot = auto_boot_flow
         self._boot = BootFlow(self._t, self._actions, boot_id_path, self._ready.wait)
         self._save = SavePath(self._t, self._journal, libvirt_guests)
+        self._ops = Operator(self._t, self._queue_recover)
         self.selection_listeners = self._t.selection_listeners
 
     # ------------------------------------------------------------------ lifecycle
@@ -220,21 +220,16 @@ class PolicyEngine:
         if self._running and (g.worker is None or g.worker.done()):
             g.worker = asyncio.ensure_future(self._worker(g))
 
+    def _queue_recover(self, g: GuestEntry, why: str) -> None:
+        g.queue.put_nowait(WorkItem("recover", None, self._clock.monotonic(), why=why))
+        self._ensure_worker(g)
+
     def _wake(self, g: GuestEntry) -> None:
         g.queue.put_nowait(WorkItem("wake", None, self._clock.monotonic()))
         self._ensure_worker(g)
 
     async def _wait_ready(self) -> None:
         await self._ready.wait()
-
-    def console_capture(self, name: str) -> int | None:
-        """Guest ``name``'s ``console_buffer`` (KiB) when its merged policy sets
-        ``capture_console`` (runtime override, domain metadata once read,
-        ``[[match]]`` rules, profile, defaults), else None. Pure lookup; never
-        raises, never calls libvirt."""
-        g = self._t.guests.get(name)
-        sel = select(self._settings, name, "", None) if g is None else self._t.selection(g)
-        return sel.policy.console_buffer if sel.policy.capture_console else None
 
     # ------------------------------------------------------------------ worker
 
@@ -441,89 +436,37 @@ class PolicyEngine:
         if acting and mode == "enforce":
             self._wake(g)
 
-    # ------------------------------------------------------------------ operator commands
+    # ------------------------------------------------------------------ operator commands, introspection
 
     async def hold(self, name: str) -> GuestSnapshot:
-        """Operator hold: intent ``held``, pending action cancelled; nothing acts on the guest. Raises KeyError."""
-        g = self._t.known(name)
-        g.pending_due = None
-        await self._t.persist(g, g.st.replace(intent="held", pending_action=None,
-                                            history=g.st.history.replace(next_retry=None)))
-        self._log.info("policy_hold", guest=name, uuid=g.st.uuid)
-        return self._snap(g)
+        """Operator hold (:meth:`~virtwatch.policy.operator.Operator.hold`). Raises KeyError."""
+        return await self._ops.hold(name)
 
     async def release(self, name: str) -> GuestSnapshot:
-        """Release a hold: intent follows the live state (running if active, else stopped). Raises KeyError."""
-        g = self._t.known(name)
-        active = g.live is not None and g.live[0] in ACTIVE_STATES
-        await self._t.persist(g, g.st.replace(intent="running" if active else "stopped"))
-        self._log.info("policy_release", guest=name, uuid=g.st.uuid, intent=g.st.intent)
-        return self._snap(g)
+        """Release a hold (:meth:`~virtwatch.policy.operator.Operator.release`). Raises KeyError."""
+        return await self._ops.release(name)
 
     async def reset(self, name: str) -> GuestSnapshot:
-        """Operator reset: clear given-up, failures and backoff; restart at once if intent is running and it is off.
-
-        Raises KeyError for an unknown guest.
-        """
-        g = self._t.known(name)
-        g.pending_due = None
-        st = g.st.replace(history=budget.reset(g.st.history), pending_action=None)
-        await self._t.persist(g, st)
-        self._log.info("policy_reset", guest=name, uuid=g.st.uuid)
-        if st.intent == "running":
-            g.queue.put_nowait(WorkItem("recover", None, self._clock.monotonic(), why="operator reset"))
-            self._ensure_worker(g)
-        return self._snap(g)
+        """Operator reset (:meth:`~virtwatch.policy.operator.Operator.reset`). Raises KeyError."""
+        return await self._ops.reset(name)
 
     async def set_override(self, name: str, values: Mapping[str, Any] | None) -> GuestSnapshot:
-        """Replace (or clear with None/{}) the runtime policy override of a guest: per-guest
-        keys, ``profile``, ``mode``, validated by :func:`~virtwatch.policy.select.validate_override`
-        and persisted. Raises KeyError (unknown guest), ValueError (naming every bad key)."""
-        g = self._t.known(name)
-        clean = validate_override(values or {}, self._settings)
-        await self._t.persist(g, g.st.replace(override=MappingProxyType(clean)))
-        self._log.info("policy_override", guest=name, uuid=g.st.uuid, override=clean)
-        self._t.selection_changed(name)
-        return self._snap(g)
-
-    # ------------------------------------------------------------------ introspection
-
-    def _snap(self, g: GuestEntry) -> GuestSnapshot:
-        sel = self._t.selection(g)
-        h = g.st.history
-        return GuestSnapshot(g.st.name, g.st.uuid, g.st.intent, sel.managed, sel.mode, h.given_up, h.given_up_reason,
-                             h.next_retry, g.st.pending_action, h.attempt,
-                             len(budget.window(h, self._clock.time(), sel.policy)), MappingProxyType(dict(h.restarts)),
-                             g.live[0] if g.live else None, g.live[1] if g.live else None,
-                             MappingProxyType(dict(g.st.override)))
-
-    def snapshot(self) -> EngineSnapshot:
-        """Current state for metrics/status (guests that vanished are left out)."""
-        guests = {n: self._snap(g) for n, g in sorted(self._t.guests.items()) if not g.gone}
-        return EngineSnapshot(self.ready, self._t.host_shutdown, self._actions.breaker_open,
-                              MappingProxyType(dict(self._journal.counts)), MappingProxyType(guests))
+        """Replace the runtime policy override (:meth:`~virtwatch.policy.operator.Operator.set_override`).
+        Raises KeyError, ValueError."""
+        return await self._ops.set_override(name, values)
 
     def explain(self, name: str) -> Explanation:
         """Merged policy with sources and the decision the engine would take now. Raises KeyError."""
-        g = self._t.known(name)
-        sel = self._t.selection(g)
-        if g.live is None:
-            now_text = "state unknown (not yet resynced)"
-        else:
-            cls = classify_state(*g.live)
-            if g.st.pending_action:
-                now_text = f"{g.st.pending_action} pending at {g.st.history.next_retry}"
-            elif cls.transition == Transition.STARTED:
-                now_text = f"{name} is running: nothing to do"
-            elif cls.is_stop:
-                d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, 0.0)
-                now_text = d.message(sel.mode)
-            else:
-                now_text = cls.note or "nothing to do"
-        return Explanation(name, g.st.uuid, sel.managed, sel.mode, sel.mode_source, g.st.intent,
-                           g.live[0] if g.live else None, g.live[1] if g.live else None,
-                           MappingProxyType(sel.policy.model_dump()), sel.sources, sel.matched, sel.errors,
-                           g.st.history, g.st.pending_action, now_text)
+        return self._ops.explain(name)
+
+    def console_capture(self, name: str) -> int | None:
+        """Guest ``name``'s ``console_buffer`` (KiB) when its policy captures the console, else None."""
+        return self._ops.console_capture(name)
+
+    def snapshot(self) -> EngineSnapshot:
+        """Current state for metrics/status (guests that vanished are left out)."""
+        return EngineSnapshot(self.ready, self._t.host_shutdown, self._actions.breaker_open,
+                              MappingProxyType(dict(self._journal.counts)), self._ops.guests())
 
     # ------------------------------------------------------------------ host shutdown
 
