@@ -15,9 +15,15 @@
 - Modes: ``enforce`` acts; ``dry-run`` logs "would ..." and journals the
   decision; ``observe`` only tracks state.
 
-Also: the boot flow (:meth:`run_boot_flow`), the host-shutdown save path
-(:meth:`save_guests`), and operator commands (:meth:`hold`, :meth:`release`,
-:meth:`reset`, :meth:`set_override`, :meth:`explain`, :meth:`snapshot`).
+This module is the intake and the per-guest worker; the engine's other parts
+work on the same guests through :mod:`~virtwatch.policy.guests` (the guest
+table and the action journal) and never call back into it: running actions
+(:mod:`~virtwatch.policy.actions`), the boot flow (:mod:`~virtwatch.policy.boot`,
+:meth:`PolicyEngine.run_boot_flow`), the host-shutdown save path
+(:mod:`~virtwatch.policy.shutdown`, :meth:`PolicyEngine.save_guests`) and the
+operator commands and introspection (:mod:`~virtwatch.policy.operator`:
+:meth:`PolicyEngine.hold`, ``release``, ``reset``, ``set_override``, ``explain``,
+``snapshot``). Their decisions are pure functions in :mod:`~virtwatch.policy.decide`.
 """
 
 from __future__ import annotations
