@@ -20,11 +20,6 @@ LIFECYCLE_CODES = {"DEFINED": 0, "UNDEFINED": 1, "STARTED": 2, "SUSPENDED": 3, "
                    "SHUTDOWN": 6, "PMSUSPENDED": 7, "CRASHED": 8}
 
 
-async def yield_to_loop(n: int = 50) -> None:
-    for _ in range(n):
-        await asyncio.sleep(0)
-
-
 class Rig:
     def __init__(self, tmp: Path, settings: dict, hv: FakeHypervisor | None = None, clock: FakeClock | None = None,
                  boot_id: str = "boot-1", auto_boot_flow: bool = True,
@@ -49,8 +44,11 @@ class Rig:
         Raises AssertionError after ``timeout`` seconds of real time."""
         async with asyncio.timeout(timeout):
             while True:
-                await yield_to_loop()
-                if self.store.pending == 0:
+                for _ in range(50):  # settled: 50 turns of the loop in a row with no store call unanswered
+                    if self.store.pending:
+                        break
+                    await asyncio.sleep(0)
+                else:
                     return
                 await self.store.idle()
 
@@ -93,13 +91,13 @@ class Rig:
         return len(new)
 
     async def run(self, seconds: float, step: float = 0.25) -> None:
-        """Advance fake time in steps, pumping emitted events in between."""
+        """Advance fake time in steps, pumping emitted events in between (the clock settles the
+        rig after each wake-up and each step)."""
         t = 0.0
         while t < seconds - 1e-9:
             d = min(step, seconds - t)
             self.pump()
             await self.clock.advance(d)
-            await self.settle()
             t += d
         self.pump()
         await self.settle()
