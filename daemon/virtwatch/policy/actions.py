@@ -86,8 +86,8 @@ class ActionRunner:
             if not self.breaker_open:
                 self.breaker_open = True
                 self._journal.count("breaker", "deferred")
-                self._t.raise_alert("breaker_open", g, f"more than {self._settings.max_actions_per_minute} policy actions "
-                                  f"per minute: actions deferred (next in {wait:.0f} s)")
+                self._t.raise_alert("breaker_open", g, f"more than {self._settings.max_actions_per_minute} policy "
+                                    f"actions per minute: actions deferred (next in {wait:.0f} s)")
             return
         sel = self._t.selection(g)
         if sel.mode != "enforce" or g.st.intent != "running" or g.st.history.given_up:
@@ -225,7 +225,8 @@ class ActionRunner:
             self._t.raise_alert("restore_failed", g, plan.alert)
             await self._t.persist(g, g.st.replace(history=budget.give_up(g.st.history, plan.give_up_reason or "")))
             return "failed"
-        self._log.warning("policy_restore_discard", guest=name, uuid=g.st.uuid, how=how, code=err.code, msg=plan.warning)
+        self._log.warning("policy_restore_discard", guest=name, uuid=g.st.uuid, how=how, code=err.code,
+                          msg=plan.warning)
         self._t.raise_alert("restore_failed", g, plan.alert)
 
         async def boot_without_image() -> None:
@@ -265,4 +266,4 @@ class ActionRunner:
         g.pending_due = self._clock.monotonic() + delay
         await self._t.persist(g, g.st.replace(history=h, pending_action="restart"))
         self._t.raise_alert("start_failed", g, f"{what} {g.st.name} failed ([{err.code}] {err.message}); "
-                          f"retry in {delay:.0f} s, attempt {len(budget.window(h, now, pol))}/{pol.limit_burst}")
+                            f"retry in {delay:.0f} s, attempt {len(budget.window(h, now, pol))}/{pol.limit_burst}")

@@ -41,7 +41,7 @@ class Operator:
         g = self._t.known(name)
         g.pending_due = None
         await self._t.persist(g, g.st.replace(intent="held", pending_action=None,
-                                            history=g.st.history.replace(next_retry=None)))
+                                              history=g.st.history.replace(next_retry=None)))
         self._log.info("policy_hold", guest=name, uuid=g.st.uuid)
         return self._snap(g)
 
