@@ -295,26 +295,26 @@ class Daemon:
                 "policy": {k: _jsonable(v) for k, v in ex.policy.items()}, "sources": dict(ex.sources),
                 "decision_now": ex.decision_now, "lines": ex.lines()}
 
-    def control_action(self, name: str, action: str) -> dict[str, Any]:
-        """hold / release / reset one guest."""
+    async def control_action(self, name: str, action: str) -> dict[str, Any]:
+        """hold / release / reset one guest (returns once the change is committed)."""
         if self.policy is None:
             raise NotAvailable("policy is disabled ([policy] enabled = false)")
         try:
             if action == "reset":
-                self.policy.reset(name)
+                await self.policy.reset(name)
             else:
-                getattr(self.policy.engine, action)(name)
+                await getattr(self.policy.engine, action)(name)
         except KeyError:
             raise UnknownGuest(name) from None
         log.info("operator_action", action=action, guest=name)
         return {"name": name, "action": action, "policy": self._policy_guest(name)}
 
-    def control_override(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
-        """Replace one guest's runtime policy override ({} clears it)."""
+    async def control_override(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Replace one guest's runtime policy override ({} clears it; returns once committed)."""
         if self.policy is None:
             raise NotAvailable("policy is disabled ([policy] enabled = false)")
         try:
-            self.policy.engine.set_override(name, values)
+            await self.policy.engine.set_override(name, values)
         except KeyError:
             raise UnknownGuest(name) from None
         except ValueError as err:

@@ -391,22 +391,23 @@ async def _guests_save(settings: Any) -> int:
 
     from .policy.libvirt_port import LibvirtHypervisor
     from .policy.engine import PolicyEngine
-    from .store import Store
+    from .policy.store import AsyncStore
     from .virt.aio import register_event_impl
 
     log = structlog.get_logger("virtwatch.cli")
     impl = register_event_impl()
     conn = await asyncio.to_thread(libvirt.open, settings.libvirt.uri)
     os.makedirs(settings.daemon.state_dir, mode=0o750, exist_ok=True)
-    store = Store.open(os.path.join(settings.daemon.state_dir, "virtwatch.sqlite"))
+    store = AsyncStore(os.path.join(settings.daemon.state_dir, "virtwatch.sqlite"))
     engine = PolicyEngine(settings.policy, LibvirtHypervisor(lambda: conn, timeout=settings.policy.action_timeout),
                           store, boot_id_path=settings.daemon.boot_id_file, auto_boot_flow=False)
     try:
+        await store.open()
         await engine.start()
         report = await engine.save_guests()
     finally:
         await engine.stop()
-        store.close()
+        await store.close()
         await asyncio.to_thread(conn.close)
         del conn
         try:

@@ -20,6 +20,7 @@ Routes (all answer JSON; errors are ``{"error": "..."}``):
 from __future__ import annotations
 
 import http.client
+import inspect
 import json
 import os
 import socket
@@ -53,11 +54,11 @@ class ControlPort(Protocol):
     def control_explain(self, name: str) -> dict[str, Any]:
         """Explanation; raises :class:`UnknownGuest` / :class:`NotAvailable`."""
 
-    def control_action(self, name: str, action: str) -> dict[str, Any]:
-        """hold/release/reset; raises :class:`UnknownGuest` / :class:`NotAvailable`."""
+    async def control_action(self, name: str, action: str) -> dict[str, Any]:
+        """hold/release/reset (answers once persisted); raises :class:`UnknownGuest` / :class:`NotAvailable`."""
 
-    def control_override(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
-        """Replace the runtime policy override; raises :class:`UnknownGuest` /
+    async def control_override(self, name: str, values: dict[str, Any]) -> dict[str, Any]:
+        """Replace the runtime policy override (answers once persisted); raises :class:`UnknownGuest` /
         :class:`NotAvailable` / :class:`BadRequest`."""
 
     def control_events(self, since: int, limit: int) -> dict[str, Any]:
@@ -140,7 +141,10 @@ class ControlServer:
 
     async def _call(self, fn: Any, *args: Any) -> web.Response:
         try:
-            return web.json_response(fn(*args))
+            result = fn(*args)
+            if inspect.isawaitable(result):  # the operator commands wait for their commit
+                result = await result
+            return web.json_response(result)
         except UnknownGuest as err:
             return web.json_response({"error": f"no guest named {err.args[0]!r}"}, status=404)
         except NotAvailable as err:

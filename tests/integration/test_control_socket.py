@@ -146,7 +146,7 @@ async def test_runtime_override_over_the_socket_and_the_cli(policy_daemon: Daemo
     assert out.startswith(f"{name}: override set:") and "restart_delay=7.0" in out and "mode='dry-run'" in out
     want = {"restart_delay": 7.0, "on_crash": "leave", "mode": "dry-run", "capture_console": False,
             "on_host_shutdown": [{"action": "managedsave", "timeout": 30.0}, {"action": "destroy", "timeout": 5.0}]}
-    assert dict(d.policy.store.get_guest(name).override) == want  # persisted: survives a restart
+    assert dict((await d.policy.store.get_guest(name)).override) == want  # persisted: survives a restart
     snap = d.policy.engine.snapshot().guests[name]
     assert snap.mode == "dry-run" and snap.managed
     rc, out, _ = await cli(d, "explain", name)
@@ -171,7 +171,7 @@ async def test_runtime_override_over_the_socket_and_the_cli(policy_daemon: Daemo
                        (["restart_delay=1", "--clear"], "--clear takes no KEY=VALUE pairs")):
         rc, out, err = await cli(d, "override", name, *args)
         assert rc == 2 and says in err, (args, rc, err)
-    assert dict(d.policy.store.get_guest(name).override) == want
+    assert dict((await d.policy.store.get_guest(name)).override) == want
 
     rc, _, err = await cli(d, "override", "no-such-guest", "restart_delay=1")
     assert rc == 3 and "no guest named 'no-such-guest'" in err
@@ -199,7 +199,7 @@ async def test_runtime_override_over_the_socket_and_the_cli(policy_daemon: Daemo
 
     rc, out, err = await cli(d, "override", name, "--clear")
     assert rc == 0 and out.strip() == f"{name}: override cleared", err
-    assert dict(d.policy.store.get_guest(name).override) == {}
+    assert dict((await d.policy.store.get_guest(name)).override) == {}
     rc, out, _ = await cli(d, "explain", name)
     assert "restart_delay = 1.0  [match[0]" in out and "mode: enforce (from policy.mode)" in out
 

@@ -127,6 +127,17 @@ SUSPENDED_TABLE: dict[str, StopCause] = {
 WATCHDOG_STOP_ACTIONS = frozenset({"POWEROFF", "SHUTDOWN"})
 
 
+def guest_failure(kind: str, event: str, detail: str) -> bool:
+    """True for events only the guest (or QEMU) causes, never a virtwatch operation: a panic,
+    QEMU's death, an I/O-error or watchdog pause, an I/O error or watchdog event. Pure."""
+    if kind in ("io_error", "watchdog"):
+        return True
+    if kind != "lifecycle":
+        return False
+    return (event == "CRASHED" or (event == "STOPPED" and detail in ("CRASHED", "FAILED"))
+            or (event == "SUSPENDED" and detail in ("IOERROR", "WATCHDOG")))
+
+
 def _stopped_shutdown(inp: ClassifyInput) -> Classification:
     if inp.watchdog_action in WATCHDOG_STOP_ACTIONS:
         return Classification(Transition.STOPPED, StopCause.WATCHDOG, f"watchdog {inp.watchdog_action.lower()}")

@@ -2,7 +2,8 @@
 
 ``monotonic()`` schedules delays; ``time()`` (seconds since the epoch) is what
 gets persisted (monotonic time does not survive a reboot). ``sleep()`` waits on
-the clock's own time, so a fake clock also controls the engine's timers.
+the clock's own time, and :func:`within` puts a deadline on the clock's time,
+so a fake clock controls the engine's timers and deadlines alike.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import asyncio
 import heapq
 import itertools
 import time as _time
-from typing import Protocol
+from typing import Any, Awaitable, Callable, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 class Clock(Protocol):
@@ -25,6 +28,33 @@ class Clock(Protocol):
 
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` of this clock's time (<= 0: just yield)."""
+
+
+async def within(clock: Clock, seconds: float, aw: Awaitable[T]) -> T:
+    """``await aw``, for at most ``seconds`` of ``clock``'s time; returns its result or raises its error.
+
+    ``aw`` runs as a task of its own, raced against ``clock.sleep(seconds)``:
+    when the sleep ends first, the task is cancelled and TimeoutError is
+    raised. Cancelling the caller cancels the task too (and is never
+    swallowed, unlike 3.11's ``asyncio.wait_for``).
+    """
+    work = asyncio.ensure_future(aw)
+    timer = asyncio.ensure_future(clock.sleep(seconds))
+    try:
+        await asyncio.wait((work, timer), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        timer.cancel()
+        if not work.done():
+            work.cancel()
+            work.add_done_callback(_retrieve)  # what it raises on its way out is of no interest now
+    if work.done():
+        return work.result()
+    raise TimeoutError(f"no answer within {seconds:g} s")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 class SystemClock:
@@ -46,14 +76,19 @@ class SystemClock:
 class FakeClock:
     """Manual clock: time moves only by :meth:`advance`. Sleepers wake in deadline order.
 
-    ``start_time`` is the wall-clock value at monotonic 0.
+    ``start_time`` is the wall-clock value at monotonic 0. ``settle`` is awaited
+    after each wake-up and at the end of :meth:`advance` (default: yield to the
+    loop 20 times); pass one that also waits for work in other threads (a
+    store's writes) so that a sleeper has finished reacting before time moves on.
     """
 
-    def __init__(self, start_time: float = 1_800_000_000.0) -> None:
+    def __init__(self, start_time: float = 1_800_000_000.0,
+                 settle: Callable[[], Awaitable[None]] | None = None) -> None:
         self._mono = 0.0
         self._offset = start_time
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._ids = itertools.count()
+        self._settle = settle or _yield_20
 
     def monotonic(self) -> float:
         """Current fake monotonic seconds."""
@@ -91,8 +126,11 @@ class FakeClock:
                 continue
             self._mono = max(self._mono, deadline)
             fut.set_result(None)
-            for _ in range(20):
-                await asyncio.sleep(0)
+            await self._settle()
         self._mono = target
-        for _ in range(20):
-            await asyncio.sleep(0)
+        await self._settle()
+
+
+async def _yield_20() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)

@@ -2,7 +2,9 @@
 
 No I/O, no clock, no randomness of its own (jitter comes in as ``rand``).
 The engine carries decisions out and persists ``Decision.history`` and
-``Decision.intent``.
+``Decision.intent``. Also pure: what a resync does with a guest
+(:func:`resync_step`), who the boot flow starts (:func:`boot_candidate`) and
+what ``on_restore_failure`` does (:func:`restore_failure_plan`).
 """
 
 from __future__ import annotations
@@ -218,3 +220,86 @@ def decide_recover(guest: GuestRecord, history: History, now: float, policy: Sel
         return Decision(Action.NONE, 0.0, f"{guest.name}: already active ({why})", None, guest.intent, history)
     text = f"restart {guest.name}: {why}, in 0 s"
     return Decision(Action.RESTART, 0.0, text, None, "running", budget.schedule(history, now))
+
+
+class ResyncStep(enum.StrEnum):
+    """What to do with a guest's state found at a resync (:func:`resync_step`)."""
+
+    RECOVER = "recover"    # an action of ours was cut short by a daemon stop: check the guest and recover
+    KEEP = "keep"          # persist as is: a retry is scheduled, the boot flow decides, or nothing to do
+    SCHEDULE = "schedule"  # a retry decided earlier (dry-run, before a restart) is not scheduled: schedule it
+    DECIDE = "decide"      # decide on the state as on an event (a stop missed, a start against intent stopped)
+    STABLE = "stable"      # running as intended: count its healthy running time
+
+
+def resync_step(found: Classification, *, interrupted: bool, retry_scheduled: bool, boot_flow_pending: bool,
+                next_retry: float | None, mode: str, intent: str, given_up: bool) -> ResyncStep:
+    """Decide what a resync does with one guest. Pure.
+
+    Args:
+        found: :func:`~virtwatch.policy.classify.classify_state` of the ``(state, reason)`` found.
+        interrupted: an action of ours on it was left open by a daemon stop.
+        retry_scheduled: a pending action is scheduled in this daemon.
+        boot_flow_pending: the boot flow of this host boot has not run yet (stops found then
+            are the host's shutdown: the boot flow decides, not failure handling).
+        next_retry: the persisted retry time (wall-clock seconds), or None.
+        mode, intent, given_up: the guest's mode, intent and whether it was given up.
+    """
+    if interrupted and not retry_scheduled:
+        return ResyncStep.RECOVER
+    if retry_scheduled or (found.is_stop and boot_flow_pending):
+        return ResyncStep.KEEP
+    if next_retry is not None and found.is_stop and mode == "enforce" and intent == "running":
+        return ResyncStep.SCHEDULE
+    if found.transition == Transition.STARTED:
+        return ResyncStep.DECIDE if intent == "stopped" else ResyncStep.STABLE
+    if found.is_stop and intent == "running" and not given_up:
+        return ResyncStep.DECIDE
+    return ResyncStep.KEEP
+
+
+def boot_candidate(*, autostart: str, managed: bool, persistent: bool, state: int, intent: str, was_running: bool,
+                   given_up: bool, stopped_this_boot: bool) -> bool:
+    """Whether the boot flow starts (or restores) a guest it lists after libvirt's autostart settled. Pure.
+
+    Yes for a managed, persistent guest that is shut off, not held nor given up, not seen
+    stopping by an event in this boot (that stop's own decision stands), whose ``autostart``
+    is ``always``, or ``was-running`` with intent running or saved by the save path
+    (``was_running``). ``state`` is libvirt's domain state code.
+    """
+    wanted = autostart == "always" or (autostart == "was-running" and (intent == "running" or was_running))
+    return (managed and persistent and state == DomainState.SHUTOFF and wanted and intent != "held"
+            and not given_up and not stopped_this_boot)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RestoreFailurePlan:
+    """What to do when a guest's managed-save image cannot be restored (:func:`restore_failure_plan`).
+
+    Attributes:
+        boot_action: the journalled cold boot (``discard-and-boot``, ``force-boot``), or None:
+            leave the guest off, given up.
+        remove_image: delete the image, then boot (``discard``); else boot ignoring it.
+        give_up_reason: the given-up reason when the guest is left off, else None.
+        alert: the ``restore_failed`` alert text.
+        warning: the log line for a cold boot ("" when the guest is left off).
+    """
+
+    boot_action: str | None
+    remove_image: bool
+    give_up_reason: str | None
+    alert: str
+    warning: str = ""
+
+
+def restore_failure_plan(name: str, how: str, code: int, message: str) -> RestoreFailurePlan:
+    """``on_restore_failure`` (``keep``, ``discard``, ``force-boot``) applied to guest ``name``
+    whose restore failed with libvirt error ``code``/``message``. Pure."""
+    if how == "keep":
+        return RestoreFailurePlan(None, False, "managed-save image cannot be restored",
+                                  f"{name}: managed-save image cannot be restored ([{code}] {message}); image kept, "
+                                  "guest left off (on_restore_failure = keep)")
+    return RestoreFailurePlan("force-boot" if how == "force-boot" else "discard-and-boot", how == "discard", None,
+                              f"{name}: restore failed, image discarded, cold boot ({how})",
+                              f"{name}: managed-save image cannot be restored: discarding it and cold-booting "
+                              f"(on_restore_failure = {how}); the guest's saved RAM state is lost")

@@ -5,7 +5,7 @@ the journal grows for as long as the host runs. :class:`JournalPruner` deletes
 rows older than ``[policy] journal_max_age`` and beyond the newest
 ``journal_max_events``: once at start, then every :data:`JOURNAL_PRUNE_INTERVAL`
 seconds of its clock, in a worker thread on a connection of its own
-(:func:`~virtwatch.store.prune_journal`), so the loop never waits for it.
+(:func:`~virtwatch.policy.store.prune_journal`), so the loop never waits for it.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from ..store import JournalPrune, prune_journal
+from .store import JournalPrune, prune_journal
 from .clock import Clock
 
 #: Seconds between two prunes (the first runs at start).

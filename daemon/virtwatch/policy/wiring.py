@@ -20,9 +20,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from ..alerts import Alerter
 from .clock import Clock, SystemClock
 from .config import PolicySettings
-from .engine import PolicyAlert, PolicyEngine
+from .engine import PolicyEngine
 from .journal import JournalPruner
 from .libvirt_port import LibvirtHypervisor
+from .model import PolicyAlert
+from .store import AsyncStore
 
 log = structlog.get_logger("virtwatch.policy")
 
@@ -91,7 +93,8 @@ class PolicyRuntime:
 
     Args:
         settings: ``[policy]``.
-        state_dir: directory for ``virtwatch.sqlite`` (created, mode 0750).
+        state_dir: directory for ``virtwatch.sqlite`` (created, mode 0750; the store opens it in :meth:`start`,
+            on its own thread).
         connection: returns the policy's ready ``virConnect`` or None (its own
             connection: actions never queue behind statistics calls).
         alerter: instant alerts.
@@ -102,10 +105,8 @@ class PolicyRuntime:
 
     def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
                  boot_id_path: str, calls: Any = None, clock: Clock | None = None) -> None:
-        from ..store import Store
-
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
-        self.store = Store.open(Path(state_dir) / "virtwatch.sqlite")
+        self.store = AsyncStore(Path(state_dir) / "virtwatch.sqlite")
         runner = None
         if calls is not None:  # share the daemon's thread budget; our own deadline stays the policy's
             def runner(what: str, fn: Callable[[], Any]) -> Any:
@@ -120,7 +121,12 @@ class PolicyRuntime:
         self._prune_task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        """Start the engine, then the journal pruner (prunes at once, then hourly)."""
+        """Open the store, start the engine, then the journal pruner (prunes at once, then hourly).
+
+        Raises :class:`~virtwatch.policy.store.StoreError` (an OSError) when not even a fresh
+        database can be created under ``state_dir``.
+        """
+        await self.store.open()
         await self.engine.start()
         if self._prune_task is None:
             self._prune_task = asyncio.get_running_loop().create_task(self.pruner.run(), name="policy-journal-prune")
@@ -146,9 +152,9 @@ class PolicyRuntime:
         """The policy's connection is gone: nothing is decided until it is back."""
         self.engine.set_ready(False)
 
-    def reset(self, name: str) -> Any:
+    async def reset(self, name: str) -> Any:
         """Operator reset: clears given-up and resolves its alert."""
-        snap = self.engine.reset(name)
+        snap = await self.engine.reset(name)
         self._alerter.resolve("VirtwatchGivenUp", name)
         return snap
 
@@ -163,4 +169,4 @@ class PolicyRuntime:
                 pass
             self._prune_task = None
         await self.engine.stop()
-        self.store.close()
+        await self.store.close()

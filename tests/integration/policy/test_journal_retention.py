@@ -10,7 +10,7 @@ from pathlib import Path
 from testkit import until
 from virtwatch.app import Daemon
 from virtwatch.config import settings_from_mapping
-from virtwatch.store import Store
+from virtwatch.policy.store import Store
 from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
 
 DAY = 86400.0

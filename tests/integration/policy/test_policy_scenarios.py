@@ -19,7 +19,7 @@ from virtwatch.policy.engine import PolicyEngine
 from virtwatch.policy.host import LibvirtGuestsPaths
 from virtwatch.policy.libvirt_port import LibvirtHypervisor
 from virtwatch.policy.ports import DomainState
-from virtwatch.store import Store
+from virtwatch.policy.store import AsyncStore, Store
 from virtwatch.virt.records import Event
 
 N_GUESTS = 20
@@ -107,7 +107,8 @@ class World:
         self.hv = LibvirtHypervisor(lambda: self.link["conn"], timeout=5)
         self.settings = PolicySettings.model_validate(settings or SETTINGS)
         self.alerts = []
-        self.store = Store.open(tmp_path / "state.db")
+        self.store = AsyncStore(tmp_path / "state.db")
+        self._disk: Store | None = None
         self.engine = self.new_engine()
         self.pump = Pump(self.conn, lambda ev: self.engine.on_event(ev))
 
@@ -116,7 +117,15 @@ class World:
                             alert=self.alerts.append, boot_id_path=self.tmp / "boot_id",
                             libvirt_guests=LibvirtGuestsPaths(config_files=(), unit_dirs=(str(self.tmp / "none"),)))
 
+    @property
+    def disk(self) -> Store:
+        """What is committed, read on a connection of the test's own (as an operator's sqlite3 would)."""
+        if self._disk is None:
+            self._disk = Store.open(self.tmp / "state.db")
+        return self._disk
+
     async def up(self):
+        await self.store.open()
         await self.engine.start()
         self.engine.set_ready(True)
         self.pump.start()
@@ -124,7 +133,7 @@ class World:
         await until(lambda: all(g.intent == "running" for g in self.engine.snapshot().guests.values()))
 
     def starts(self, name=None):
-        return sum(1 for r in self.store.actions(name, limit=100000) if r.action in ("start", "restore") and r.result != "interrupted")
+        return sum(1 for r in self.disk.actions(name, limit=100000) if r.action in ("start", "restore") and r.result != "interrupted")
 
     def state(self, name):
         return self.conn.lookupByName(name).state()[0]
@@ -132,7 +141,9 @@ class World:
     async def down(self):
         await self.pump.stop()
         await self.engine.stop()
-        self.store.close()
+        await self.store.close()
+        if self._disk is not None:
+            self._disk.close()
         self.conn.close()
 
 
@@ -249,13 +260,14 @@ async def test_daemon_restart_mid_backoff_no_repeat(tmp_path):
     try:
         await w.up()
         w.pump.crash("g06")
-        await until(lambda: (g := w.store.get_guest("g06")) is not None and g.pending_action == "restart")
-        due = w.store.get_guest("g06").history.next_retry
+        await until(lambda: (g := w.disk.get_guest("g06")) is not None and g.pending_action == "restart")
+        due = w.disk.get_guest("g06").history.next_retry
         # the daemon stops (SIGTERM or SIGKILL: the retry is already committed)
         await w.pump.stop()
         await w.engine.stop()
-        w.store.close()
-        w.store = Store.open(tmp_path / "state.db")
+        await w.store.close()
+        w.store = AsyncStore(tmp_path / "state.db")
+        await w.store.open()
         w.engine = w.new_engine()
         w.pump = Pump(w.conn, lambda ev: w.engine.on_event(ev))
         await w.engine.start()
@@ -294,8 +306,8 @@ async def test_save_path_then_boot_flow_restores(tmp_path):
         await asyncio.sleep(0.5)
         assert w.state("g03") == DomainState.SHUTOFF
         assert not any(w.conn.lookupByName(f"g0{i}").hasManagedSaveImage(0) for i in range(3))
-        assert sorted(r.guest for r in w.store.actions(limit=100) if r.action == "restore") == ["g00", "g01", "g02"]
-        assert w.store.get_meta("boot_id") == "boot-B"
+        assert sorted(r.guest for r in w.disk.actions(limit=100) if r.action == "restore") == ["g00", "g01", "g02"]
+        assert w.disk.get_meta("boot_id") == "boot-B"
         # the test driver reports RUNNING/BOOTED after a restore, so the "image not used" warning fires here;
         # on QEMU the reason is RESTORED
         assert {a.kind for a in w.alerts} <= {"image_not_used"}

@@ -1,5 +1,6 @@
 """Boot flow (once per boot id), restore failures, host-shutdown save path, libvirt-guests detection."""
 
+import asyncio
 import os
 
 import pytest
@@ -7,9 +8,9 @@ import pytest
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.host import LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
 from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason
-from virtwatch.store import GuestState
+from virtwatch.policy.model import GuestState
 
-from .rig import Rig, settle
+from .rig import Rig
 
 BASE = {
     "debounce": 0.1, "boot_settle_timeout": 0, "start_delay": 0,
@@ -33,17 +34,18 @@ async def test_boot_flow_order_priority_then_name_and_once_per_boot(tmp_path):
         for n in ("b", "a", "zz", "off", "held"):
             r.hv.add(n)
         r.hv.guests["a"].managed_save = True
+        await r.store.open()
         for n in ("a", "b", "zz", "held"):
-            r.store.save_guest(GuestState(n, r.hv.guests[n].uuid, "running"))
-        r.store.save_guest(GuestState("off", r.hv.guests["off"].uuid, "stopped"))
-        r.store.save_guest(GuestState("held", r.hv.guests["held"].uuid, "held"))
+            await r.store.save_guest(GuestState(n, r.hv.guests[n].uuid, "running"))
+        await r.store.save_guest(GuestState("off", r.hv.guests["off"].uuid, "stopped"))
+        await r.store.save_guest(GuestState("held", r.hv.guests["held"].uuid, "held"))
         await r.start()
         rep = await r.engine.run_boot_flow()
         assert not rep.skipped
         assert [n for m, n in r.hv.calls if m == "start"] == ["zz", "a", "b"]
         assert rep.restored == ("a",) and set(rep.started) == {"zz", "b"}
         assert r.hv.guests["a"].reason == RunningReason.RESTORED
-        assert r.store.get_meta("boot_id") == "boot-1"
+        assert await r.store.get_meta("boot_id") == "boot-1"
         again = await r.engine.run_boot_flow()
         assert again.skipped and r.hv.count("start") == 3
     finally:
@@ -53,11 +55,12 @@ async def test_boot_flow_order_priority_then_name_and_once_per_boot(tmp_path):
 async def test_boot_flow_daemon_restart_mid_flow_resumes_without_replay(tmp_path):
     r = Rig(tmp_path, auto_boot_flow=False, settings=BASE)
     try:
+        await r.store.open()
         for n in ("a", "b"):
             r.hv.add(n)
-            r.store.save_guest(GuestState(n, r.hv.guests[n].uuid, "running"))
+            await r.store.save_guest(GuestState(n, r.hv.guests[n].uuid, "running"))
         # the previous daemon recorded the boot and handled "a" already, then died
-        r.store.begin_boot("boot-1", [GuestState("b", r.hv.guests["b"].uuid, "running", boot_pending="boot-1")])
+        await r.store.begin_boot("boot-1", [GuestState("b", r.hv.guests["b"].uuid, "running", boot_pending="boot-1")])
         r.hv.guests["a"].state = DomainState.RUNNING
         await r.start()
         rep = await r.engine.run_boot_flow()
@@ -72,8 +75,9 @@ async def test_boot_flow_new_boot_id_and_autostart_always(tmp_path):
     try:
         r.hv.add("always")
         r.hv.add("never")
-        r.store.save_guest(GuestState("never", r.hv.guests["never"].uuid, "running"))
-        r.store.set_meta("boot_id", "old-boot")
+        await r.store.open()
+        await r.store.save_guest(GuestState("never", r.hv.guests["never"].uuid, "running"))
+        await r.store.set_meta("boot_id", "old-boot")
         await r.start()
         rep = await r.engine.run_boot_flow()
         assert rep.started == ("always",)
@@ -91,7 +95,8 @@ async def test_restore_failure_policies(tmp_path, how, starts, image_left, resul
     r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [{"glob": "*", "on_restore_failure": how}]})
     try:
         g = r.hv.add("s", managed_save=True, corrupt_image=True)
-        r.store.save_guest(GuestState("s", g.uuid, "running"))
+        await r.store.open()
+        await r.store.save_guest(GuestState("s", g.uuid, "running"))
         await r.start()
         rep = await r.engine.run_boot_flow()
         assert r.hv.count("start", "s") == starts
@@ -115,7 +120,8 @@ async def test_image_not_used_is_warned(tmp_path):
     r = Rig(tmp_path, auto_boot_flow=False, settings=BASE, hv=IgnoresImage())
     try:
         g = r.hv.add("s", managed_save=True)
-        r.store.save_guest(GuestState("s", g.uuid, "running"))
+        await r.store.open()
+        await r.store.save_guest(GuestState("s", g.uuid, "running"))
         await r.start()
         await r.engine.run_boot_flow()
         assert [a.kind for a in r.alerts] == ["image_not_used"]
@@ -128,7 +134,8 @@ async def test_boot_flow_dry_run_starts_nothing(tmp_path):
     r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "mode": "dry-run"})
     try:
         g = r.hv.add("a")
-        r.store.save_guest(GuestState("a", g.uuid, "running"))
+        await r.store.open()
+        await r.store.save_guest(GuestState("a", g.uuid, "running"))
         await r.start()
         rep = await r.engine.run_boot_flow()
         assert rep.would_start == ("a",) and r.hv.count("start") == 0
@@ -150,15 +157,17 @@ async def test_save_path_fallbacks_and_was_running(tmp_path):
         rep = await r.engine.save_guests()
         assert not rep.refused
         assert dict(rep.results) == {"a": "managedsave", "b": "shutdown", "c": "destroy"}
-        assert {n: r.store.get_guest(n).was_running for n in ("a", "b", "c")} == {"a": True, "b": True, "c": True}
-        assert r.store.get_guest("off") is None or not r.store.get_guest("off").was_running
+        assert {n: (await r.store.get_guest(n)).was_running for n in ("a", "b", "c")} == {"a": True, "b": True,
+                                                                                          "c": True}
+        off = await r.store.get_guest("off")
+        assert off is None or not off.was_running
         # the resulting stop events are ours / host shutdown: no restart
         await r.run(30)
         assert r.hv.count("start") == 0
-        assert {r.store.get_guest(n).intent for n in ("a", "b", "c")} == {"running"}
-        # next boot: all three come back, "a" restored from its image
+        assert {(await r.store.get_guest(n)).intent for n in ("a", "b", "c")} == {"running"}
+        # next boot (a new daemon): all three come back, "a" restored from its image
         r.boot_path.write_text("boot-2\n")
-        r.engine.set_host_shutdown(False)
+        await r.restart_daemon()
         rep2 = await r.engine.run_boot_flow()
         assert rep2.restored == ("a",) and set(rep2.started) == {"b", "c"}
     finally:
@@ -211,13 +220,14 @@ async def test_boot_flow_runs_by_itself_when_first_ready(tmp_path):
     try:
         g = r.hv.add("a")
         r.hv.guests["a"].reason = 2  # shut off as DESTROYED by the previous boot's shutdown
-        r.store.save_guest(GuestState("a", g.uuid, "running"))
+        await r.store.open()
+        await r.store.save_guest(GuestState("a", g.uuid, "running"))
         await r.start()
         await r.run(1)
         assert r.hv.count("start", "a") == 1
-        assert r.store.get_meta("boot_id") == "boot-1"
+        assert await r.store.get_meta("boot_id") == "boot-1"
         assert not r.engine.boot_flow_pending()
-        assert r.store.get_guest("a").intent == "running"
+        assert (await r.store.get_guest("a")).intent == "running"
     finally:
         await r.close()
 
@@ -228,7 +238,8 @@ async def test_boot_flow_leaves_a_guest_an_admin_destroyed_while_it_settled(tmp_
     r = Rig(tmp_path, auto_boot_flow=False, settings=BASE)
     try:
         g = r.hv.add("a")
-        r.store.save_guest(GuestState("a", g.uuid, "running"))
+        await r.store.open()
+        await r.store.save_guest(GuestState("a", g.uuid, "running"))
         await r.start()
         g.state, g.reason = DomainState.RUNNING, RunningReason.BOOTED
         r.feed("a", "STARTED", "BOOTED")
@@ -237,7 +248,7 @@ async def test_boot_flow_leaves_a_guest_an_admin_destroyed_while_it_settled(tmp_
         rep = await r.engine.run_boot_flow()
         await r.run(1)
         assert rep.started == () and r.hv.count("start", "a") == 0
-        assert r.store.get_guest("a").intent == "stopped"
+        assert (await r.store.get_guest("a")).intent == "stopped"
     finally:
         await r.close()
 
@@ -257,14 +268,38 @@ async def test_boot_flow_skips_a_candidate_destroyed_before_its_turn(tmp_path):
     r = Rig(tmp_path, auto_boot_flow=False, settings=BASE, hv=hv)
     hv.rig = r
     try:
+        await r.store.open()
         for n in ("a", "b"):
             r.hv.add(n)
-            r.store.save_guest(GuestState(n, r.hv.guests[n].uuid, "running"))
+            await r.store.save_guest(GuestState(n, r.hv.guests[n].uuid, "running"))
         await r.start()
         rep = await r.engine.run_boot_flow()
         await r.run(1)
         assert rep.started == ("a",)
         assert r.hv.count("start", "b") == 0
-        assert r.store.get_guest("b").intent == "stopped"
+        assert (await r.store.get_guest("b")).intent == "stopped"
+    finally:
+        await r.close()
+
+
+async def test_a_guest_that_ignores_the_shutdown_is_destroyed_after_the_steps_timeout(tmp_path):
+    class IgnoresAcpi(FakeHypervisor):
+        async def shutdown(self, name):
+            await self._enter("shutdown", name)  # asked, never powers off
+
+    r = Rig(tmp_path, auto_boot_flow=False, hv=IgnoresAcpi(),
+            settings={**BASE, "match": [{"glob": "*", "on_host_shutdown": "shutdown:30,destroy:5"}]})
+    try:
+        r.hv.add("a", state=DomainState.RUNNING, reason=RunningReason.BOOTED)
+        await r.start()
+        saving = asyncio.ensure_future(r.engine.save_guests())
+        await r.run(29)
+        assert not saving.done() and r.hv.count("destroy") == 0
+        await r.run(2)  # 30 s of the clock, no real waiting
+        rep = await saving
+        assert dict(rep.results) == {"a": "destroy"}
+        assert [(row.action, row.result, row.detail) for row in await r.store.actions("a")] == [
+            ("destroy", "ok", ""), ("shutdown", "failed", "[68] a did not power off within 30 s")]
+        assert 29 <= r.hv.count("state", "a") <= 31  # polled once a second
     finally:
         await r.close()

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from virtwatch.policy.classify import (ClassifyInput, StopCause, Transition, classify, classify_state)
+from virtwatch.policy.classify import (ClassifyInput, StopCause, Transition, classify, classify_state,
+                                      guest_failure)
 from virtwatch.policy.ports import DomainState, PausedReason, ShutoffReason
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "events-libvirt9-qemu7.2.jsonl"
@@ -125,3 +126,24 @@ def test_sigkill_is_qemu_failure():
 def test_state_table(state, reason, expected):
     c = classify_state(state, reason)
     assert (c.transition, c.cause) == expected
+
+
+@pytest.mark.parametrize("kind, event, detail, failure", [
+    ("lifecycle", "CRASHED", "PANICKED", True),
+    ("lifecycle", "CRASHED", "CRASHLOADED", True),
+    ("lifecycle", "STOPPED", "CRASHED", True),
+    ("lifecycle", "STOPPED", "FAILED", True),
+    ("lifecycle", "SUSPENDED", "IOERROR", True),
+    ("lifecycle", "SUSPENDED", "WATCHDOG", True),
+    ("io_error", "IO_ERROR", "enospc", True),
+    ("watchdog", "WATCHDOG", "pause", True),
+    ("lifecycle", "STOPPED", "DESTROYED", False),
+    ("lifecycle", "STOPPED", "SHUTDOWN", False),
+    ("lifecycle", "STOPPED", "SAVED", False),
+    ("lifecycle", "SUSPENDED", "PAUSED", False),
+    ("lifecycle", "STARTED", "BOOTED", False),
+    ("metadata_change", "METADATA_CHANGE", "ELEMENT", False),
+])
+def test_guest_failure_is_never_ours(kind, event, detail, failure):
+    """A failure only the guest or QEMU causes is never attributed to our own in-flight operation."""
+    assert guest_failure(kind, event, detail) is failure

@@ -4,10 +4,11 @@ import pytest
 
 from virtwatch.policy import budget
 from virtwatch.policy.budget import History
-from virtwatch.policy.classify import Classification, ClassifyInput, StopCause, Transition, classify
+from virtwatch.policy.classify import Classification, ClassifyInput, StopCause, Transition, classify, classify_state
 from virtwatch.policy.config import GuestPolicy, PolicySettings
-from virtwatch.policy.decide import Action, GuestRecord, decide, decide_recover, initial_intent
-from virtwatch.policy.ports import DomainState
+from virtwatch.policy.decide import (Action, GuestRecord, ResyncStep, boot_candidate, decide, decide_recover,
+                                    initial_intent, restore_failure_plan, resync_step)
+from virtwatch.policy.ports import DomainState, ShutoffReason
 from virtwatch.policy.select import select
 
 S = PolicySettings.model_validate({
@@ -164,3 +165,80 @@ def test_recover_and_initial_intent():
     assert initial_intent(GuestPolicy(), DomainState.RUNNING) == "running"
     assert initial_intent(GuestPolicy(), DomainState.SHUTOFF) == "stopped"
     assert initial_intent(GuestPolicy(intent="running"), DomainState.SHUTOFF) == "running"
+
+
+STOPPED = classify_state(DomainState.SHUTOFF, ShutoffReason.CRASHED)
+RUNNING = classify_state(DomainState.RUNNING, 1)
+PAUSED_USER = classify_state(DomainState.PAUSED, 1)
+R = ResyncStep
+
+
+@pytest.mark.parametrize("found, interrupted, scheduled, boot_pending, next_retry, mode, intent, given_up, step", [
+    # an action cut short by a daemon stop is recovered, unless a retry is already scheduled
+    (STOPPED, True, False, False, None, "enforce", "running", False, R.RECOVER),
+    (RUNNING, True, False, False, None, "enforce", "running", False, R.RECOVER),
+    (STOPPED, True, True, False, None, "enforce", "running", False, R.KEEP),
+    (STOPPED, False, True, False, NOW, "enforce", "running", False, R.KEEP),
+    # stopped while the boot flow has yet to run: the host went down, the boot flow decides
+    (STOPPED, False, False, True, None, "enforce", "running", False, R.KEEP),
+    (RUNNING, False, False, True, None, "enforce", "running", False, R.STABLE),
+    # a retry decided but not scheduled (dry-run then, enforce now; a restart): schedule it
+    (STOPPED, False, False, False, NOW, "enforce", "running", False, R.SCHEDULE),
+    (STOPPED, False, False, False, NOW, "dry-run", "running", False, R.DECIDE),
+    (STOPPED, False, False, False, NOW, "enforce", "stopped", False, R.KEEP),
+    # running: against an intent of stopped it is decided on (someone started it), else healthy time
+    (RUNNING, False, False, False, None, "enforce", "stopped", False, R.DECIDE),
+    (RUNNING, False, False, False, None, "enforce", "running", False, R.STABLE),
+    (RUNNING, False, False, False, None, "enforce", "held", False, R.STABLE),
+    # a stop missed while disconnected: decided on, unless not wanted running or given up
+    (STOPPED, False, False, False, None, "enforce", "running", False, R.DECIDE),
+    (STOPPED, False, False, False, None, "observe", "running", False, R.DECIDE),
+    (STOPPED, False, False, False, None, "enforce", "running", True, R.KEEP),
+    (STOPPED, False, False, False, None, "enforce", "stopped", False, R.KEEP),
+    (STOPPED, False, False, False, None, "enforce", "held", False, R.KEEP),
+    (PAUSED_USER, False, False, False, None, "enforce", "running", False, R.DECIDE),
+    (classify_state(DomainState.NOSTATE, 0), False, False, False, None, "enforce", "running", False, R.KEEP),
+])
+def test_resync_step(found, interrupted, scheduled, boot_pending, next_retry, mode, intent, given_up, step):
+    assert resync_step(found, interrupted=interrupted, retry_scheduled=scheduled, boot_flow_pending=boot_pending,
+                       next_retry=next_retry, mode=mode, intent=intent, given_up=given_up) == step
+
+
+BOOT = dict(autostart="was-running", managed=True, persistent=True, state=DomainState.SHUTOFF, intent="running",
+            was_running=False, given_up=False, stopped_this_boot=False)
+
+
+@pytest.mark.parametrize("change, candidate", [
+    ({}, True),
+    ({"intent": "stopped"}, False),
+    ({"intent": "stopped", "was_running": True}, True),   # saved by the save path at host shutdown
+    ({"autostart": "always", "intent": "stopped"}, True),
+    ({"autostart": "never"}, False),
+    ({"managed": False}, False),
+    ({"persistent": False}, False),
+    ({"state": DomainState.RUNNING}, False),
+    ({"state": DomainState.PAUSED}, False),
+    ({"intent": "held", "autostart": "always"}, False),
+    ({"given_up": True}, False),
+    ({"stopped_this_boot": True}, False),                  # its own stop event decides
+])
+def test_boot_candidate(change, candidate):
+    assert boot_candidate(**{**BOOT, **change}) is candidate
+
+
+def test_restore_failure_keep_leaves_the_guest_off_given_up():
+    p = restore_failure_plan("db", "keep", 9, "cannot restore managed save image")
+    assert (p.boot_action, p.remove_image, p.give_up_reason, p.warning) == (
+        None, False, "managed-save image cannot be restored", "")
+    assert p.alert == ("db: managed-save image cannot be restored ([9] cannot restore managed save image); "
+                       "image kept, guest left off (on_restore_failure = keep)")
+
+
+@pytest.mark.parametrize("how, action, remove", [("discard", "discard-and-boot", True),
+                                                 ("force-boot", "force-boot", False)])
+def test_restore_failure_cold_boots_loudly(how, action, remove):
+    p = restore_failure_plan("db", how, 9, "x")
+    assert (p.boot_action, p.remove_image, p.give_up_reason) == (action, remove, None)
+    assert p.alert == f"db: restore failed, image discarded, cold boot ({how})"
+    assert p.warning == (f"db: managed-save image cannot be restored: discarding it and cold-booting "
+                         f"(on_restore_failure = {how}); the guest's saved RAM state is lost")

@@ -1,15 +1,13 @@
 """Engine behaviour on the in-memory hypervisor with a fake clock (no libvirt)."""
 
-import asyncio
-
 import pytest
 
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
-from virtwatch.store import GuestState, Store
+from virtwatch.policy.model import GuestState
 from virtwatch.policy.budget import History
 
-from .rig import Rig, settle
+from .rig import Rig
 
 BASE = {
     "debounce": 0.5, "boot_settle_timeout": 0, "start_delay": 0,
@@ -50,7 +48,7 @@ async def test_crash_restarted_after_restart_delay(rig):
     assert dict(snap.restarts) == {"crash": 1}
     assert snap.pending_action is None and snap.next_retry is None and snap.intent == "running"
     assert rig.engine.snapshot().actions[("start", "ok")] == 1
-    row = rig.store.actions("web1")[0]
+    row = (await rig.store.actions("web1"))[0]
     assert (row.action, row.result) == ("start", "ok")
 
 
@@ -68,8 +66,8 @@ async def test_poweroff_and_admin_destroy_stay_off(rig):
     assert rig.hv.count("start") == 0
     g = rig.engine.snapshot().guests
     assert (g["a"].intent, g["b"].intent) == ("stopped", "stopped")
-    assert rig.store.events("a")[0]["cause"] == "guest_poweroff"
-    assert rig.store.events("b")[0]["cause"] == "admin_destroy"
+    assert (await rig.store.events("a"))[0]["cause"] == "guest_poweroff"
+    assert (await rig.store.events("b"))[0]["cause"] == "admin_destroy"
 
 
 async def test_host_side_sigterm_is_restarted(rig):
@@ -107,7 +105,7 @@ async def test_crash_loop_given_up_after_limit_burst(rig):
     await rig.run(300)
     assert rig.hv.count("start", "bad") == 3
     # reset re-enables and starts it at once
-    snap = rig.engine.reset("bad")
+    snap = await rig.engine.reset("bad")
     assert not snap.given_up
     await rig.run(1)
     assert rig.hv.count("start", "bad") == 4
@@ -167,7 +165,7 @@ async def test_flapping_guest_is_given_up_without_action_storm(rig):
     await rig.run(300)
     snap = rig.engine.snapshot().guests["f"]
     assert snap.given_up
-    ours = sum(1 for r in rig.store.actions("f", limit=1000) if r.action == "start")
+    ours = sum(1 for r in await rig.store.actions("f", limit=1000) if r.action == "start")
     assert ours <= 3
     assert [a.kind for a in rig.alerts].count("given_up") == 1
 
@@ -183,7 +181,7 @@ async def test_our_own_destroy_is_not_reacted_to_kill_policy(tmp_path):
         assert r.hv.count("destroy") == 1
         await r.run(11)
         assert r.hv.count("start") == 1 and r.hv.count("destroy") == 1
-        ev = [e for e in r.store.events("db") if e["event"] == "STOPPED"][0]
+        ev = [e for e in await r.store.events("db") if e["event"] == "STOPPED"][0]
         assert ev["cause"] == "ours"
         assert r.engine.snapshot().guests["db"].failures_in_window == 1
     finally:
@@ -224,7 +222,7 @@ async def test_dry_run_logs_and_journals_but_does_nothing(tmp_path):
         r.hv.crash("web1")
         await r.run(60)
         assert r.hv.count("start") == 0
-        decisions = [(e["event"], e["decision"]) for e in reversed(r.store.events("web1")) if e["event"] in ("CRASHED", "STOPPED")]
+        decisions = [(e["event"], e["decision"]) for e in reversed(await r.store.events("web1")) if e["event"] in ("CRASHED", "STOPPED")]
         assert decisions == [
             ("CRASHED", "crash noted: waiting for libvirt to stop the guest"),
             ("STOPPED", "restart: would restart web1: crash, attempt 1/3, in 10 s, policy on_crash from defaults"),
@@ -237,14 +235,14 @@ async def test_dry_run_logs_and_journals_but_does_nothing(tmp_path):
 async def test_hold_blocks_actions_release_follows_state(rig):
     running(rig.hv, "h")
     await rig.start()
-    rig.engine.hold("h")
+    await rig.engine.hold("h")
     rig.hv.crash("h")
     await rig.run(30)
     assert rig.hv.count("start") == 0
     assert rig.engine.snapshot().guests["h"].intent == "held"
-    assert rig.engine.release("h").intent == "stopped"
+    assert (await rig.engine.release("h")).intent == "stopped"
     with pytest.raises(KeyError):
-        rig.engine.hold("nope")
+        await rig.engine.hold("nope")
 
 
 async def test_hold_cancels_pending_restart(rig):
@@ -253,7 +251,7 @@ async def test_hold_cancels_pending_restart(rig):
     rig.hv.crash("h")
     await rig.run(2)
     assert rig.engine.snapshot().guests["h"].pending_action == "restart"
-    rig.engine.hold("h")
+    await rig.engine.hold("h")
     await rig.run(30)
     assert rig.hv.count("start") == 0
 
@@ -318,9 +316,7 @@ async def test_hung_start_hits_the_deadline(tmp_path):
         await r.start()
         r.hv.hang.add(("start", "h"))
         r.hv.crash("h")
-        await r.run(11.5)
-        await asyncio.sleep(0.2)
-        await settle()
+        await r.run(11.5)  # the 0.05 s deadline passes in the clock's time: no real waiting
         snap = r.engine.snapshot()
         assert snap.actions[("start", "failed")] == 1
         assert snap.guests["h"].pending_action == "restart"
@@ -361,13 +357,14 @@ async def test_interrupted_action_is_recovered_not_repeated(tmp_path):
     try:
         r.hv.add("a")   # shut off: the interrupted start never happened
         running(r.hv, "b")  # running: the interrupted start did happen
+        await r.store.open()
         for n in ("a", "b"):
-            r.store.begin_action(GuestState(n, r.hv.guests[n].uuid, "running", History(failures=(r.clock.time(),), attempt=1,
+            await r.store.begin_action(GuestState(n, r.hv.guests[n].uuid, "running", History(failures=(r.clock.time(),), attempt=1,
                                                                                        restarts={"crash": 1})), "start", "restart")
         await r.start()
         await r.run(1)
         assert r.hv.count("start", "a") == 1 and r.hv.count("start", "b") == 0
-        assert {row.result for row in r.store.actions() if row.action == "start" and row.guest == "b"} == {"interrupted"}
+        assert {row.result for row in await r.store.actions() if row.action == "start" and row.guest == "b"} == {"interrupted"}
         assert r.engine.snapshot().actions[("start", "interrupted")] == 2
     finally:
         await r.close()
@@ -416,31 +413,31 @@ async def test_explain(rig):
 async def test_override_applies(rig):
     running(rig.hv, "o")
     await rig.start()
-    rig.engine.set_override("o", {"on_crash": "leave"})
+    await rig.engine.set_override("o", {"on_crash": "leave"})
     rig.hv.crash("o")
     await rig.run(30)
     assert rig.hv.count("start") == 0
     assert rig.engine.explain("o").sources["on_crash"] == "override"
     with pytest.raises(ValueError):
-        rig.engine.set_override("o", {"on_crash": "nope"})
+        await rig.engine.set_override("o", {"on_crash": "nope"})
 
 
 async def test_override_is_persisted_shown_and_reloaded(rig):
     running(rig.hv, "o")
     await rig.start()
-    rig.engine.set_override("o", {"mode": "dry-run"})
+    await rig.engine.set_override("o", {"mode": "dry-run"})
     assert rig.engine.snapshot().guests["o"].mode == "dry-run"
-    rig.engine.set_override("o", {"on_host_shutdown": "shutdown:30", "restart_delay": 4})  # replaces
+    await rig.engine.set_override("o", {"on_host_shutdown": "shutdown:30", "restart_delay": 4})  # replaces
     stored = {"on_host_shutdown": [{"action": "shutdown", "timeout": 30.0}], "restart_delay": 4.0}
-    assert dict(rig.store.get_guest("o").override) == stored
+    assert dict((await rig.store.get_guest("o")).override) == stored
     snap = rig.engine.snapshot().guests["o"]
     assert snap.mode == "enforce" and dict(snap.override) == stored
     await rig.restart_daemon()
     assert rig.engine.explain("o").sources["on_host_shutdown"] == "override"
     rep = await rig.engine.save_guests()  # the reloaded steps work: a clean shutdown, not the default managed save
     assert dict(rep.results) == {"o": "shutdown"} and rig.hv.count("managed_save") == 0
-    rig.engine.set_override("o", {})
-    assert dict(rig.store.get_guest("o").override) == {} and rig.engine.explain("o").sources["restart_delay"] == "defaults"
+    await rig.engine.set_override("o", {})
+    assert dict((await rig.store.get_guest("o")).override) == {} and rig.engine.explain("o").sources["restart_delay"] == "defaults"
 
 
 async def test_undefined_guest_is_forgotten(rig):
@@ -453,7 +450,7 @@ async def test_undefined_guest_is_forgotten(rig):
     await rig.run(30)
     assert rig.hv.count("start") == 0
     assert "t" not in rig.engine.snapshot().guests
-    assert rig.store.get_guest("t") is None
+    assert await rig.store.get_guest("t") is None
 
 
 async def test_one_panic_counts_once_even_when_the_stop_comes_after_the_restart_delay(tmp_path):
@@ -519,7 +516,7 @@ async def test_io_error_pause_soon_after_our_restart_is_a_failure(tmp_path, rest
                 r.hv.pause_io_error("db")
         assert [a.kind for a in r.alerts].count("given_up") == 1
         assert r.hv.count("destroy", "db") == 3 and r.hv.count("start", "db") == 3
-        causes = [(e["event"], e["cause"]) for e in r.store.events("db") if e["event"] in ("SUSPENDED", "STOPPED")]
+        causes = [(e["event"], e["cause"]) for e in await r.store.events("db") if e["event"] in ("SUSPENDED", "STOPPED")]
         assert causes == [("SUSPENDED", "io_error"), ("STOPPED", "ours")] * 3 + [("SUSPENDED", "io_error")]
     finally:
         await r.close()

@@ -18,7 +18,7 @@ from virtwatch.policy.clock import FakeClock
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.journal import JOURNAL_PRUNE_INTERVAL
 from virtwatch.policy.wiring import PolicyRuntime
-from virtwatch.store import Store, prune_journal
+from virtwatch.policy.store import Store, prune_journal
 
 DAY = 86400.0
 
@@ -102,9 +102,11 @@ async def test_runtime_prunes_at_start_and_then_every_interval(tmp_path: Path) -
 
             # a day later the 4 kept rows are 1 day old and 3 new ones arrive: count prunes again
             await clock.advance(DAY - JOURNAL_PRUNE_INTERVAL)
-            rt.store.record_event(clock.time(), 8, "g0", "", "lifecycle", "STARTED", "BOOTED")
-            rt.store.record_event(clock.time(), 9, "g0", "", "lifecycle", "STARTED", "BOOTED")
-            rt.store.record_event(clock.time(), 10, "g0", "", "lifecycle", "STARTED", "BOOTED")
+            # the prunes due meanwhile (nothing to delete) are over once the pruner sleeps again
+            await until(lambda: (clock.next_deadline() or 0) > clock.monotonic(), 5.0, "pruner asleep")
+            await rt.store.record_event(clock.time(), 8, "g0", "", "lifecycle", "STARTED", "BOOTED")
+            await rt.store.record_event(clock.time(), 9, "g0", "", "lifecycle", "STARTED", "BOOTED")
+            await rt.store.record_event(clock.time(), 10, "g0", "", "lifecycle", "STARTED", "BOOTED")
             assert len([e for e in logs if e["event"] == "policy_journal_pruned"]) == 1  # not due yet
             await clock.advance(JOURNAL_PRUNE_INTERVAL)
             await until(lambda: len([e for e in logs if e["event"] == "policy_journal_pruned"]) == 2, 5.0,

@@ -1,5 +1,6 @@
 """SQLite store: round trips, journal, corrupt/newer databases moved aside, SIGKILL mid-transition."""
 
+import asyncio
 import json
 import os
 import signal
@@ -7,14 +8,18 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import pytest
 import structlog
 from structlog.testing import capture_logs
 
+from testkit import until
 from virtwatch.policy.budget import History
-from virtwatch.store import SCHEMA_VERSION, GuestState, Store
+from virtwatch.policy.model import GuestState
+from virtwatch.policy.store import SCHEMA_VERSION, AsyncStore, Store, StoreError
 
 
 class FixedClock:
@@ -89,6 +94,22 @@ def test_meta_and_boot(tmp_path):
     assert s.get_guest("a").boot_pending == "boot-1"
 
 
+def test_on_commit_runs_once_per_committed_transaction(tmp_path):
+    commits = []
+    s = Store.open(tmp_path / "state.db", on_commit=lambda: commits.append(len(s.load_guests())))
+    s.save_guest(GuestState("a"))
+    aid = s.begin_action(GuestState("b"), "start", "restart")
+    s.finish_action(aid, "ok")
+    try:
+        with s.transaction() as conn:
+            conn.execute("DELETE FROM guests")
+            raise RuntimeError("rolled back")
+    except RuntimeError:
+        pass
+    assert commits == [1, 2, 2]  # after each commit (the rows are visible), none for the rollback
+    s.close()
+
+
 def test_corrupt_file_moved_aside_with_warning(tmp_path):
     p = tmp_path / "state.db"
     p.write_bytes(b"this is not sqlite at all " * 400)
@@ -139,7 +160,8 @@ def test_newer_schema_moved_aside(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys
-    from virtwatch.store import Store, GuestState
+    from virtwatch.policy.model import GuestState
+    from virtwatch.policy.store import Store
     from virtwatch.policy.budget import History
     s = Store.open(sys.argv[1])
     n = 0
@@ -158,10 +180,36 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def test_sigkill_mid_transition_leaves_consistent_state(tmp_path):
+CHILD_ASYNC = textwrap.dedent("""
+    import asyncio, sys
+    from virtwatch.policy.model import GuestState
+    from virtwatch.policy.store import AsyncStore
+
+    async def main():
+        s = AsyncStore(sys.argv[1])
+        await s.open()
+        n = 0
+        while True:
+            for name in ("a", "b", "c"):
+                g = await s.get_guest(name) or GuestState(name, intent="running")
+                h = g.history
+                g = g.replace(history=h.replace(restarts={"crash": h.restarts.get("crash", 0) + 1}))
+                aid = await s.begin_action(g, "start", "restart")
+                await asyncio.sleep(0)  # the libvirt call would happen here
+                await s.finish_action(aid, "ok", "", g.replace(history=g.history.replace(last_start=float(n))))
+                n += 1
+                if n == 30:
+                    print("ready", flush=True)
+
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.parametrize("child", [CHILD, CHILD_ASYNC], ids=["store", "async-store"])
+def test_sigkill_mid_transition_leaves_consistent_state(tmp_path, child):
     p = tmp_path / "state.db"
     for round_ in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(p)], stdout=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([sys.executable, "-c", child, str(p)], stdout=subprocess.PIPE, text=True)
         assert proc.stdout.readline().strip() == "ready"
         time.sleep(0.05 + 0.07 * round_)
         os.kill(proc.pid, signal.SIGKILL)
@@ -181,3 +229,48 @@ def test_sigkill_mid_transition_leaves_consistent_state(tmp_path):
             s.finish_action(r.id, "interrupted")
         assert s.interrupted_actions() == []
         s.close()
+
+
+async def test_async_store_commits_on_its_thread_in_call_order(tmp_path):
+    threads = []
+    s = AsyncStore(tmp_path / "state.db", on_commit=lambda: threads.append(threading.get_ident()))
+    with pytest.raises(StoreError, match="not open"):
+        await s.get_guest("a")
+    await s.open()
+    await s.open()  # idempotent
+    # made one after the other without waiting for the first: they commit in that order
+    await asyncio.gather(*(s.save_guest(GuestState("a", intent=intent)) for intent in ("stopped", "held", "running")))
+    assert (await s.get_guest("a")).intent == "running"
+    assert len(threads) == 3 and len(set(threads)) == 1 and threads[0] != threading.get_ident()
+    assert s.pending == 0
+    await s.close()
+    await s.close()  # idempotent
+    with pytest.raises(StoreError, match="not open"):
+        await s.get_guest("a")
+
+
+async def test_async_store_makes_a_write_whose_caller_was_cancelled(tmp_path):
+    busy, release = threading.Event(), threading.Event()
+
+    def first_commit_waits() -> None:
+        if not busy.is_set():
+            busy.set()
+            release.wait(5.0)
+
+    s = AsyncStore(tmp_path / "state.db", on_commit=first_commit_waits)
+    await s.open()
+    first = asyncio.ensure_future(s.save_guest(GuestState("a", intent="running")))
+    await until(busy.is_set, 5.0, "first commit under way")
+    second = asyncio.ensure_future(s.save_guest(GuestState("b", intent="held")))  # queued behind it
+    await asyncio.sleep(0)
+    second.cancel()  # e.g. the engine stops: its worker is cancelled while the write waits its turn
+    with pytest.raises(asyncio.CancelledError):
+        await second
+    release.set()
+    await first
+    await s.idle()
+    assert s.pending == 0
+    await s.close()  # runs after every call made before it
+    r = Store.open(tmp_path / "state.db")
+    assert {n: g.intent for n, g in r.load_guests().items()} == {"a": "running", "b": "held"}
+    r.close()

@@ -10,17 +10,21 @@
   commits the outcome. After a crash, :meth:`Store.interrupted_actions` lists
   the started-but-not-finished ones: the engine checks the guest's real state
   instead of blindly repeating them.
-- Schema version in ``PRAGMA user_version``. A database that is corrupt or has
-  a newer schema is renamed ``<path>.corrupt-<unix time>`` (WAL/SHM files
+- Opened by :func:`virtwatch.infra.sqlite.open_database`: schema version in
+  ``PRAGMA user_version`` (:data:`MIGRATIONS`). A database that is corrupt or
+  has a newer schema is renamed ``<path>.corrupt-<unix time>`` (WAL/SHM files
   too), a loud warning is logged, and a fresh database is created: never a crash.
 
-The store is synchronous and meant to be called from the event loop thread
-(local writes are short); it is not thread-safe. :func:`prune_journal` is the
-exception: it opens a connection of its own and is meant for a worker thread.
+:class:`Store` is synchronous and confined to the thread that opened it. The
+daemon never calls it on the event loop: :class:`AsyncStore` gives the loop
+the same operations, run one at a time on a thread that owns the connection.
+:func:`prune_journal` opens a connection of its own, for a worker thread.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import dataclasses
 import json
 import os
@@ -28,13 +32,16 @@ import sqlite3
 import time as _time
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import structlog
 
-from .policy.budget import History
+from ..infra.sqlite import DatabaseUnusable, open_database
+from .budget import History
+from .model import GuestState
 
-SCHEMA_VERSION = 1
+T = TypeVar("T")
+
 
 #: Event rows deleted per transaction by :func:`prune_journal`: the engine's writes wait for one batch at most.
 PRUNE_BATCH = 2000
@@ -94,33 +101,9 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_guest ON events (guest, id);
 """
 
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GuestState:
-    """Everything persisted about one guest.
-
-    Attributes:
-        name, uuid: identity (name is the key).
-        intent: ``running``, ``stopped`` or ``held``.
-        history: restart history (:class:`virtwatch.policy.budget.History`).
-        was_running: running when the host-shutdown save path ran.
-        boot_pending: boot id whose boot flow still has to handle this guest, or None.
-        override: runtime policy override (per-guest keys, ``profile``, ``mode``).
-        pending_action: action scheduled at ``history.next_retry`` (``restart``/``resume``), or None.
-    """
-
-    name: str
-    uuid: str = ""
-    intent: str = "stopped"
-    history: History = History()
-    was_running: bool = False
-    boot_pending: str | None = None
-    override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
-    pending_action: str | None = None
-
-    def replace(self, **changes: Any) -> "GuestState":
-        """A copy with ``changes`` applied."""
-        return dataclasses.replace(self, **changes)
+#: ``MIGRATIONS[i]`` takes the schema from version i to i + 1 (:func:`~virtwatch.infra.sqlite.open_database`).
+MIGRATIONS = (_SCHEMA,)
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -138,29 +121,33 @@ class ActionRow:
     detail: str
 
 
-class StoreError(Exception):
-    """The database cannot be used even after recreating it (e.g. directory not writable)."""
+#: The database cannot be used even after recreating it (e.g. directory not writable).
+StoreError = DatabaseUnusable
 
 
 class Store:
     """SQLite-backed policy state. Open with :meth:`Store.open`.
 
     ``clock`` returns wall-clock seconds (for ``updated`` columns and the
-    ``.corrupt-<ts>`` suffix).
+    ``.corrupt-<ts>`` suffix). ``on_commit`` is called on the committing thread
+    after every transaction (:meth:`transaction`) commits; it must not raise.
     """
 
-    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float]) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, clock: Callable[[], float],
+                 on_commit: Callable[[], None] | None = None) -> None:
         self._conn = conn
         self.path = path
         self._clock = clock
+        self._on_commit = on_commit
         self.moved_aside: Path | None = None
 
     # -- opening -------------------------------------------------------------
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], clock: Callable[[], float] = _time.time,
-             logger: Any = None) -> "Store":
-        """Open or create the database at ``path`` (``":memory:"`` allowed).
+             logger: Any = None, on_commit: Callable[[], None] | None = None) -> "Store":
+        """Open or create the database at ``path`` (``":memory:"`` allowed), through
+        :func:`~virtwatch.infra.sqlite.open_database` (WAL, ``synchronous=FULL``).
 
         A corrupt or newer-schema file is moved aside (``<path>.corrupt-<ts>``)
         with a warning and replaced by a fresh one. Raises :class:`StoreError`
@@ -168,70 +155,13 @@ class Store:
         """
         log = logger or structlog.get_logger("virtwatch.store")
         p = Path(path)
-        moved: Path | None = None
-        try:
-            conn = cls._connect(p)
-        except _Unusable as err:
-            if str(p) == ":memory:":
-                raise StoreError(str(err)) from None
-            moved = cls._move_aside(p, clock)
-            log.warning("store_moved_aside", path=str(p), moved_to=str(moved), reason=str(err),
+        opened = open_database(p, MIGRATIONS, synchronous="FULL", clock=clock)
+        if opened.moved_aside is not None:
+            log.warning("store_moved_aside", path=str(p), moved_to=str(opened.moved_aside), reason=opened.reason,
                         msg="policy state database unusable: moved aside, starting with empty state")
-            try:
-                conn = cls._connect(p)
-            except (_Unusable, sqlite3.Error, OSError) as err2:
-                raise StoreError(f"{p}: cannot create a fresh database: {err2}") from None
-        store = cls(conn, p, clock)
-        store.moved_aside = moved
+        store = cls(opened.conn, p, clock, on_commit)
+        store.moved_aside = opened.moved_aside
         return store
-
-    @staticmethod
-    def _connect(p: Path) -> sqlite3.Connection:
-        conn = None
-        try:
-            if str(p) != ":memory:":
-                p.parent.mkdir(parents=True, exist_ok=True)
-            conn = sqlite3.connect(str(p), isolation_level=None, timeout=10.0)
-            conn.row_factory = sqlite3.Row
-            version = conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise _Unusable(f"schema version {version} is newer than this virtwatch's {SCHEMA_VERSION}")
-            check = conn.execute("PRAGMA quick_check").fetchone()[0]
-            if check != "ok":
-                raise _Unusable(f"integrity check failed: {check}")
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            if version < SCHEMA_VERSION:
-                conn.execute("BEGIN IMMEDIATE")
-                for stmt in _SCHEMA.split(";"):
-                    if stmt.strip():
-                        conn.execute(stmt)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            return conn
-        except sqlite3.DatabaseError as err:
-            if conn is not None:
-                conn.close()
-            raise _Unusable(f"not a usable SQLite database: {err}") from None
-        except _Unusable:
-            if conn is not None:
-                conn.close()
-            raise
-
-    @staticmethod
-    def _move_aside(p: Path, clock: Callable[[], float]) -> Path:
-        target = p.with_name(f"{p.name}.corrupt-{int(clock())}")
-        n = 1
-        while target.exists():
-            target = p.with_name(f"{p.name}.corrupt-{int(clock())}-{n}")
-            n += 1
-        os.replace(p, target)
-        for suffix in ("-wal", "-shm"):
-            side = p.with_name(p.name + suffix)
-            if side.exists():
-                os.replace(side, target.with_name(target.name + suffix))
-        return target
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -243,8 +173,9 @@ class Store:
     # -- transactions --------------------------------------------------------
 
     class _Tx:
-        def __init__(self, conn: sqlite3.Connection) -> None:
+        def __init__(self, conn: sqlite3.Connection, on_commit: Callable[[], None] | None) -> None:
             self.conn = conn
+            self.on_commit = on_commit
 
         def __enter__(self) -> sqlite3.Connection:
             self.conn.execute("BEGIN IMMEDIATE")
@@ -253,12 +184,14 @@ class Store:
         def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
             if exc_type is None:
                 self.conn.execute("COMMIT")
+                if self.on_commit is not None:
+                    self.on_commit()
             else:
                 self.conn.execute("ROLLBACK")
 
     def transaction(self) -> "Store._Tx":
         """``with store.transaction() as conn:`` — one atomic transition."""
-        return Store._Tx(self._conn)
+        return Store._Tx(self._conn, self._on_commit)
 
     # -- guests --------------------------------------------------------------
 
@@ -434,6 +367,175 @@ class Store:
         return str(self._conn.execute("PRAGMA journal_mode").fetchone()[0])
 
 
+class AsyncStore:
+    """The policy :class:`Store` for the event loop: every call runs on a thread of the store's own.
+
+    That thread owns the SQLite connection (opened there by :meth:`open`) and
+    runs the calls one at a time, in the order they were made: transitions
+    commit in the order the engine made them, each in its own transaction as
+    before, and the loop only awaits the answer, so a commit's fsync
+    (``synchronous=FULL``) never stalls it. The engine updates its memory
+    first and then awaits the write, so memory and disk agree in order.
+
+    A call once made runs to its end even when the awaiting task is cancelled
+    (an engine stop cancels its workers mid-write): SQLite commits or rolls
+    back whole transactions, and :meth:`close` runs after every call made
+    before it. A call's ``sqlite3.Error`` is raised to its caller, or logged
+    (``store_call_failed``) when that caller was cancelled.
+
+    Args:
+        path: the database file (``":memory:"`` allowed).
+        clock: wall-clock seconds (``updated`` columns, the move-aside suffix).
+        logger: structlog logger.
+        on_commit: see :class:`Store`; it runs on the store's thread.
+
+    Attributes:
+        path: the database file.
+        pending: calls made whose answer has not yet reached the loop.
+        moved_aside: set by :meth:`open` when an unusable file was replaced.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], clock: Callable[[], float] = _time.time, logger: Any = None,
+                 on_commit: Callable[[], None] | None = None) -> None:
+        self.path = Path(path)
+        self._clock = clock
+        self._log = logger or structlog.get_logger("virtwatch.store")
+        self._on_commit = on_commit
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._store: Store | None = None
+        self.pending = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.moved_aside: Path | None = None
+
+    async def open(self) -> None:
+        """Open (or create) the database on the store's thread (:meth:`Store.open`); idempotent.
+        Raises :class:`StoreError` when not even a fresh database can be created, OSError."""
+        if self._store is not None:
+            return
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="virtwatch-policy-store")
+        try:
+            self._store = await self._run(Store.open, self.path, self._clock, self._log, self._on_commit)
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        self.moved_aside = self._store.moved_aside
+
+    async def close(self) -> None:
+        """Close the connection after every call made before, then let the thread end (idempotent)."""
+        executor, store = self._executor, self._store
+        self._executor, self._store = None, None
+        if executor is None:
+            return
+        try:
+            if store is not None:
+                await self._run(store.close, executor=executor)
+        finally:
+            executor.shutdown(wait=False)
+
+    async def idle(self) -> None:
+        """Wait until every call made so far has been answered (``pending == 0``)."""
+        await self._idle.wait()
+
+    def _db(self) -> Store:
+        if self._store is None:
+            raise StoreError(f"{self.path}: the policy store is not open")
+        return self._store
+
+    async def _run(self, fn: Callable[..., T], *args: Any,
+                   executor: concurrent.futures.ThreadPoolExecutor | None = None) -> T:
+        executor = executor or self._executor
+        if executor is None:  # never the loop's default executor: one thread must own the connection
+            raise StoreError(f"{self.path}: the policy store is not open")
+        fut = asyncio.get_running_loop().run_in_executor(executor, fn, *args)
+        self.pending += 1
+        self._idle.clear()
+        fut.add_done_callback(self._answered)
+        try:
+            return await asyncio.shield(fut)  # a cancelled caller leaves the call to finish
+        except asyncio.CancelledError:
+            fut.add_done_callback(self._orphan_done)
+            raise
+
+    def _answered(self, _fut: asyncio.Future[Any]) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self._idle.set()
+
+    def _orphan_done(self, fut: asyncio.Future[Any]) -> None:
+        if not fut.cancelled() and fut.exception() is not None:
+            self._log.error("store_call_failed", path=str(self.path), error=repr(fut.exception()),
+                            msg="a policy store call whose caller was cancelled failed")
+
+    # The operations: each is :class:`Store`'s, run on the store's thread.
+
+    async def load_guests(self) -> dict[str, GuestState]:
+        """See :meth:`Store.load_guests`."""
+        return await self._run(self._db().load_guests)
+
+    async def get_guest(self, name: str) -> GuestState | None:
+        """See :meth:`Store.get_guest`."""
+        return await self._run(self._db().get_guest, name)
+
+    async def save_guest(self, guest: GuestState, event_id: int | None = None, decision: str | None = None) -> None:
+        """See :meth:`Store.save_guest`."""
+        await self._run(self._db().save_guest, guest, event_id, decision)
+
+    async def save_guests(self, guests: list[GuestState]) -> None:
+        """See :meth:`Store.save_guests`."""
+        await self._run(self._db().save_guests, guests)
+
+    async def delete_guest(self, name: str) -> None:
+        """See :meth:`Store.delete_guest`."""
+        await self._run(self._db().delete_guest, name)
+
+    async def begin_action(self, guest: GuestState, action: str, reason: str, mode: str = "enforce") -> int:
+        """See :meth:`Store.begin_action`: committed when this returns (intent before act)."""
+        return await self._run(self._db().begin_action, guest, action, reason, mode)
+
+    async def finish_action(self, action_id: int, result: str, detail: str = "",
+                            guest: GuestState | None = None) -> None:
+        """See :meth:`Store.finish_action`."""
+        await self._run(self._db().finish_action, action_id, result, detail, guest)
+
+    async def interrupted_actions(self) -> list[ActionRow]:
+        """See :meth:`Store.interrupted_actions`."""
+        return await self._run(self._db().interrupted_actions)
+
+    async def actions(self, guest: str | None = None, limit: int = 100) -> list[ActionRow]:
+        """See :meth:`Store.actions`."""
+        return await self._run(self._db().actions, guest, limit)
+
+    async def record_event(self, time: float, seq: int, guest: str, uuid: str, kind: str, event: str, detail: str,
+                           payload: Mapping[str, Any] | None = None, cause: str | None = None) -> int:
+        """See :meth:`Store.record_event`."""
+        return await self._run(self._db().record_event, time, seq, guest, uuid, kind, event, detail, payload, cause)
+
+    async def record_transition(self, guest: GuestState, time: float, seq: int, kind: str, event: str, detail: str,
+                                payload: Mapping[str, Any] | None, cause: str | None, decision: str | None) -> int:
+        """See :meth:`Store.record_transition`."""
+        return await self._run(self._db().record_transition, guest, time, seq, kind, event, detail, payload, cause,
+                               decision)
+
+    async def events(self, guest: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        """See :meth:`Store.events`."""
+        return await self._run(self._db().events, guest, limit)
+
+    async def get_meta(self, key: str) -> str | None:
+        """See :meth:`Store.get_meta`."""
+        return await self._run(self._db().get_meta, key)
+
+    async def set_meta(self, key: str, value: str) -> None:
+        """See :meth:`Store.set_meta`."""
+        await self._run(self._db().set_meta, key, value)
+
+    async def begin_boot(self, boot_id: str, pending: list[GuestState]) -> None:
+        """See :meth:`Store.begin_boot`."""
+        await self._run(self._db().begin_boot, boot_id, pending)
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class JournalPrune:
     """What one :func:`prune_journal` run did: rows deleted by age, then by count, and rows left."""
@@ -449,7 +551,7 @@ def prune_journal(path: str | os.PathLike[str], before: float, keep: int, batch:
     before ``before`` (seconds since the epoch), then all but the newest ``keep`` rows.
 
     Blocking: run it in a worker thread. It uses a connection of its own (the
-    :class:`Store`'s belongs to the loop thread), never creates the file, and
+    store's belongs to the store's own thread), never creates the file, and
     deletes ``batch`` rows per transaction, so the engine's writes to the same
     (WAL) database wait for one batch at most. ``stop()`` true ends it between
     batches. Raises sqlite3.Error (e.g. the file is missing or locked for over
@@ -487,7 +589,3 @@ def _prune(conn: sqlite3.Connection, before: float | None, keep: int, batch: int
             by_count = drain("id <= ?", row[0])
     kept = int(conn.execute("SELECT COUNT(*) FROM events").fetchone()[0])
     return JournalPrune(by_age, by_count, kept)
-
-
-class _Unusable(Exception):
-    """Internal: this file cannot be used as our database."""
