@@ -40,7 +40,6 @@ from virtwatch.state import GuestRegistry, ResyncEntry  # noqa: E402
 from virtwatch.virt.aio import register_event_impl  # noqa: E402
 from virtwatch.virt.stats import DomainStats, Snapshot  # noqa: E402
 
-
 _IMPL: list = []  # the process's one libvirt event implementation, registered by main()
 
 

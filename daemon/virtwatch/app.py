@@ -11,34 +11,35 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
+from .agent import GuestAgent
 from .alerts import Alerter
-from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
-from .policy.select import select
-from .policy.wiring import PolicyRuntime
 from .config import Settings, parse_listen
+from .console import ConsoleCapture
+from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .eventlog import RecentEvents
+from .inventory import Inventory
+from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
+from .policy.select import select
+from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
 from .virt.calls import Calls
 from .virt.connection import ConnectionManager, SideConnection
-from .virt.lanes import LanePool, shares_main_connection
 from .virt.events import EventPump
-from .logs import EventLogger
+from .virt.lanes import LanePool, shares_main_connection
 from .virt.records import Event
 from .virt.stats import Snapshot, StatsPoller
-from .agent import GuestAgent
-from .inventory import Inventory
-from .console import ConsoleCapture
 from .web import build_app_kwargs, build_site_kwargs, load_web_config
 
 log = structlog.get_logger("virtwatch.app")

@@ -6,9 +6,9 @@ Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import asyncio
 import concurrent.futures
+import faulthandler
 import json
 import os
 import signal
@@ -17,8 +17,9 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import structlog
 
@@ -389,8 +390,8 @@ def guests_save(args: argparse.Namespace) -> int:
 async def _guests_save(settings: Any) -> int:
     import libvirt
 
-    from .policy.libvirt_port import LibvirtHypervisor
     from .policy.engine import PolicyEngine
+    from .policy.libvirt_port import LibvirtHypervisor
     from .store import Store
     from .virt.aio import register_event_impl
 

@@ -13,17 +13,18 @@ problem found (TOML syntax, unknown keys, bad values), each as
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from .agent import AgentSettings
 from .alerts.config import AlertSettings
-from .policy.config import PolicySettings
 from .console.settings import ConsoleSettings
 from .infra.validation import format_validation_errors
+from .policy.config import PolicySettings
 
 
 class Section(BaseModel):

@@ -26,9 +26,10 @@ import json
 import os
 import sqlite3
 import time as _time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -118,7 +119,7 @@ class GuestState:
     override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     pending_action: str | None = None
 
-    def replace(self, **changes: Any) -> "GuestState":
+    def replace(self, **changes: Any) -> GuestState:
         """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 
@@ -159,7 +160,7 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], clock: Callable[[], float] = _time.time,
-             logger: Any = None) -> "Store":
+             logger: Any = None) -> Store:
         """Open or create the database at ``path`` (``":memory:"`` allowed).
 
         A corrupt or newer-schema file is moved aside (``<path>.corrupt-<ts>``)
@@ -256,7 +257,7 @@ class Store:
             else:
                 self.conn.execute("ROLLBACK")
 
-    def transaction(self) -> "Store._Tx":
+    def transaction(self) -> Store._Tx:
         """``with store.transaction() as conn:`` — one atomic transition."""
         return Store._Tx(self._conn)
 

@@ -17,17 +17,16 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import libvirt
 import pytest
 
 from hostlib import (
-    open_conn,
     URI,
     GuestFactory,
     GuestImage,
     check_guest_net_free,
     ensure_image,
     host_skip_reason,
+    open_conn,
     purge_leftovers,
     start_libvirtd,
 )

@@ -28,9 +28,8 @@ SLACK = 3.0  # seconds on top of interval × (count + 1): RPC in flight, timer g
 
 async def metrics(d: Daemon) -> dict[str, float]:
     host, port = d.listen_address
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://{host}:{port}/metrics") as r:
-            text = await r.text()
+    async with aiohttp.ClientSession() as s, s.get(f"http://{host}:{port}/metrics") as r:
+        text = await r.text()
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
             if s.name in ("libvirt_up", "libvirt_connection_reconnects_total")}
 

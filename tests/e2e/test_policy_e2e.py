@@ -68,7 +68,6 @@ import libvirt
 import pytest
 
 from hostlib import (
-    open_conn,
     NAME_PREFIX,
     READY_MARKER,
     URI,
@@ -76,6 +75,7 @@ from hostlib import (
     GuestFactory,
     GuestImage,
     VirtwatchProcess,
+    open_conn,
     remove_domain,
     sample,
 )
@@ -178,7 +178,7 @@ class PolicyDaemon:
         self.boot_id_file.write_text(boot + "\n")
         return boot
 
-    def start(self) -> "PolicyDaemon":
+    def start(self) -> PolicyDaemon:
         proc = VirtwatchProcess(self.root / f"run{len(self.runs) + 1}", self.config(), poll_interval=5.0)
         self.runs.append(proc)
         proc.start()

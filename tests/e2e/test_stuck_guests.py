@@ -20,8 +20,15 @@ import pytest
 
 from hostlib import Guest, GuestFactory, libvirtd_pid, start_libvirtd, thaw
 from hostlib.daemon import VirtwatchProcess, sample
-from hostlib.stuck import (PollRecorder, advanced_share, frozen, lanes_total, libvirtd_clients, poll_durations,
-                           thread_count)
+from hostlib.stuck import (
+    PollRecorder,
+    advanced_share,
+    frozen,
+    lanes_total,
+    libvirtd_clients,
+    poll_durations,
+    thread_count,
+)
 
 GUESTS = 10
 POLL = 5.0

@@ -23,12 +23,12 @@ import uuid
 
 import libvirt
 import libvirtaio
+from prometheus_client import CollectorRegistry
 
 from virtwatch.metrics.instruments import Instruments
 from virtwatch.virt.aio import register_event_impl
 from virtwatch.virt.calls import Calls
 from virtwatch.virt.events import EventPump, EventSubscriptions
-from prometheus_client import CollectorRegistry
 
 
 async def main(impl_name: str, n_events: int, busy_threads: int) -> dict:
@@ -80,7 +80,7 @@ async def main(impl_name: str, n_events: int, busy_threads: int) -> dict:
     del conn
     try:
         await asyncio.wait_for(impl.drain(), 5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors.append("drain timed out")
     pump_task.cancel()
     calls.shutdown()

@@ -7,8 +7,8 @@ pointing at a real AF_UNIX datagram socket owned by the test.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,7 +44,7 @@ class Notify:
                     return m
             try:
                 data = self.sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.messages.append(dict(line.split("=", 1) for line in data.splitlines() if "=" in line))
             self.seen.append(f"{time.monotonic():.3f} {data}")

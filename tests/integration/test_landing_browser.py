@@ -23,8 +23,8 @@ from typing import Any
 
 import libvirt
 import pytest
-from testkit import until
 
+from testkit import until
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
 
@@ -54,7 +54,7 @@ async def chromium(tmp_path: Path, *args: str) -> bytes:
                                                 stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), CHROMIUM_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         pytest.fail(f"chromium did not finish within {CHROMIUM_TIMEOUT} s: {cmd}")

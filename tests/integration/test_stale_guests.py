@@ -19,8 +19,8 @@ from typing import Any
 
 import libvirt
 import pytest_asyncio
-from testkit import PollerRig, until
 
+from testkit import PollerRig, until
 from virtwatch.virt.stats import ControlState, LibvirtStatsSource, StatsPoller
 
 

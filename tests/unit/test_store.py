@@ -8,9 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
-import structlog
 from structlog.testing import capture_logs
 
 from virtwatch.policy.budget import History

@@ -65,7 +65,7 @@ class AlertSettings(BaseModel):
         return tuple(dict.fromkeys(v))
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AlertSettings":
+    def _consistent(self) -> AlertSettings:
         if self.retry_min_delay > self.retry_max_delay:
             raise ValueError("retry_min_delay exceeds retry_max_delay")
         if (self.basic_auth_username is None) != (self.basic_auth_password_file is None):

@@ -20,7 +20,8 @@ The live registry counts as collector ``daemon``, the state collector as ``state
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -70,7 +71,7 @@ class StateCollector:
         """Yield host and per-guest families."""
         yield from self.frozen().collect()
 
-    def frozen(self) -> "FrozenState":
+    def frozen(self) -> FrozenState:
         """An immutable copy of what :meth:`collect` reads, safe to render in
         another thread while the loop keeps changing guest state."""
         return FrozenState(self._guests.guests(), self._snapshot(), dict(self._info()))

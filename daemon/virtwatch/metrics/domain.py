@@ -11,7 +11,8 @@ busy guest omits fields, and a fake 0 would make ``rate()`` spike.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 

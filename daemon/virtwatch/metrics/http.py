@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 

@@ -26,9 +26,10 @@ import asyncio
 import collections
 import dataclasses
 import random
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Awaitable, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 

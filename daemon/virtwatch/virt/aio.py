@@ -29,7 +29,8 @@ import asyncio
 import collections
 import itertools
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import libvirt
 import libvirtaio
@@ -232,4 +233,4 @@ def register_event_impl(loop: asyncio.AbstractEventLoop | None = None) -> Thread
     return impl
 
 
-__all__ = ["ThreadSafeAsyncIOImpl", "register_event_impl", "libvirt"]
+__all__ = ["ThreadSafeAsyncIOImpl", "libvirt", "register_event_impl"]

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import libvirt
 import structlog
@@ -31,7 +32,7 @@ from ..infra.tasks import TaskSet, notify_all
 from ..infra.timing import DriftFreeSchedule, wait_event
 from ..metrics.instruments import Instruments
 from ..state import GuestRegistry, ResyncEntry
-from .calls import CallTimeout, Calls, error_code_name
+from .calls import Calls, CallTimeout, error_code_name
 from .events import EventPump, EventSubscriptions
 
 log = structlog.get_logger("virtwatch.connection")

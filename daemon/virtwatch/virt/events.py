@@ -15,7 +15,8 @@ import asyncio
 import itertools
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import libvirt
 import structlog

@@ -48,7 +48,7 @@ class VirtwatchProcess:
         """Base URL of the HTTP endpoint."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout: float = 30.0) -> "VirtwatchProcess":
+    def start(self, ready_timeout: float = 30.0) -> VirtwatchProcess:
         """Start and wait until ``/readyz`` answers 200 (libvirt connected)."""
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -62,7 +62,7 @@ class VirtwatchProcess:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
-        except (urllib.error.URLError, ConnectionError, socket.timeout):
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
             return 0, ""
 
     def scrape(self) -> str:

@@ -126,7 +126,7 @@ class PollRecorder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poll-recorder", daemon=True)
 
-    def __enter__(self) -> "PollRecorder":
+    def __enter__(self) -> PollRecorder:
         self._thread.start()
         return self
 

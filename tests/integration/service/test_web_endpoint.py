@@ -11,8 +11,9 @@ import contextlib
 import shutil
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import bcrypt

@@ -8,9 +8,9 @@ import threading
 from typing import Any
 
 import libvirt
-from testkit import until
 from prometheus_client import CollectorRegistry, generate_latest
 
+from testkit import until
 from virtwatch.agent import AgentSettings, GuestAgent, parse_addresses, parse_guest_info
 from virtwatch.inventory import Inventory
 from virtwatch.metrics.instruments import Instruments
@@ -63,7 +63,7 @@ class Guests:
 
 
 class FakeDom:
-    def __init__(self, conn: "FakeConn", uuid: str) -> None:
+    def __init__(self, conn: FakeConn, uuid: str) -> None:
         self.conn, self.uuid = conn, uuid
 
     def _enter(self, call: str) -> None:

@@ -1,6 +1,5 @@
 """Boot flow (once per boot id), restore failures, host-shutdown save path, libvirt-guests detection."""
 
-import os
 
 import pytest
 
@@ -9,7 +8,7 @@ from virtwatch.policy.host import LibvirtGuestsPaths, libvirt_guests_active, rea
 from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason
 from virtwatch.store import GuestState
 
-from .rig import Rig, settle
+from .rig import Rig
 
 BASE = {
     "debounce": 0.1, "boot_settle_timeout": 0, "start_delay": 0,

@@ -1,7 +1,7 @@
 """[policy] settings: defaults, validation, warnings."""
 
-import pytest
 import pydantic
+import pytest
 
 from virtwatch.config import ConfigError, config_warnings, settings_from_mapping
 from virtwatch.policy.config import GuestPolicy, PolicySettings, ShutdownStep

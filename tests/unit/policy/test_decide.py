@@ -4,7 +4,7 @@ import pytest
 
 from virtwatch.policy import budget
 from virtwatch.policy.budget import History
-from virtwatch.policy.classify import Classification, ClassifyInput, StopCause, Transition, classify
+from virtwatch.policy.classify import ClassifyInput, StopCause, classify
 from virtwatch.policy.config import GuestPolicy, PolicySettings
 from virtwatch.policy.decide import Action, GuestRecord, decide, decide_recover, initial_intent
 from virtwatch.policy.ports import DomainState

@@ -4,10 +4,9 @@ import asyncio
 
 import pytest
 
-from virtwatch.policy.fakes import FakeHypervisor
-from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
-from virtwatch.store import GuestState, Store
 from virtwatch.policy.budget import History
+from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
+from virtwatch.store import GuestState
 
 from .rig import Rig, settle
 

@@ -2,10 +2,10 @@
 
 import json
 
+import pytest
+
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.select import parse_metadata, select, validate_override
-
-import pytest
 
 S = PolicySettings.model_validate({
     "enabled": True,
