@@ -97,8 +97,11 @@ class Daemon:
     ``poller``, ``exposition``...), exposed for tests and the CLI.
     """
 
-    def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl, registry: CollectorRegistry | None = None,
-                 wall_clock: Callable[[], float] = time.time, control_fd: int | None = None) -> None:
+    # PLR0915: the composition root is one flat list on purpose; its order is the order in
+    # which subscribers and listeners are called.
+    def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl,  # noqa: PLR0915
+                 registry: CollectorRegistry | None = None, wall_clock: Callable[[], float] = time.time,
+                 control_fd: int | None = None) -> None:
         self.settings = settings
         self.impl = impl
         self.loop = asyncio.get_running_loop()

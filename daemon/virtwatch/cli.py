@@ -95,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     console_log.add_argument("--crash", type=int, metavar="N", help="the N-th most recent crash (1 = latest)")
     console_log.add_argument("--list", action="store_true", help="list recorded crashes")
     console_log.add_argument("--lines", type=int, default=200, help="lines of the live tail (default 200)")
-    console_log.add_argument("--config", metavar="FILE", help="configuration file (for daemon.state_dir and http.listen)")
+    console_log.add_argument("--config", metavar="FILE",
+                             help="configuration file (for daemon.state_dir and http.listen)")
     console_log.add_argument("--state-dir", metavar="DIR", help="state directory (overrides the configuration)")
     console_log.add_argument("--url", metavar="URL", help="daemon base URL (default from http.listen)")
     return parser
@@ -400,8 +401,10 @@ async def _guests_save(settings: Any) -> int:
     conn = await asyncio.to_thread(libvirt.open, settings.libvirt.uri)
     os.makedirs(settings.daemon.state_dir, mode=0o750, exist_ok=True)
     store = Store.open(os.path.join(settings.daemon.state_dir, "virtwatch.sqlite"))
-    engine = PolicyEngine(settings.policy, LibvirtHypervisor(lambda: conn, timeout=settings.policy.action_timeout),
-                          store, boot_id_path=settings.daemon.boot_id_file, auto_boot_flow=False)
+    # conn is deleted on purpose below, once closed: the lambda is not called after that.
+    hypervisor = LibvirtHypervisor(lambda: conn, timeout=settings.policy.action_timeout)  # noqa: F821
+    engine = PolicyEngine(settings.policy, hypervisor, store, boot_id_path=settings.daemon.boot_id_file,
+                          auto_boot_flow=False)
     try:
         await engine.start()
         report = await engine.save_guests()

@@ -49,10 +49,12 @@ class LibvirtSettings(Section):
         description="threads making calls on the main connection; keep 1: libvirt 9.0's client can crash "
                     "when a connection with calls from several threads closes (agent and policy have their own)")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="deadline for one libvirt call, seconds")
-    resync_interval: float = Field(300.0, ge=0, description="periodic full state resync, seconds (0 = only after connect)")
+    resync_interval: float = Field(300.0, ge=0,
+                                   description="periodic full state resync, seconds (0 = only after connect)")
 
 
-StatsGroup = Literal["state", "cpu", "balloon", "vcpu", "interface", "block", "perf", "iothread", "memory", "dirtyrate", "vm"]
+StatsGroup = Literal["state", "cpu", "balloon", "vcpu", "interface", "block", "perf", "iothread", "memory",
+                    "dirtyrate", "vm"]
 
 
 class StatsSettings(Section):

@@ -57,7 +57,7 @@ class PrometheusProcess:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus missing: it is in .ci/apt-packages.txt")
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 -- the child's log; closed in stop()
         self.proc = subprocess.Popen(
             [binary, f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",

@@ -108,7 +108,8 @@ def test_frozen_libvirtd_with_calls_in_flight_never_crashes_the_daemon(tmp_path:
             t1 = time.monotonic()
             vw.wait_until(lambda: sample(vw.scrape(), "libvirt_up") == 1, 30, "never reconnected", interval=0.05)
             mark = time.time()
-            vw.wait_until(lambda: (sample(vw.scrape(), "libvirt_last_poll_success_timestamp_seconds") or 0) > mark,
+            vw.wait_until(lambda mark=mark: (
+                sample(vw.scrape(), "libvirt_last_poll_success_timestamp_seconds") or 0) > mark,
                           10, "polls did not resume")
             figures.append(f"{detected:.2f}/{time.monotonic() - t1:.2f}")
         print(f"\n3 freezes with polls every 100 ms: detected/recovered (s) {', '.join(figures)}; "

@@ -69,7 +69,7 @@ def service(tmp_path: Path):
     cfg.write_text(f'[libvirt]\nuri = "test:///default"\n[http]\nlisten = "127.0.0.1:{port}"\n'
                    '[stats]\npoll_interval = 1.0\n')
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
-    log = open(tmp_path / "out.log", "wb")
+    log = open(tmp_path / "out.log", "wb")  # noqa: SIM115 -- the child's log; closed after it ends
     proc = subprocess.Popen([sys.executable, "-m", "virtwatch", "run", "--config", str(cfg)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     yield proc, notify, cfg, port, tmp_path / "out.log"
@@ -120,7 +120,8 @@ def virtwatch_cli(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate (Debian: systemd)")
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="needs systemd-socket-activate (Debian: systemd)")
 def test_operator_socket_from_socket_activation(tmp_path: Path) -> None:
     # What virtwatch.socket does in production: systemd binds the socket (root:virtwatch 0660),
     # the daemon only serves it. systemd-socket-activate passes it the same way
@@ -137,7 +138,8 @@ def test_operator_socket_from_socket_activation(tmp_path: Path) -> None:
     with open(log_path, "wb") as log:
         # the activator passes on only the variables named with -E
         proc = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), "--fdname=control",
-                                 "-E", "NOTIFY_SOCKET", "-E", "PATH", sys.executable, "-m", "virtwatch", "run", "--config", str(cfg)],
+                                 "-E", "NOTIFY_SOCKET", "-E", "PATH",
+                                 sys.executable, "-m", "virtwatch", "run", "--config", str(cfg)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             end = time.monotonic() + 20

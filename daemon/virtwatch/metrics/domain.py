@@ -207,7 +207,7 @@ def host_families(guests: list[GuestView], host: HostStats | None, info: Mapping
                                  "Unix time the host figures below were read (they are kept when a poll "
                                  "cannot read them).", value=host.collected_at))
     if host.node_info:
-        model, mem_mib, cpus, mhz = host.node_info[:4]
+        _model, mem_mib, cpus, mhz = host.node_info[:4]
         g = GaugeMetricFamily("libvirt_node_cpus", "Active host CPUs (virNodeGetInfo).", value=cpus)
         out.append(g)
         out.append(GaugeMetricFamily("libvirt_node_cpu_frequency_hertz", "Expected CPU frequency (virNodeGetInfo).",

@@ -78,9 +78,9 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         runs any more: the data is left to the exiting process.
         """
         if self.loop.is_closed():
-            if fn in (self._do_remove_handle, self._do_remove_timeout):
-                if self.callbacks.pop(args[0], None) is not None:
-                    self.dropped_after_close += 1
+            removing = fn in (self._do_remove_handle, self._do_remove_timeout)
+            if removing and self.callbacks.pop(args[0], None) is not None:
+                self.dropped_after_close += 1
             return
         with self._lock:
             self._ops.append((fn, args))

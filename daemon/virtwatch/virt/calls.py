@@ -199,6 +199,10 @@ class Calls:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+#: One queued call of :class:`DaemonThreadPool`: its future, the call, and unused arguments.
+_Job = tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
 class DaemonThreadPool(concurrent.futures.Executor):
     """A fixed pool of *daemon* threads.
 
@@ -208,7 +212,7 @@ class DaemonThreadPool(concurrent.futures.Executor):
     """
 
     def __init__(self, workers: int, name: str) -> None:
-        self._queue: queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._workers = workers
         self._name = name

@@ -444,7 +444,9 @@ class SideConnection:
             self._conn = conn
             self.opens += 1
             log.info("libvirt_side_connected", side=self.name, uri=s.uri, read_only=self.read_only)
-            notify_all([self._listener], lambda listener: listener.connection_ready(conn), log_event=_LISTENER_FAILED)
+            # notify_all calls the lambda at once, inside this iteration
+            notify_all([self._listener], lambda listener: listener.connection_ready(conn),  # noqa: B023
+                       log_event=_LISTENER_FAILED)
             return
 
     def _open_blocking(self) -> libvirt.virConnect:

@@ -519,7 +519,8 @@ class StatsPoller:
                         detail="monitor occupied: left out of the bulk call, probed alone")
         return frozenset(stuck)
 
-    async def _probe(self, suspects: Mapping[str, str], end: float) -> tuple[dict[str, tuple[str, dict[str, Any]]], set[str]]:
+    async def _probe(self, suspects: Mapping[str, str],
+                     end: float) -> tuple[dict[str, tuple[str, dict[str, Any]]], set[str]]:
         """Probe suspects one by one on the probe lane until one hangs or time is up.
 
         Returns (answers by UUID as (name, stats), UUIDs of guests that are gone)."""

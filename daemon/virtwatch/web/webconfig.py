@@ -185,7 +185,8 @@ def _resolve(data: Any, base: Path) -> Any:
     return data
 
 
-def web_config_from_mapping(data: Mapping[str, Any] | None, source: str = "<web config>", base_dir: Path | None = None) -> WebConfig:
+def web_config_from_mapping(data: Mapping[str, Any] | None, source: str = "<web config>",
+                            base_dir: Path | None = None) -> WebConfig:
     """Validate parsed YAML. Relative TLS paths resolve against ``base_dir``.
 
     Raises :class:`WebConfigError` with every problem.

@@ -83,7 +83,8 @@ async def test_metadata(conn):
     hv = LibvirtHypervisor(lambda: conn, timeout=5)
     assert await hv.metadata("a") is None
     conn.lookupByName("a").setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                       '<policy profile="critical"><on_crash>leave</on_crash></policy>', "vw", METADATA_NS, 0)
+                                       '<policy profile="critical"><on_crash>leave</on_crash></policy>', "vw",
+                                       METADATA_NS, 0)
     xml = await hv.metadata("a")
     assert 'profile="critical"' in xml and "<on_crash>leave</on_crash>" in xml
 

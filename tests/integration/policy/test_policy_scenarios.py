@@ -124,7 +124,8 @@ class World:
         await until(lambda: all(g.intent == "running" for g in self.engine.snapshot().guests.values()))
 
     def starts(self, name=None):
-        return sum(1 for r in self.store.actions(name, limit=100000) if r.action in ("start", "restore") and r.result != "interrupted")
+        return sum(1 for r in self.store.actions(name, limit=100000)
+                   if r.action in ("start", "restore") and r.result != "interrupted")
 
     def state(self, name):
         return self.conn.lookupByName(name).state()[0]

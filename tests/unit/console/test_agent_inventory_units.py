@@ -144,7 +144,8 @@ async def test_agent_refresh_sets_timeout_and_exports_metrics() -> None:
         text = generate_latest(reg).decode()
         assert ('libvirt_domain_guest_info{domain="a",hostname="host-u-a",os_name="Linux",os_version="",'
                 'timezone="UTC"} 1.0') in text
-        assert 'libvirt_domain_interface_address_info{address="10.0.0.5",domain="a",family="ipv4",interface="eth0"} 1.0' in text
+        assert ('libvirt_domain_interface_address_info'
+                '{address="10.0.0.5",domain="a",family="ipv4",interface="eth0"} 1.0') in text
         assert 'libvirt_domain_guest_time_offset_seconds{domain="a"} 10.5' in text
         agent.on_event(Event(time=1.0, seq=1, source="domain", kind="agent_lifecycle", name="a", uuid="u-a",
                              event="DISCONNECTED", detail="CHANNEL"))

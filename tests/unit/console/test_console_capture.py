@@ -148,7 +148,8 @@ async def test_selection_by_glob_and_selector(calls: Callable[[], Calls]) -> Non
     assert not off.wants("web-1")
 
 
-async def test_attach_reads_into_ring_then_reattaches_after_takeover(tmp_path: Path, calls: Callable[[], Calls]) -> None:
+async def test_attach_reads_into_ring_then_reattaches_after_takeover(tmp_path: Path,
+                                                                      calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"hello\r\n", -2, b"world\n", b""], [b"again\n"]])
     guests = Guests(G("web-1", "uuid-web-1", RUNNING), G("mail", "uuid-mail", RUNNING))
     cap = ConsoleCapture(settings(), calls(), guests, tmp_path)

@@ -67,7 +67,8 @@ async def test_boot_flow_daemon_restart_mid_flow_resumes_without_replay(tmp_path
 
 
 async def test_boot_flow_new_boot_id_and_autostart_always(tmp_path):
-    r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [{"name": "always", "autostart": "always"}, {"name": "never", "autostart": "never"}]})
+    r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [{"name": "always", "autostart": "always"},
+                                                                       {"name": "never", "autostart": "never"}]})
     try:
         r.hv.add("always")
         r.hv.add("never")
@@ -136,8 +137,9 @@ async def test_boot_flow_dry_run_starts_nothing(tmp_path):
 
 
 async def test_save_path_fallbacks_and_was_running(tmp_path):
-    r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [{"glob": "*", "on_host_shutdown": "managedsave:5,shutdown:5,destroy:5"},
-                                         ]})
+    r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [
+        {"glob": "*", "on_host_shutdown": "managedsave:5,shutdown:5,destroy:5"},
+    ]})
     try:
         for n in ("a", "b", "c"):
             r.hv.add(n, state=DomainState.RUNNING, reason=RunningReason.BOOTED)

@@ -56,7 +56,7 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("inp, expected", ROWS, ids=[f"{r[0][1]}/{r[0][2]}/{r[0][3]}/{r[0][4]}/{r[0][5]}/{r[0][6]}" for r in ROWS])
+@pytest.mark.parametrize("inp, expected", ROWS, ids=["/".join(str(f) for f in r[0][1:7]) for r in ROWS])
 def test_table_row(inp, expected):
     c = classify(ClassifyInput(*inp))
     assert (c.transition, c.cause) == expected

@@ -74,7 +74,8 @@ def test_dry_run_text_names_profile_source():
     h = History(failures=(NOW - 30,), attempt=1, last_failure=NOW - 30, last_start=NOW - 25)
     d = decide(rec(), cls("STOPPED", "CRASHED"), h, NOW, sl)
     assert sl.mode == "dry-run"
-    assert d.message(sl.mode) == "would restart web1: crash, attempt 2/5, in 10 s, policy on_crash from profile critical (via match[0])"
+    assert d.message(sl.mode) == ("would restart web1: crash, attempt 2/5, in 10 s, "
+                                  "policy on_crash from profile critical (via match[0])")
 
 
 def test_given_up_after_burst():
@@ -82,7 +83,7 @@ def test_given_up_after_burst():
     h = History()
     t = NOW
     actions = []
-    for i in range(6):
+    for _ in range(6):
         d = decide(rec(), cls("STOPPED", "CRASHED"), h, t, p)
         actions.append(d.action)
         h = d.history.replace(next_retry=None)
@@ -118,7 +119,8 @@ def test_start_sets_intent_running_and_records_start():
 
 
 def test_our_own_stop_is_ignored_and_keeps_pending():
-    d = decide(rec(), cls("STOPPED", "DESTROYED", "HOST", ours="destroy"), History(next_retry=NOW + 5), NOW, sel("web1"))
+    d = decide(rec(), cls("STOPPED", "DESTROYED", "HOST", ours="destroy"), History(next_retry=NOW + 5), NOW,
+               sel("web1"))
     assert d.action == Action.NONE and d.cause == StopCause.OURS and d.keep_pending and d.intent == "running"
 
 
@@ -129,7 +131,8 @@ def test_host_shutdown_keeps_intent_running():
 
 def test_io_error_resume_and_kill():
     d = decide(rec("db"), cls("SUSPENDED", "IOERROR"), History(), NOW, sel("db"))
-    assert d.action == Action.RESUME and d.delay == 30.0 and d.reason.startswith("resume db: I/O error, resume 1, in 30 s")
+    assert d.action == Action.RESUME and d.delay == 30.0
+    assert d.reason.startswith("resume db: I/O error, resume 1, in 30 s")
     d = decide(rec("db"), cls("SUSPENDED", "IOERROR"), History(io_resumes=2, last_resume=NOW - 5), NOW, sel("db"))
     assert d.delay == 120.0
     d = decide(rec("kv"), cls("SUSPENDED", "IOERROR"), History(), NOW, sel("kv"))

@@ -125,7 +125,7 @@ async def test_backoff_delays_between_attempts(rig):
         times.append(rig.clock.monotonic() - t0)
         await rig.run(1.0)   # crashes again 1 s after start: not stable
     # delay + debounce (0.5 s) + the 0.5 s step of the test's time loop
-    assert [d + 0.5 <= t <= d + 1.0 for t, d in zip(times, (10, 20, 40))] == [True] * 3, times
+    assert [d + 0.5 <= t <= d + 1.0 for t, d in zip(times, (10, 20, 40), strict=True)] == [True] * 3, times
 
 
 async def test_not_ready_means_no_decision(rig):
@@ -182,7 +182,7 @@ async def test_our_own_destroy_is_not_reacted_to_kill_policy(tmp_path):
         assert r.hv.count("destroy") == 1
         await r.run(11)
         assert r.hv.count("start") == 1 and r.hv.count("destroy") == 1
-        ev = [e for e in r.store.events("db") if e["event"] == "STOPPED"][0]
+        ev = next(e for e in r.store.events("db") if e["event"] == "STOPPED")
         assert ev["cause"] == "ours"
         assert r.engine.snapshot().guests["db"].failures_in_window == 1
     finally:
@@ -223,7 +223,8 @@ async def test_dry_run_logs_and_journals_but_does_nothing(tmp_path):
         r.hv.crash("web1")
         await r.run(60)
         assert r.hv.count("start") == 0
-        decisions = [(e["event"], e["decision"]) for e in reversed(r.store.events("web1")) if e["event"] in ("CRASHED", "STOPPED")]
+        decisions = [(e["event"], e["decision"]) for e in reversed(r.store.events("web1"))
+                     if e["event"] in ("CRASHED", "STOPPED")]
         assert decisions == [
             ("CRASHED", "crash noted: waiting for libvirt to stop the guest"),
             ("STOPPED", "restart: would restart web1: crash, attempt 1/3, in 10 s, policy on_crash from defaults"),
@@ -361,12 +362,13 @@ async def test_interrupted_action_is_recovered_not_repeated(tmp_path):
         r.hv.add("a")   # shut off: the interrupted start never happened
         running(r.hv, "b")  # running: the interrupted start did happen
         for n in ("a", "b"):
-            r.store.begin_action(GuestState(n, r.hv.guests[n].uuid, "running", History(failures=(r.clock.time(),), attempt=1,
-                                                                                       restarts={"crash": 1})), "start", "restart")
+            history = History(failures=(r.clock.time(),), attempt=1, restarts={"crash": 1})
+            r.store.begin_action(GuestState(n, r.hv.guests[n].uuid, "running", history), "start", "restart")
         await r.start()
         await r.run(1)
         assert r.hv.count("start", "a") == 1 and r.hv.count("start", "b") == 0
-        assert {row.result for row in r.store.actions() if row.action == "start" and row.guest == "b"} == {"interrupted"}
+        assert {row.result for row in r.store.actions()
+                if row.action == "start" and row.guest == "b"} == {"interrupted"}
         assert r.engine.snapshot().actions[("start", "interrupted")] == 2
     finally:
         await r.close()
@@ -439,7 +441,8 @@ async def test_override_is_persisted_shown_and_reloaded(rig):
     rep = await rig.engine.save_guests()  # the reloaded steps work: a clean shutdown, not the default managed save
     assert dict(rep.results) == {"o": "shutdown"} and rig.hv.count("managed_save") == 0
     rig.engine.set_override("o", {})
-    assert dict(rig.store.get_guest("o").override) == {} and rig.engine.explain("o").sources["restart_delay"] == "defaults"
+    assert dict(rig.store.get_guest("o").override) == {}
+    assert rig.engine.explain("o").sources["restart_delay"] == "defaults"
 
 
 async def test_undefined_guest_is_forgotten(rig):
