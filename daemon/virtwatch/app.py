@@ -30,6 +30,7 @@ from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
+from .policy.config import overlay_values
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
@@ -52,8 +53,8 @@ def console_capture_configured(settings: Settings) -> bool:
     if not settings.console.enabled:
         return False
     pol = settings.policy
-    layers = [pol.defaults.capture_console, *(p.capture_console for p in pol.profile.values()),
-              *(r.capture_console for r in pol.match)]
+    overlays = (*pol.profile.values(), *pol.match)  # their keys are made at run time: read them by name
+    layers = [pol.defaults.capture_console, *(overlay_values(o).get("capture_console") for o in overlays)]
     return bool(settings.console.guests) or any(layers)
 
 

@@ -16,6 +16,7 @@ import sys
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,7 +186,7 @@ def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> i
             print(f"# screenshot: {rec.screenshot}")
         return 0
     base = args.url or _local_url(listen)
-    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.request.quote(args.guest, safe='')}/console?lines={args.lines}"
+    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.parse.quote(args.guest, safe='')}/console?lines={args.lines}"
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
             body = json.loads(resp.read())

@@ -256,9 +256,9 @@ class ConsoleCapture:
         if is_crash_event(ev) and ev.name in self._consoles:
             self._crash_tasks.spawn(self._persist(ev), name=f"console-crash-{ev.name}", on_done=self._crash_done)
         if ev.kind == "lifecycle" and ev.event in ("STOPPED", "UNDEFINED"):
-            c = self._consoles.get(ev.name)
-            if c is not None:
-                c.wake.set()
+            known = self._consoles.get(ev.name)
+            if known is not None:
+                known.wake.set()
 
     async def stop(self) -> None:
         """Detach every console (``virStreamAbort``) and drop every stream,

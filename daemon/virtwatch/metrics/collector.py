@@ -191,7 +191,7 @@ class Exposition:
                                     "families were left out of the scrape.", labels=["collector"])
         for name, ok in self._success.items():
             success.add_metric([name], 1 if ok else 0)
-        parts.append(generate_latest(_Families([success])))  # type: ignore[arg-type]
+        parts.append(generate_latest(_Families([success])))
         parts.append(state_body)
         return b"".join(parts)
 
@@ -199,7 +199,7 @@ class Exposition:
         """Record one collector's result; log only when it changes (a healthy first render is silent)."""
         ok = error is None
         if self._success.get(name, True) != ok:
-            if ok:
+            if error is None:
                 self._log.info("collector_recovered", collector=name)
             else:
                 self._log.error("collector_failed", collector=name, error=repr(error),

@@ -84,7 +84,7 @@ NET_FIELDS = (
 )
 
 
-def _family(name: str, kind: str, doc: str, labels: list[str]) -> Metric:
+def _family(name: str, kind: str, doc: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
     if kind == "counter":
         return CounterMetricFamily(name, doc, labels=labels)
     return GaugeMetricFamily(name, doc, labels=labels)

@@ -256,7 +256,7 @@ class ConsoleAPI:
                                               for i, r in enumerate(crashes)]})
 
 
-def _fmt_bytes(v: int | None) -> str:
+def _fmt_bytes(v: float | None) -> str:
     if v is None:
         return ""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -39,6 +39,8 @@ import libvirtaio
 class _Timeout(libvirtaio.TimeoutCallback):
     """libvirtaio timer whose sleep restarts when the interval changes."""
 
+    _task: asyncio.Future[None] | None  # set by libvirtaio.TimeoutCallback
+
     def update(self, timeout: int) -> None:
         """Start, stop or re-arm the timer; ``timeout`` is in ms, -1 disables."""
         if self._task is not None and timeout >= 0 and timeout != self.timeout:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -275,7 +276,7 @@ class LibvirtStatsSource:
         networks = []
         for flag, active in ((libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE, True),
                              (libvirt.VIR_CONNECT_LIST_NETWORKS_INACTIVE, False)):
-            for net in attempt("listAllNetworks", lambda f=flag: conn.listAllNetworks(f)) or []:
+            for net in attempt("listAllNetworks", functools.partial(conn.listAllNetworks, flag)) or []:
                 networks.append(NetworkInfo(name=net.name(), uuid=net.UUIDString(), active=active))
         return HostStats(node_info=tuple(node_info) if node_info else None, memory=memory, cpu=cpu,
                          pools=tuple(sorted(pools, key=lambda p: p.name)),
