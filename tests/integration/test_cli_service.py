@@ -50,6 +50,9 @@ class Notify:
             self.seen.append(f"{time.monotonic():.3f} {data}")
         raise AssertionError(f"no {key}={value} notification; got {self.seen}")
 
+    def close(self) -> None:
+        self.sock.close()
+
 
 def get(port: int, path: str) -> tuple[int, str]:
     try:
@@ -77,6 +80,7 @@ def service(tmp_path: Path):
         proc.kill()
         proc.wait()
     log.close()
+    notify.close()
 
 
 def test_ready_reload_and_stop(service) -> None:
@@ -169,6 +173,7 @@ def test_operator_socket_from_socket_activation(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            notify.close()
     # the file is systemd's (RemoveOnStop=): the daemon did not unlink it
     assert sock.exists() and sock.stat().st_ino == before.st_ino
     out = log_path.read_text()

@@ -165,6 +165,7 @@ def test_sigkill_mid_transition_leaves_consistent_state(tmp_path):
         time.sleep(0.05 + 0.07 * round_)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stdout.close()
         assert proc.returncode == -signal.SIGKILL
         s = Store.open(p)
         assert s.moved_aside is None
