@@ -3,7 +3,9 @@
 #
 #   ./dev.sh run    build a venv and run the daemon on the embedded demo host
 #                   (libvirt's in-process test driver: no hypervisor needed); /metrics on :9177
-#   ./dev.sh test   install everything the tests need and run the whole suite (e2e included)
+#   ./dev.sh test   install everything the tests need, run the guard rails (ruff, mypy), then
+#                   the whole suite (e2e included); extra arguments go to pytest
+#   ./dev.sh lint   only the guard rails: ruff, mypy and the import-layer test (seconds)
 #   ./dev.sh venv   only (re)build the venv
 #
 # Debian packages come from .ci/apt-run.txt (run) and .ci/apt-packages.txt (test); only the
@@ -40,6 +42,14 @@ venv() {
     fi
 }
 
+# The guard rails (DEVELOPERS.md, "Guard rails"): a finding stops the run before the tests.
+checks() {
+    echo "dev.sh: ruff check" >&2
+    "$VENV/bin/ruff" check --quiet .
+    echo "dev.sh: mypy" >&2
+    "$VENV/bin/mypy"
+}
+
 case "${1:-}" in
     run)
         shift
@@ -51,14 +61,21 @@ case "${1:-}" in
         shift
         apt_install .ci/apt-packages.txt
         venv
+        checks
         exec "$VENV/bin/python" -m pytest -ra "$@"
+        ;;
+    lint)
+        apt_install .ci/apt-run.txt
+        venv
+        checks
+        exec "$VENV/bin/python" -m pytest -q tests/unit/test_layers.py tests/unit/test_module_size.py
         ;;
     venv)
         apt_install .ci/apt-run.txt
         venv
         ;;
     *)
-        sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'
+        sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
         exit 2
         ;;
 esac

@@ -40,7 +40,6 @@ from virtwatch.state import GuestRegistry, ResyncEntry  # noqa: E402
 from virtwatch.virt.aio import register_event_impl  # noqa: E402
 from virtwatch.virt.stats import DomainStats, Snapshot  # noqa: E402
 
-
 _IMPL: list = []  # the process's one libvirt event implementation, registered by main()
 
 
@@ -93,7 +92,7 @@ def bench_render(recorded: dict, sizes: list[int]) -> list[dict]:
         holder = {"snap": Snapshot(1, time.time(), 0.0, doms, None)}
         live = CollectorRegistry()
         Instruments(live)
-        exp = Exposition(live, StateCollector(reg, lambda: holder["snap"], lambda: {}))
+        exp = Exposition(live, StateCollector(reg, lambda holder=holder: holder["snap"], lambda: {}))
         cold = []
         for k in range(5):
             holder["snap"] = Snapshot(k + 2, time.time(), 0.0, doms, None)

@@ -14,6 +14,7 @@ from SIGSTOP to ``stats_stale 1`` and from SIGCONT to normal. Needs root, like t
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 import tempfile
@@ -38,7 +39,7 @@ class BenchGuests(GuestFactory):
 
 
 def describe(label: str, records: list[PollRecord], healthy: list[str], prev: PollRecord | None) -> str:
-    periods = [b.at - a.at for a, b in zip(records, records[1:])]
+    periods = [b.at - a.at for a, b in itertools.pairwise(records)]
     paired = ([prev] if prev else []) + records  # the first pair has the poll that met the hang
     durations = poll_durations(paired)
     shares = [advanced_share(paired, n) for n in healthy]
@@ -82,11 +83,12 @@ def main() -> int:
                     end = time.monotonic()
                 thawed = time.monotonic()
                 print(describe(f"{count} frozen", rec.between(stop, end), healthy, rec.before(stop)))
-                stale = rec.first(lambda r: all(r.stale.get(v) == 1 for v in victims), stop)
+                stale = rec.first(lambda r, victims=victims: all(r.stale.get(v) == 1 for v in victims), stop)
                 print(f"{'':<22} SIGSTOP -> stale {stale.at - stop if stale else float('nan'):.1f} s; "
                       f"max quarantined lanes {rec.max_quarantined:.0f}")
-                vw.wait_until(lambda: any(r.at >= thawed and r.lanes.get("quarantined") == 0
-                                          and all(r.stale.get(v) == 0 for v in victims) for r in rec.records),
+                vw.wait_until(lambda thawed=thawed, victims=victims: any(
+                                  r.at >= thawed and r.lanes.get("quarantined") == 0
+                                  and all(r.stale.get(v) == 0 for v in victims) for r in rec.records),
                               4 * args.poll, "never back to normal")
                 back = next(r for r in rec.records if r.at >= thawed and r.lanes.get("quarantined") == 0
                             and all(r.stale.get(v) == 0 for v in victims))

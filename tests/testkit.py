@@ -7,7 +7,8 @@ directory of the root conftest, on ``sys.path``).
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -29,9 +30,8 @@ async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "con
 async def scrape(d: Any, path: str = "/metrics") -> tuple[int, str]:
     """GET ``path`` from a running in-process :class:`~virtwatch.app.Daemon`; (status, body)."""
     host, port = d.listen_address
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://{host}:{port}{path}") as r:
-            return r.status, await r.text()
+    async with aiohttp.ClientSession() as s, s.get(f"http://{host}:{port}{path}") as r:
+        return r.status, await r.text()
 
 
 def sample(text: str, name: str, **labels: str) -> float | None:

@@ -41,7 +41,8 @@ import asyncio
 import dataclasses
 import ipaddress
 import time
-from typing import Any, Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 import libvirt
 import structlog
@@ -49,7 +50,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .infra.timing import next_deadline, wait_event
-from .virt.calls import CallTimeout, Calls, error_code_name
+from .virt.calls import Calls, CallTimeout, error_code_name
 from .virt.records import Event
 
 log = structlog.get_logger("virtwatch.agent")

@@ -11,34 +11,36 @@ from __future__ import annotations
 import asyncio
 import gc
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
+from .agent import GuestAgent
 from .alerts import Alerter
-from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
-from .policy.select import select
-from .policy.wiring import PolicyRuntime
 from .config import Settings, parse_listen
+from .console import ConsoleCapture
+from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .eventlog import RecentEvents
+from .inventory import Inventory
+from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
+from .policy.config import overlay_values
+from .policy.select import select
+from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
 from .virt.calls import Calls
 from .virt.connection import ConnectionManager, SideConnection
-from .virt.lanes import LanePool, shares_main_connection
 from .virt.events import EventPump
-from .logs import EventLogger
+from .virt.lanes import LanePool, shares_main_connection
 from .virt.records import Event
 from .virt.stats import Snapshot, StatsPoller
-from .agent import GuestAgent
-from .inventory import Inventory
-from .console import ConsoleCapture
 from .web import build_app_kwargs, build_site_kwargs, load_web_config
 
 log = structlog.get_logger("virtwatch.app")
@@ -51,8 +53,8 @@ def console_capture_configured(settings: Settings) -> bool:
     if not settings.console.enabled:
         return False
     pol = settings.policy
-    layers = [pol.defaults.capture_console, *(p.capture_console for p in pol.profile.values()),
-              *(r.capture_console for r in pol.match)]
+    overlays = (*pol.profile.values(), *pol.match)  # their keys are made at run time: read them by name
+    layers = [pol.defaults.capture_console, *(overlay_values(o).get("capture_console") for o in overlays)]
     return bool(settings.console.guests) or any(layers)
 
 
@@ -96,8 +98,11 @@ class Daemon:
     ``poller``, ``exposition``...), exposed for tests and the CLI.
     """
 
-    def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl, registry: CollectorRegistry | None = None,
-                 wall_clock: Callable[[], float] = time.time, control_fd: int | None = None) -> None:
+    # PLR0915: the composition root is one flat list on purpose; its order is the order in
+    # which subscribers and listeners are called.
+    def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl,  # noqa: PLR0915
+                 registry: CollectorRegistry | None = None, wall_clock: Callable[[], float] = time.time,
+                 control_fd: int | None = None) -> None:
         self.settings = settings
         self.impl = impl
         self.loop = asyncio.get_running_loop()

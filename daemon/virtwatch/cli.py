@@ -6,9 +6,9 @@ Exit codes: 0 success; 1 runtime failure; 2 invalid configuration or usage.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import asyncio
 import concurrent.futures
+import faulthandler
 import json
 import os
 import signal
@@ -16,9 +16,11 @@ import sys
 import time
 import tomllib
 import urllib.error
+import urllib.parse
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import structlog
 
@@ -94,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     console_log.add_argument("--crash", type=int, metavar="N", help="the N-th most recent crash (1 = latest)")
     console_log.add_argument("--list", action="store_true", help="list recorded crashes")
     console_log.add_argument("--lines", type=int, default=200, help="lines of the live tail (default 200)")
-    console_log.add_argument("--config", metavar="FILE", help="configuration file (for daemon.state_dir and http.listen)")
+    console_log.add_argument("--config", metavar="FILE",
+                             help="configuration file (for daemon.state_dir and http.listen)")
     console_log.add_argument("--state-dir", metavar="DIR", help="state directory (overrides the configuration)")
     console_log.add_argument("--url", metavar="URL", help="daemon base URL (default from http.listen)")
     return parser
@@ -183,7 +186,7 @@ def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> i
             print(f"# screenshot: {rec.screenshot}")
         return 0
     base = args.url or _local_url(listen)
-    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.request.quote(args.guest, safe='')}/console?lines={args.lines}"
+    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.parse.quote(args.guest, safe='')}/console?lines={args.lines}"
     try:
         with urllib.request.urlopen(url, timeout=10) as resp:
             body = json.loads(resp.read())
@@ -389,8 +392,8 @@ def guests_save(args: argparse.Namespace) -> int:
 async def _guests_save(settings: Any) -> int:
     import libvirt
 
-    from .policy.libvirt_port import LibvirtHypervisor
     from .policy.engine import PolicyEngine
+    from .policy.libvirt_port import LibvirtHypervisor
     from .policy.store import AsyncStore
     from .virt.aio import register_event_impl
 
@@ -399,8 +402,10 @@ async def _guests_save(settings: Any) -> int:
     conn = await asyncio.to_thread(libvirt.open, settings.libvirt.uri)
     os.makedirs(settings.daemon.state_dir, mode=0o750, exist_ok=True)
     store = AsyncStore(os.path.join(settings.daemon.state_dir, "virtwatch.sqlite"))
-    engine = PolicyEngine(settings.policy, LibvirtHypervisor(lambda: conn, timeout=settings.policy.action_timeout),
-                          store, boot_id_path=settings.daemon.boot_id_file, auto_boot_flow=False)
+    # conn is deleted on purpose below, once closed: the lambda is not called after that.
+    hypervisor = LibvirtHypervisor(lambda: conn, timeout=settings.policy.action_timeout)  # noqa: F821
+    engine = PolicyEngine(settings.policy, hypervisor, store, boot_id_path=settings.daemon.boot_id_file,
+                          auto_boot_flow=False)
     try:
         await store.open()
         await engine.start()

@@ -13,17 +13,18 @@ problem found (TOML syntax, unknown keys, bad values), each as
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
 
 from .agent import AgentSettings
 from .alerts.config import AlertSettings
-from .policy.config import PolicySettings
 from .console.settings import ConsoleSettings
 from .infra.validation import format_validation_errors
+from .policy.config import PolicySettings
 
 
 class Section(BaseModel):
@@ -48,10 +49,12 @@ class LibvirtSettings(Section):
         description="threads making calls on the main connection; keep 1: libvirt 9.0's client can crash "
                     "when a connection with calls from several threads closes (agent and policy have their own)")
     call_timeout: float = Field(30.0, gt=0, le=3600, description="deadline for one libvirt call, seconds")
-    resync_interval: float = Field(300.0, ge=0, description="periodic full state resync, seconds (0 = only after connect)")
+    resync_interval: float = Field(300.0, ge=0,
+                                   description="periodic full state resync, seconds (0 = only after connect)")
 
 
-StatsGroup = Literal["state", "cpu", "balloon", "vcpu", "interface", "block", "perf", "iothread", "memory", "dirtyrate", "vm"]
+StatsGroup = Literal["state", "cpu", "balloon", "vcpu", "interface", "block", "perf", "iothread", "memory",
+                    "dirtyrate", "vm"]
 
 
 class StatsSettings(Section):

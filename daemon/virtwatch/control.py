@@ -230,7 +230,7 @@ def request(path: str, method: str, url: str, body: Any = None, timeout: float =
         except ValueError:  # aiohttp's own plain-text errors (404 route, 400 line too long)
             body = {"error": f"HTTP {resp.status}: {raw[:200].decode('utf-8', 'replace').strip()}"}
         return resp.status, body if isinstance(body, dict) else {"error": f"HTTP {resp.status}: unexpected answer"}
-    except (FileNotFoundError, ConnectionRefusedError, PermissionError, socket.timeout) as err:
+    except (TimeoutError, FileNotFoundError, ConnectionRefusedError, PermissionError) as err:
         raise DaemonUnreachable(f"{path}: {err}") from None
     finally:
         conn.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from typing import Iterable
+from collections.abc import Iterable
 
 from .virt.records import Event
 

@@ -26,12 +26,12 @@ are counted by the daemon (``libvirt_events_total``) and tracked here in
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import libvirt
 
 from .virt.records import Event
-from .virt.stats import HostStats, NetworkInfo, PoolInfo, Snapshot
+from .virt.stats import NetworkInfo, PoolInfo, Snapshot
 
 _POOL_RUNNING = libvirt.VIR_STORAGE_POOL_RUNNING
 _POOL_INACTIVE = libvirt.VIR_STORAGE_POOL_INACTIVE

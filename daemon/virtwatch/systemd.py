@@ -21,12 +21,12 @@ import asyncio
 import os
 import socket
 import time
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Callable, Mapping, MutableMapping
 
 import structlog
 
-__all__ = ["Notifier", "watchdog_task", "monotonic_usec", "listen_fds", "SD_LISTEN_FDS_START"]
+__all__ = ["SD_LISTEN_FDS_START", "Notifier", "listen_fds", "monotonic_usec", "watchdog_task"]
 
 _log = structlog.get_logger("virtwatch.systemd")
 
@@ -110,7 +110,7 @@ class Notifier:
         *,
         pid: int | None = None,
         unset_environment: bool = False,
-    ) -> "Notifier":
+    ) -> Notifier:
         """Read ``NOTIFY_SOCKET``, ``WATCHDOG_USEC`` and ``WATCHDOG_PID``.
 
         ``environ`` is usually ``os.environ``. ``pid`` is this process' id

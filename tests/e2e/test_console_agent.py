@@ -16,10 +16,9 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
-
-import libvirt
+from typing import Any
 
 from hostlib import GUEST_IP, URI, GuestFactory
 from testkit import sample as value, scrape, until

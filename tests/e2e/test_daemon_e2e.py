@@ -52,7 +52,7 @@ def test_stop_releases_every_libvirt_callback(busy, tmp_path: Path) -> None:
         vw = VirtwatchProcess(tmp_path / str(i), config=(
             f"[daemon]\nstate_dir = \"{tmp_path / str(i)}\"\nsocket = \"{tmp_path / str(i) / 'vw.sock'}\"\n"),
             poll_interval=1.0).start()
-        vw.wait_until(lambda: "agent_denied_read_only" in vw.log_text(), 10, "the agent never tried")
+        vw.wait_until(lambda vw=vw: "agent_denied_read_only" in vw.log_text(), 10, "the agent never tried")
         time.sleep(1.0)
         t0 = time.monotonic()
         assert vw.stop() == 0, vw.log_tail()

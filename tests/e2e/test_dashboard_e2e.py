@@ -28,7 +28,7 @@ from typing import Any
 import libvirt
 import pytest
 
-from hostlib import open_conn, READY_MARKER, REPO_ROOT, URI, GuestFactory, VirtwatchProcess, free_port
+from hostlib import READY_MARKER, REPO_ROOT, GuestFactory, VirtwatchProcess, free_port, open_conn
 
 DASHBOARD = REPO_ROOT / "config" / "grafana" / "virtwatch-dashboard.json"
 RATE_INTERVAL = "15s"
@@ -53,11 +53,11 @@ class PrometheusProcess:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 30.0) -> "PrometheusProcess":
+    def start(self, timeout: float = 30.0) -> PrometheusProcess:
         binary = shutil.which("prometheus")
         if binary is None:
             pytest.fail("prometheus missing: it is in .ci/apt-packages.txt")
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 -- the child's log; closed in stop()
         self.proc = subprocess.Popen(
             [binary, f"--config.file={self.config}", f"--storage.tsdb.path={self.workdir / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}", "--storage.tsdb.retention.time=1h",

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 
-from hostlib import open_conn, GUEST_IP, READY_MARKER, URI, Guest, GuestFactory, GuestImage
+from hostlib import GUEST_IP, READY_MARKER, Guest, GuestFactory, GuestImage, open_conn
 
 NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
 

@@ -28,9 +28,8 @@ SLACK = 3.0  # seconds on top of interval × (count + 1): RPC in flight, timer g
 
 async def metrics(d: Daemon) -> dict[str, float]:
     host, port = d.listen_address
-    async with aiohttp.ClientSession() as s:
-        async with s.get(f"http://{host}:{port}/metrics") as r:
-            text = await r.text()
+    async with aiohttp.ClientSession() as s, s.get(f"http://{host}:{port}/metrics") as r:
+        text = await r.text()
     return {s.name: s.value for fam in text_string_to_metric_families(text) for s in fam.samples
             if s.name in ("libvirt_up", "libvirt_connection_reconnects_total")}
 
@@ -109,7 +108,8 @@ def test_frozen_libvirtd_with_calls_in_flight_never_crashes_the_daemon(tmp_path:
             t1 = time.monotonic()
             vw.wait_until(lambda: sample(vw.scrape(), "libvirt_up") == 1, 30, "never reconnected", interval=0.05)
             mark = time.time()
-            vw.wait_until(lambda: (sample(vw.scrape(), "libvirt_last_poll_success_timestamp_seconds") or 0) > mark,
+            vw.wait_until(lambda mark=mark: (
+                sample(vw.scrape(), "libvirt_last_poll_success_timestamp_seconds") or 0) > mark,
                           10, "polls did not resume")
             figures.append(f"{detected:.2f}/{time.monotonic() - t1:.2f}")
         print(f"\n3 freezes with polls every 100 ms: detected/recovered (s) {', '.join(figures)}; "

@@ -68,7 +68,6 @@ import libvirt
 import pytest
 
 from hostlib import (
-    open_conn,
     NAME_PREFIX,
     READY_MARKER,
     URI,
@@ -76,6 +75,7 @@ from hostlib import (
     GuestFactory,
     GuestImage,
     VirtwatchProcess,
+    open_conn,
     remove_domain,
     sample,
 )
@@ -178,7 +178,7 @@ class PolicyDaemon:
         self.boot_id_file.write_text(boot + "\n")
         return boot
 
-    def start(self) -> "PolicyDaemon":
+    def start(self) -> PolicyDaemon:
         proc = VirtwatchProcess(self.root / f"run{len(self.runs) + 1}", self.config(), poll_interval=5.0)
         self.runs.append(proc)
         proc.start()
@@ -566,10 +566,10 @@ def rebooted(vw: PolicyDaemon, fleet: Fleet) -> dict[str, Any]:
     """managedsave three guests, corrupt two images, then simulate a host boot: stop the daemon,
     write a new boot id, start it again. Returns figures."""
     names = {k: fleet[k].name for k in ("save", "keep", "disc")}
-    for key, name in names.items():
+    for name in names.values():
         subprocess.run(["virsh", "-c", URI, "managedsave", name], check=True, capture_output=True, timeout=120)
     for key, name in names.items():
-        vw.wait(lambda: ("STOPPED", "SAVED") in vw.pairs(name), 20, f"{name}: STOPPED/SAVED not seen")
+        vw.wait(lambda name=name: ("STOPPED", "SAVED") in vw.pairs(name), 20, f"{name}: STOPPED/SAVED not seen")
         assert vw.policy(name)["intent"] == "stopped"
         assert has_managed_save(fleet[key])
     sizes = {}

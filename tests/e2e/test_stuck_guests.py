@@ -10,6 +10,7 @@ return to its normal lane count once the guest answers.
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import time
@@ -20,8 +21,15 @@ import pytest
 
 from hostlib import Guest, GuestFactory, libvirtd_pid, start_libvirtd, thaw
 from hostlib.daemon import VirtwatchProcess, sample
-from hostlib.stuck import (PollRecorder, advanced_share, frozen, lanes_total, libvirtd_clients, poll_durations,
-                           thread_count)
+from hostlib.stuck import (
+    PollRecorder,
+    advanced_share,
+    frozen,
+    lanes_total,
+    libvirtd_clients,
+    poll_durations,
+    thread_count,
+)
 
 GUESTS = 10
 POLL = 5.0
@@ -83,7 +91,7 @@ def check_window(rec: PollRecorder, vw: VirtwatchProcess, victims: list[str], he
     later = [r for r in window if r.at >= stale_at.at]
     assert all(r.stale.get(v) == 1 for r in later for v in victims)
     assert all(r.stale.get(n) == 0 for r in later[1:] for n in healthy)
-    periods = [b.at - a.at for a, b in zip(window, window[1:])]
+    periods = [b.at - a.at for a, b in itertools.pairwise(window)]
     durations = poll_durations(paired)
     return [f"SIGSTOP to stale {to_stale:.1f} s",
             f"healthy guests' CPU advanced in {100 * min(shares.values()):.0f}-{100 * max(shares.values()):.0f} % "
@@ -182,7 +190,8 @@ def test_freeze_thaw_cycles_then_libvirtd_freeze(watcher: VirtwatchProcess, flee
         lanes = (sample(text, "virtwatch_libvirt_lanes", state="active") or 0) + (
             sample(text, "virtwatch_libvirt_lanes", state="quarantined") or 0)
         threads, clients = thread_count(vw.proc.pid), libvirtd_clients(vw.proc.pid)
-        print(f"\n10 freeze/thaw cycles at {poll:g} s polls (a 5 s monitor beside), stale/fresh again (s): {', '.join(cycles)}; "
+        print(f"\n10 freeze/thaw cycles at {poll:g} s polls (a 5 s monitor beside), "
+              f"stale/fresh again (s): {', '.join(cycles)}; "
               f"lanes recovered {recovered:.0f}; libvirtd frozen and thawed (it survived: {survived}); "
               f"after: {lanes:.0f} lanes, {threads} threads, {clients} libvirtd clients")
         assert threads <= lanes + 2 and clients <= lanes + 2

@@ -7,8 +7,9 @@ loop registers it once (``event_impl``) and every test shares it.
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
 from xml.sax.saxutils import escape as xml_escape
-from typing import Any, AsyncIterator, Iterator
 
 import libvirt
 import pytest

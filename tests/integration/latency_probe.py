@@ -23,12 +23,12 @@ import uuid
 
 import libvirt
 import libvirtaio
+from prometheus_client import CollectorRegistry
 
 from virtwatch.metrics.instruments import Instruments
 from virtwatch.virt.aio import register_event_impl
 from virtwatch.virt.calls import Calls
 from virtwatch.virt.events import EventPump, EventSubscriptions
-from prometheus_client import CollectorRegistry
 
 
 async def main(impl_name: str, n_events: int, busy_threads: int) -> dict:
@@ -47,11 +47,12 @@ async def main(impl_name: str, n_events: int, busy_threads: int) -> dict:
 
     stop = threading.Event()
 
+    # F821 below: conn is deleted on purpose once closed, after the last call of these helpers.
     def busy() -> int:
         n = 0
         while not stop.is_set():
-            conn.listAllDomains()
-            conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)
+            conn.listAllDomains()  # noqa: F821
+            conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE, 0)  # noqa: F821
             n += 1
         return n
 
@@ -62,8 +63,8 @@ async def main(impl_name: str, n_events: int, busy_threads: int) -> dict:
     for i in range(n_events // 2):
         name = f"lat-{i}-{uuid.uuid4().hex[:6]}"
 
-        def start_and_stop() -> tuple[float, float]:
-            dom = conn.createXML(xml.format(n=name, u=uuid.uuid4()), 0)
+        def start_and_stop(name: str = name) -> tuple[float, float]:
+            dom = conn.createXML(xml.format(n=name, u=uuid.uuid4()), 0)  # noqa: F821
             t1 = time.monotonic()
             dom.destroy()
             return t1, time.monotonic()
@@ -80,7 +81,7 @@ async def main(impl_name: str, n_events: int, busy_threads: int) -> dict:
     del conn
     try:
         await asyncio.wait_for(impl.drain(), 5)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         errors.append("drain timed out")
     pump_task.cancel()
     calls.shutdown()

@@ -7,8 +7,8 @@ pointing at a real AF_UNIX datagram socket owned by the test.
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -44,11 +44,14 @@ class Notify:
                     return m
             try:
                 data = self.sock.recv(4096).decode()
-            except socket.timeout:
+            except TimeoutError:
                 continue
             self.messages.append(dict(line.split("=", 1) for line in data.splitlines() if "=" in line))
             self.seen.append(f"{time.monotonic():.3f} {data}")
         raise AssertionError(f"no {key}={value} notification; got {self.seen}")
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def get(port: int, path: str) -> tuple[int, str]:
@@ -69,7 +72,7 @@ def service(tmp_path: Path):
     cfg.write_text(f'[libvirt]\nuri = "test:///default"\n[http]\nlisten = "127.0.0.1:{port}"\n'
                    '[stats]\npoll_interval = 1.0\n')
     env = dict(os.environ, NOTIFY_SOCKET=str(tmp_path / "notify.sock"))
-    log = open(tmp_path / "out.log", "wb")
+    log = open(tmp_path / "out.log", "wb")  # noqa: SIM115 -- the child's log; closed after it ends
     proc = subprocess.Popen([sys.executable, "-m", "virtwatch", "run", "--config", str(cfg)], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
     yield proc, notify, cfg, port, tmp_path / "out.log"
@@ -77,6 +80,7 @@ def service(tmp_path: Path):
         proc.kill()
         proc.wait()
     log.close()
+    notify.close()
 
 
 def test_ready_reload_and_stop(service) -> None:
@@ -120,7 +124,8 @@ def virtwatch_cli(sock: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=30)
 
 
-@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="needs systemd-socket-activate (Debian: systemd)")
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None,
+                    reason="needs systemd-socket-activate (Debian: systemd)")
 def test_operator_socket_from_socket_activation(tmp_path: Path) -> None:
     # What virtwatch.socket does in production: systemd binds the socket (root:virtwatch 0660),
     # the daemon only serves it. systemd-socket-activate passes it the same way
@@ -137,7 +142,8 @@ def test_operator_socket_from_socket_activation(tmp_path: Path) -> None:
     with open(log_path, "wb") as log:
         # the activator passes on only the variables named with -E
         proc = subprocess.Popen(["systemd-socket-activate", "-l", str(sock), "--fdname=control",
-                                 "-E", "NOTIFY_SOCKET", "-E", "PATH", sys.executable, "-m", "virtwatch", "run", "--config", str(cfg)],
+                                 "-E", "NOTIFY_SOCKET", "-E", "PATH",
+                                 sys.executable, "-m", "virtwatch", "run", "--config", str(cfg)],
                                 env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             end = time.monotonic() + 20
@@ -167,6 +173,7 @@ def test_operator_socket_from_socket_activation(tmp_path: Path) -> None:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            notify.close()
     # the file is systemd's (RemoveOnStop=): the daemon did not unlink it
     assert sock.exists() and sock.stat().st_ino == before.st_ino
     out = log_path.read_text()

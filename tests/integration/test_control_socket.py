@@ -11,8 +11,8 @@ import json
 import os
 import stat
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 import libvirt
 import pytest_asyncio

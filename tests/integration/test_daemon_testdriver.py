@@ -7,12 +7,9 @@ import json
 import resource
 
 import libvirt
-import pytest
 
 from testkit import sample as metric, scrape, until
 from virtwatch.app import Daemon
-
-
 
 
 async def test_lifecycle_events_reach_state_counters_and_api(daemon: Daemon, make_guests, actor) -> None:

@@ -1,10 +1,11 @@
 """The landing page ``/`` in a real headless Chromium (Debian ``chromium``).
 
 virtwatch's Daemon runs in this process on libvirt's test driver (policy enabled, one
-guest managed by a ``[[policy.match]]`` rule) with a running and a paused guest. Chromium (a subprocess) renders ``/`` twice: ``--dump-dom`` gives the DOM
-after parsing (the guest table, read back with html.parser), ``--screenshot`` a PNG that
-is decoded here (stdlib zlib) and checked for size and real content. The page has no
-JavaScript (the DOM Chromium built has no <script>).
+guest managed by a ``[[policy.match]]`` rule) with a running and a paused guest. Chromium
+(a subprocess) renders ``/`` twice: ``--dump-dom`` gives the DOM after parsing (the guest
+table, read back with html.parser), ``--screenshot`` a PNG that is decoded here (stdlib
+zlib) and checked for size and real content. The page has no JavaScript (the DOM Chromium
+built has no <script>).
 
 Skips only when chromium is missing outside CI; with ``CI=true`` a missing chromium fails.
 """
@@ -23,8 +24,8 @@ from typing import Any
 
 import libvirt
 import pytest
-from testkit import until
 
+from testkit import until
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
 
@@ -54,7 +55,7 @@ async def chromium(tmp_path: Path, *args: str) -> bytes:
                                                 stderr=asyncio.subprocess.PIPE)
     try:
         out, err = await asyncio.wait_for(proc.communicate(), CHROMIUM_TIMEOUT)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         pytest.fail(f"chromium did not finish within {CHROMIUM_TIMEOUT} s: {cmd}")
@@ -180,7 +181,8 @@ async def check_landing_page(daemon: Daemon, tmp_path: Path, running: str, pause
                             for n, s in names.items()), 10, "guests seen by the daemon")
     for _ in range(2):  # two polls: CPU % is a rate between polls
         seen = daemon.poller.latest
-        await until(lambda: daemon.poller.latest is not None and daemon.poller.latest is not seen, 10, "a poll")
+        await until(lambda seen=seen: daemon.poller.latest is not None and daemon.poller.latest is not seen, 10,
+                    "a poll")
     await until(lambda: (daemon.guest_extra(running).get("policy") or {}).get("managed") is True, 10,
                 "policy state of the managed guest")
     assert daemon.listen_address is not None
@@ -194,7 +196,7 @@ async def check_landing_page(daemon: Daemon, tmp_path: Path, running: str, pause
     assert page.scripts == 0
     header, *rows = page.rows
     assert header == ["Guest", "State", "CPU %", "Memory", "Last event", "Policy", "Given up"]
-    by_name = {r[0]: dict(zip(header, r)) for r in rows}
+    by_name = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
     assert running in by_name and paused in by_name, rows
     assert by_name[running]["State"] == "running (booted)"
     assert by_name[running]["Last event"] == "STARTED/BOOTED"

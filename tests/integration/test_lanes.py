@@ -15,8 +15,8 @@ from typing import Any
 import libvirt
 import pytest
 import pytest_asyncio
-from testkit import PollerRig, until
 
+from testkit import PollerRig, until
 from virtwatch.virt.calls import CallTimeout
 from virtwatch.virt.lanes import LaneUnavailable
 
@@ -69,7 +69,7 @@ async def test_quarantine_cap_and_busy_lane(rig: PollerRig) -> None:
         gate.set()
         await until(lambda: lanes.quarantined == 0, 5, "quarantined lane closed")
         assert rig.value("virtwatch_libvirt_lanes_recovered_total", role="stats") == 1
-        await until(lambda: not lanes._active["host"].busy, 5, "host lane idle")  # noqa: SLF001
+        await until(lambda: not lanes._active["host"].busy, 5, "host lane idle")
         assert isinstance(await lanes.run("host", "getHostname", hostname, timeout=5), str)
         assert isinstance(await lanes.run("stats", "getHostname", hostname, timeout=5), str)
         await until(lambda: len(lane_threads()) == 2, 5, "one thread per open lane")
@@ -87,7 +87,7 @@ async def test_connection_lost_retires_every_lane(rig: PollerRig, actor: libvirt
             await lanes.run(role, "getHostname", hostname, timeout=5)
         stuck: Any = asyncio.get_running_loop().create_task(
             lanes.run("probe", "domainListGetStats", blocked, gate, timeout=30))
-        await until(lambda: lanes._active["probe"].busy, 5, "probe call running")  # noqa: SLF001
+        await until(lambda: lanes._active["probe"].busy, 5, "probe call running")
         lanes.connection_lost()
         assert lanes.active == 0
         with pytest.raises(LaneUnavailable) as exc:

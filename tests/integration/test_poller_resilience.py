@@ -9,13 +9,13 @@ it raised was not caught. ``libvirt_up`` was 1 again but no poll ever ran after.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from typing import Any, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import libvirt
 import pytest_asyncio
-from testkit import PollerRig, until
 
+from testkit import PollerRig, until
 from virtwatch.virt.calls import ConnectionRetired
 from virtwatch.virt.stats import HostStats, LibvirtStatsSource, StatsPoller
 

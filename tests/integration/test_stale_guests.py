@@ -15,12 +15,12 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, ClassVar
 
 import libvirt
 import pytest_asyncio
-from testkit import PollerRig, until
 
+from testkit import PollerRig, until
 from virtwatch.virt.stats import ControlState, LibvirtStatsSource, StatsPoller
 
 
@@ -189,7 +189,7 @@ class HeldElsewhereSource(LibvirtStatsSource):
         self.controls: list[frozenset[str] | None] = []
 
     # The test driver returns the state group only; a QEMU guest also has monitor figures.
-    MONITOR = {"block.count": 1, "block.0.name": "vda", "block.0.rd.bytes": 4096}
+    MONITOR: ClassVar[dict[str, Any]] = {"block.count": 1, "block.0.name": "vda", "block.0.rd.bytes": 4096}
 
     def bulk(self, conn: Any, exclude: frozenset[str], flags: int) -> list:
         rows = super().bulk(conn, exclude, flags)

@@ -12,11 +12,11 @@ from .config import AlertSettings
 from .rules import AlertAction, RuleContext, actions_for_event
 
 __all__ = [
-    "Alerter",
-    "AlertmanagerClient",
+    "AlertAction",
     "AlertRecord",
     "AlertSettings",
-    "AlertAction",
+    "Alerter",
+    "AlertmanagerClient",
     "RuleContext",
     "actions_for_event",
 ]

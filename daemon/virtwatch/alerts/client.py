@@ -22,7 +22,8 @@ import dataclasses
 import datetime
 import random
 import ssl
-from typing import Any, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import aiohttp
 import structlog
@@ -69,7 +70,7 @@ class AlertRecord:
 
 def rfc3339(t: float) -> str:
     """Epoch seconds as an RFC 3339 UTC timestamp with milliseconds."""
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds").replace(
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z"
     )
 

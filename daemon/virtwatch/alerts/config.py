@@ -23,7 +23,8 @@ class AlertSettings(BaseModel):
     )
     timeout: float = Field(5.0, gt=0, le=300, description="deadline for one POST to one Alertmanager, seconds")
     queue_size: int = Field(
-        1000, ge=1, le=1_000_000, description="pending alerts per Alertmanager; past it the oldest are dropped (counted)"
+        1000, ge=1, le=1_000_000,
+        description="pending alerts per Alertmanager; past it the oldest are dropped (counted)",
     )
     retry_min_delay: float = Field(0.5, gt=0, le=3600, description="first retry delay after a failed POST, seconds")
     retry_max_delay: float = Field(30.0, gt=0, le=86400, description="cap of the exponential retry delay, seconds")
@@ -65,7 +66,7 @@ class AlertSettings(BaseModel):
         return tuple(dict.fromkeys(v))
 
     @model_validator(mode="after")
-    def _consistent(self) -> "AlertSettings":
+    def _consistent(self) -> AlertSettings:
         if self.retry_min_delay > self.retry_max_delay:
             raise ValueError("retry_min_delay exceeds retry_max_delay")
         if (self.basic_auth_username is None) != (self.basic_auth_password_file is None):

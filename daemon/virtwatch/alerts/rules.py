@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-from typing import Collection, Literal, Mapping
+from collections.abc import Collection, Mapping
+from typing import Literal
 
 from ..virt.records import Event
 
@@ -87,7 +88,7 @@ class RuleContext:
 
 
 def _ts(t: float) -> str:
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat(timespec="milliseconds")
 
 
 def _extra(ctx: RuleContext, **more: str) -> dict[str, str]:

@@ -47,8 +47,9 @@ import fnmatch
 import os
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import libvirt
 import structlog
@@ -56,7 +57,7 @@ import structlog
 from ..infra.backoff import Backoff
 from ..infra.tasks import TaskSet
 from ..infra.timing import wait_event
-from ..virt.calls import CallTimeout, Calls, error_code_name
+from ..virt.calls import Calls, CallTimeout, error_code_name
 from ..virt.records import Event
 from .crashstore import CrashRecord, CrashStore
 from .devices import RECV_CHUNK, ConsoleDevices, open_console, read_file_tail, take_screenshot
@@ -255,9 +256,9 @@ class ConsoleCapture:
         if is_crash_event(ev) and ev.name in self._consoles:
             self._crash_tasks.spawn(self._persist(ev), name=f"console-crash-{ev.name}", on_done=self._crash_done)
         if ev.kind == "lifecycle" and ev.event in ("STOPPED", "UNDEFINED"):
-            c = self._consoles.get(ev.name)
-            if c is not None:
-                c.wake.set()
+            known = self._consoles.get(ev.name)
+            if known is not None:
+                known.wake.set()
 
     async def stop(self) -> None:
         """Detach every console (``virStreamAbort``) and drop every stream,

@@ -115,7 +115,7 @@ class CrashStore:
                                      (crash_id,)).fetchone()
             if row is None:
                 return
-            events = json.loads(row["events"]) + [_event_label(ev)]
+            events = [*json.loads(row["events"]), _event_label(ev)]
             self._conn.execute(
                 "UPDATE console_crashes SET events=?, console_tail=?, log_tail=?, screenshot=? WHERE id=?",
                 (json.dumps(events), console_tail, log_tail if log_tail is not None else row["log_tail"],

@@ -17,7 +17,8 @@ class ConsoleSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: StrictBool = Field(True, description="the console feature's switch: false captures nothing, whatever policy says")
+    enabled: StrictBool = Field(
+        True, description="the console feature's switch: false captures nothing, whatever policy says")
     guests: tuple[str, ...] = Field((), description="glob patterns of guest names to capture")
     device: str | None = Field(None, description="console device alias for openConsole (default: the first console)")
     buffer_kib: int = Field(64, ge=1, le=65536, description="ring buffer per guest, KiB")
@@ -27,7 +28,8 @@ class ConsoleSettings(BaseModel):
                                    description="bytes read per guest per tick at most (bounds CPU)")
     reattach_min_delay: float = Field(0.5, gt=0, le=3600, description="first re-attach delay, seconds")
     reattach_max_delay: float = Field(30.0, gt=0, le=86400, description="re-attach delay cap, seconds")
-    force: StrictBool = Field(False, description="take the console even when someone else holds it (VIR_DOMAIN_CONSOLE_FORCE)")
+    force: StrictBool = Field(False,
+                              description="take the console even when someone else holds it (VIR_DOMAIN_CONSOLE_FORCE)")
     crash_lines: int = Field(200, ge=1, le=100000, description="lines persisted with a crash")
     alert_lines: int = Field(20, ge=1, le=10000, description="lines attached to an alert annotation")
     read_log_file: StrictBool = Field(True, description="after a crash also read the serial's virtlogd <log file=...>")

@@ -24,8 +24,8 @@ import dataclasses
 import os
 import sqlite3
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 #: The path that opens an in-memory database (never moved aside).
 MEMORY = ":memory:"

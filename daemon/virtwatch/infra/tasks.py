@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Coroutine, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Iterator
+from typing import Any, TypeVar
 
 import structlog
 

@@ -20,7 +20,8 @@ The live registry counts as collector ``daemon``, the state collector as ``state
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
@@ -70,7 +71,7 @@ class StateCollector:
         """Yield host and per-guest families."""
         yield from self.frozen().collect()
 
-    def frozen(self) -> "FrozenState":
+    def frozen(self) -> FrozenState:
         """An immutable copy of what :meth:`collect` reads, safe to render in
         another thread while the loop keeps changing guest state."""
         return FrozenState(self._guests.guests(), self._snapshot(), dict(self._info()))
@@ -190,7 +191,7 @@ class Exposition:
                                     "families were left out of the scrape.", labels=["collector"])
         for name, ok in self._success.items():
             success.add_metric([name], 1 if ok else 0)
-        parts.append(generate_latest(_Families([success])))  # type: ignore[arg-type]
+        parts.append(generate_latest(_Families([success])))
         parts.append(state_body)
         return b"".join(parts)
 
@@ -198,7 +199,7 @@ class Exposition:
         """Record one collector's result; log only when it changes (a healthy first render is silent)."""
         ok = error is None
         if self._success.get(name, True) != ok:
-            if ok:
+            if error is None:
                 self._log.info("collector_recovered", collector=name)
             else:
                 self._log.error("collector_failed", collector=name, error=repr(error),

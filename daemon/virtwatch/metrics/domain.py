@@ -11,7 +11,8 @@ busy guest omits fields, and a fake 0 would make ``rate()`` spike.
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
@@ -83,7 +84,7 @@ NET_FIELDS = (
 )
 
 
-def _family(name: str, kind: str, doc: str, labels: list[str]) -> Metric:
+def _family(name: str, kind: str, doc: str, labels: list[str]) -> CounterMetricFamily | GaugeMetricFamily:
     if kind == "counter":
         return CounterMetricFamily(name, doc, labels=labels)
     return GaugeMetricFamily(name, doc, labels=labels)
@@ -206,7 +207,7 @@ def host_families(guests: list[GuestView], host: HostStats | None, info: Mapping
                                  "Unix time the host figures below were read (they are kept when a poll "
                                  "cannot read them).", value=host.collected_at))
     if host.node_info:
-        model, mem_mib, cpus, mhz = host.node_info[:4]
+        _model, mem_mib, cpus, mhz = host.node_info[:4]
         g = GaugeMetricFamily("libvirt_node_cpus", "Active host CPUs (virNodeGetInfo).", value=cpus)
         out.append(g)
         out.append(GaugeMetricFamily("libvirt_node_cpu_frequency_hertz", "Expected CPU frequency (virNodeGetInfo).",

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import html
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -255,7 +256,7 @@ class ConsoleAPI:
                                               for i, r in enumerate(crashes)]})
 
 
-def _fmt_bytes(v: int | None) -> str:
+def _fmt_bytes(v: float | None) -> str:
     if v is None:
         return ""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

@@ -6,8 +6,10 @@ registry), so tests and several daemons in one process stay apart.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .. import __version__
 
@@ -76,10 +78,10 @@ class Instruments:
         self._build = build
         registry.register(self)
 
-    def collect(self):  # prometheus-client collector protocol
+    def collect(self) -> Iterator[Metric]:  # prometheus-client collector protocol
         """Yield the constant ``virtwatch_build_info`` family."""
         yield self._build
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         """Describe without collecting (prometheus-client protocol)."""
         return [self._build]

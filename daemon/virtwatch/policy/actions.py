@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Callable
+from collections.abc import Callable
 
 from . import budget
 from .decide import restore_failure_plan
@@ -132,7 +132,8 @@ class ActionRunner:
             return
         g.live = (state, reason)
         if state in (DomainState.RUNNING, DomainState.BLOCKED):
-            st = g.st.replace(pending_action=None, history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
+            history = budget.record_start(g.st.history, self._clock.time(), sel.policy)
+            st = g.st.replace(pending_action=None, history=history)
             await self._t.persist(g, st)
             self._journal.count("restart", "already_running")
             self._journal.log_action(g, "restart", Outcome("already_running"))

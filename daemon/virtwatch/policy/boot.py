@@ -12,8 +12,8 @@ own decision.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Awaitable, Callable
 
 from .actions import ActionRunner
 from .decide import boot_candidate

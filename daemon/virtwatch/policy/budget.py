@@ -17,8 +17,8 @@ All timestamps are wall-clock seconds (they are persisted); durations seconds.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Mapping
 
 from .config import GuestPolicy
 
@@ -51,7 +51,7 @@ class History:
     last_failure: float | None = None
     last_resume: float | None = None
 
-    def replace(self, **changes: object) -> "History":
+    def replace(self, **changes: object) -> History:
         """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 

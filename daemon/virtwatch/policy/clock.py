@@ -12,7 +12,8 @@ import asyncio
 import heapq
 import itertools
 import time as _time
-from typing import Any, Awaitable, Callable, Protocol, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 

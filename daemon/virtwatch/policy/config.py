@@ -27,7 +27,16 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, create_model, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 Mode = Literal["enforce", "dry-run", "observe"]
 StopReaction = Literal["restart", "leave"]
@@ -164,19 +173,19 @@ def overlay_values(overlay: BaseModel) -> dict[str, Any]:
 class MatchRule(PolicyOverlay):  # type: ignore[misc,valid-type]
     """One ``[[policy.match]]`` rule: selectors (all given must match) + profile + mode + per-guest keys."""
 
-    uuid: Optional[str] = Field(None, description="exact guest UUID (case-insensitive)")
-    name: Optional[str] = Field(None, description="exact guest name")
-    glob: Optional[str] = Field(None, description="shell glob on the guest name, e.g. 'web*'")
-    regex: Optional[str] = Field(None, description="regular expression, must match the whole guest name")
-    metadata: Optional[dict[str, str]] = Field(
+    uuid: str | None = Field(None, description="exact guest UUID (case-insensitive)")
+    name: str | None = Field(None, description="exact guest name")
+    glob: str | None = Field(None, description="shell glob on the guest name, e.g. 'web*'")
+    regex: str | None = Field(None, description="regular expression, must match the whole guest name")
+    metadata: dict[str, str] | None = Field(
         None, description="labels from the guest's virtwatch XML metadata that must all be equal, e.g. {tier = 'web'}"
     )
-    profile: Optional[str] = Field(None, description="profile whose keys apply below this rule's own keys")
-    mode: Optional[Mode] = Field(None, description="mode for matched guests (the more conservative of this and [policy].mode wins)")
+    profile: str | None = Field(None, description="profile whose keys apply below this rule's own keys")
+    mode: Mode | None = Field(None, description="mode for matched guests (the more conservative of this and [policy].mode wins)")
 
     @field_validator("regex")
     @classmethod
-    def _regex_compiles(cls, v: Optional[str]) -> Optional[str]:
+    def _regex_compiles(cls, v: str | None) -> str | None:
         if v is not None:
             try:
                 re.compile(v)
@@ -185,7 +194,7 @@ class MatchRule(PolicyOverlay):  # type: ignore[misc,valid-type]
         return v
 
     @model_validator(mode="after")
-    def _has_selector(self) -> "MatchRule":
+    def _has_selector(self) -> MatchRule:
         if all(getattr(self, k) is None for k in ("uuid", "name", "glob", "regex", "metadata")):
             raise ValueError("a match rule needs at least one selector: uuid, name, glob, regex or metadata")
         return self
@@ -237,7 +246,7 @@ class PolicySettings(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _profiles_exist(self) -> "PolicySettings":
+    def _profiles_exist(self) -> PolicySettings:
         for i, rule in enumerate(self.match):
             if rule.profile is not None and rule.profile not in self.profile:
                 raise ValueError(f"match[{i}].profile: unknown profile {rule.profile!r}")

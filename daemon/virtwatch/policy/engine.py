@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -46,8 +47,17 @@ from .config import PolicySettings
 from .decide import Action, Decision, ResyncStep, decide, decide_recover, resync_step
 from .guests import ActionJournal, GuestTable
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths
-from .model import (BootReport, EngineSnapshot, Explanation, GuestEntry, GuestSnapshot, GuestState, PolicyAlert,
-                    SaveReport, WorkItem)
+from .model import (
+    BootReport,
+    EngineSnapshot,
+    Explanation,
+    GuestEntry,
+    GuestSnapshot,
+    GuestState,
+    PolicyAlert,
+    SaveReport,
+    WorkItem,
+)
 from .operator import Operator
 from .ports import DomainState, Hypervisor, HypervisorError, RunningReason
 from .select import Selection

@@ -11,7 +11,16 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from .ports import ACTIVE_STATES, DomainState, ErrorCode, GuestInfo, HypervisorError, PausedReason, RunningReason, ShutoffReason
+from .ports import (
+    ACTIVE_STATES,
+    DomainState,
+    ErrorCode,
+    GuestInfo,
+    HypervisorError,
+    PausedReason,
+    RunningReason,
+    ShutoffReason,
+)
 
 
 @dataclasses.dataclass

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
-from typing import Any, Awaitable, Callable, Iterable, Mapping, TypeVar
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import structlog
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import structlog
 
-from .store import JournalPrune, prune_journal
 from .clock import Clock
+from .store import JournalPrune, prune_journal
 
 #: Seconds between two prunes (the first runs at start).
 JOURNAL_PRUNE_INTERVAL = 3600.0

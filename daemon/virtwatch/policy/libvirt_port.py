@@ -12,7 +12,8 @@ guest stuck in libvirt must not pile up threads). libvirt errors become
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable, Callable, TypeVar
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import libvirt
 
@@ -34,7 +35,7 @@ class LibvirtHypervisor:
             every libvirt call); default ``asyncio.to_thread``.
     """
 
-    def __init__(self, connection: Callable[[], "libvirt.virConnect | None"], timeout: float = 30.0,
+    def __init__(self, connection: Callable[[], libvirt.virConnect | None], timeout: float = 30.0,
                  max_in_flight: int = 4,
                  runner: Callable[[str, Callable[[], Any]], Awaitable[Any]] | None = None) -> None:
         self._connection = connection

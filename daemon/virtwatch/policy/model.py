@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 from ..virt.records import Event
 from . import budget
@@ -41,7 +42,7 @@ class GuestState:
     override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     pending_action: str | None = None
 
-    def replace(self, **changes: Any) -> "GuestState":
+    def replace(self, **changes: Any) -> GuestState:
         """A copy with ``changes`` applied."""
         return dataclasses.replace(self, **changes)
 

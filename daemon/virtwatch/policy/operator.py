@@ -8,8 +8,9 @@ status and ``virtwatch explain`` without calling libvirt.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from . import budget
 from .classify import Transition, classify_state

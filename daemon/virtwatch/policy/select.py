@@ -26,8 +26,9 @@ import dataclasses
 import fnmatch
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Mapping
+from typing import Any
 
 import pydantic
 

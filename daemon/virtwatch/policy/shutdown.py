@@ -10,6 +10,7 @@ each one's ``on_host_shutdown`` steps in order (``managedsave``, ``shutdown``,
 from __future__ import annotations
 
 import asyncio
+import functools
 from types import MappingProxyType
 from typing import Any
 
@@ -69,7 +70,7 @@ class SavePath:
             if sel.managed and info.state in ACTIVE_STATES:
                 targets.append((g, sel))
         marked = [g.st.replace(was_running=True) for g, _ in targets]
-        for (g, _), st in zip(targets, marked):
+        for (g, _), st in zip(targets, marked, strict=True):
             g.st = st
         await self._store.save_guests(marked)
         results: dict[str, str] = {}
@@ -89,7 +90,7 @@ class SavePath:
     async def _save_one(self, g: GuestEntry, steps: tuple[ShutdownStep, ...]) -> str:
         name = g.st.name
         for step in steps:
-            out = await self._journal.run(g, step.action, "host shutdown", lambda step=step: self._save_step(g, step))
+            out = await self._journal.run(g, step.action, "host shutdown", functools.partial(self._save_step, g, step))
             if out.error is None:
                 self._log.info("policy_save_step", guest=name, uuid=g.st.uuid, step=step.action, result="ok")
                 return step.action

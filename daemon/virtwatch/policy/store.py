@@ -30,9 +30,10 @@ import json
 import os
 import sqlite3
 import time as _time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 
@@ -145,7 +146,7 @@ class Store:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], clock: Callable[[], float] = _time.time,
-             logger: Any = None, on_commit: Callable[[], None] | None = None) -> "Store":
+             logger: Any = None, on_commit: Callable[[], None] | None = None) -> Store:
         """Open or create the database at ``path`` (``":memory:"`` allowed), through
         :func:`~virtwatch.infra.sqlite.open_database` (WAL, ``synchronous=FULL``).
 
@@ -189,7 +190,7 @@ class Store:
             else:
                 self.conn.execute("ROLLBACK")
 
-    def transaction(self) -> "Store._Tx":
+    def transaction(self) -> Store._Tx:
         """``with store.transaction() as conn:`` — one atomic transition."""
         return Store._Tx(self._conn, self._on_commit)
 

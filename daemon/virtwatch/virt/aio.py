@@ -29,7 +29,8 @@ import asyncio
 import collections
 import itertools
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import libvirt
 import libvirtaio
@@ -37,6 +38,8 @@ import libvirtaio
 
 class _Timeout(libvirtaio.TimeoutCallback):
     """libvirtaio timer whose sleep restarts when the interval changes."""
+
+    _task: asyncio.Future[None] | None  # set by libvirtaio.TimeoutCallback
 
     def update(self, timeout: int) -> None:
         """Start, stop or re-arm the timer; ``timeout`` is in ms, -1 disables."""
@@ -77,9 +80,9 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         runs any more: the data is left to the exiting process.
         """
         if self.loop.is_closed():
-            if fn in (self._do_remove_handle, self._do_remove_timeout):
-                if self.callbacks.pop(args[0], None) is not None:
-                    self.dropped_after_close += 1
+            removing = fn in (self._do_remove_handle, self._do_remove_timeout)
+            if removing and self.callbacks.pop(args[0], None) is not None:
+                self.dropped_after_close += 1
             return
         with self._lock:
             self._ops.append((fn, args))
@@ -232,4 +235,4 @@ def register_event_impl(loop: asyncio.AbstractEventLoop | None = None) -> Thread
     return impl
 
 
-__all__ = ["ThreadSafeAsyncIOImpl", "register_event_impl", "libvirt"]
+__all__ = ["ThreadSafeAsyncIOImpl", "libvirt", "register_event_impl"]

@@ -26,7 +26,8 @@ import concurrent.futures
 import queue
 import threading
 import time
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import libvirt
 
@@ -198,6 +199,10 @@ class Calls:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+#: One queued call of :class:`DaemonThreadPool`: its future, the call, and unused arguments.
+_Job = tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]]
+
+
 class DaemonThreadPool(concurrent.futures.Executor):
     """A fixed pool of *daemon* threads.
 
@@ -207,13 +212,13 @@ class DaemonThreadPool(concurrent.futures.Executor):
     """
 
     def __init__(self, workers: int, name: str) -> None:
-        self._queue: "queue.SimpleQueue[tuple[concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...]] | None]" = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._closed = False
         self._workers = workers
         self._name = name
         self._threads: list[threading.Thread] = []
 
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> "concurrent.futures.Future[T]":
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
         """Schedule ``fn(*args, **kwargs)``; RuntimeError after :meth:`shutdown`.
 
         Threads start with the first submissions (up to ``workers``), so a pool

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import libvirt
 import structlog
@@ -31,7 +32,7 @@ from ..infra.tasks import TaskSet, notify_all
 from ..infra.timing import DriftFreeSchedule, wait_event
 from ..metrics.instruments import Instruments
 from ..state import GuestRegistry, ResyncEntry
-from .calls import CallTimeout, Calls, error_code_name
+from .calls import Calls, CallTimeout, error_code_name
 from .events import EventPump, EventSubscriptions
 
 log = structlog.get_logger("virtwatch.connection")
@@ -443,7 +444,9 @@ class SideConnection:
             self._conn = conn
             self.opens += 1
             log.info("libvirt_side_connected", side=self.name, uri=s.uri, read_only=self.read_only)
-            notify_all([self._listener], lambda listener: listener.connection_ready(conn), log_event=_LISTENER_FAILED)
+            # notify_all calls the lambda at once, inside this iteration
+            notify_all([self._listener], lambda listener: listener.connection_ready(conn),  # noqa: B023
+                       log_event=_LISTENER_FAILED)
             return
 
     def _open_blocking(self) -> libvirt.virConnect:

@@ -14,8 +14,9 @@ are exactly libvirt's (``VIR_DOMAIN_EVENT_STOPPED_CRASHED`` → ``CRASHED``).
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, NamedTuple
 
 import libvirt
 
@@ -42,7 +43,7 @@ _ENUM_MEMBERS: Mapping[str, tuple[str, ...]] = MappingProxyType({
 })
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def constant_names(prefix: str) -> Mapping[int, str]:
     """``{value: NAME}`` of the ``libvirt`` integer constants of one enum.
 
@@ -77,7 +78,7 @@ def name_of(prefix: str, value: int) -> str:
     return names.get(value, f"UNKNOWN_{value}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lifecycle_event_names() -> Mapping[int, str]:
     out = {}
     for name in LIFECYCLE_EVENTS:

@@ -15,7 +15,8 @@ import asyncio
 import itertools
 import threading
 import time
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import libvirt
 import structlog
@@ -159,20 +160,20 @@ class EventSubscriptions:
                     self.unsupported.append(spec.kind)
                     continue
                 raise
-        for spec in HOST_EVENTS:
-            eid = getattr(libvirt, spec.id_name, None)
-            method = getattr(conn, spec.register, None)
-            if eid is None or method is None:
-                self.unsupported.append(spec.kind)
+        for host_spec in HOST_EVENTS:
+            host_eid = getattr(libvirt, host_spec.id_name, None)
+            method = getattr(conn, host_spec.register, None)
+            if host_eid is None or method is None:
+                self.unsupported.append(host_spec.kind)
                 continue
-            cb = self._host_callback(spec.source, spec.kind, spec.decode)
+            cb = self._host_callback(host_spec.source, host_spec.kind, host_spec.decode)
             try:
-                self._host_ids.append((spec.deregister, method(None, eid, cb, None)))
-                registered.append(spec.kind)
+                self._host_ids.append((host_spec.deregister, method(None, host_eid, cb, None)))
+                registered.append(host_spec.kind)
             except libvirt.libvirtError as err:
                 if err.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG,
                                             libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
-                    self.unsupported.append(spec.kind)
+                    self.unsupported.append(host_spec.kind)
                     continue
                 raise
         return registered

@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Any, Callable, Iterator, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import libvirt
 import structlog
@@ -53,7 +54,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from ..config import LibvirtSettings
 from ..infra.tasks import TaskSet
 from ..metrics.instruments import Instruments
-from .calls import CallTimeout, Calls
+from .calls import Calls, CallTimeout
 from .connection import open_connection
 
 log = structlog.get_logger("virtwatch.lanes")

@@ -8,7 +8,8 @@ alerts, journal) never deal with libvirt's 30 callback signatures.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

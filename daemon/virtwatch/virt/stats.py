@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import time
-from typing import Any, Callable, Mapping, Protocol
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
 
 import libvirt
 import structlog
@@ -274,7 +276,7 @@ class LibvirtStatsSource:
         networks = []
         for flag, active in ((libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE, True),
                              (libvirt.VIR_CONNECT_LIST_NETWORKS_INACTIVE, False)):
-            for net in attempt("listAllNetworks", lambda f=flag: conn.listAllNetworks(f)) or []:
+            for net in attempt("listAllNetworks", functools.partial(conn.listAllNetworks, flag)) or []:
                 networks.append(NetworkInfo(name=net.name(), uuid=net.UUIDString(), active=active))
         return HostStats(node_info=tuple(node_info) if node_info else None, memory=memory, cpu=cpu,
                          pools=tuple(sorted(pools, key=lambda p: p.name)),
@@ -518,7 +520,8 @@ class StatsPoller:
                         detail="monitor occupied: left out of the bulk call, probed alone")
         return frozenset(stuck)
 
-    async def _probe(self, suspects: Mapping[str, str], end: float) -> tuple[dict[str, tuple[str, dict[str, Any]]], set[str]]:
+    async def _probe(self, suspects: Mapping[str, str],
+                     end: float) -> tuple[dict[str, tuple[str, dict[str, Any]]], set[str]]:
         """Probe suspects one by one on the probe lane until one hangs or time is up.
 
         Returns (answers by UUID as (name, stats), UUIDs of guests that are gone)."""

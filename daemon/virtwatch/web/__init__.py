@@ -19,7 +19,8 @@ endpoint up.
 from __future__ import annotations
 
 import ssl
-from typing import Any, Collection, Iterable
+from collections.abc import Collection, Iterable
+from typing import Any
 
 from .auth import AUTH_USER_KEY, basic_auth_middleware, headers_middleware
 from .limits import HTTPLimits

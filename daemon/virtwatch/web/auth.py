@@ -26,13 +26,14 @@ import hashlib
 import hmac
 import secrets
 from collections import OrderedDict
-from typing import Any, Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from typing import Any
 
 import bcrypt
 import structlog
 from aiohttp import web
 
-__all__ = ["basic_auth_middleware", "headers_middleware", "AUTH_USER_KEY"]
+__all__ = ["AUTH_USER_KEY", "basic_auth_middleware", "headers_middleware"]
 
 _log = structlog.get_logger("virtwatch.web.auth")
 

@@ -36,9 +36,9 @@ def build_ssl_context(tls: TLSServerConfig, source: str = "<web config>") -> ssl
     try:
         ctx.load_cert_chain(certfile=str(tls.cert_file), keyfile=str(tls.key_file))
     except OSError as err:  # includes ssl.SSLError
-        raise WebConfigError(
-            source, [f"tls_server_config.cert_file/key_file: cannot load {tls.cert_file} with {tls.key_file}: {_reason(err)}"]
-        ) from None
+        raise WebConfigError(source, [
+            f"tls_server_config.cert_file/key_file: cannot load {tls.cert_file} with {tls.key_file}: {_reason(err)}",
+        ]) from None
     if tls.verifies_clients:
         assert tls.client_ca_file is not None  # enforced by the model
         try:
@@ -47,7 +47,8 @@ def build_ssl_context(tls: TLSServerConfig, source: str = "<web config>") -> ssl
             raise WebConfigError(
                 source, [f"tls_server_config.client_ca_file: cannot load {tls.client_ca_file}: {_reason(err)}"]
             ) from None
-        ctx.verify_mode = ssl.CERT_REQUIRED if tls.client_auth_type == "RequireAndVerifyClientCert" else ssl.CERT_OPTIONAL
+        verify = tls.client_auth_type == "RequireAndVerifyClientCert"
+        ctx.verify_mode = ssl.CERT_REQUIRED if verify else ssl.CERT_OPTIONAL
     else:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx

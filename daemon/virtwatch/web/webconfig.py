@@ -32,8 +32,9 @@ Errors: :func:`load_web_config` raises :class:`WebConfigError` (a
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -43,9 +44,9 @@ from ..config import ConfigError
 from ..infra.validation import format_validation_errors
 
 __all__ = [
-    "WebConfig",
-    "TLSServerConfig",
     "HTTPServerConfig",
+    "TLSServerConfig",
+    "WebConfig",
     "WebConfigError",
     "load_web_config",
     "web_config_from_mapping",
@@ -109,7 +110,7 @@ class TLSServerConfig(_Section):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TLSServerConfig":
+    def _consistent(self) -> TLSServerConfig:
         verifies = self.client_auth_type in ("VerifyClientCertIfGiven", "RequireAndVerifyClientCert")
         if verifies and self.client_ca_file is None:
             raise ValueError(f"client_auth_type {self.client_auth_type} needs client_ca_file")
@@ -184,7 +185,8 @@ def _resolve(data: Any, base: Path) -> Any:
     return data
 
 
-def web_config_from_mapping(data: Mapping[str, Any] | None, source: str = "<web config>", base_dir: Path | None = None) -> WebConfig:
+def web_config_from_mapping(data: Mapping[str, Any] | None, source: str = "<web config>",
+                            base_dir: Path | None = None) -> WebConfig:
     """Validate parsed YAML. Relative TLS paths resolve against ``base_dir``.
 
     Raises :class:`WebConfigError` with every problem.

@@ -48,9 +48,9 @@ class VirtwatchProcess:
         """Base URL of the HTTP endpoint."""
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, ready_timeout: float = 30.0) -> "VirtwatchProcess":
+    def start(self, ready_timeout: float = 30.0) -> VirtwatchProcess:
         """Start and wait until ``/readyz`` answers 200 (libvirt connected)."""
-        self._log = open(self.log_path, "wb")
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 -- the child's log; closed in stop()
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
         self.wait_until(lambda: self.get("/readyz")[0] == 200, ready_timeout, "virtwatch never became ready")
         return self
@@ -62,7 +62,7 @@ class VirtwatchProcess:
                 return r.status, r.read().decode()
         except urllib.error.HTTPError as err:
             return err.code, err.read().decode()
-        except (urllib.error.URLError, ConnectionError, socket.timeout):
+        except (TimeoutError, urllib.error.URLError, ConnectionError):
             return 0, ""
 
     def scrape(self) -> str:

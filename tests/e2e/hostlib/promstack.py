@@ -27,8 +27,9 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import yaml
 
@@ -104,7 +105,7 @@ class _Server:
         """True while the process is alive."""
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 30.0) -> "_Server":
+    def start(self, timeout: float = 30.0) -> _Server:
         """Start the process and wait until ``/-/ready`` answers 200."""
         assert not self.running, f"{self.name} already running"
         with open(self.log_path, "ab") as log:
@@ -136,7 +137,7 @@ class _Server:
                 self.proc.wait()
         self.proc = None
 
-    def __enter__(self) -> "_Server":
+    def __enter__(self) -> _Server:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -256,7 +257,7 @@ class AlertWatcher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alert-watcher", daemon=True)
 
-    def start(self) -> "AlertWatcher":
+    def start(self) -> AlertWatcher:
         self.started_at = time.time()
         self._thread.start()
         return self

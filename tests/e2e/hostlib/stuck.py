@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 import signal
 import subprocess
@@ -126,7 +127,7 @@ class PollRecorder:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="poll-recorder", daemon=True)
 
-    def __enter__(self) -> "PollRecorder":
+    def __enter__(self) -> PollRecorder:
         self._thread.start()
         return self
 
@@ -166,7 +167,7 @@ class PollRecorder:
 def advanced_share(records: list[PollRecord], name: str) -> float:
     """Share of consecutive poll pairs in ``records`` in which guest ``name``'s
     CPU time grew (0.0 when there is no pair)."""
-    pairs = [(a, b) for a, b in zip(records, records[1:]) if name in a.cpu and name in b.cpu]
+    pairs = [(a, b) for a, b in itertools.pairwise(records) if name in a.cpu and name in b.cpu]
     total = len(records) - 1
     if total <= 0:
         return 0.0
@@ -175,7 +176,8 @@ def advanced_share(records: list[PollRecord], name: str) -> float:
 
 def poll_durations(records: list[PollRecord]) -> list[float]:
     """Mean poll duration (s) between consecutive records (from the histogram's sum and count)."""
-    return [(b.poll_duration_sum - a.poll_duration_sum) / max(1, b.poll - a.poll) for a, b in zip(records, records[1:])]
+    return [(b.poll_duration_sum - a.poll_duration_sum) / max(1, b.poll - a.poll)
+            for a, b in itertools.pairwise(records)]
 
 
 def lanes_total(rec: PollRecord) -> float:

@@ -6,13 +6,13 @@ The process helper is shared with the end-to-end tests: ``tests/e2e/hostlib/prom
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "e2e"))
-from hostlib.promstack import AlertmanagerProcess  # noqa: E402
+from hostlib.promstack import AlertmanagerProcess
 
 
 @pytest.fixture

@@ -25,10 +25,9 @@ def event(name: str, kind: str, ev: str, detail: str, seq: int = 1, payload=None
 
 
 async def am_alerts(url: str) -> list[dict]:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(url + "/api/v2/alerts") as r:
-            assert r.status == 200
-            return await r.json()
+    async with aiohttp.ClientSession() as s, s.get(url + "/api/v2/alerts") as r:
+        assert r.status == 200
+        return await r.json()
 
 
 async def wait_for(url: str, pred, timeout: float = 10.0) -> list[dict]:

@@ -7,7 +7,15 @@ import libvirt
 import pytest
 
 from virtwatch.policy.libvirt_port import LibvirtHypervisor
-from virtwatch.policy.ports import METADATA_NS, DomainState, ErrorCode, GuestInfo, Hypervisor, HypervisorError, ShutoffReason
+from virtwatch.policy.ports import (
+    METADATA_NS,
+    DomainState,
+    ErrorCode,
+    GuestInfo,
+    Hypervisor,
+    HypervisorError,
+    ShutoffReason,
+)
 
 NODE = """<node>
   <domain type="test"><name>a</name><uuid>11111111-2222-3333-4444-555555555551</uuid>
@@ -75,7 +83,8 @@ async def test_metadata(conn):
     hv = LibvirtHypervisor(lambda: conn, timeout=5)
     assert await hv.metadata("a") is None
     conn.lookupByName("a").setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-                                       '<policy profile="critical"><on_crash>leave</on_crash></policy>', "vw", METADATA_NS, 0)
+                                       '<policy profile="critical"><on_crash>leave</on_crash></policy>', "vw",
+                                       METADATA_NS, 0)
     xml = await hv.metadata("a")
     assert 'profile="critical"' in xml and "<on_crash>leave</on_crash>" in xml
 

@@ -11,8 +11,8 @@ import time
 
 import libvirt
 import pytest
-from testkit import until
 
+from testkit import until
 from virtwatch.policy.clock import SystemClock
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.engine import PolicyEngine

@@ -22,7 +22,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 def make(destdir: Path, *targets: str, **variables: str) -> subprocess.CompletedProcess[str]:
     args = ["make", "--no-print-directory", "-f", str(REPO / "mk" / "install.mk"), *targets, f"DESTDIR={destdir}"]
     args += [f"{k}={v}" for k, v in variables.items()]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO, env={**os.environ, "PIP_NO_INPUT": "1"})
+    r = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=REPO,
+                       env={**os.environ, "PIP_NO_INPUT": "1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     return r
 
@@ -49,8 +50,8 @@ def test_install_into_destdir_is_complete_and_idempotent(tmp_path: Path) -> None
         installed = dest / "etc/systemd/system" / unit
         assert installed.read_text() == (REPO / "systemd" / unit).read_text()
         assert installed.stat().st_mode & 0o777 == 0o644
-    assert (dest / "etc/sysusers.d/virtwatch.conf").read_text() == (REPO / "systemd/sysusers.d/virtwatch.conf").read_text()
-    assert (dest / "etc/tmpfiles.d/virtwatch.conf").read_text() == (REPO / "systemd/tmpfiles.d/virtwatch.conf").read_text()
+    for conf in ("sysusers.d/virtwatch.conf", "tmpfiles.d/virtwatch.conf"):
+        assert (dest / "etc" / conf).read_text() == (REPO / "systemd" / conf).read_text()
     assert (dest / "usr/local/share/doc/virtwatch/web-config.example.yml").is_file()
 
     # Config seeded from the example; state directory made.

@@ -29,7 +29,8 @@ INSTALLED_BINARY = "/usr/local/bin/virtwatch"
 MAIN_THRESHOLD = 20  # "OK" band; the unit scores 1.3
 SAVE_THRESHOLD = 15  # the unit scores 0.6
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze (Debian: systemd)")
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                                reason="needs systemd-analyze (Debian: systemd)")
 
 
 def _env() -> dict[str, str]:
@@ -131,7 +132,8 @@ def test_socket_unit_is_root_virtwatch_0660_at_the_configured_path() -> None:
     from virtwatch.config import Settings
 
     text = (UNITS / MAIN).read_text()
-    assert re.search(r"^Requires=virtwatch\.socket$", text, re.M) and re.search(r"^After=virtwatch\.socket$", text, re.M)
+    assert re.search(r"^Requires=virtwatch\.socket$", text, re.M)
+    assert re.search(r"^After=virtwatch\.socket$", text, re.M)
     sock = _unit(SOCKET)["Socket"]
     assert (sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"]) == ("root", "virtwatch", "0660")
     assert sock["FileDescriptorName"] == "control"  # what `virtwatch run` looks for in LISTEN_FDNAMES

@@ -11,8 +11,9 @@ import contextlib
 import shutil
 import ssl
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiohttp
 import bcrypt
@@ -53,7 +54,8 @@ async def echo(request: web.Request) -> web.Response:
 
 
 @contextlib.asynccontextmanager
-async def serve(config_file: Path, limits: HTTPLimits = HTTPLimits(), exempt: tuple[str, ...] = ()) -> AsyncIterator[str]:
+async def serve(config_file: Path, limits: HTTPLimits = HTTPLimits(),
+                exempt: tuple[str, ...] = ()) -> AsyncIterator[str]:
     """Serve /metrics and /echo with ``config_file``; yields the base URL."""
     cfg = load_web_config(config_file)
     app = web.Application(**build_app_kwargs(cfg, limits=limits, exempt_paths=exempt))
@@ -161,9 +163,9 @@ async def test_curl_oversize_body_gets_413(pki: PKI, tmp_path: Path) -> None:
     small.write_bytes(b"y" * 1000)
     async with serve(tls_config(pki, tmp_path), limits=HTTPLimits(max_body_bytes=64 * 1024)) as url:
         common = ["--cacert", str(pki.ca_crt), "-u", f"{USER}:{PASSWORD}"]
-        rc, code, body = await curl(*common, "--data-binary", f"@{small}", f"{url}/echo")
+        _, code, body = await curl(*common, "--data-binary", f"@{small}", f"{url}/echo")
         assert (code, body) == (200, "1000")
-        rc, code, _ = await curl(*common, "--data-binary", f"@{big}", f"{url}/echo")
+        _, code, _ = await curl(*common, "--data-binary", f"@{big}", f"{url}/echo")
         assert code == 413
 
 
@@ -282,7 +284,8 @@ async def test_client_certificates_required_and_verified(pki: PKI, tmp_path: Pat
     )
     async with serve(cfg) as url:
         common = ["--cacert", str(pki.ca_crt), "-u", f"{USER}:{PASSWORD}"]
-        rc, code, body = await curl(*common, "--cert", str(pki.client_crt), "--key", str(pki.client_key), f"{url}/metrics")
+        rc, code, _ = await curl(*common, "--cert", str(pki.client_crt), "--key", str(pki.client_key),
+                                 f"{url}/metrics")
         assert (rc, code) == (0, 200)
         rc, code, _ = await curl(*common, f"{url}/metrics")
         assert rc != 0 and code == 0  # handshake refused without a client cert
@@ -330,7 +333,8 @@ def test_tls_file_problems_are_config_errors(pki: PKI, tmp_path: Path) -> None:
     missing.write_text(f"tls_server_config:\n  cert_file: nope.crt\n  key_file: {pki.server_key}\n")
     with pytest.raises(WebConfigError) as exc:
         build_site_kwargs(load_web_config(missing), str(missing))
-    assert exc.value.errors == [f"tls_server_config.cert_file: cannot read {tmp_path / 'nope.crt'}: No such file or directory"]
+    assert exc.value.errors == [
+        f"tls_server_config.cert_file: cannot read {tmp_path / 'nope.crt'}: No such file or directory"]
 
     mismatched = tmp_path / "mismatch.yml"
     mismatched.write_text(f"tls_server_config:\n  cert_file: {pki.server_crt}\n  key_file: {pki.client_key}\n")

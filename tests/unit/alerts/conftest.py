@@ -52,7 +52,7 @@ class FakeResponse:
 
 
 class _PostCtx:
-    def __init__(self, session: "FakeSession", url: str, kwargs: dict[str, Any]) -> None:
+    def __init__(self, session: FakeSession, url: str, kwargs: dict[str, Any]) -> None:
         self._session, self._url, self._kwargs = session, url, kwargs
 
     async def __aenter__(self) -> FakeResponse:

@@ -8,8 +8,14 @@ import ssl
 
 from prometheus_client import CollectorRegistry
 
-from virtwatch.alerts.client import (AlertmanagerClient, AlertRecord, alert_payload, alerts_endpoint, retry_backoff,
-                                     rfc3339)
+from virtwatch.alerts.client import (
+    AlertmanagerClient,
+    AlertRecord,
+    alert_payload,
+    alerts_endpoint,
+    retry_backoff,
+    rfc3339,
+)
 from virtwatch.alerts.config import AlertSettings
 
 A = "http://am-a:9093"

@@ -22,7 +22,8 @@ def test_crashed_panicked_fires_guest_crashed_with_labels_and_texts():
     assert a == AlertAction(
         op="fire", alertname="VirtwatchGuestCrashed", domain="web1", uuid="u-1", severity="critical",
         summary="Guest web1 crashed on hv1",
-        description="Guest web1 (uuid u-1) on hv1 crashed at 2026-11-29T13:34:53.731+00:00 (lifecycle CRASHED/PANICKED).",
+        description="Guest web1 (uuid u-1) on hv1 crashed at 2026-11-29T13:34:53.731+00:00 "
+                    "(lifecycle CRASHED/PANICKED).",
         annotations={"event": "lifecycle CRASHED/PANICKED"}, at=T,
     )
 

@@ -8,9 +8,9 @@ import threading
 from typing import Any
 
 import libvirt
-from testkit import until
 from prometheus_client import CollectorRegistry, generate_latest
 
+from testkit import until
 from virtwatch.agent import AgentSettings, GuestAgent, parse_addresses, parse_guest_info
 from virtwatch.inventory import Inventory
 from virtwatch.metrics.instruments import Instruments
@@ -63,7 +63,7 @@ class Guests:
 
 
 class FakeDom:
-    def __init__(self, conn: "FakeConn", uuid: str) -> None:
+    def __init__(self, conn: FakeConn, uuid: str) -> None:
         self.conn, self.uuid = conn, uuid
 
     def _enter(self, call: str) -> None:
@@ -144,7 +144,8 @@ async def test_agent_refresh_sets_timeout_and_exports_metrics() -> None:
         text = generate_latest(reg).decode()
         assert ('libvirt_domain_guest_info{domain="a",hostname="host-u-a",os_name="Linux",os_version="",'
                 'timezone="UTC"} 1.0') in text
-        assert 'libvirt_domain_interface_address_info{address="10.0.0.5",domain="a",family="ipv4",interface="eth0"} 1.0' in text
+        assert ('libvirt_domain_interface_address_info'
+                '{address="10.0.0.5",domain="a",family="ipv4",interface="eth0"} 1.0') in text
         assert 'libvirt_domain_guest_time_offset_seconds{domain="a"} 10.5' in text
         agent.on_event(Event(time=1.0, seq=1, source="domain", kind="agent_lifecycle", name="a", uuid="u-a",
                              event="DISCONNECTED", detail="CHANNEL"))

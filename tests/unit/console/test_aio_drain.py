@@ -14,7 +14,7 @@ async def test_drain_after_a_timed_out_drain() -> None:
     for _ in range(2):
         try:
             await asyncio.wait_for(impl.drain(), 0.05)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
     impl._pending_dec()
     await asyncio.wait_for(impl.drain(), 1.0)  # returns at once: nothing pending

@@ -8,23 +8,23 @@ import asyncio
 import contextlib
 import dataclasses
 import io
-from pathlib import Path
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import libvirt
-from testkit import until
 import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry
 
-from virtwatch.metrics.http import ConsoleAPI
-from virtwatch.metrics.instruments import Instruments
-from virtwatch.virt.calls import Calls
+from testkit import until
 from virtwatch.cli import console_log_main
 from virtwatch.console.capture import ConsoleCapture
 from virtwatch.console.settings import ConsoleSettings
+from virtwatch.metrics.http import ConsoleAPI
+from virtwatch.metrics.instruments import Instruments
+from virtwatch.virt.calls import Calls
 from virtwatch.virt.records import Event
 
 RUNNING, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUTOFF
@@ -61,7 +61,7 @@ class FakeStream:
 
 
 class FakeDomain:
-    def __init__(self, conn: "FakeConn", name: str) -> None:
+    def __init__(self, conn: FakeConn, name: str) -> None:
         self.conn, self._name = conn, name
 
     def XMLDesc(self, flags: int) -> str:
@@ -148,7 +148,8 @@ async def test_selection_by_glob_and_selector(calls: Callable[[], Calls]) -> Non
     assert not off.wants("web-1")
 
 
-async def test_attach_reads_into_ring_then_reattaches_after_takeover(tmp_path: Path, calls: Callable[[], Calls]) -> None:
+async def test_attach_reads_into_ring_then_reattaches_after_takeover(tmp_path: Path,
+                                                                      calls: Callable[[], Calls]) -> None:
     conn = FakeConn([[b"hello\r\n", -2, b"world\n", b""], [b"again\n"]])
     guests = Guests(G("web-1", "uuid-web-1", RUNNING), G("mail", "uuid-mail", RUNNING))
     cap = ConsoleCapture(settings(), calls(), guests, tmp_path)

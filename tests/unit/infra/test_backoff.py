@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from virtwatch.console.settings import ConsoleSettings
 from virtwatch.config import LibvirtSettings
+from virtwatch.console.settings import ConsoleSettings
 from virtwatch.infra.backoff import Backoff
 from virtwatch.virt.connection import reconnect_backoff
 

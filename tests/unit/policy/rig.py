@@ -5,8 +5,8 @@ the daemon does."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from virtwatch.policy.clock import FakeClock
 from virtwatch.policy.config import PolicySettings

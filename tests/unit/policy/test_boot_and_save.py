@@ -1,14 +1,13 @@
 """Boot flow (once per boot id), restore failures, host-shutdown save path, libvirt-guests detection."""
 
 import asyncio
-import os
 
 import pytest
 
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.host import LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
-from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason
 from virtwatch.policy.model import GuestState
+from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason
 
 from .rig import Rig
 

@@ -1,7 +1,7 @@
 """[policy] settings: defaults, validation, warnings."""
 
-import pytest
 import pydantic
+import pytest
 
 from virtwatch.config import ConfigError, config_warnings, settings_from_mapping
 from virtwatch.policy.config import GuestPolicy, PolicySettings, ShutdownStep
@@ -58,7 +58,8 @@ def test_errors_name_their_key(bad, path):
 
 def test_shutdown_steps_string_forms():
     g = GuestPolicy(on_host_shutdown="managedsave:30, destroy")
-    assert g.on_host_shutdown == (ShutdownStep(action="managedsave", timeout=30.0), ShutdownStep(action="destroy", timeout=120.0))
+    assert g.on_host_shutdown == (ShutdownStep(action="managedsave", timeout=30.0),
+                                  ShutdownStep(action="destroy", timeout=120.0))
     g2 = GuestPolicy(on_host_shutdown=[{"action": "shutdown", "timeout": 5}])
     assert g2.on_host_shutdown == (ShutdownStep(action="shutdown", timeout=5.0),)
 

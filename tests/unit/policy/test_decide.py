@@ -4,10 +4,19 @@ import pytest
 
 from virtwatch.policy import budget
 from virtwatch.policy.budget import History
-from virtwatch.policy.classify import Classification, ClassifyInput, StopCause, Transition, classify, classify_state
+from virtwatch.policy.classify import ClassifyInput, StopCause, classify, classify_state
 from virtwatch.policy.config import GuestPolicy, PolicySettings
-from virtwatch.policy.decide import (Action, GuestRecord, ResyncStep, boot_candidate, decide, decide_recover,
-                                    initial_intent, restore_failure_plan, resync_step)
+from virtwatch.policy.decide import (
+    Action,
+    GuestRecord,
+    ResyncStep,
+    boot_candidate,
+    decide,
+    decide_recover,
+    initial_intent,
+    restore_failure_plan,
+    resync_step,
+)
 from virtwatch.policy.ports import DomainState, ShutoffReason
 from virtwatch.policy.select import select
 

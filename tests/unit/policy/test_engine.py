@@ -2,10 +2,9 @@
 
 import pytest
 
-from virtwatch.policy.fakes import FakeHypervisor
-from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
-from virtwatch.policy.model import GuestState
 from virtwatch.policy.budget import History
+from virtwatch.policy.model import GuestState
+from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
 
 from .rig import Rig
 

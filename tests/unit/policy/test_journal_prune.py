@@ -17,8 +17,8 @@ from virtwatch.config import ConfigError, settings_from_mapping
 from virtwatch.policy.clock import FakeClock
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.journal import JOURNAL_PRUNE_INTERVAL
-from virtwatch.policy.wiring import PolicyRuntime
 from virtwatch.policy.store import Store, prune_journal
+from virtwatch.policy.wiring import PolicyRuntime
 
 DAY = 86400.0
 

@@ -2,10 +2,10 @@
 
 import json
 
+import pytest
+
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.select import parse_metadata, select, validate_override
-
-import pytest
 
 S = PolicySettings.model_validate({
     "enabled": True,
@@ -74,7 +74,8 @@ def test_override_alone_makes_a_guest_managed():
 def test_mode_most_conservative_wins():
     sel = select(S, "x", "aaaaaaaa-0000-0000-0000-000000000001", None)
     assert sel.managed and sel.mode == "dry-run" and sel.mode_source.startswith("match[2]")
-    s2 = PolicySettings.model_validate({"enabled": True, "mode": "dry-run", "match": [{"name": "x", "mode": "enforce"}]})
+    s2 = PolicySettings.model_validate({"enabled": True, "mode": "dry-run",
+                                        "match": [{"name": "x", "mode": "enforce"}]})
     assert select(s2, "x", "u", None).mode == "dry-run"
     s3 = PolicySettings.model_validate({"enabled": False, "match": [{"name": "x"}]})
     assert select(s3, "x", "u", None).mode == "observe"
@@ -88,7 +89,8 @@ def test_bad_metadata_is_ignored_and_reported():
     assert not md.present and md.errors[0].startswith("metadata: not XML")
     md = parse_metadata(f'<policy {NS} profile="nope"/>')
     assert md.present and md.profile == "nope"
-    assert select(S, "web1", "u", f'<policy {NS} profile="nope"/>').errors == ("metadata: unknown profile 'nope' ignored",)
+    errors = select(S, "web1", "u", f'<policy {NS} profile="nope"/>').errors
+    assert errors == ("metadata: unknown profile 'nope' ignored",)
 
 
 def test_metadata_as_libvirt_returns_it_without_namespace_and_host_shutdown_string():
@@ -113,7 +115,8 @@ def test_override_values_survive_the_json_round_trip_of_the_store():
     assert stored == v == {"on_host_shutdown": [{"action": "managedsave", "timeout": 30.0},
                                                 {"action": "destroy", "timeout": 120.0}], "restart_delay": 2.0}
     sel = select(S, "mail", "u", None, stored)
-    assert [(st.action, st.timeout) for st in sel.policy.on_host_shutdown] == [("managedsave", 30.0), ("destroy", 120.0)]
+    steps = [(st.action, st.timeout) for st in sel.policy.on_host_shutdown]
+    assert steps == [("managedsave", 30.0), ("destroy", 120.0)]
     assert sel.policy.restart_delay == 2.0 and sel.sources["on_host_shutdown"] == "override"
     assert sel.managed and sel.errors == ()
 

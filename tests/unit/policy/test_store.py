@@ -10,10 +10,8 @@ import sys
 import textwrap
 import threading
 import time
-from pathlib import Path
 
 import pytest
-import structlog
 from structlog.testing import capture_logs
 
 from testkit import until

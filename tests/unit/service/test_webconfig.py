@@ -6,6 +6,7 @@ import inspect
 from pathlib import Path
 
 import bcrypt
+import pydantic
 import pytest
 from aiohttp import web_protocol
 
@@ -82,7 +83,7 @@ def test_no_file_is_the_default() -> None:
 
 def test_model_is_frozen(tmp_path: Path) -> None:
     cfg = load_web_config(None)
-    with pytest.raises(Exception):
+    with pytest.raises(pydantic.ValidationError):
         cfg.basic_auth_users = {}  # type: ignore[misc]
 
 
@@ -118,7 +119,8 @@ web_listen: ":1"
     [
         ("  client_auth_type: RequestClientCert\n", "RequestClientCert is not supported"),
         ("  client_auth_type: RequireAnyClientCert\n", "RequireAnyClientCert is not supported"),
-        ("  client_auth_type: VerifyClientCertIfGiven\n", "client_auth_type VerifyClientCertIfGiven needs client_ca_file"),
+        ("  client_auth_type: VerifyClientCertIfGiven\n",
+         "client_auth_type VerifyClientCertIfGiven needs client_ca_file"),
         ("  client_ca_file: ca.crt\n", "client_ca_file is set but client_auth_type is NoClientCert"),
         ("  min_version: TLS13\n  max_version: TLS12\n", "max_version TLS12 is below min_version TLS13"),
         ("  client_auth_type: Sometimes\n", "Input should be 'NoClientCert'"),
@@ -167,7 +169,8 @@ def test_unreadable_file(tmp_path: Path) -> None:
 
 
 def test_limits_use_names_this_aiohttp_accepts() -> None:
-    limits = HTTPLimits(max_body_bytes=1000, max_line_size=2000, max_field_size=3000, max_headers=40, keepalive_timeout=9)
+    limits = HTTPLimits(max_body_bytes=1000, max_line_size=2000, max_field_size=3000, max_headers=40,
+                        keepalive_timeout=9)
     kw = limits.application_kwargs()
     assert kw["client_max_size"] == 1000
     accepted = inspect.signature(web_protocol.RequestHandler.__init__).parameters
@@ -188,7 +191,8 @@ def test_limits_reject_nonsense() -> None:
 
 def test_app_kwargs_with_auth_and_headers(tmp_path: Path) -> None:
     cfg = load_web_config(
-        write(tmp_path, f"http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\nbasic_auth_users:\n  a: '{HASH}'\n")
+        write(tmp_path, "http_server_config:\n  headers:\n    X-Content-Type-Options: nosniff\n"
+                        f"basic_auth_users:\n  a: '{HASH}'\n")
     )
     sentinel = object()
     kw = build_app_kwargs(cfg, extra_middlewares=[sentinel])
