@@ -56,6 +56,16 @@ def reconnect_backoff(settings: LibvirtSettings, rand: Callable[[], float] = ran
     return Backoff(settings.reconnect_min_delay, settings.reconnect_max_delay, jitter=(0.8, 1.2), rand=rand)
 
 
+def is_alive(conn: libvirt.virConnect | None) -> bool:
+    """``isAlive()``: local, no RPC (the client's view of its socket); False on error or None."""
+    if conn is None:
+        return False
+    try:
+        return conn.isAlive() == 1
+    except libvirt.libvirtError:
+        return False
+
+
 def open_connection(uri: str, read_only: bool) -> libvirt.virConnect:
     """Blocking ``virConnectOpenReadOnly`` / ``virConnectOpen``; raises libvirtError."""
     return libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
@@ -256,11 +266,7 @@ class ConnectionManager:
         while not self._closed.is_set():
             if await wait_event(self._closed, tick):
                 break
-            try:
-                alive = conn.isAlive() == 1
-            except libvirt.libvirtError:
-                alive = False
-            if not alive:
+            if not is_alive(conn):
                 self.close_reason = self.close_reason or "not_alive"
                 self._closed.set()
                 break

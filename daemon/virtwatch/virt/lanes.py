@@ -55,7 +55,7 @@ from ..config import LibvirtSettings
 from ..infra.tasks import TaskSet
 from ..metrics.instruments import Instruments
 from .calls import Calls, CallTimeout
-from .connection import open_connection
+from .connection import is_alive, open_connection
 
 log = structlog.get_logger("virtwatch.lanes")
 
@@ -200,7 +200,7 @@ class LanePool:
             self._on_timeout(lane, call)
             raise
         except libvirt.libvirtError:
-            if self._active.get(role) is lane and not self.shared and not _alive(lane.conn):
+            if self._active.get(role) is lane and not self.shared and not is_alive(lane.conn):
                 self._retire(lane, quarantined=False)
             raise
 
@@ -227,7 +227,7 @@ class LanePool:
         if lane is not None:
             if lane.busy:
                 raise self._unavailable(role, "busy")
-            if lane.conn is not None and (self.shared or _alive(lane.conn)):
+            if lane.conn is not None and (self.shared or is_alive(lane.conn)):
                 return lane
             self._retire(lane, quarantined=False)  # libvirtd restarted under it: open another
         main = self._main
@@ -310,16 +310,6 @@ class LanePool:
             self._instruments.lanes_recovered.labels(role=lane.role).inc()
             log.info("lane_recovered", lane=lane.name, stuck_seconds=round(self._monotonic() - lane.quarantined_at, 3),
                      quarantined=len(self._out))
-
-
-def _alive(conn: libvirt.virConnect | None) -> bool:
-    """``isAlive()``: local, no RPC (the client's view of its socket)."""
-    if conn is None:
-        return False
-    try:
-        return conn.isAlive() == 1
-    except libvirt.libvirtError:
-        return False
 
 
 def _keepalive(conn: libvirt.virConnect, interval: int, count: int) -> None:

@@ -32,7 +32,7 @@ import asyncio
 import dataclasses
 import functools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import libvirt
@@ -486,8 +486,7 @@ class StatsPoller:
             return rows, frozenset()
         min_ms = self.settings.effective_poll_timeout / 2 * 1000 / 2
         try:
-            states = await self._lanes.run("stats", "controlInfo", self._source.control, thin,
-                                           timeout=max(0.05, end - self._monotonic()))
+            states = await self._control(end, thin)
         except (CallTimeout, LaneUnavailable, libvirt.libvirtError) as err:
             log.debug("thin_check_failed", error=str(err).strip())
             return [r for r in rows if r[1] not in thin], thin  # unknown: not fresh
@@ -495,30 +494,35 @@ class StatsPoller:
             libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, libvirt.VIR_DOMAIN_CONTROL_ERROR))
         for uuid in thin - held:
             self._fields[uuid] = next(len(st) for _n, u, st in rows if u == uuid)
-        stuck = stuck_guests({u: states[u] for u in held}, min_ms)
-        for uuid in stuck:
-            self._suspects[uuid] = states[uuid].name
-        if stuck:
-            log.warning("guests_suspect", guests=sorted(states[u].name for u in stuck),
-                        detail="answered without monitor figures while its monitor is occupied by another call")
+        self._add_suspects(stuck_guests({u: states[u] for u in held}, min_ms), states,
+                           "answered without monitor figures while its monitor is occupied by another call")
         return [r for r in rows if r[1] not in held], held
 
     async def _identify(self, end: float, min_ms: float) -> frozenset[str]:
         """Suspects added: the running guests whose monitor has been occupied for
         at least ``min_ms`` (control state, read on a fresh stats lane)."""
         try:
-            states = await self._lanes.run("stats", "controlInfo", self._source.control,
-                                           timeout=max(0.05, end - self._monotonic()))
+            states = await self._control(end)
         except (CallTimeout, LaneUnavailable, libvirt.libvirtError) as err:
             log.warning("stuck_guest_lookup_failed", error=str(err).strip())
             return frozenset()
-        stuck = stuck_guests(states, min_ms) - set(self._suspects)
+        stuck = frozenset(stuck_guests(states, min_ms) - set(self._suspects))
+        self._add_suspects(stuck, states, "monitor occupied: left out of the bulk call, probed alone")
+        return stuck
+
+    async def _control(self, end: float, uuids: frozenset[str] | None = None) -> dict[str, ControlState]:
+        """Control states (of every running guest, or of ``uuids``) on the stats lane, by
+        ``end``. Raises CallTimeout, LaneUnavailable or libvirtError."""
+        return await self._lanes.run("stats", "controlInfo", self._source.control, uuids,
+                                     timeout=max(0.05, end - self._monotonic()))
+
+    def _add_suspects(self, stuck: Iterable[str], states: Mapping[str, ControlState], detail: str) -> None:
+        """Record ``stuck`` guests as suspects (left out of the bulk call) and log them once."""
+        names = sorted(states[u].name for u in stuck)
         for uuid in stuck:
             self._suspects[uuid] = states[uuid].name
-        if stuck:
-            log.warning("guests_suspect", guests=sorted(states[u].name for u in stuck),
-                        detail="monitor occupied: left out of the bulk call, probed alone")
-        return frozenset(stuck)
+        if names:
+            log.warning("guests_suspect", guests=names, detail=detail)
 
     async def _probe(self, suspects: Mapping[str, str],
                      end: float) -> tuple[dict[str, tuple[str, dict[str, Any]]], set[str]]:
