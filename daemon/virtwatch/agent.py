@@ -41,7 +41,7 @@ import asyncio
 import dataclasses
 import ipaddress
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import libvirt
@@ -166,13 +166,15 @@ class GuestAgent:
         guests: guest state (agent connected flag, running state, UUID).
         wall: wall clock, seconds since the epoch (guest time offset, timestamps).
         mono: monotonic clock for the schedule (default: the loop's clock).
+        kept: the previous agent's :meth:`all_info` at a reload (dropped if ``[agent]`` is off).
 
     Wiring: ``pump.subscribe(agent.on_event)``, ``connection.add_listener(agent)``,
     run :meth:`run` as a task, ``exposition.add_collector("agent", agent.collector)``.
     """
 
     def __init__(self, settings: AgentSettings, calls: Calls, guests: GuestLookup,
-                 wall: Callable[[], float] = time.time, mono: Callable[[], float] | None = None) -> None:
+                 wall: Callable[[], float] = time.time, mono: Callable[[], float] | None = None,
+                 kept: Mapping[str, AgentInfo] | None = None) -> None:
         self.settings = settings
         self._calls = calls
         self._guests = guests
@@ -180,7 +182,8 @@ class GuestAgent:
         self._mono = mono
         self._conn: libvirt.virConnect | None = None
         self._denied = False
-        self._info: dict[str, AgentInfo] = {}
+        # A reload hands over what the agents last said (shown until each guest's next refresh).
+        self._info: dict[str, AgentInfo] = dict(kept or {}) if settings.enabled else {}
         self._due: dict[str, float] = {}
         self._unsupported: set[str] = set()
         self._pending_timeout: list[str] = []

@@ -9,9 +9,10 @@ Daemon exactly as the CLI does, on the libvirt test driver.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -19,10 +20,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
-from .agent import GuestAgent
+from .agent import AgentInfo, GuestAgent
 from .alerts import Alerter
-from .config import Settings, parse_listen
+from .alerts.client import AlertMetrics, AlertRecord
+from .alerts.rules import AlertKey
+from .config import ConfigError, Settings, parse_listen
 from .console import ConsoleCapture
+from .console.capture import GuestConsole
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .eventlog import RecentEvents
 from .inventory import Inventory
@@ -83,6 +87,43 @@ def cpu_percent(prev: Snapshot | None, cur: Snapshot | None, uuid: str) -> float
     return (t1 - t0) / 1e9 / dt * 100.0
 
 
+@dataclasses.dataclass(frozen=True)
+class Retained:
+    """What a reload hands from the stopped daemon to the one built from the new
+    configuration: all state the configuration does not define.
+
+    Attributes:
+        registry, instruments, alert_metrics: self-metrics (counters go on, never reset).
+        pump: the event pump (sequence numbers and queued events go on).
+        guests, recent, inventory: the guest table, the recent-events ring, the
+            network/pool overlay.
+        alerts: firing instant alerts (posted again at once, to the new Alertmanagers).
+        consoles: each captured guest's console ring and counters.
+        agent_info: what each guest agent said last.
+        action_counts: policy action counters.
+        snapshot: the last statistics poll (dropped when ``libvirt.uri`` changes).
+        previous: the poll before it (CPU %).
+        uri: the libvirt URI these figures came from.
+        started_at: when the process's first daemon started (epoch seconds).
+    """
+
+    registry: CollectorRegistry
+    instruments: Instruments
+    alert_metrics: AlertMetrics
+    pump: EventPump
+    guests: GuestRegistry
+    recent: RecentEvents
+    inventory: Inventory
+    alerts: Mapping[AlertKey, AlertRecord]
+    consoles: Mapping[str, GuestConsole]
+    agent_info: Mapping[str, AgentInfo]
+    action_counts: Mapping[tuple[str, str], int]
+    snapshot: Snapshot | None
+    previous: Snapshot | None
+    uri: str
+    started_at: float
+
+
 class Daemon:
     """virtwatch, assembled.
 
@@ -93,6 +134,7 @@ class Daemon:
         wall_clock: seconds since the epoch (injected for tests).
         control_fd: the operator socket passed by systemd socket activation
             (``virtwatch.socket``), served instead of binding ``daemon.socket``.
+        retained: the :meth:`handover` of the daemon this one replaces at a reload.
 
     Attributes are the components (``pump``, ``guests``, ``connection``,
     ``poller``, ``exposition``...), exposed for tests and the CLI.
@@ -102,19 +144,28 @@ class Daemon:
     # which subscribers and listeners are called.
     def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl,  # noqa: PLR0915
                  registry: CollectorRegistry | None = None, wall_clock: Callable[[], float] = time.time,
-                 control_fd: int | None = None) -> None:
+                 control_fd: int | None = None, retained: Retained | None = None) -> None:
         self.settings = settings
         self.impl = impl
         self.loop = asyncio.get_running_loop()
         disable_created_metrics()  # *_created series only add noise for a daemon's counters
-        self.registry = registry or CollectorRegistry()
-        ProcessCollector(registry=self.registry)
-        PlatformCollector(registry=self.registry)
-        self.instruments = Instruments(self.registry)
+        kept = retained
+        if kept is None:
+            self.registry = registry or CollectorRegistry()
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            self.instruments = Instruments(self.registry)
+            self.pump = EventPump(self.loop, wall_clock)
+            self.guests = GuestRegistry(wall_clock)
+            self.recent = RecentEvents()
+            self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
+        else:
+            self.registry, self.instruments, self.pump = kept.registry, kept.instruments, kept.pump
+            self.guests, self.recent, self.inventory = kept.guests, kept.recent, kept.inventory
+            self.pump.unsubscribe_all()
+        # Figures of another host are not this host's: a new URI starts without them.
+        same_host = kept is not None and kept.uri == settings.libvirt.uri
         self.calls = Calls(self.instruments, settings.libvirt.max_calls_in_flight, settings.libvirt.call_timeout)
-        self.pump = EventPump(self.loop, wall_clock)
-        self.guests = GuestRegistry(wall_clock)
-        self.recent = RecentEvents()
         self.pump.subscribe(self.guests.on_event)
         self.pump.subscribe(self._count_event)
         self.pump.subscribe(self.recent)
@@ -123,8 +174,8 @@ class Daemon:
         self.read_only = wants_read_only(settings)
         self.connection = ConnectionManager(settings.libvirt, self.read_only, self.calls, self.pump, self.guests,
                                             self.instruments)
-        self._previous: Snapshot | None = None
-        self._latest: Snapshot | None = None
+        self._previous = kept.previous if kept and same_host else None
+        self._latest = kept.snapshot if kept and same_host else None
         # Statistics and host figures run on lanes of their own (one connection, one thread
         # each), so a call stuck on a hung QEMU never holds up events, resync or console opens,
         # nor the next poll (issue 9). Statistics never need write access.
@@ -133,11 +184,11 @@ class Daemon:
         self.connection.add_listener(self.lanes)
         self.lanes.count_also(lambda: self.connection.conn is not None)
         self.poller = StatsPoller(settings.stats, self.connection, self.lanes, self.instruments,
-                                  wall=wall_clock, on_snapshot=self._on_snapshot)
+                                  wall=wall_clock, on_snapshot=self._on_snapshot, kept=self._latest)
         self.connection.add_listener(self.poller)
-        self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
         self.pump.subscribe(self.inventory.on_event)
-        self.alerter = Alerter(settings.alerts, self.registry)
+        self.alerter = Alerter(settings.alerts, self.registry, metrics=kept.alert_metrics if kept else None,
+                               active=kept.alerts if kept else None)
         self.pump.subscribe(self._alert_on_event)
         self.connection.add_listener(self)
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
@@ -147,11 +198,13 @@ class Daemon:
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
                                       selector=self._console_capture, wall=wall_clock,
-                                      call_timeout=min(10.0, settings.libvirt.call_timeout))
+                                      call_timeout=min(10.0, settings.libvirt.call_timeout),
+                                      kept=kept.consoles if kept else None)
         # The agent's calls may block for its response timeout: its own connection and thread
         # (libvirt 9.0's client must never see two calling threads on one connection).
         self.agent_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
-        self.agent = GuestAgent(settings.agent, self.agent_calls, self.guests, wall=wall_clock)
+        self.agent = GuestAgent(settings.agent, self.agent_calls, self.guests, wall=wall_clock,
+                                kept=kept.agent_info if kept and same_host else None)
         self.agent_side = SideConnection("agent", settings.libvirt, self.read_only, self.agent_calls, self.agent)
         self.lanes.count_also(lambda: self.agent_side.conn is not None)
         self.pump.subscribe(self.console.on_event)
@@ -169,7 +222,8 @@ class Daemon:
         if settings.policy.enabled:
             self.policy = PolicyRuntime(settings.policy, settings.daemon.state_dir,
                                         lambda: self.policy_side.conn if self.policy_side else None,
-                                        self.alerter, settings.daemon.boot_id_file, calls=self.policy_calls)
+                                        self.alerter, settings.daemon.boot_id_file, calls=self.policy_calls,
+                                        action_counts=kept.action_counts if kept else None)
             self.policy_side = SideConnection("policy", settings.libvirt, self.read_only, self.policy_calls,
                                               self.policy)
             self.connection.add_listener(self.policy_side)
@@ -184,7 +238,10 @@ class Daemon:
         self._stopping = False
         self._runner: web.AppRunner | None = None
         self.listen_address: tuple[str, int] | None = None
-        self.started_at = wall_clock()
+        self.started_at = kept.started_at if kept else wall_clock()
+        self.wall_clock = wall_clock
+        self._kept_action_counts = dict(kept.action_counts) if kept else {}  # while policy is off
+        self._stopped = False
 
     # -- subscribers / ports --------------------------------------------------
     def _console_capture(self, name: str) -> int | None:
@@ -344,6 +401,17 @@ class Daemon:
         return f"{conn}; {s['guests']} guests; {poll}"
 
     # -- lifecycle ------------------------------------------------------------
+    def handover(self) -> Retained:
+        """The state a successor keeps at a reload (call after :meth:`stop`)."""
+        return Retained(
+            registry=self.registry, instruments=self.instruments, alert_metrics=self.alerter.client.metrics,
+            pump=self.pump, guests=self.guests, recent=self.recent, inventory=self.inventory,
+            alerts=self.alerter.active, consoles=self.console.handover(), agent_info=self.agent.all_info(),
+            action_counts=(dict(self.policy.engine.snapshot().actions) if self.policy is not None
+                           else self._kept_action_counts),
+            snapshot=self.poller.latest, previous=self._previous, uri=self.settings.libvirt.uri,
+            started_at=self.started_at)
+
     async def start(self) -> None:
         """Bind the HTTP listener, then start the pump, connection and poller.
 
@@ -396,7 +464,10 @@ class Daemon:
     async def stop(self) -> None:
         """Stop in order: poller, libvirt connection (teardown order of design
         doc §3a), drain libvirtaio, event pump, HTTP. Bounded by
-        ``daemon.shutdown_timeout``."""
+        ``daemon.shutdown_timeout``. A second call does nothing."""
+        if self._stopped:
+            return
+        self._stopped = True
         self._stopping = True
         deadline = self.loop.time() + self.settings.daemon.shutdown_timeout
         by_name = {t.get_name(): t for t in self._tasks}
@@ -441,6 +512,35 @@ class Daemon:
         self.agent_calls.shutdown()
         self.policy_calls.shutdown()
         log.info("virtwatch_stopped")
+
+
+async def reload(daemon: Daemon, settings: Settings, control_fd: int | None = None) -> Daemon:
+    """Replace the running ``daemon`` with one built from ``settings``; return the one running.
+
+    Everything in :class:`Retained` carries over. What restarts, and why: the libvirt
+    connections (main, statistics lanes, agent, policy: ``[libvirt]`` may have changed, and
+    a resync on reconnect recovers whatever happened in between), the HTTP listener (its
+    address, TLS certificates and password files may have changed), the control socket
+    (its path may have changed; an inherited socket is kept), the Alertmanager senders and
+    the console streams. The policy engine reads its state back from its store.
+
+    If the new daemon cannot start (say the new listen address is taken), it is stopped and
+    one with the old settings is started instead, with the same state; errors are logged.
+    """
+    old_settings = daemon.settings
+    await daemon.stop()
+    fresh = Daemon(settings, daemon.impl, wall_clock=daemon.wall_clock, control_fd=control_fd,
+                   retained=daemon.handover())
+    try:
+        await fresh.start()
+    except (OSError, ConfigError) as err:
+        log.error("reload_failed", error=str(err), kept="previous configuration")
+        await fresh.stop()
+        fresh = Daemon(old_settings, daemon.impl, wall_clock=daemon.wall_clock, control_fd=control_fd,
+                       retained=fresh.handover())
+        await fresh.start()
+        return fresh
+    return fresh
 
 
 def _jsonable(v: Any) -> Any:

@@ -518,7 +518,7 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
             break
         reload.clear()
         notifier.reloading()
-        holder["daemon"] = await _reload(holder["daemon"], impl, config_path, overrides, log, control_fd)
+        holder["daemon"] = await _reload(holder["daemon"], config_path, overrides, log, control_fd)
         notifier.ready(status=holder["daemon"].status_line())
     log.info("virtwatch_stopping")
     notifier.stopping()
@@ -528,10 +528,11 @@ async def _serve(settings: Any, config_path: str | None, overrides: dict[str, An
     return EXIT_OK
 
 
-async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: dict[str, Any], log: Any,
+async def _reload(daemon: Any, config_path: str | None, overrides: dict[str, Any], log: Any,
                   control_fd: int | None = None) -> Any:
-    """Re-read the file; on success rebuild the daemon with it, else keep the old one."""
-    from .app import Daemon
+    """Re-read the file; if valid, replace the daemon keeping its state (:func:`virtwatch.app.reload`),
+    else keep it as it is."""
+    from .app import reload
 
     try:
         new_settings = load_settings(config_path, overrides)
@@ -542,18 +543,9 @@ async def _reload(daemon: Any, impl: Any, config_path: str | None, overrides: di
     # certificates, password files) may have changed.
     for w in config_warnings(new_settings):
         log.warning("config_warning", message=w)
-    old_settings = daemon.settings
-    await daemon.stop()
-    fresh = Daemon(new_settings, impl, control_fd=control_fd)
-    try:
-        await fresh.start()
-    except (OSError, ConfigError) as err:
-        log.error("reload_failed", error=str(err), kept="previous configuration")
-        await fresh.stop()
-        fresh = Daemon(old_settings, impl, control_fd=control_fd)
-        await fresh.start()
-        return fresh
-    log.info("reloaded", source=config_path)
+    fresh = await reload(daemon, new_settings, control_fd)
+    if fresh.settings is new_settings:
+        log.info("reloaded", source=config_path)
     return fresh
 
 

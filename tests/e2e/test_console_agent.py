@@ -22,9 +22,9 @@ from typing import Any
 
 from hostlib import GUEST_IP, URI, GuestFactory
 from testkit import sample as value, scrape, until
-from virtwatch.app import Daemon
+from virtwatch.app import Daemon, reload
 from virtwatch.cli import main as cli_main
-from virtwatch.config import load_settings
+from virtwatch.config import Settings, load_settings
 
 PAGE = 4096
 
@@ -56,18 +56,33 @@ def libvirtd_clients(pid: int | None = None) -> int:
     return mine
 
 
-@contextlib.asynccontextmanager
-async def running_daemon(event_impl: Any, state_dir: Path, **overrides: Any) -> AsyncIterator[Daemon]:
+def daemon_settings(state_dir: Path, **overrides: Any) -> Settings:
     base = {"libvirt.uri": URI, "libvirt.read_only": "no", "http.listen": "127.0.0.1:0",
             "stats.poll_interval": 5.0, "log.events": False, "daemon.state_dir": str(state_dir)}
     base.update(overrides)
-    d = Daemon(load_settings(None, base), event_impl)
+    return load_settings(None, base)
+
+
+@contextlib.asynccontextmanager
+async def running_daemon(event_impl: Any, state_dir: Path, **overrides: Any) -> AsyncIterator[Daemon]:
+    d = Daemon(daemon_settings(state_dir, **overrides), event_impl)
     await d.start()
     try:
         await asyncio.wait_for(d.connection.ready.wait(), 30)
         yield d
     finally:
         await d.stop()
+
+
+@contextlib.asynccontextmanager
+async def reloaded(d: Daemon, state_dir: Path, **overrides: Any) -> AsyncIterator[Daemon]:
+    """What SIGHUP does: ``d`` replaced by a daemon with the new settings and ``d``'s state
+    (stopping ``d`` again afterwards does nothing)."""
+    fresh = await reload(d, daemon_settings(state_dir, **overrides))
+    try:
+        yield fresh
+    finally:
+        await fresh.stop()
 
 
 async def create(factory: GuestFactory, label: str, **kw: Any) -> Any:
@@ -98,9 +113,16 @@ async def test_crash_lines_are_recorded_and_served(event_impl: Any, guest_factor
         assert "VW BOOT" in rec.log_tail  # from before virtwatch attached, via virtlogd's file
         alert_tail = d.console.tail(name)  # 20 lines for the alert annotation: the end of the crash output
         assert alert_tail == tail[-20:]
+        captured = d.console.state(name)["bytes_total"]
 
-        status, body = await scrape(d, f"/api/v1/guests/{name}/console?crash=1")
-        assert status == 200 and "VWLINE TOKCRASH 3" in body
+        # A reload (SIGHUP) keeps the ring and its counters: the crash output is still there.
+        async with reloaded(d, tmp_path, **{"stats.poll_interval": 4.0, "policy.match": [
+                {"glob": "vwe2e-cpanic-*", "capture_console": True, "console_buffer": 32}]}) as d2:
+            assert d2.settings.stats.poll_interval == 4.0
+            assert d2.console.tail(name) == alert_tail
+            assert d2.console.state(name)["bytes_total"] == captured
+            status, body = await scrape(d2, f"/api/v1/guests/{name}/console?crash=1")
+            assert status == 200 and "VWLINE TOKCRASH 3" in body
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -244,7 +266,7 @@ async def test_guest_agent_hostname_address_and_disconnect(event_impl: Any, gues
     metrics; the agent is killed in the guest → connected goes to 0."""
     async with running_daemon(event_impl, tmp_path, **{"agent.interval": 1.0}) as d:
         guest = await create(guest_factory, "agent", agent=True,
-                             options={"agent": 1, "net": 1, "hostname": "vwagenthost", "agent_kill_after": 25})
+                             options={"agent": 1, "net": 1, "hostname": "vwagenthost", "agent_kill_after": 35})
         name = guest.name
 
         def ip_known() -> bool:
@@ -266,10 +288,15 @@ async def test_guest_agent_hostname_address_and_disconnect(event_impl: Any, gues
         print(f"\nagent: info after {took:.1f} s: hostname={info.hostname} os={info.os_name!r} "
               f"version={info.os_version!r} tz={info.timezone!r} offset={info.time_offset:.3f} s "
               f"addresses={[(a.interface, a.address) for a in info.addresses]} errors={info.errors}")
-        await until(lambda: "VW AGENT KILL" in guest.serial_text(), 40, "agent killed in the guest")
-        await until(lambda: d.guests.by_name(name).agent_connected is False, 15, "agent disconnected")
-        _, text = await scrape(d)
-        assert value(text, "libvirt_domain_guest_agent_connected", domain=name) == 0
-        assert value(text, "libvirt_domain_guest_info", domain=name) is None
-        assert d.agent.max_in_flight_seen == 1
+        # A reload (SIGHUP) keeps what the agent said: shown at once, before any new refresh.
+        async with reloaded(d, tmp_path, **{"agent.interval": 1.5}) as d:
+            assert d.agent.info(name) is not None and d.agent.info(name).hostname == "vwagenthost"
+            _, text = await scrape(d)
+            assert value(text, "libvirt_domain_guest_info", domain=name, hostname="vwagenthost") == 1
+            await until(lambda: "VW AGENT KILL" in guest.serial_text(), 40, "agent killed in the guest")
+            await until(lambda: d.guests.by_name(name).agent_connected is False, 15, "agent disconnected")
+            _, text = await scrape(d)
+            assert value(text, "libvirt_domain_guest_agent_connected", domain=name) == 0
+            assert value(text, "libvirt_domain_guest_info", domain=name) is None
+            assert d.agent.max_in_flight_seen == 1
 

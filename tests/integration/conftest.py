@@ -6,8 +6,10 @@ loop registers it once (``event_impl``) and every test shares it.
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape as xml_escape
 
@@ -19,7 +21,24 @@ from virtwatch.app import Daemon
 from virtwatch.config import load_settings
 from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))  # the process helpers are shared
+from hostlib.promstack import AlertmanagerProcess
+
 TEST_URI = "test:///default"
+
+
+@pytest.fixture
+def alertmanagers(tmp_path: Path) -> Iterator[list[AlertmanagerProcess]]:
+    """Two started real Alertmanagers (Debian ``prometheus-alertmanager``) on loopback ports
+    (use ``[0]`` when one is enough); stopped after the test."""
+    ams = [AlertmanagerProcess(tmp_path / f"am{i}") for i in range(2)]
+    try:
+        for am in ams:
+            am.start()
+        yield ams
+    finally:
+        for am in ams:
+            am.stop()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry
 
 from ..virt.records import Event
 from . import rules
-from .client import AlertmanagerClient, AlertRecord, Clock, SessionFactory, Sleep
+from .client import AlertmanagerClient, AlertMetrics, AlertRecord, Clock, SessionFactory, Sleep
 from .config import AlertSettings
 from .rules import AlertAction, AlertKey, RuleContext
 
@@ -34,6 +34,9 @@ class Alerter:
         session_factory: makes the aiohttp session (tests inject a fake).
         jitter: returns [0, 1) for retry jitter.
         logger: structlog logger.
+        metrics: the self-metrics of the alerter this one replaces (a reload), else None.
+        active: the firing alerts of the alerter this one replaces: kept firing, and posted
+            again at :meth:`start` (the new ``[alerts]`` may name other Alertmanagers).
 
     All methods except :meth:`start` and :meth:`stop` are synchronous, never
     block, and must be called on the event loop thread.
@@ -49,6 +52,8 @@ class Alerter:
         session_factory: SessionFactory | None = None,
         jitter: Callable[[], float] | None = None,
         logger: Any = None,
+        metrics: AlertMetrics | None = None,
+        active: Mapping[AlertKey, AlertRecord] | None = None,
     ) -> None:
         self.settings = settings
         self._clock = clock
@@ -56,9 +61,10 @@ class Alerter:
         self._log = logger or structlog.get_logger("virtwatch.alerts")
         self.client = AlertmanagerClient(
             settings, registry, clock=clock, sleep=sleep, session_factory=session_factory, jitter=jitter,
-            logger=self._log,
+            logger=self._log, metrics=metrics,
         )
-        self._active: dict[AlertKey, AlertRecord] = {}
+        self._active: dict[AlertKey, AlertRecord] = dict(active or {})
+        self._handed_over = list(self._active)
         self._resend_task: asyncio.Task[None] | None = None
 
     @property
@@ -69,6 +75,10 @@ class Alerter:
     async def start(self) -> None:
         """Start delivery and the periodic re-post of firing alerts."""
         await self.client.start()
+        for key in self._handed_over:  # firing before a reload: post them now, not a resend later
+            if key in self._active:
+                self.client.submit(self._active[key])
+        self._handed_over = []
         if self.settings.enabled:
             self._resend_task = asyncio.create_task(self._resend_loop(), name="alerts-resend")
 

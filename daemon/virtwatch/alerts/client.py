@@ -154,6 +154,8 @@ class AlertmanagerClient:
             manager, ``close()``); called once in :meth:`start`.
         jitter: returns a float in [0, 1) for backoff jitter.
         logger: a structlog logger.
+        metrics: self-metrics already registered in ``registry`` (a reload hands over the
+            previous client's, so its counters go on from where they were).
     """
 
     def __init__(
@@ -166,6 +168,7 @@ class AlertmanagerClient:
         session_factory: SessionFactory | None = None,
         jitter: Callable[[], float] | None = None,
         logger: Any = None,
+        metrics: AlertMetrics | None = None,
     ) -> None:
         self._settings = settings
         self._clock = clock
@@ -173,7 +176,7 @@ class AlertmanagerClient:
         self._session_factory = session_factory or aiohttp.ClientSession
         self._backoff = retry_backoff(settings, jitter or random.Random().random)
         self._log = logger or structlog.get_logger("virtwatch.alerts")
-        self.metrics = AlertMetrics(registry)
+        self.metrics = metrics or AlertMetrics(registry)
         self._targets = [_Target(url, alerts_endpoint(url)) for url in settings.alertmanager_urls]
         for t in self._targets:
             t.idle.set()

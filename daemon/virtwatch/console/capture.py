@@ -47,7 +47,7 @@ import fnmatch
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -144,6 +144,7 @@ class ConsoleCapture:
             None; ORed with the glob list (glob-only guests get ``buffer_kib``).
         wall: wall clock, seconds (injected for tests).
         call_timeout: deadline of each libvirt call, seconds.
+        kept: the previous capture's :meth:`handover` at a reload: rings and counters go on.
 
     Wiring: ``pump.subscribe(capture.on_event)``,
     ``connection.add_listener(capture)``, ``await capture.stop()`` before the
@@ -152,7 +153,8 @@ class ConsoleCapture:
 
     def __init__(self, settings: ConsoleSettings, calls: Calls, guests: GuestLookup,
                  state_dir: str | os.PathLike[str] | None, selector: Callable[[str], int | None] | None = None,
-                 wall: Callable[[], float] = time.time, call_timeout: float = 10.0) -> None:
+                 wall: Callable[[], float] = time.time, call_timeout: float = 10.0,
+                 kept: Mapping[str, GuestConsole] | None = None) -> None:
         self.settings = settings
         self._calls = calls
         self._guests = guests
@@ -163,7 +165,10 @@ class ConsoleCapture:
         self._reattach = Backoff(settings.reattach_min_delay, settings.reattach_max_delay)
         self.store: CrashStore | None = None
         self._conn: libvirt.virConnect | None = None
-        self._consoles: dict[str, GuestConsole] = {}
+        # A reload hands over each guest's ring and counters; streams are opened again.
+        self._consoles = {name: dataclasses.replace(c, status="detached", stream=None, task=None,
+                                                    wake=asyncio.Event(), ended=False, attached_at=None)
+                          for name, c in (kept or {}).items()}
         self._crash_tasks = TaskSet()
         self._last_crash: dict[str, tuple[float, int]] = {}
         self._stopping = False
@@ -275,6 +280,11 @@ class ConsoleCapture:
         if self.store is not None:
             store, self.store = self.store, None
             await asyncio.to_thread(store.close)
+
+    def handover(self) -> dict[str, GuestConsole]:
+        """Every guest's capture state (ring, counters), for the capture that replaces this
+        one at a reload (``kept``); call after :meth:`stop`."""
+        return dict(self._consoles)
 
     # -- attach / detach (public for tests and operators) ------------------------
     async def attach(self, name: str) -> str:

@@ -72,7 +72,7 @@ class PolicyEngine:
     """Keeps guests running by policy.
 
     Args:
-        settings: the ``[policy]`` section (a reload builds a new engine: SIGHUP rebuilds the daemon).
+        settings: the ``[policy]`` section (a reload builds a new engine on the same store).
         hypervisor: the :class:`~virtwatch.policy.ports.Hypervisor` port.
         store: an open :class:`~virtwatch.policy.store.AsyncStore`. The engine reads it once, in
             :meth:`start`; after that its memory is the state and the store its durable copy.
@@ -85,6 +85,7 @@ class PolicyEngine:
             (before reconciling); until the boot flow has run, stops seen at resync are
             treated as the host's shutdown, never as failures.
         logger: a structlog logger.
+        action_counts: the previous engine's ``snapshot().actions`` at a reload (counters go on).
 
     Attributes:
         selection_listeners: called with a guest name when its merged policy may
@@ -98,10 +99,10 @@ class PolicyEngine:
                  boot_id_path: str | Path = BOOT_ID_PATH,
                  libvirt_guests: LibvirtGuestsPaths = LibvirtGuestsPaths(),
                  auto_boot_flow: bool = True,
-                 logger: Any = None) -> None:
+                 logger: Any = None, action_counts: Mapping[tuple[str, str], int] | None = None) -> None:
         self._log = logger or structlog.get_logger("virtwatch.policy")
         self._t = GuestTable(settings, hypervisor, store, clock or SystemClock(), alert, self._log)
-        self._journal = ActionJournal(store, self._log)
+        self._journal = ActionJournal(store, self._log, action_counts)
         self._settings = settings
         self._hv = hypervisor
         self._store = store

@@ -218,13 +218,15 @@ class ActionJournal:
     """Intent before act, for every action virtwatch runs on a guest, and the action counters.
 
     Attributes:
-        counts: ``(action, result) -> n`` since start (``virtwatch_policy_actions_total``).
+        counts: ``(action, result) -> n`` since the daemon started (``virtwatch_policy_actions_total``;
+            a reload hands them over, as ``counts``).
     """
 
-    def __init__(self, store: AsyncStore, logger: Any = None) -> None:
+    def __init__(self, store: AsyncStore, logger: Any = None,
+                 counts: Mapping[tuple[str, str], int] | None = None) -> None:
         self._store = store
         self._log = logger or structlog.get_logger("virtwatch.policy")
-        self.counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.counts: collections.Counter[tuple[str, str]] = collections.Counter(counts or {})
 
     def count(self, action: str, result: str) -> None:
         """Count an outcome that has no journal row of its own (a give-up, a deferral...)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -102,10 +102,12 @@ class PolicyRuntime:
         boot_id_path: file holding the host boot id.
         calls: the :class:`~virtwatch.virt.calls.Calls` of that connection (one thread).
         clock: time source of the engine and the journal pruner (``SystemClock()``).
+        action_counts: the previous runtime's action counters at a reload.
     """
 
     def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
-                 boot_id_path: str, calls: Any = None, clock: Clock | None = None) -> None:
+                 boot_id_path: str, calls: Any = None, clock: Clock | None = None,
+                 action_counts: Mapping[tuple[str, str], int] | None = None) -> None:
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         self.store = AsyncStore(Path(state_dir) / "virtwatch.sqlite")
         runner = None
@@ -116,7 +118,7 @@ class PolicyRuntime:
         self._alerter = alerter
         clock = clock or SystemClock()
         self.engine = PolicyEngine(settings, self.hypervisor, self.store, clock=clock, alert=self._on_alert,
-                                   boot_id_path=boot_id_path)
+                                   boot_id_path=boot_id_path, action_counts=action_counts)
         self.collector = PolicyCollector(self.engine)
         self.pruner = JournalPruner(self.store.path, settings.journal_max_age, settings.journal_max_events, clock)
         self._prune_task: asyncio.Task[None] | None = None

@@ -60,6 +60,11 @@ class EventPump:
         """Add a synchronous ``handler(event)``; it must not block."""
         self._subscribers.append(handler)
 
+    def unsubscribe_all(self) -> None:
+        """Drop every subscriber: a reload keeps the pump (its sequence numbers and queued
+        events) and subscribes the components it builds anew."""
+        self._subscribers.clear()
+
     @property
     def backlog(self) -> int:
         """Events queued and not yet delivered."""

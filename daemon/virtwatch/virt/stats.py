@@ -304,12 +304,14 @@ class StatsPoller:
         source: the stats source (default: libvirt).
         monotonic, wall: clocks in seconds (injected for tests).
         on_snapshot: called with each new snapshot (on the loop).
+        kept: the previous poller's :attr:`latest` at a reload: served (and kept for guests
+            that are stuck at the first poll) until the next poll replaces it.
     """
 
     def __init__(self, settings: StatsSettings, connection: ConnectionPort, lanes: LanePool,
                  instruments: Instruments, source: StatsSource | None = None,
                  monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 on_snapshot: Callable[[Snapshot], None] | None = None) -> None:
+                 on_snapshot: Callable[[Snapshot], None] | None = None, kept: Snapshot | None = None) -> None:
         self.settings = settings
         self._connection = connection
         self._lanes = lanes
@@ -319,12 +321,12 @@ class StatsPoller:
         self._wall = wall
         self._on_snapshot = on_snapshot
         self._flags = stats_flags(settings.groups)
-        self._seq = 0
+        self._seq = kept.seq if kept else 0
         self._suspects: dict[str, str] = {}          # uuid -> name of guests not asked in bulk
-        self._last: dict[str, DomainStats] = {}
+        self._last: dict[str, DomainStats] = dict(kept.domains) if kept else {}
         self._fields: dict[str, int] = {}             # uuid -> fields in its last answer given with a free monitor
-        self._host: HostStats | None = None
-        self.latest: Snapshot | None = None
+        self._host: HostStats | None = kept.host if kept else None
+        self.latest: Snapshot | None = kept
         self._running = False
 
     # -- connection listener --------------------------------------------------
