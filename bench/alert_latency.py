@@ -29,7 +29,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from virtwatch.alerts import Alerter, AlertSettings
-from virtwatch.virt.records import Event
+from virtwatch.model import Event
 
 
 def start_alertmanager(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -50,8 +50,8 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .infra.timing import next_deadline, wait_event
+from .model import ACTIVE, RUNNING, Event, Kind, Lifecycle, Source
 from .virt.calls import Calls, CallTimeout, error_code_name
-from .virt.records import Event
 
 log = structlog.get_logger("virtwatch.agent")
 
@@ -63,9 +63,6 @@ _SOURCES = (("agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
             ("arp", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP))
 
 _AGENT_DOWN = ("timeout", "VIR_ERR_AGENT_UNRESPONSIVE", "VIR_ERR_AGENT_UNSYNCED")
-
-_ACTIVE = (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
-
 
 class AgentSettings(BaseModel):
     """``[agent]``: guest agent queries."""
@@ -212,7 +209,7 @@ class GuestAgent:
             return
         now = self._now()
         for g in self._guests.guests():
-            if g.state in _ACTIVE:
+            if g.state in ACTIVE:
                 self._queue_timeout(g.name)
                 self._due.setdefault(g.name, now)
         self._wake.set()
@@ -224,16 +221,16 @@ class GuestAgent:
     def on_event(self, ev: Event) -> None:
         """STARTED → set the response timeout; agent CONNECTED → refresh soon;
         DISCONNECTED / STOPPED / UNDEFINED → forget the guest's info."""
-        if ev.source != "domain" or not self.settings.enabled:
+        if ev.source != Source.DOMAIN or not self.settings.enabled:
             return
-        if ev.kind == "lifecycle":
-            if ev.event == "STARTED":
+        if ev.kind == Kind.LIFECYCLE:
+            if ev.event == Lifecycle.STARTED:
                 self._unsupported.discard(ev.name)
                 self._queue_timeout(ev.name)
                 self._wake.set()
-            elif ev.event in ("STOPPED", "UNDEFINED", "CRASHED"):
+            elif ev.event in (Lifecycle.STOPPED, Lifecycle.UNDEFINED, Lifecycle.CRASHED):
                 self._forget(ev.name)
-        elif ev.kind == "agent_lifecycle":
+        elif ev.kind == Kind.AGENT_LIFECYCLE:
             if ev.event == "CONNECTED":
                 self._unsupported.discard(ev.name)
                 self._due[ev.name] = self._now() + self.settings.startup_delay
@@ -309,7 +306,7 @@ class GuestAgent:
             except _AgentError as err:
                 errors["getTime"] = err.code
         current = self._guests.by_name(name)
-        if current is None or current.uuid != uuid or current.state not in _ACTIVE:
+        if current is None or current.uuid != uuid or current.state not in ACTIVE:
             return None
         info = AgentInfo(hostname=fields.get("hostname"), os_name=fields.get("os_name"),
                          os_version=fields.get("os_version"), timezone=fields.get("timezone"),
@@ -348,15 +345,16 @@ class GuestAgent:
 
     def _eligible(self, name: str) -> bool:
         g = self._guests.by_name(name)
-        if g is None or g.state not in _ACTIVE:
+        if g is None or g.state not in ACTIVE:
             self._forget(name)
             return False
-        return name not in self._unsupported and g.agent_connected is not False
+        # A paused guest keeps what its agent said, but is not asked: its agent cannot answer.
+        return g.state in RUNNING and name not in self._unsupported and g.agent_connected is not False
 
     async def _set_timeout(self, name: str) -> None:
         conn = self._conn
         g = self._guests.by_name(name)
-        if conn is None or g is None or g.state not in _ACTIVE:
+        if conn is None or g is None or g.state not in ACTIVE:
             return
         self._due.setdefault(name, self._now() + self.settings.startup_delay)
         try:

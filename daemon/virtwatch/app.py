@@ -34,6 +34,7 @@ from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
+from .model import Event, Source
 from .policy.config import overlay_values
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
@@ -43,7 +44,6 @@ from .virt.calls import Calls
 from .virt.connection import ConnectionManager, SideConnection
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
-from .virt.records import Event
 from .virt.stats import Snapshot, StatsPoller
 from .web import build_app_kwargs, build_site_kwargs, load_web_config
 
@@ -172,8 +172,8 @@ class Daemon:
         if settings.log.events:
             self.pump.subscribe(EventLogger())
         self.read_only = wants_read_only(settings)
-        self.connection = ConnectionManager(settings.libvirt, self.read_only, self.calls, self.pump, self.guests,
-                                            self.instruments)
+        self.connection = ConnectionManager(settings.libvirt, self.read_only, self.calls, self.pump,
+                                            self.guests.apply_resync, self.instruments)
         self._previous = kept.previous if kept and same_host else None
         self._latest = kept.snapshot if kept and same_host else None
         # Statistics and host figures run on lanes of their own (one connection, one thread
@@ -259,7 +259,7 @@ class Daemon:
         self.instruments.events.labels(kind=ev.kind, event=ev.event, detail=ev.detail).inc()
 
     def _alert_on_event(self, ev: Event) -> None:
-        if ev.source == "domain":
+        if ev.source == Source.DOMAIN:
             self.alerter.on_event(ev, console="\n".join(self.console.tail(ev.name)) or None)  # last alert_lines
 
     # ConnectionListener: instant alert while libvirt is unreachable

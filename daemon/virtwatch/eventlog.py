@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable
 
-from .virt.records import Event
+from .model import Event
 
 
 class RecentEvents:

@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import libvirt
 
-from .virt.records import Event
+from .model import Event, Lifecycle, Source
 from .virt.stats import NetworkInfo, PoolInfo, Snapshot
 
 _POOL_RUNNING = libvirt.VIR_STORAGE_POOL_RUNNING
@@ -67,21 +67,21 @@ class Inventory:
 
     def on_event(self, ev: Event) -> None:
         """Record a network / storage-pool lifecycle event; count every host event."""
-        if ev.source == "domain":
+        if ev.source == Source.DOMAIN:
             return
         self.counts[(ev.source, ev.event)] = self.counts.get((ev.source, ev.event), 0) + 1
         table = {"network": self._networks, "storage_pool": self._pools}.get(ev.source)
         if table is None:
             return
         prev = table.get(ev.name)
-        if ev.event == "STARTED":
+        if ev.event == Lifecycle.STARTED:
             ov = Override(ev.name, ev.uuid, True, True, ev.time)
-        elif ev.event == "STOPPED":
+        elif ev.event == Lifecycle.STOPPED:
             ov = Override(ev.name, ev.uuid, True, False, ev.time)
-        elif ev.event == "DEFINED":
+        elif ev.event == Lifecycle.DEFINED:
             ov = Override(ev.name, ev.uuid, True, prev.active if prev is not None and prev.present else False,
                           ev.time)
-        elif ev.event == "UNDEFINED":
+        elif ev.event == Lifecycle.UNDEFINED:
             ov = Override(ev.name, ev.uuid, False, False, ev.time)
         else:
             return

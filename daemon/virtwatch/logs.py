@@ -16,8 +16,8 @@ from typing import Any, TextIO
 import libvirt
 import structlog
 
+from .model import Event, Source
 from .virt.decode import constant_names
-from .virt.records import Event
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
@@ -87,7 +87,7 @@ class EventLogger:
         # "event" is structlog's message key ("libvirt_event"); the libvirt event name goes in "type".
         fields: dict[str, Any] = {"source": ev.source, "kind": ev.kind, "name": ev.name, "uuid": ev.uuid,
                                   "type": ev.event, "detail": ev.detail, "seq": ev.seq}
-        if ev.source == "domain":
+        if ev.source == Source.DOMAIN:
             fields["domain"] = ev.name
         if ev.payload:
             fields["payload"] = dict(ev.payload)

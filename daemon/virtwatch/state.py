@@ -10,58 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 
 import libvirt
 
-from .virt.decode import constant_names
-from .virt.records import Event
-
-#: lifecycle event → resulting virDomainState (None: state unchanged).
-_EVENT_STATE: Mapping[str, int | None] = {
-    "DEFINED": None,
-    "UNDEFINED": None,
-    "STARTED": libvirt.VIR_DOMAIN_RUNNING,
-    "SUSPENDED": libvirt.VIR_DOMAIN_PAUSED,
-    "RESUMED": libvirt.VIR_DOMAIN_RUNNING,
-    "STOPPED": libvirt.VIR_DOMAIN_SHUTOFF,
-    "SHUTDOWN": None,
-    "PMSUSPENDED": libvirt.VIR_DOMAIN_PMSUSPENDED,
-    "CRASHED": libvirt.VIR_DOMAIN_CRASHED,
-}
-
-#: lifecycle detail names that differ from the state-reason constant names.
-_REASON_ALIASES: Mapping[tuple[str, str], str] = {
-    ("SUSPENDED", "PAUSED"): "USER",
-    ("SUSPENDED", "MIGRATED"): "MIGRATION",
-    ("SUSPENDED", "RESTORED"): "FROM_SNAPSHOT",
-    ("SUSPENDED", "POSTCOPY"): "POSTCOPY",
-    ("PMSUSPENDED", "MEMORY"): "UNKNOWN",
-    ("PMSUSPENDED", "DISK"): "UNKNOWN",
-}
-
-_STATE_PREFIX: Mapping[int, str] = {
-    libvirt.VIR_DOMAIN_RUNNING: "VIR_DOMAIN_RUNNING_",
-    libvirt.VIR_DOMAIN_PAUSED: "VIR_DOMAIN_PAUSED_",
-    libvirt.VIR_DOMAIN_SHUTOFF: "VIR_DOMAIN_SHUTOFF_",
-    libvirt.VIR_DOMAIN_CRASHED: "VIR_DOMAIN_CRASHED_",
-    libvirt.VIR_DOMAIN_PMSUSPENDED: "VIR_DOMAIN_PMSUSPENDED_",
-}
-
-
-def lifecycle_state(event: str, detail: str) -> tuple[int, int] | None:
-    """(virDomainState, reason code) a lifecycle event leaves the guest in.
-
-    ``("STOPPED", "CRASHED")`` → ``(VIR_DOMAIN_SHUTOFF, VIR_DOMAIN_SHUTOFF_CRASHED)``.
-    Returns None for events that do not change the state (DEFINED, SHUTDOWN…).
-    The reason is 0 (unknown) when the detail has no matching reason constant.
-    """
-    state = _EVENT_STATE.get(event)
-    if state is None:
-        return None
-    reason_name = _REASON_ALIASES.get((event, detail), detail)
-    reasons = {name: code for code, name in constant_names(_STATE_PREFIX[state]).items()}
-    return state, reasons.get(reason_name, 0)
+from .model import Event, Kind, Lifecycle, ResyncEntry, Source, lifecycle_state
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -87,18 +40,6 @@ class GuestView:
     last_detail: str = ""
     last_event_time: float | None = None
     agent_connected: bool | None = None
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class ResyncEntry:
-    """One guest as read by a resync (``getAllDomainStats(STATE)`` + list flags)."""
-
-    name: str
-    uuid: str
-    state: int
-    reason: int
-    persistent: bool | None
-    autostart: bool | None
 
 
 class GuestRegistry:
@@ -135,36 +76,36 @@ class GuestRegistry:
 
     def on_event(self, ev: Event) -> None:
         """Apply one event (pump subscriber). Non-domain events are ignored."""
-        if ev.source != "domain" or not ev.uuid:
+        if ev.source != Source.DOMAIN or not ev.uuid:
             return
         current = self._guests.get(ev.uuid)
         self._last_seq[ev.uuid] = ev.seq
-        if ev.kind == "agent_lifecycle":
+        if ev.kind == Kind.AGENT_LIFECYCLE:
             if current is not None:
                 self._put(dataclasses.replace(current, agent_connected=(ev.event == "CONNECTED")))
             return
-        if ev.kind != "lifecycle":
+        if ev.kind != Kind.LIFECYCLE:
             return
         if current is None:
             # A guest first seen by an event other than DEFINED was created transient (createXML).
             current = GuestView(name=ev.name, uuid=ev.uuid, state=libvirt.VIR_DOMAIN_SHUTOFF, reason=0,
-                                persistent=ev.event == "DEFINED")
-        if ev.event == "UNDEFINED" and current.state == libvirt.VIR_DOMAIN_SHUTOFF:
+                                persistent=ev.event == Lifecycle.DEFINED)
+        if ev.event == Lifecycle.UNDEFINED and current.state == libvirt.VIR_DOMAIN_SHUTOFF:
             self._guests.pop(ev.uuid, None)
             self.version += 1
             return
         updated = dataclasses.replace(current, name=ev.name, last_event=ev.event, last_detail=ev.detail,
                                       last_event_time=ev.time)
-        if ev.event == "UNDEFINED":
+        if ev.event == Lifecycle.UNDEFINED:
             updated = dataclasses.replace(updated, persistent=False, autostart=False)
-        elif ev.event == "DEFINED":
+        elif ev.event == Lifecycle.DEFINED:
             updated = dataclasses.replace(updated, persistent=True)
         new_state = lifecycle_state(ev.event, ev.detail)
         if new_state is not None:
             updated = dataclasses.replace(updated, state=new_state[0], reason=new_state[1])
-            if ev.event == "STARTED":
+            if ev.event == Lifecycle.STARTED:
                 updated = dataclasses.replace(updated, agent_connected=None)
-        if (ev.event == "STOPPED" and updated.persistent is False):
+        if (ev.event == Lifecycle.STOPPED and updated.persistent is False):
             self._guests.pop(ev.uuid, None)  # a transient guest is gone once stopped
             self.version += 1
             return

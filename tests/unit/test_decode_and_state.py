@@ -5,9 +5,9 @@ from __future__ import annotations
 import libvirt
 import pytest
 
-from virtwatch.state import GuestRegistry, ResyncEntry, lifecycle_state
+from virtwatch.model import Event, ResyncEntry, lifecycle_state
+from virtwatch.state import GuestRegistry
 from virtwatch.virt import decode
-from virtwatch.virt.records import Event
 
 
 def _event(seq: int, rec: dict, uuid: str | None = None) -> Event:

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry
 
-from ..virt.records import Event
+from ..model import Event
 from . import rules
 from .client import AlertmanagerClient, AlertMetrics, AlertRecord, Clock, SessionFactory, Sleep
 from .config import AlertSettings

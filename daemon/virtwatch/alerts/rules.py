@@ -17,7 +17,7 @@ import datetime
 from collections.abc import Collection, Mapping
 from typing import Literal
 
-from ..virt.records import Event
+from ..model import Event, Kind, Lifecycle, Source
 
 GUEST_CRASHED = "VirtwatchGuestCrashed"
 QEMU_FAILED = "VirtwatchQemuFailed"
@@ -141,34 +141,34 @@ def actions_for_event(ev: Event, ctx: RuleContext) -> list[AlertAction]:
     - lifecycle ``STARTED/*`` or ``RESUMED/*`` resolves the active ones of
       ``CLEARED_BY_RUNNING`` for that guest.
     """
-    if ev.source != "domain":
+    if ev.source != Source.DOMAIN:
         return []
-    if ev.kind == "lifecycle":
-        if ev.event == "CRASHED" or (ev.event == "STOPPED" and ev.detail == "CRASHED"):
+    if ev.kind == Kind.LIFECYCLE:
+        if ev.event == Lifecycle.CRASHED or (ev.event == Lifecycle.STOPPED and ev.detail == "CRASHED"):
             return [_fire(ev, ctx, GUEST_CRASHED, "critical", "Guest {domain} crashed on {instance}", "crashed")]
-        if ev.event == "STOPPED" and ev.detail == "FAILED":
+        if ev.event == Lifecycle.STOPPED and ev.detail == "FAILED":
             return [
                 _fire(ev, ctx, QEMU_FAILED, "critical", "QEMU of guest {domain} failed on {instance}",
                       "stopped because its QEMU process failed")
             ]
-        if ev.event == "SUSPENDED" and ev.detail == "IOERROR":
+        if ev.event == Lifecycle.SUSPENDED and ev.detail == "IOERROR":
             if (GUEST_IO_ERROR, ev.name) in ctx.active:
                 return []
             return [
                 _fire(ev, ctx, GUEST_IO_ERROR, "critical", "Guest {domain} paused on an I/O error on {instance}",
                       "was paused after a disk I/O error")
             ]
-        if ev.event in ("STARTED", "RESUMED"):
+        if ev.event in (Lifecycle.STARTED, Lifecycle.RESUMED):
             return _resolve_all(ev, ctx, CLEARED_BY_RUNNING)
         return []
-    if ev.kind == "watchdog":
+    if ev.kind == Kind.WATCHDOG:
         action = (ev.detail or str(ev.payload.get("action", ""))).upper()
         fire = _fire(ev, ctx, WATCHDOG_FIRED, "critical", "Watchdog fired in guest {domain} on {instance}",
                      f"had its watchdog fire (action {action or 'unknown'})", watchdog_action=action)
         if action in _WATCHDOG_STOPPING:
             return [fire]
         return [fire, AlertAction(op="resolve", alertname=WATCHDOG_FIRED, domain=ev.name, uuid=ev.uuid, at=ev.time)]
-    if ev.kind == "io_error":
+    if ev.kind == Kind.IO_ERROR:
         device = str(ev.payload.get("dev", "") or "")
         source = str(ev.payload.get("src", "") or "")
         reason = ev.detail or str(ev.payload.get("reason", "") or "")

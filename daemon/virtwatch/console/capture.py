@@ -57,8 +57,8 @@ import structlog
 from ..infra.backoff import Backoff
 from ..infra.tasks import TaskSet
 from ..infra.timing import wait_event
+from ..model import ACTIVE, Event, Kind, Lifecycle, Source, is_crash
 from ..virt.calls import Calls, CallTimeout, error_code_name
-from ..virt.records import Event
 from .crashstore import CrashRecord, CrashStore
 from .devices import RECV_CHUNK, ConsoleDevices, open_console, read_file_tail, take_screenshot
 from .ring import RingBuffer, text_lines
@@ -67,14 +67,9 @@ from .settings import ConsoleSettings
 log = structlog.get_logger("virtwatch.console")
 
 def is_crash_event(ev: Event) -> bool:
-    """Events that persist the console: lifecycle CRASHED (any detail),
-    STOPPED/CRASHED, STOPPED/FAILED, and every watchdog event."""
-    if ev.source != "domain":
-        return False
-    if ev.kind == "watchdog":
-        return True
-    return ev.kind == "lifecycle" and (ev.event == "CRASHED" or (ev.event == "STOPPED"
-                                                                 and ev.detail in ("CRASHED", "FAILED")))
+    """Events that persist the console: a crash (:func:`virtwatch.model.is_crash`) and every
+    watchdog event."""
+    return is_crash(ev) or (ev.source == Source.DOMAIN and ev.kind == Kind.WATCHDOG)
 
 
 # -- ports ---------------------------------------------------------------------------
@@ -227,7 +222,7 @@ class ConsoleCapture:
         if not self.settings.enabled or self._stopping:
             return
         for g in self._guests.guests():
-            if g.state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED) and self.wants(g.name):
+            if g.state in ACTIVE and self.wants(g.name):
                 self._ensure(g.name).wake.set()
 
     def reselect(self, name: str) -> None:
@@ -253,14 +248,14 @@ class ConsoleCapture:
 
     def on_event(self, ev: Event) -> None:
         """Pump subscriber: STARTED → attach; crash/watchdog → persist; UNDEFINED → forget."""
-        if ev.source != "domain" or not self.settings.enabled:
+        if ev.source != Source.DOMAIN or not self.settings.enabled:
             return
-        if ev.kind == "lifecycle" and ev.event == "STARTED" and self.wants(ev.name):
+        if ev.kind == Kind.LIFECYCLE and ev.event == Lifecycle.STARTED and self.wants(ev.name):
             c = self._ensure(ev.name)
             c.wake.set()
         if is_crash_event(ev) and ev.name in self._consoles:
             self._crash_tasks.spawn(self._persist(ev), name=f"console-crash-{ev.name}", on_done=self._crash_done)
-        if ev.kind == "lifecycle" and ev.event in ("STOPPED", "UNDEFINED"):
+        if ev.kind == Kind.LIFECYCLE and ev.event in (Lifecycle.STOPPED, Lifecycle.UNDEFINED):
             known = self._consoles.get(ev.name)
             if known is not None:
                 known.wake.set()
@@ -385,7 +380,7 @@ class ConsoleCapture:
         g = self._guests.by_name(name)
         if g is None:
             return None
-        return g.state in (libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_BLOCKED)
+        return g.state in ACTIVE
 
     async def _supervise(self, c: GuestConsole) -> None:
         """Attach, read until EOF, re-attach with backoff while the guest runs;

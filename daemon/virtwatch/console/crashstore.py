@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..virt.records import Event
+from ..model import Event
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS console_crashes (

@@ -16,11 +16,12 @@ import asyncio
 import collections
 from collections.abc import Callable
 
+from ..model import ACTIVE, RUNNING, DomainState, RunningReason
 from . import budget
 from .decide import restore_failure_plan
 from .guests import ActionJournal, GuestTable, Outcome
 from .model import GuestEntry
-from .ports import ACTIVE_STATES, DomainState, ErrorCode, HypervisorError, RunningReason
+from .ports import ErrorCode, HypervisorError
 from .select import Selection
 
 #: Window of the ``max_actions_per_minute`` circuit breaker, seconds.
@@ -131,14 +132,14 @@ class ActionRunner:
             await self._after_start_error(g, sel, err, "state")
             return
         g.live = (state, reason)
-        if state in (DomainState.RUNNING, DomainState.BLOCKED):
+        if state in RUNNING:
             history = budget.record_start(g.st.history, self._clock.time(), sel.policy)
             st = g.st.replace(pending_action=None, history=history)
             await self._t.persist(g, st)
             self._journal.count("restart", "already_running")
             self._journal.log_action(g, "restart", Outcome("already_running"))
             return
-        if state in ACTIVE_STATES:
+        if state in ACTIVE:
             try:
                 await self._t.tagged(g, "destroy", self._hv.destroy(name))
             except HypervisorError as err:
@@ -207,7 +208,7 @@ class ActionRunner:
             state, _ = await self._t.call("state", self._hv.state(name))
         except HypervisorError:
             return False
-        return state in (DomainState.RUNNING, DomainState.BLOCKED)
+        return state in RUNNING
 
     async def _last_cause(self, g: GuestEntry) -> str | None:
         rows = await self._store.events(g.st.name, limit=20)

@@ -15,12 +15,13 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from ..model import ACTIVE
 from .actions import ActionRunner
 from .decide import boot_candidate
 from .guests import POLL_INTERVAL, GuestTable
 from .host import read_boot_id
 from .model import BootReport, GuestEntry, GuestState
-from .ports import ACTIVE_STATES, HypervisorError
+from .ports import HypervisorError
 
 
 class BootFlow:
@@ -148,7 +149,7 @@ class BootFlow:
                     log.info("policy_boot_would_start", guest=name, mode=sel.mode)
                     return
                 state, _ = await self._t.call("state", self._hv.state(name))
-                if state in ACTIVE_STATES:
+                if state in ACTIVE:
                     return
                 if g.stop_seen == boot_id or g.st.intent == "held":
                     # started and stopped again while the flow waited (an admin destroy, a crash):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 
-from .ports import DomainState, PausedReason, ShutoffReason
+from ..model import DomainState, Kind, Lifecycle, PausedReason, ShutoffReason
 
 
 class StopCause(enum.StrEnum):
@@ -127,17 +127,6 @@ SUSPENDED_TABLE: dict[str, StopCause] = {
 WATCHDOG_STOP_ACTIONS = frozenset({"POWEROFF", "SHUTDOWN"})
 
 
-def guest_failure(kind: str, event: str, detail: str) -> bool:
-    """True for events only the guest (or QEMU) causes, never a virtwatch operation: a panic,
-    QEMU's death, an I/O-error or watchdog pause, an I/O error or watchdog event. Pure."""
-    if kind in ("io_error", "watchdog"):
-        return True
-    if kind != "lifecycle":
-        return False
-    return (event == "CRASHED" or (event == "STOPPED" and detail in ("CRASHED", "FAILED"))
-            or (event == "SUSPENDED" and detail in ("IOERROR", "WATCHDOG")))
-
-
 def _stopped_shutdown(inp: ClassifyInput) -> Classification:
     if inp.watchdog_action in WATCHDOG_STOP_ACTIONS:
         return Classification(Transition.STOPPED, StopCause.WATCHDOG, f"watchdog {inp.watchdog_action.lower()}")
@@ -150,24 +139,24 @@ def _stopped_shutdown(inp: ClassifyInput) -> Classification:
 
 def classify(inp: ClassifyInput) -> Classification:
     """Classify one event in its context. Pure; never raises."""
-    if inp.kind == "io_error":
+    if inp.kind == Kind.IO_ERROR:
         return Classification(Transition.NOTE, StopCause.IO_ERROR, f"I/O error {inp.detail}")
-    if inp.kind == "watchdog":
+    if inp.kind == Kind.WATCHDOG:
         return Classification(Transition.NOTE, StopCause.WATCHDOG, f"watchdog action {inp.detail}")
-    if inp.kind != "lifecycle":
+    if inp.kind != Kind.LIFECYCLE:
         return Classification(Transition.NONE)
     ev, det = inp.event, inp.detail
-    if ev == "SHUTDOWN":
+    if ev == Lifecycle.SHUTDOWN:
         return Classification(Transition.SHUTTING_DOWN, None, f"shutdown initiated ({det})")
-    if ev == "STARTED":
+    if ev == Lifecycle.STARTED:
         return Classification(Transition.STARTED, None, det.lower())
-    if ev == "RESUMED":
+    if ev == Lifecycle.RESUMED:
         return Classification(Transition.RESUMED, None, det.lower())
-    if ev in ("DEFINED", "UNDEFINED"):
+    if ev in (Lifecycle.DEFINED, Lifecycle.UNDEFINED):
         return Classification(Transition.NONE, None, f"{ev.lower()} {det.lower()}")
-    if ev == "PMSUSPENDED":
+    if ev == Lifecycle.PMSUSPENDED:
         return Classification(Transition.PAUSED, StopCause.PM_SUSPEND, f"guest power management {det.lower()}")
-    if ev == "CRASHED":
+    if ev == Lifecycle.CRASHED:
         if det == "CRASHLOADED":
             return Classification(Transition.NONE, None, "crash kernel loaded (kdump); the guest handles it")
         if inp.ours in STOPPING_OPS:
@@ -175,14 +164,14 @@ def classify(inp: ClassifyInput) -> Classification:
         if inp.host_shutdown:
             return Classification(Transition.CRASHED, StopCause.HOST_SHUTDOWN, "crash while the host shuts down")
         return Classification(Transition.CRASHED, StopCause.CRASH, f"guest {det.lower()}")
-    if ev not in ("STOPPED", "SUSPENDED"):
+    if ev not in (Lifecycle.STOPPED, Lifecycle.SUSPENDED):
         return Classification(Transition.NONE, None, f"{ev.lower()} {det.lower()}")
-    transition = Transition.STOPPED if ev == "STOPPED" else Transition.PAUSED
+    transition = Transition.STOPPED if ev == Lifecycle.STOPPED else Transition.PAUSED
     if inp.ours in STOPPING_OPS:
         return Classification(transition, StopCause.OURS, f"caused by our {inp.ours}")
     if inp.host_shutdown:
         return Classification(transition, StopCause.HOST_SHUTDOWN, "host is shutting down")
-    if ev == "STOPPED":
+    if ev == Lifecycle.STOPPED:
         if det == "SHUTDOWN":
             return _stopped_shutdown(inp)
         cause = STOPPED_TABLE.get(det, StopCause.UNKNOWN)

@@ -13,11 +13,11 @@ import dataclasses
 import enum
 from typing import Literal
 
+from ..model import ACTIVE, DomainState
 from . import budget
 from .budget import History
 from .classify import Classification, StopCause, Transition
 from .config import GuestPolicy
-from .ports import ACTIVE_STATES, DomainState
 from .select import Selection
 
 Intent = Literal["running", "stopped", "held"]
@@ -107,7 +107,7 @@ def initial_intent(policy: GuestPolicy, state: int) -> Intent:
         return "running"
     if policy.intent == "stopped":
         return "stopped"
-    return "running" if state in ACTIVE_STATES else "stopped"
+    return "running" if state in ACTIVE else "stopped"
 
 
 def _fmt_s(seconds: float) -> str:
@@ -216,7 +216,7 @@ def decide_recover(guest: GuestRecord, history: History, now: float, policy: Sel
     (operator reset/release, an interrupted action): start it at once. Pure."""
     if not policy.managed or guest.intent != "running" or history.given_up:
         return Decision(Action.NONE, 0.0, f"{guest.name}: nothing to recover ({why})", None, guest.intent, history)
-    if guest.state in ACTIVE_STATES and guest.state not in (DomainState.CRASHED,):
+    if guest.state in ACTIVE and guest.state not in (DomainState.CRASHED,):
         return Decision(Action.NONE, 0.0, f"{guest.name}: already active ({why})", None, guest.intent, history)
     text = f"restart {guest.name}: {why}, in 0 s"
     return Decision(Action.RESTART, 0.0, text, None, "running", budget.schedule(history, now))

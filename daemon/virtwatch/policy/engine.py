@@ -37,11 +37,11 @@ from typing import Any
 
 import structlog
 
-from ..virt.records import Event
+from ..model import DomainState, Event, Kind, Lifecycle, Source, is_guest_failure, lifecycle_state
 from . import budget
 from .actions import ActionRunner
 from .boot import BootFlow
-from .classify import Classification, ClassifyInput, Transition, classify, classify_state, guest_failure
+from .classify import Classification, ClassifyInput, Transition, classify, classify_state
 from .clock import Clock, SystemClock
 from .config import PolicySettings
 from .decide import Action, Decision, ResyncStep, decide, decide_recover, resync_step
@@ -59,7 +59,7 @@ from .model import (
     WorkItem,
 )
 from .operator import Operator
-from .ports import DomainState, Hypervisor, HypervisorError, RunningReason
+from .ports import Hypervisor, HypervisorError
 from .select import Selection
 from .shutdown import SavePath
 from .store import AsyncStore
@@ -198,10 +198,10 @@ class PolicyEngine:
 
     def on_event(self, event: Event) -> None:
         """Enqueue one domain event (non-domain events are ignored). Never blocks, never raises."""
-        if event.source != "domain" or not event.name:
+        if event.source != Source.DOMAIN or not event.name:
             return
         g = self._t.get(event.name, event.uuid)
-        if event.kind == "lifecycle" and event.event in ("STOPPED", "CRASHED"):
+        if event.kind == Kind.LIFECYCLE and event.event in (Lifecycle.STOPPED, Lifecycle.CRASHED):
             g.stop_seen = self._boot.boot_id  # stopped under our eyes in this boot: its own event decides, not the boot flow
         g.queue.put_nowait(WorkItem("event", event, self._clock.monotonic()))
         self._ensure_worker(g)
@@ -309,27 +309,27 @@ class PolicyEngine:
     async def _process_event(self, g: GuestEntry, item: WorkItem, defer_crash: bool = True) -> None:
         ev = item.event
         assert ev is not None
-        if ev.kind == "metadata_change" or (ev.kind == "lifecycle" and ev.event == "DEFINED"):
+        if ev.kind == Kind.METADATA_CHANGE or (ev.kind == Kind.LIFECYCLE and ev.event == Lifecycle.DEFINED):
             g.metadata_known = False
             await self._t.refresh_metadata(g)
         # A guest's own failure (panic, QEMU death, I/O-error or watchdog pause) is never caused by
         # our operation, even when it follows one within own_event_grace (a guest whose disk is
         # full pauses again seconds after we restarted it).
-        ours = None if guest_failure(ev.kind, ev.event, ev.detail) else self._t.is_ours(g, item.arrived)
+        ours = None if is_guest_failure(ev.kind, ev.event, ev.detail) else self._t.is_ours(g, item.arrived)
         inp = ClassifyInput(ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours,
                             self._t.host_shutdown)
         cls = classify(inp)
         # context for the next events
         if cls.transition == Transition.SHUTTING_DOWN:
             g.prev_shutdown = ev.detail
-        elif ev.kind == "watchdog":
+        elif ev.kind == Kind.WATCHDOG:
             g.watchdog_action = ev.detail.upper()
         elif cls.transition in (Transition.STARTED, Transition.STOPPED):
             g.prev_shutdown = None
             if cls.transition == Transition.STARTED:
                 g.watchdog_action = None
         self._track_live(g, ev, cls)
-        if ev.kind == "lifecycle" and ev.event == "UNDEFINED":
+        if ev.kind == Kind.LIFECYCLE and ev.event == Lifecycle.UNDEFINED:
             await self._forget(g, ev)
             return
         sel = self._t.selection(g)
@@ -339,7 +339,7 @@ class PolicyEngine:
         if cls.transition in (Transition.STARTED, Transition.STOPPED):
             g.crash_deferred = None  # the stop that follows a crash is decided on (once) below
         elif (defer_crash and cls.transition == Transition.CRASHED and cls.cause is not None
-              and cls.cause.value == "crash" and ev.kind == "lifecycle"):
+              and cls.cause.value == "crash" and ev.kind == Kind.LIFECYCLE):
             # One panic is CRASHED/PANICKED, then STOPPED/CRASHED about a second later
             # (<on_crash> destroy/restart): decide once, on the stop. Only a guest that stays
             # crashed (<on_crash> preserve) is decided on this event, after CRASH_STOP_WAIT.
@@ -362,14 +362,9 @@ class PolicyEngine:
             self._ensure_worker(g)
 
     def _track_live(self, g: GuestEntry, ev: Event, cls: Classification) -> None:
-        if ev.kind != "lifecycle":
-            return
-        m = {"STARTED": (DomainState.RUNNING, RunningReason.RESTORED if ev.detail == "RESTORED" else RunningReason.BOOTED),
-             "RESUMED": (DomainState.RUNNING, RunningReason.UNPAUSED),
-             "STOPPED": (DomainState.SHUTOFF, 0), "SUSPENDED": (DomainState.PAUSED, 0),
-             "CRASHED": (DomainState.CRASHED, 0), "PMSUSPENDED": (DomainState.PMSUSPENDED, 0)}
-        if ev.event in m:
-            g.live = (int(m[ev.event][0]), int(m[ev.event][1]))
+        live = lifecycle_state(ev.event, ev.detail) if ev.kind == Kind.LIFECYCLE else None
+        if live is not None:
+            g.live = live
 
     async def _forget(self, g: GuestEntry, ev: Event) -> None:
         g.gone = True

@@ -11,16 +11,8 @@ import asyncio
 import dataclasses
 from typing import Any
 
-from .ports import (
-    ACTIVE_STATES,
-    DomainState,
-    ErrorCode,
-    GuestInfo,
-    HypervisorError,
-    PausedReason,
-    RunningReason,
-    ShutoffReason,
-)
+from ..model import ACTIVE, DomainState, Lifecycle, PausedReason, RunningReason, ShutoffReason
+from .ports import ErrorCode, GuestInfo, HypervisorError
 
 
 @dataclasses.dataclass
@@ -88,19 +80,19 @@ class FakeHypervisor:
         """Boot, or restore the managed-save image (``corrupt_image`` makes a restore fail)."""
         g = await self._enter("start", name)
         assert g is not None
-        if g.state in ACTIVE_STATES:
+        if g.state in ACTIVE:
             raise HypervisorError(ErrorCode.OPERATION_INVALID, "domain is already running")
         if g.managed_save and not force_boot:
             if g.corrupt_image:
                 raise HypervisorError(ErrorCode.OPERATION_FAILED, "cannot restore managed save image")
             g.managed_save = False
             g.state, g.reason = DomainState.RUNNING, RunningReason.RESTORED
-            self._emit(g, "STARTED", "RESTORED")
+            self._emit(g, Lifecycle.STARTED, "RESTORED")
             return
         g.managed_save = False
         g.state, g.reason = DomainState.RUNNING, RunningReason.BOOTED
-        self._emit(g, "RESUMED", "UNPAUSED")
-        self._emit(g, "STARTED", "BOOTED")
+        self._emit(g, Lifecycle.RESUMED, "UNPAUSED")
+        self._emit(g, Lifecycle.STARTED, "BOOTED")
 
     async def resume(self, name: str) -> None:
         """Resume a paused guest."""
@@ -109,37 +101,37 @@ class FakeHypervisor:
         if g.state != DomainState.PAUSED:
             raise HypervisorError(ErrorCode.OPERATION_INVALID, "domain is not paused")
         g.state, g.reason = DomainState.RUNNING, RunningReason.UNPAUSED
-        self._emit(g, "RESUMED", "UNPAUSED")
+        self._emit(g, Lifecycle.RESUMED, "UNPAUSED")
 
     async def destroy(self, name: str) -> None:
         """Hard stop."""
         g = await self._enter("destroy", name)
         assert g is not None
-        if g.state not in ACTIVE_STATES:
+        if g.state not in ACTIVE:
             raise HypervisorError(ErrorCode.OPERATION_INVALID, "domain is not running")
         g.state, g.reason = DomainState.SHUTOFF, ShutoffReason.DESTROYED
-        self._emit(g, "SHUTDOWN", "HOST")
-        self._emit(g, "STOPPED", "DESTROYED")
+        self._emit(g, Lifecycle.SHUTDOWN, "HOST")
+        self._emit(g, Lifecycle.STOPPED, "DESTROYED")
 
     async def managed_save(self, name: str) -> None:
         """Save and stop."""
         g = await self._enter("managed_save", name)
         assert g is not None
-        if g.state not in ACTIVE_STATES:
+        if g.state not in ACTIVE:
             raise HypervisorError(ErrorCode.OPERATION_INVALID, "domain is not running")
         g.state, g.reason, g.managed_save = DomainState.SHUTOFF, ShutoffReason.SAVED, True
-        self._emit(g, "SUSPENDED", "PAUSED")
-        self._emit(g, "STOPPED", "SAVED")
+        self._emit(g, Lifecycle.SUSPENDED, "PAUSED")
+        self._emit(g, Lifecycle.STOPPED, "SAVED")
 
     async def shutdown(self, name: str) -> None:
         """ACPI shutdown: the fake guest obeys at once."""
         g = await self._enter("shutdown", name)
         assert g is not None
-        if g.state not in ACTIVE_STATES:
+        if g.state not in ACTIVE:
             raise HypervisorError(ErrorCode.OPERATION_INVALID, "domain is not running")
         g.state, g.reason = DomainState.SHUTOFF, ShutoffReason.SHUTDOWN
-        self._emit(g, "SHUTDOWN", "GUEST")
-        self._emit(g, "STOPPED", "SHUTDOWN")
+        self._emit(g, Lifecycle.SHUTDOWN, "GUEST")
+        self._emit(g, Lifecycle.STOPPED, "SHUTDOWN")
 
     async def has_managed_save(self, name: str) -> bool:
         """Whether an image exists."""
@@ -177,15 +169,15 @@ class FakeHypervisor:
     def crash(self, name: str, preserve: bool = False) -> None:
         """Guest kernel panic (``<on_crash>destroy`` unless ``preserve``)."""
         g = self.guests[name]
-        self._emit(g, "CRASHED", "PANICKED")
+        self._emit(g, Lifecycle.CRASHED, "PANICKED")
         if preserve:
             g.state, g.reason = DomainState.CRASHED, 1
         else:
             g.state, g.reason = DomainState.SHUTOFF, ShutoffReason.CRASHED
-            self._emit(g, "STOPPED", "CRASHED")
+            self._emit(g, Lifecycle.STOPPED, "CRASHED")
 
     def pause_io_error(self, name: str) -> None:
         """Guest paused on an I/O error."""
         g = self.guests[name]
         g.state, g.reason = DomainState.PAUSED, PausedReason.IOERROR
-        self._emit(g, "SUSPENDED", "IOERROR")
+        self._emit(g, Lifecycle.SUSPENDED, "IOERROR")

@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 import structlog
 
+from ..model import DomainState
 from .classify import STOPPING_OPS
 from .clock import Clock, within
 from .config import PolicySettings
 from .decide import GuestRecord, initial_intent
 from .model import GuestEntry, GuestState, OpTag, PolicyAlert
-from .ports import DomainState, ErrorCode, Hypervisor, HypervisorError
+from .ports import ErrorCode, Hypervisor, HypervisorError
 from .select import Selection, select
 from .store import ActionRow, AsyncStore
 

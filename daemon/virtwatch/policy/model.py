@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
-from ..virt.records import Event
+from ..model import Event
 from . import budget
 from .budget import History
 

@@ -12,12 +12,12 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any
 
+from ..model import ACTIVE
 from . import budget
 from .classify import Transition, classify_state
 from .decide import decide
 from .guests import GuestTable
 from .model import Explanation, GuestEntry, GuestSnapshot
-from .ports import ACTIVE_STATES
 from .select import select, validate_override
 
 
@@ -49,7 +49,7 @@ class Operator:
     async def release(self, name: str) -> GuestSnapshot:
         """Release a hold: intent follows the live state (running if active, else stopped). Raises KeyError."""
         g = self._t.known(name)
-        active = g.live is not None and g.live[0] in ACTIVE_STATES
+        active = g.live is not None and g.live[0] in ACTIVE
         await self._t.persist(g, g.st.replace(intent="running" if active else "stopped"))
         self._log.info("policy_release", guest=name, uuid=g.st.uuid, intent=g.st.intent)
         return self._snap(g)

@@ -3,7 +3,7 @@
 The engine never imports libvirt. :mod:`virtwatch.policy.libvirt_port` implements
 the protocol on a libvirt connection; :mod:`virtwatch.policy.fakes` in memory.
 State and reason codes are libvirt's ``virDomainState`` / ``virDomain*Reason``
-integers (mirrored in :class:`DomainState` and the reason classes below).
+integers (mirrored in :class:`~virtwatch.model.DomainState` and the reason enums there).
 """
 
 from __future__ import annotations
@@ -13,74 +13,6 @@ from typing import NamedTuple, Protocol, runtime_checkable
 
 #: Our XML metadata namespace (``virDomainGetMetadata(ELEMENT, NS)``).
 METADATA_NS = "https://virtwatch.dev/xmlns/policy/1"
-
-
-class DomainState(enum.IntEnum):
-    """``virDomainState``."""
-
-    NOSTATE = 0
-    RUNNING = 1
-    BLOCKED = 2
-    PAUSED = 3
-    SHUTDOWN = 4
-    SHUTOFF = 5
-    CRASHED = 6
-    PMSUSPENDED = 7
-
-
-class RunningReason(enum.IntEnum):
-    """``virDomainRunningReason``."""
-
-    UNKNOWN = 0
-    BOOTED = 1
-    MIGRATED = 2
-    RESTORED = 3
-    FROM_SNAPSHOT = 4
-    UNPAUSED = 5
-    MIGRATION_CANCELED = 6
-    SAVE_CANCELED = 7
-    WAKEUP = 8
-    CRASHED = 9
-    POSTCOPY = 10
-
-
-class ShutoffReason(enum.IntEnum):
-    """``virDomainShutoffReason``."""
-
-    UNKNOWN = 0
-    SHUTDOWN = 1
-    DESTROYED = 2
-    CRASHED = 3
-    MIGRATED = 4
-    SAVED = 5
-    FAILED = 6
-    FROM_SNAPSHOT = 7
-    DAEMON = 8
-
-
-class PausedReason(enum.IntEnum):
-    """``virDomainPausedReason``."""
-
-    UNKNOWN = 0
-    USER = 1
-    MIGRATION = 2
-    SAVE = 3
-    DUMP = 4
-    IOERROR = 5
-    WATCHDOG = 6
-    FROM_SNAPSHOT = 7
-    SHUTTING_DOWN = 8
-    SNAPSHOT = 9
-    CRASHED = 10
-    STARTING_UP = 11
-    POSTCOPY = 12
-    POSTCOPY_FAILED = 13
-    API_ERROR = 14
-
-
-#: States in which QEMU exists (the guest is "active").
-ACTIVE_STATES = frozenset({DomainState.RUNNING, DomainState.BLOCKED, DomainState.PAUSED, DomainState.SHUTDOWN,
-                           DomainState.CRASHED, DomainState.PMSUSPENDED})
 
 
 class ErrorCode(enum.IntEnum):

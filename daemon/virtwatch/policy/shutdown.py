@@ -14,11 +14,12 @@ import functools
 from types import MappingProxyType
 from typing import Any
 
+from ..model import ACTIVE, DomainState
 from .config import ShutdownStep
 from .guests import POLL_INTERVAL, ActionJournal, GuestTable
 from .host import LibvirtGuestsPaths, libvirt_guests_active
 from .model import GuestEntry, SaveReport
-from .ports import ACTIVE_STATES, DomainState, ErrorCode, HypervisorError
+from .ports import ErrorCode, HypervisorError
 from .select import Selection
 
 
@@ -67,7 +68,7 @@ class SavePath:
             g.live = (info.state, info.reason)
             await self._t.refresh_metadata(g)
             sel = self._t.selection(g)
-            if sel.managed and info.state in ACTIVE_STATES:
+            if sel.managed and info.state in ACTIVE:
                 targets.append((g, sel))
         marked = [g.st.replace(was_running=True) for g, _ in targets]
         for (g, _), st in zip(targets, marked, strict=True):

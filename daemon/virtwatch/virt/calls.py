@@ -31,8 +31,8 @@ from typing import Any, TypeVar
 
 import libvirt
 
-from ..metrics.instruments import Instruments
 from .decode import constant_names
+from .ports import VirtInstruments
 
 T = TypeVar("T")
 
@@ -72,7 +72,7 @@ class Calls:
         default_timeout: deadline in seconds when a call gives none.
     """
 
-    def __init__(self, instruments: Instruments, max_in_flight: int = 4, default_timeout: float = 30.0,
+    def __init__(self, instruments: VirtInstruments, max_in_flight: int = 4, default_timeout: float = 30.0,
                  name: str = "virtwatch-libvirt") -> None:
         self._instruments = instruments
         self._pool = DaemonThreadPool(max_in_flight, name)

@@ -30,10 +30,10 @@ from ..config import LibvirtSettings
 from ..infra.backoff import Backoff
 from ..infra.tasks import TaskSet, notify_all
 from ..infra.timing import DriftFreeSchedule, wait_event
-from ..metrics.instruments import Instruments
-from ..state import GuestRegistry, ResyncEntry
+from ..model import ResyncEntry
 from .calls import Calls, CallTimeout, error_code_name
 from .events import EventPump, EventSubscriptions
+from .ports import VirtInstruments
 
 log = structlog.get_logger("virtwatch.connection")
 
@@ -99,18 +99,21 @@ class ConnectionManager:
         read_only: open with ``openReadOnly`` (no guest actions possible).
         calls: bounded executor for blocking calls.
         pump: where events go; its :attr:`~EventPump.published` count marks resyncs.
-        guests: the registry resyncs write to.
+        on_resync: called on the loop with every guest a resync read and the pump's
+            :attr:`~EventPump.published` count when the read began
+            (:meth:`~virtwatch.state.GuestRegistry.apply_resync`).
         instruments: self-metrics (``libvirt_up``, reconnects, attempts).
         rand: jitter source in [0, 1) (injected for tests).
     """
 
     def __init__(self, settings: LibvirtSettings, read_only: bool, calls: Calls, pump: EventPump,
-                 guests: GuestRegistry, instruments: Instruments, rand: Callable[[], float] = random.random) -> None:
+                 on_resync: Callable[[list[ResyncEntry], int], None], instruments: VirtInstruments,
+                 rand: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.read_only = read_only
         self._calls = calls
         self._pump = pump
-        self._guests = guests
+        self._on_resync = on_resync
         self._instruments = instruments
         self._backoff = reconnect_backoff(settings, rand)
         self._subs = EventSubscriptions(pump)
@@ -183,7 +186,7 @@ class ConnectionManager:
         mark = self._pump.published
         entries = await self._calls.run("getAllDomainStats", read_guest_list, conn,
                                         timeout=self.settings.call_timeout)
-        self._guests.apply_resync(entries, started_after_seq=mark)
+        self._on_resync(entries, mark)
         return len(entries)
 
     # -- internals ------------------------------------------------------------
@@ -218,7 +221,7 @@ class ConnectionManager:
             kinds = await self._calls.run("domainEventRegisterAny", self._subs.register, conn,
                                           timeout=self.settings.call_timeout)
             self.info = await self._calls.run("getLibVersion", _read_info, conn, timeout=self.settings.call_timeout)
-            await self.resync()
+            guests = await self.resync()
         except (libvirt.libvirtError, CallTimeout, RuntimeError) as err:
             self.last_error = str(err).strip()
             self._instruments.connection_attempts.labels(result="setup_failure").inc()
@@ -226,7 +229,7 @@ class ConnectionManager:
             return None
         log.info("libvirt_connected", uri=self.settings.uri, read_only=self.read_only,
                  events=len(kinds), unsupported_events=self._subs.unsupported,
-                 guests=len(self._guests.guests()), **self.info)
+                 guests=guests, **self.info)
         if self.connected_once:
             self._instruments.reconnects.inc()
         self.connected_once = True

@@ -21,8 +21,8 @@ from typing import Any
 import libvirt
 import structlog
 
+from ..model import Event
 from .decode import HOST_EVENTS, available_domain_events
-from .records import Event
 
 Subscriber = Callable[[Event], None]
 

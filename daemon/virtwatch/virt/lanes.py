@@ -53,9 +53,9 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ..config import LibvirtSettings
 from ..infra.tasks import TaskSet
-from ..metrics.instruments import Instruments
 from .calls import Calls, CallTimeout
 from .connection import is_alive, open_connection
+from .ports import VirtInstruments
 
 log = structlog.get_logger("virtwatch.lanes")
 
@@ -98,7 +98,7 @@ class Lane:
         quarantined_at: monotonic time it was quarantined, or None.
     """
 
-    def __init__(self, role: str, seq: int, instruments: Instruments, call_timeout: float) -> None:
+    def __init__(self, role: str, seq: int, instruments: VirtInstruments, call_timeout: float) -> None:
         self.role = role
         self.name = f"{role}-{seq}"
         self.calls = Calls(instruments, 1, call_timeout, name=f"virtwatch-lane-{self.name}")
@@ -125,7 +125,7 @@ class LanePool:
         monotonic: clock in seconds.
     """
 
-    def __init__(self, settings: LibvirtSettings, read_only: bool, instruments: Instruments, max_stuck: int,
+    def __init__(self, settings: LibvirtSettings, read_only: bool, instruments: VirtInstruments, max_stuck: int,
                  opener: Callable[[], libvirt.virConnect] | None = None, shared: bool = False,
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         self.settings = settings

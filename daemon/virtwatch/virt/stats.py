@@ -40,9 +40,9 @@ import structlog
 
 from ..config import StatsSettings
 from ..infra.timing import DriftFreeSchedule
-from ..metrics.instruments import Instruments
 from .calls import CallTimeout, error_code_name
 from .lanes import LanePool, LaneUnavailable
+from .ports import VirtInstruments
 
 log = structlog.get_logger("virtwatch.stats")
 
@@ -309,7 +309,7 @@ class StatsPoller:
     """
 
     def __init__(self, settings: StatsSettings, connection: ConnectionPort, lanes: LanePool,
-                 instruments: Instruments, source: StatsSource | None = None,
+                 instruments: VirtInstruments, source: StatsSource | None = None,
                  monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  on_snapshot: Callable[[Snapshot], None] | None = None, kept: Snapshot | None = None) -> None:
         self.settings = settings

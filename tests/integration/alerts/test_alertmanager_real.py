@@ -9,7 +9,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 
 from virtwatch.alerts import Alerter, AlertSettings
-from virtwatch.virt.records import Event
+from virtwatch.model import Event
 
 
 def alerter(urls: list[str], **kw) -> tuple[Alerter, CollectorRegistry]:

@@ -6,16 +6,9 @@ import time
 import libvirt
 import pytest
 
+from virtwatch.model import DomainState, ShutoffReason
 from virtwatch.policy.libvirt_port import LibvirtHypervisor
-from virtwatch.policy.ports import (
-    METADATA_NS,
-    DomainState,
-    ErrorCode,
-    GuestInfo,
-    Hypervisor,
-    HypervisorError,
-    ShutoffReason,
-)
+from virtwatch.policy.ports import METADATA_NS, ErrorCode, GuestInfo, Hypervisor, HypervisorError
 
 NODE = """<node>
   <domain type="test"><name>a</name><uuid>11111111-2222-3333-4444-555555555551</uuid>

@@ -13,14 +13,13 @@ import libvirt
 import pytest
 
 from testkit import until
+from virtwatch.model import DomainState, Event
 from virtwatch.policy.clock import SystemClock
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.engine import PolicyEngine
 from virtwatch.policy.host import LibvirtGuestsPaths
 from virtwatch.policy.libvirt_port import LibvirtHypervisor
-from virtwatch.policy.ports import DomainState
 from virtwatch.policy.store import AsyncStore, Store
-from virtwatch.virt.records import Event
 
 N_GUESTS = 20
 

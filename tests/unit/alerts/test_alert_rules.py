@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from virtwatch.alerts import rules
 from virtwatch.alerts.rules import AlertAction, RuleContext, actions_for_event
-from virtwatch.virt.records import Event
+from virtwatch.model import Event
 
 T = 1795959293.731  # date -u -d @1795959293 -> 2026-11-29 13:34:53 UTC
 

@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry
 
 from virtwatch.alerts import Alerter, AlertSettings
 from virtwatch.alerts.client import rfc3339
-from virtwatch.virt.records import Event
+from virtwatch.model import Event
 
 A = "http://am:9093"
 EP = A + "/api/v2/alerts"

@@ -14,8 +14,8 @@ from testkit import until
 from virtwatch.agent import AgentSettings, GuestAgent, parse_addresses, parse_guest_info
 from virtwatch.inventory import Inventory
 from virtwatch.metrics.instruments import Instruments
+from virtwatch.model import Event
 from virtwatch.virt.calls import Calls
-from virtwatch.virt.records import Event
 from virtwatch.virt.stats import HostStats, NetworkInfo, PoolInfo, Snapshot
 
 RUNNING = libvirt.VIR_DOMAIN_RUNNING

@@ -24,8 +24,8 @@ from virtwatch.console.capture import ConsoleCapture
 from virtwatch.console.settings import ConsoleSettings
 from virtwatch.metrics.http import ConsoleAPI
 from virtwatch.metrics.instruments import Instruments
+from virtwatch.model import Event
 from virtwatch.virt.calls import Calls
-from virtwatch.virt.records import Event
 
 RUNNING, SHUTOFF = libvirt.VIR_DOMAIN_RUNNING, libvirt.VIR_DOMAIN_SHUTOFF
 

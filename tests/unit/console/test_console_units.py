@@ -14,7 +14,7 @@ from virtwatch.console.crashstore import CrashStore
 from virtwatch.console.devices import parse_console_devices, read_file_tail
 from virtwatch.console.ring import RingBuffer, text_lines
 from virtwatch.console.settings import ConsoleSettings
-from virtwatch.virt.records import Event
+from virtwatch.model import Event
 
 
 def ev(kind: str, event: str, detail: str = "", name: str = "g1", seq: int = 1, t: float = 1000.0,

@@ -8,13 +8,13 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+from virtwatch.model import Event
 from virtwatch.policy.clock import FakeClock
 from virtwatch.policy.config import PolicySettings
 from virtwatch.policy.engine import PolicyEngine
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.host import LibvirtGuestsPaths
 from virtwatch.policy.store import AsyncStore
-from virtwatch.virt.records import Event
 
 LIFECYCLE_CODES = {"DEFINED": 0, "UNDEFINED": 1, "STARTED": 2, "SUSPENDED": 3, "RESUMED": 4, "STOPPED": 5,
                    "SHUTDOWN": 6, "PMSUSPENDED": 7, "CRASHED": 8}

@@ -4,10 +4,11 @@ import asyncio
 
 import pytest
 
+from virtwatch.model import DomainState, RunningReason
 from virtwatch.policy.fakes import FakeHypervisor
 from virtwatch.policy.host import LibvirtGuestsPaths, libvirt_guests_active, read_boot_id
 from virtwatch.policy.model import GuestState
-from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason
+from virtwatch.policy.ports import ErrorCode, HypervisorError
 
 from .rig import Rig
 

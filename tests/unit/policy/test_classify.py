@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from virtwatch.policy.classify import ClassifyInput, StopCause, Transition, classify, classify_state, guest_failure
-from virtwatch.policy.ports import DomainState, PausedReason, ShutoffReason
+from virtwatch.model import DomainState, PausedReason, ShutoffReason, is_guest_failure as guest_failure
+from virtwatch.policy.classify import ClassifyInput, StopCause, Transition, classify, classify_state
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "events-libvirt9-qemu7.2.jsonl"
 

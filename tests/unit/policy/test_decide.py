@@ -2,6 +2,7 @@
 
 import pytest
 
+from virtwatch.model import DomainState, ShutoffReason
 from virtwatch.policy import budget
 from virtwatch.policy.budget import History
 from virtwatch.policy.classify import ClassifyInput, StopCause, classify, classify_state
@@ -17,7 +18,6 @@ from virtwatch.policy.decide import (
     restore_failure_plan,
     resync_step,
 )
-from virtwatch.policy.ports import DomainState, ShutoffReason
 from virtwatch.policy.select import select
 
 S = PolicySettings.model_validate({

@@ -2,9 +2,10 @@
 
 import pytest
 
+from virtwatch.model import DomainState, RunningReason, ShutoffReason
 from virtwatch.policy.budget import History
 from virtwatch.policy.model import GuestState
-from virtwatch.policy.ports import DomainState, ErrorCode, HypervisorError, RunningReason, ShutoffReason
+from virtwatch.policy.ports import ErrorCode, HypervisorError
 
 from .rig import Rig
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from virtwatch.policy.ports import DomainState, RunningReason
+from virtwatch.model import DomainState, RunningReason
 
 from .rig import Rig
 
