@@ -14,6 +14,10 @@
 #   6. systemctl daemon-reload when systemd is running.
 # It never enables or starts anything; it prints the commands to do so.
 #
+# `make install-prometheus-rules` (not part of `install`: Prometheus usually runs
+# elsewhere) installs config/prometheus/virtwatch-alerts.yml into
+# $(PROMETHEUS_RULES_DIR) with every runbook_url under $(RUNBOOK_BASE_URL).
+#
 # DESTDIR=/some/dir stages everything under that directory instead (for
 # tests and packaging): no user is created, nothing is chown'ed and systemd
 # is not touched. Note that a venv is not relocatable: its scripts name
@@ -24,6 +28,8 @@
 #   INSTALL_VENV       venv location                              [/opt/virtwatch]
 #   INSTALL_PIP_FLAGS  extra pip flags, e.g. --no-index --find-links=wheels/
 #   EXAMPLE_CONFIG     the example configuration to seed from
+#   RUNBOOK_BASE_URL   where docs/runbooks/*.md are published  [https://virtwatch.dev/docs/runbooks]
+#   PROMETHEUS_RULES_DIR  install-prometheus-rules' target directory  [$(SYSCONFDIR)/prometheus]
 #   PREFIX BINDIR SYSCONFDIR UNITDIR STATEDIR DOCDIR DESTDIR
 
 INSTALL_SRCDIR     := $(patsubst %/,%,$(dir $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))))
@@ -38,12 +44,17 @@ STATEDIR           ?= /var/lib/virtwatch
 DOCDIR             ?= $(PREFIX)/share/doc/virtwatch
 EXAMPLE_CONFIG     ?= $(INSTALL_SRCDIR)/config/virtwatch.example.toml
 DESTDIR            ?=
+PROMETHEUS_RULES_DIR ?= $(SYSCONFDIR)/prometheus
+# The base the shipped rule file names; install-prometheus-rules replaces it with RUNBOOK_BASE_URL.
+RUNBOOK_SHIPPED_BASE := https://virtwatch.dev/docs/runbooks
+RUNBOOK_BASE_URL   ?= $(RUNBOOK_SHIPPED_BASE)
 
 INSTALL_UNITS := virtwatch.service virtwatch.socket virtwatch-guests-save.service
 # The units name /usr/local/bin/virtwatch; rewrite it when BINDIR differs.
 INSTALL_SED   := sed -e 's|/usr/local/bin/virtwatch|$(BINDIR)/virtwatch|g'
 
-.PHONY: install install-venv install-files install-user install-dirs install-config install-reload
+.PHONY: install install-venv install-files install-user install-dirs install-config install-reload \
+        install-prometheus-rules
 
 install: install-venv install-files install-user install-dirs install-config install-reload
 	@echo
@@ -81,6 +92,9 @@ install-files:
 	install -m 0644 "$(EXAMPLE_CONFIG)" "$(DESTDIR)$(DOCDIR)/virtwatch.example.toml"
 	install -m 0644 "$(INSTALL_SRCDIR)/packaging/web-config.example.yml" "$(DESTDIR)$(DOCDIR)/web-config.example.yml"
 	if [ -f "$(INSTALL_SRCDIR)/README.md" ]; then install -m 0644 "$(INSTALL_SRCDIR)/README.md" "$(DESTDIR)$(DOCDIR)/README.md"; fi
+	install -d -m 0755 "$(DESTDIR)$(DOCDIR)/runbooks"
+	install -m 0644 "$(INSTALL_SRCDIR)"/docs/runbooks/*.md "$(DESTDIR)$(DOCDIR)/runbooks/"
+	install -m 0644 "$(INSTALL_SRCDIR)/config/prometheus/virtwatch-alerts.yml" "$(DESTDIR)$(DOCDIR)/virtwatch-alerts.yml"
 
 install-user:
 ifeq ($(DESTDIR),)
@@ -119,3 +133,14 @@ install-reload:
 ifeq ($(DESTDIR),)
 	if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi
 endif
+
+# The Prometheus rules with their runbook links rewritten (the base must not contain '|').
+install-prometheus-rules:
+	@case "$(RUNBOOK_BASE_URL)" in http://?*|https://?*) ;; \
+	  *) echo "install: RUNBOOK_BASE_URL must be an http:// or https:// URL" >&2; exit 1;; esac
+	install -d -m 0755 "$(DESTDIR)$(PROMETHEUS_RULES_DIR)"
+	sed -e 's|$(RUNBOOK_SHIPPED_BASE)/|$(patsubst %/,%,$(RUNBOOK_BASE_URL))/|g' \
+	  "$(INSTALL_SRCDIR)/config/prometheus/virtwatch-alerts.yml" > "$(DESTDIR)$(PROMETHEUS_RULES_DIR)/virtwatch-alerts.yml.tmp"
+	chmod 0644 "$(DESTDIR)$(PROMETHEUS_RULES_DIR)/virtwatch-alerts.yml.tmp"
+	mv -f "$(DESTDIR)$(PROMETHEUS_RULES_DIR)/virtwatch-alerts.yml.tmp" "$(DESTDIR)$(PROMETHEUS_RULES_DIR)/virtwatch-alerts.yml"
+	@echo "install: check it with promtool check rules $(PROMETHEUS_RULES_DIR)/virtwatch-alerts.yml, then reload Prometheus"

@@ -202,4 +202,5 @@ def config_warnings(settings: Settings) -> list[str]:
         warnings.append("libvirt.max_calls_in_flight > 1: libvirt 9.0's client can crash (SIGSEGV) when a "
                         "connection used by several threads closes, e.g. at a libvirtd restart")
     warnings.extend(settings.policy.warnings())
+    warnings.extend(settings.alerts.warnings())
     return warnings

@@ -6,9 +6,12 @@ import asyncio
 import json
 import resource
 
+import aiohttp
 import libvirt
+import yarl
 
 from testkit import sample as metric, scrape, until
+from virtwatch.alerts import AlertSettings
 from virtwatch.app import Daemon
 
 
@@ -54,6 +57,19 @@ async def test_landing_health_and_readiness(daemon: Daemon, make_guests) -> None
     assert "odd&lt;&amp;&gt;name" in page and "<table>" in page
     assert (await scrape(daemon, "/healthz"))[0] == 200
     assert (await scrape(daemon, "/readyz"))[0] == 200
+
+
+async def test_an_alert_link_opens_the_guest_page_even_for_an_odd_name(daemon: Daemon, make_guests) -> None:
+    (dom,) = await asyncio.to_thread(make_guests, "odd name?#%ü&", 1)  # libvirt refuses only '/' and newlines
+    name = dom.name()
+    await until(lambda: daemon.guests.by_name(name) is not None)
+    host, port = daemon.listen_address
+    link = AlertSettings(external_url=f"http://{host}:{port}").link(name)
+    assert link is not None and " " not in link and "?" not in link and "#" not in link
+    async with aiohttp.ClientSession() as s, s.get(yarl.URL(link, encoded=True)) as r:
+        assert r.status == 200
+        doc = await r.json()
+    assert doc["name"] == name
 
 
 async def test_poll_publishes_snapshot_and_vanished_guests_vanish(daemon: Daemon, make_guests) -> None:

@@ -76,19 +76,29 @@ def rfc3339(t: float) -> str:
 
 
 def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings) -> dict[str, Any]:
-    """The Alertmanager v2 JSON object for ``rec`` sent at time ``now``."""
+    """The Alertmanager v2 JSON object for ``rec`` sent at time ``now``.
+
+    Every alert gets a ``runbook_url`` annotation (unless ``runbook_base_url`` is empty or the
+    record sets one) and a ``generatorURL``: the guest's page on this daemon for guest alerts,
+    its landing page for host alerts (see :meth:`AlertSettings.link`).
+    """
     if rec.ends_at is None:
         ends = now + 4 * settings.resend_interval
     else:
         ends = max(rec.ends_at, rec.starts_at + settings.min_firing_duration)
+    annotations = dict(rec.annotations)
+    runbook = settings.runbook_url(rec.labels.get("alertname", ""))
+    if runbook and not annotations.get("runbook_url"):
+        annotations["runbook_url"] = runbook
     out: dict[str, Any] = {
         "labels": {k: v for k, v in rec.labels.items() if v},
-        "annotations": {k: v for k, v in rec.annotations.items() if v},
+        "annotations": {k: v for k, v in annotations.items() if v},
         "startsAt": rfc3339(rec.starts_at),
         "endsAt": rfc3339(ends),
     }
-    if settings.generator_url:
-        out["generatorURL"] = settings.generator_url
+    link = settings.link(rec.labels.get("domain", ""))
+    if link:
+        out["generatorURL"] = link
     return out
 
 

@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import socket
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+
+#: Where the runbooks (``docs/runbooks/<alertname>.md``) are published by default. The shipped
+#: Prometheus rules use the same base (``make install-prometheus-rules RUNBOOK_BASE_URL=...``
+#: rewrites it); ``[alerts] runbook_base_url`` changes it for the instant alerts.
+DEFAULT_RUNBOOK_BASE_URL = "https://virtwatch.dev/docs/runbooks"
+
+
+def _http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+    return url
 
 
 class AlertSettings(BaseModel):
@@ -52,18 +64,35 @@ class AlertSettings(BaseModel):
     instance: str = Field(
         default_factory=socket.gethostname, description="value of the 'instance' label (the host); default: hostname"
     )
+    external_url: str | None = Field(
+        None,
+        description="this daemon's base URL as operators reach it, e.g. http://hv01:9177; alerts link to it"
+        " (generatorURL): guest alerts to /api/v1/guests/NAME, host alerts to the landing page; no link if unset",
+    )
     generator_url: str | None = Field(
-        None, description="generatorURL sent with every alert, e.g. this daemon's landing page; none if unset"
+        None,
+        description="deprecated, use external_url: one fixed generatorURL for every alert; only allowed"
+        " without external_url",
+    )
+    runbook_base_url: str = Field(
+        DEFAULT_RUNBOOK_BASE_URL,
+        description="every alert gets the annotation runbook_url = this + '/' + alertname + '.md' (the runbooks"
+        " are docs/runbooks/*.md); empty = no runbook_url",
     )
 
     @field_validator("alertmanager_urls")
     @classmethod
     def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for url in v:
-            parts = urlsplit(url)
-            if parts.scheme not in ("http", "https") or not parts.netloc:
-                raise ValueError(f"expected an http:// or https:// URL, got {url!r}")
+            _http_url(url)
         return tuple(dict.fromkeys(v))
+
+    @field_validator("external_url", "runbook_base_url")
+    @classmethod
+    def _base_url(cls, v: str | None) -> str | None:
+        if not v:
+            return v
+        return _http_url(v).rstrip("/")
 
     @model_validator(mode="after")
     def _consistent(self) -> AlertSettings:
@@ -73,9 +102,37 @@ class AlertSettings(BaseModel):
             raise ValueError("basic_auth_username and basic_auth_password_file go together")
         if self.basic_auth_username is not None and self.bearer_token_file is not None:
             raise ValueError("use either basic auth or a bearer token, not both")
+        if self.external_url is not None and self.generator_url is not None:
+            raise ValueError("generator_url is deprecated and replaced by external_url: set only external_url")
         return self
 
     @property
     def enabled(self) -> bool:
         """True when at least one Alertmanager URL is configured."""
         return bool(self.alertmanager_urls)
+
+    def runbook_url(self, alertname: str) -> str | None:
+        """The ``runbook_url`` annotation of ``alertname``; None when ``runbook_base_url`` is empty."""
+        if not self.runbook_base_url:
+            return None
+        return f"{self.runbook_base_url}/{quote(alertname, safe='')}.md"
+
+    def link(self, domain: str = "") -> str | None:
+        """The ``generatorURL`` of an alert about guest ``domain`` (``""``: a host alert).
+
+        With ``external_url``: the guest's page ``/api/v1/guests/NAME`` (the name percent-encoded,
+        ``/`` included), or the landing page ``/`` for host alerts. Else the deprecated fixed
+        ``generator_url``, else None.
+        """
+        if self.external_url is None:
+            return self.generator_url
+        if not domain:
+            return self.external_url + "/"
+        return f"{self.external_url}/api/v1/guests/{quote(domain, safe='')}"
+
+    def warnings(self) -> list[str]:
+        """Valid but deprecated or suspicious settings, as human-readable lines."""
+        if self.generator_url is not None:
+            return ["alerts.generator_url is deprecated: set alerts.external_url (the daemon's base URL, e.g. "
+                    "http://hv01:9177) so that guest alerts link to the guest's page"]
+        return []

@@ -40,7 +40,7 @@ async def wait_for(url: str, pred, timeout: float = 10.0) -> list[dict]:
         await asyncio.sleep(0.02)
 
 
-def named(alerts: list[dict], alertname: str, domain: str) -> list[dict]:
+def named(alerts: list[dict], alertname: str, domain: str | None) -> list[dict]:
     return [a for a in alerts if a["labels"].get("alertname") == alertname and a["labels"].get("domain") == domain]
 
 
@@ -142,3 +142,28 @@ async def test_resend_keeps_alert_alive_past_its_endsat(alertmanagers):
         await al.stop(0)
     # Daemon gone: no more re-posts, the alert expires by itself.
     await wait_for(am.url, lambda a: not named(a, "VirtwatchGivenUp", "web9"), timeout=5)
+
+
+async def test_alertmanager_keeps_the_guest_link_and_runbook_of_an_odd_name(alertmanagers):
+    am = alertmanagers[0]
+    reg = CollectorRegistry()
+    s = AlertSettings(alertmanager_urls=[am.url], instance="hv-test", min_firing_duration=0.0,
+                      retry_min_delay=0.05, retry_max_delay=0.2, external_url="http://hv-test.example.org:9177",
+                      runbook_base_url="https://wiki.example.org/virtwatch/runbooks")
+    al = Alerter(s, reg)
+    await al.start()
+    try:
+        al.on_event(event("odd name/ü", "lifecycle", "CRASHED", "PANICKED"))
+        al.connection_lost("qemu:///system", "keepalive timeout")
+        alerts = await wait_for(am.url, lambda a: named(a, "VirtwatchGuestCrashed", "odd name/ü")
+                                and named(a, "VirtwatchLibvirtConnectionLost", None))  # host alert: no domain
+        [crashed] = named(alerts, "VirtwatchGuestCrashed", "odd name/ü")
+        assert crashed["generatorURL"] == "http://hv-test.example.org:9177/api/v1/guests/odd%20name%2F%C3%BC"
+        assert crashed["annotations"]["runbook_url"] == \
+            "https://wiki.example.org/virtwatch/runbooks/VirtwatchGuestCrashed.md"
+        [lost] = named(alerts, "VirtwatchLibvirtConnectionLost", None)
+        assert lost["generatorURL"] == "http://hv-test.example.org:9177/"
+        assert lost["annotations"]["runbook_url"] == \
+            "https://wiki.example.org/virtwatch/runbooks/VirtwatchLibvirtConnectionLost.md"
+    finally:
+        await al.stop(2.0)

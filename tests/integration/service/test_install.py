@@ -7,6 +7,7 @@ dependencies are not installed (--no-deps) to keep it fast.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -78,3 +79,32 @@ def test_bindir_is_rewritten_into_units(tmp_path: Path) -> None:
     assert "/usr/local/bin" not in text
     save = (dest / "etc/systemd/system/virtwatch-guests-save.service").read_text()
     assert "ExecStop=/usr/bin/virtwatch guests-save" in save
+
+
+def test_runbooks_are_installed_and_the_rules_get_the_operators_runbook_base(tmp_path: Path) -> None:
+    dest = tmp_path / "root"
+    make(dest, "install-files")
+    shipped = sorted(p.name for p in (REPO / "docs" / "runbooks").glob("*.md"))
+    assert sorted(p.name for p in (dest / "usr/local/share/doc/virtwatch/runbooks").iterdir()) == shipped
+
+    r = make(dest, "install-prometheus-rules", RUNBOOK_BASE_URL="https://wiki.example.org/ops/runbooks/")
+    rules = dest / "etc/prometheus/virtwatch-alerts.yml"
+    assert "promtool check rules" in r.stdout
+    text = rules.read_text()
+    urls = re.findall(r'runbook_url: "([^"]+)"', text)
+    assert len(urls) == 19 and "virtwatch.dev/docs/runbooks/" not in text
+    for url in urls:
+        assert url.startswith("https://wiki.example.org/ops/runbooks/"), url
+        assert url.rsplit("/", 1)[1] in shipped
+    # Only the runbook base changed.
+    shipped_rules = (REPO / "config/prometheus/virtwatch-alerts.yml").read_text()
+    assert text == shipped_rules.replace("https://virtwatch.dev/docs/runbooks/", "https://wiki.example.org/ops/runbooks/")
+    promtool = shutil.which("promtool")
+    if promtool:
+        check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
+        assert check.returncode == 0 and "SUCCESS: 19 rules found" in check.stdout, check.stdout + check.stderr
+
+    bad = subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "mk" / "install.mk"),
+                          "install-prometheus-rules", f"DESTDIR={dest}", "RUNBOOK_BASE_URL=wiki/runbooks"],
+                         capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode != 0 and "RUNBOOK_BASE_URL must be an http" in bad.stderr

@@ -6,7 +6,9 @@ import asyncio
 import base64
 import ssl
 
+import pytest
 from prometheus_client import CollectorRegistry
+from pydantic import ValidationError
 
 from virtwatch.alerts.client import (
     AlertmanagerClient,
@@ -60,10 +62,11 @@ def test_firing_payload_ends_four_resend_intervals_ahead():
     assert p == {
         "labels": {"alertname": "VirtwatchGuestCrashed", "severity": "critical", "instance": "hv1",
                    "domain": "web1"},
-        "annotations": {"summary": "VirtwatchGuestCrashed web1", "description": "d"},
+        "annotations": {"summary": "VirtwatchGuestCrashed web1", "description": "d",
+                        "runbook_url": "https://virtwatch.dev/docs/runbooks/VirtwatchGuestCrashed.md"},
         "startsAt": "1970-01-01T00:01:40.000Z",
         "endsAt": rfc3339(200.0 + 4 * 60.0),
-        "generatorURL": "http://hv1:9177/",
+        "generatorURL": "http://hv1:9177/",  # the deprecated fixed link, unchanged
     }
 
 
@@ -74,9 +77,34 @@ def test_resolved_payload_honours_min_firing_duration_and_omits_empty_values():
     p = alert_payload(r, now=106.0, settings=s)
     assert p["endsAt"] == rfc3339(160.0)
     assert p["labels"] == {"alertname": "X", "instance": "hv1"}
-    assert p["annotations"] == {"summary": "s"}
+    assert p["annotations"] == {"summary": "s", "runbook_url": "https://virtwatch.dev/docs/runbooks/X.md"}
     assert "generatorURL" not in p
     assert alert_payload(r, now=106.0, settings=settings())["endsAt"] == rfc3339(105.0)
+
+
+def test_links_from_external_url_and_runbook_base():
+    s = settings(external_url="http://hv1:9177/", runbook_base_url="https://wiki/rb/")
+    assert (s.external_url, s.runbook_base_url) == ("http://hv1:9177", "https://wiki/rb")
+    p = alert_payload(rec(domain="a b?c#d%e"), now=200.0, settings=s)
+    assert p["generatorURL"] == "http://hv1:9177/api/v1/guests/a%20b%3Fc%23d%25e"
+    assert p["annotations"]["runbook_url"] == "https://wiki/rb/VirtwatchGuestCrashed.md"
+    host = AlertRecord({"alertname": "VirtwatchLibvirtConnectionLost", "instance": "hv1"}, {"summary": "s"}, 1.0)
+    assert alert_payload(host, now=2.0, settings=s)["generatorURL"] == "http://hv1:9177/"
+    proxied = settings(external_url="https://ops.example.org/virtwatch/hv1")
+    assert proxied.link("web1") == "https://ops.example.org/virtwatch/hv1/api/v1/guests/web1"
+    # An annotation the alert sets itself wins over the configured base.
+    own = AlertRecord(rec().labels, {"summary": "s", "runbook_url": "https://elsewhere/x"}, 1.0)
+    assert alert_payload(own, now=2.0, settings=s)["annotations"]["runbook_url"] == "https://elsewhere/x"
+
+
+def test_link_settings_are_validated_and_generator_url_is_deprecated():
+    for bad in ({"external_url": "hv1:9177"}, {"runbook_base_url": "ftp://x/"},
+                {"external_url": "http://hv1:9177", "generator_url": "http://hv1:9177/"}):
+        with pytest.raises(ValidationError):
+            settings(**bad)
+    assert settings(generator_url="http://hv1:9177/").warnings() != []
+    assert settings(external_url="http://hv1:9177").warnings() == []
+    assert settings().link("web1") is None  # no external_url: no link, as before
 
 
 def test_endpoint():
