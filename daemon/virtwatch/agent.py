@@ -30,15 +30,23 @@ policy enabled); on a read-only connection libvirt refuses them
 
 Metrics (:class:`AgentCollector`, added to the exposition as collector ``agent``):
 ``libvirt_domain_guest_info{domain,hostname,os_name,os_version,timezone}``,
-``libvirt_domain_interface_address_info{domain,interface,address,family}``
-(loopback addresses skipped), ``libvirt_domain_guest_time_offset_seconds{domain}``
+``libvirt_domain_interface_address_info{domain,interface,mac,address,family}``
+(``interface`` is the guest's name for it, ``eth0``; ``mac`` joins it to
+``libvirt_domain_interface_info``), ``libvirt_domain_guest_time_offset_seconds{domain}``
 (guest minus host; positive: the guest clock is ahead).
+
+Addresses that say nothing about how to reach the guest are left out by default
+(:class:`AddressFilter`, ``[agent] skip_*``): loopback, link-local
+(169.254/16, fe80::/10), and every address of container and virtual-bridge
+interfaces inside the guest (``docker0``, ``veth*``, ``cni*``, ``flannel*``...):
+a Kubernetes node would otherwise export one series per pod.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import fnmatch
 import ipaddress
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -64,6 +72,12 @@ _SOURCES = (("agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
 
 _AGENT_DOWN = ("timeout", "VIR_ERR_AGENT_UNRESPONSIVE", "VIR_ERR_AGENT_UNSYNCED")
 
+#: Guest interfaces whose addresses are not exported by default: container runtimes' and
+#: CNI plugins' bridges, veth pairs and tunnels, nested libvirt/LXC bridges.
+DEFAULT_SKIP_INTERFACES = ("docker*", "br-*", "veth*", "cni*", "flannel*", "cali*", "vxlan.calico", "tunl*",
+                           "weave*", "kube-ipvs*", "cilium_*", "lxc*", "podman*", "virbr*", "nerdctl*")
+
+
 class AgentSettings(BaseModel):
     """``[agent]``: guest agent queries."""
 
@@ -74,18 +88,45 @@ class AgentSettings(BaseModel):
     timeout: int = Field(5, ge=1, le=300, description="agentSetResponseTimeout, seconds; our own deadline adds 2 s")
     startup_delay: float = Field(1.0, ge=0, le=600,
                                  description="wait after AGENT_LIFECYCLE CONNECTED before the first query, seconds")
+    skip_loopback: StrictBool = Field(True, description="leave out loopback addresses (127.0.0.0/8, ::1)")
+    skip_link_local: StrictBool = Field(True, description="leave out link-local addresses (169.254.0.0/16, fe80::/10)")
+    skip_interfaces: tuple[str, ...] = Field(
+        DEFAULT_SKIP_INTERFACES,
+        description="guest interface name globs (fnmatch) whose addresses are left out: container bridges, veths")
+
+    @property
+    def address_filter(self) -> AddressFilter:
+        """The address filter these settings describe."""
+        return AddressFilter(self.skip_loopback, self.skip_link_local, self.skip_interfaces)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AddressFilter:
+    """Which guest addresses to leave out: loopback, link-local, and any address of an
+    interface whose name matches one of ``interfaces`` (shell globs, case-sensitive)."""
+
+    loopback: bool = True
+    link_local: bool = True
+    interfaces: tuple[str, ...] = DEFAULT_SKIP_INTERFACES
+
+    def skips(self, interface: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+        """True when ``address`` on guest interface ``interface`` is to be left out."""
+        return ((self.loopback and address.is_loopback) or (self.link_local and address.is_link_local)
+                or any(fnmatch.fnmatchcase(interface, glob) for glob in self.interfaces))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Address:
     """One guest address: ``interface`` name, ``address`` (no prefix),
-    ``family`` (``ipv4``/``ipv6``), ``prefix`` length, ``source`` (agent/lease/arp)."""
+    ``family`` (``ipv4``/``ipv6``), ``prefix`` length, ``source`` (agent/lease/arp),
+    ``mac`` of the interface (lower case, "" when not given)."""
 
     interface: str
     address: str
     family: str
     prefix: int
     source: str
+    mac: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -123,24 +164,27 @@ def parse_guest_info(info: dict[str, Any]) -> dict[str, str | None]:
             "os_version": s("os.version") or s("os.version-id"), "timezone": s("timezone.name")}
 
 
-def parse_addresses(ifaces: dict[str, Any], source: str) -> tuple[Address, ...]:
-    """``interfaceAddresses`` result → addresses, loopback skipped.
+def parse_addresses(ifaces: dict[str, Any], source: str,
+                    skip: AddressFilter = AddressFilter()) -> tuple[Address, ...]:
+    """``interfaceAddresses`` result → addresses, without those ``skip`` leaves out
+    (by default loopback, link-local and container-bridge interfaces).
 
     Input shape: ``{ifname: {"hwaddr": str, "addrs": [{"type": 0|1, "addr": str, "prefix": int}]}}``
     (type 0 = IPv4, 1 = IPv6)."""
     out = []
     for ifname, data in sorted((ifaces or {}).items()):
+        mac = str((data or {}).get("hwaddr") or "").lower()
         for a in (data or {}).get("addrs") or []:
             addr = a.get("addr")
             if not addr:
                 continue
             try:
-                if ipaddress.ip_address(addr).is_loopback:
+                if skip.skips(ifname, ipaddress.ip_address(addr)):
                     continue
             except ValueError:
                 continue
             family = "ipv6" if a.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV6 else "ipv4"
-            out.append(Address(ifname, addr, family, int(a.get("prefix") or 0), source))
+            out.append(Address(ifname, addr, family, int(a.get("prefix") or 0), source, mac))
     return tuple(out)
 
 
@@ -290,7 +334,7 @@ class GuestAgent:
                 continue
             try:
                 addresses = parse_addresses(await self._call("interfaceAddresses", _addresses, conn, uuid, code),
-                                            source)
+                                            source, self.settings.address_filter)
             except _AgentError as err:
                 errors[f"interfaceAddresses.{source}"] = err.code
                 continue
@@ -436,7 +480,9 @@ class AgentCollector:
                                  labels=["domain", "hostname", "os_name", "os_version", "timezone"])
         addr = GaugeMetricFamily("libvirt_domain_interface_address_info",
                                  "Guest interface addresses (virDomainInterfaceAddresses: agent, else DHCP lease, "
-                                 "else ARP), value 1.", labels=["domain", "interface", "address", "family"])
+                                 "else ARP), value 1; interface is the guest's name for it, mac joins "
+                                 "libvirt_domain_interface_info.", labels=["domain", "interface", "mac", "address",
+                                                                           "family"])
         offset = GaugeMetricFamily("libvirt_domain_guest_time_offset_seconds",
                                    "Guest clock minus host clock (virDomainGetTime via the agent).",
                                    labels=["domain"])
@@ -444,7 +490,7 @@ class AgentCollector:
             if i.hostname is not None or i.os_name is not None:
                 info.add_metric([name, i.hostname or "", i.os_name or "", i.os_version or "", i.timezone or ""], 1)
             for a in i.addresses:
-                addr.add_metric([name, a.interface, a.address, a.family], 1)
+                addr.add_metric([name, a.interface, a.mac, a.address, a.family], 1)
             if i.time_offset is not None:
                 offset.add_metric([name], i.time_offset)
         yield info

@@ -42,6 +42,7 @@ from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
 from .virt.calls import Calls
 from .virt.connection import ConnectionManager, SideConnection
+from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
 from .virt.stats import Snapshot, StatsPoller
@@ -183,8 +184,14 @@ class Daemon:
                               shared=shares_main_connection(settings.libvirt.uri))
         self.connection.add_listener(self.lanes)
         self.lanes.count_also(lambda: self.connection.conn is not None)
+        # NICs (alias, MAC, tap) and the balloon period from each guest's live XML, read on the
+        # stats lane when an event or the stats say it changed (issue 14: series that survive restarts).
+        self.devices = DeviceCache(wall=wall_clock)
+        self.pump.subscribe(self.devices.on_event)
+        self.connection.add_listener(self.devices)
         self.poller = StatsPoller(settings.stats, self.connection, self.lanes, self.instruments,
-                                  wall=wall_clock, on_snapshot=self._on_snapshot, kept=self._latest)
+                                  wall=wall_clock, on_snapshot=self._on_snapshot, kept=self._latest,
+                                  devices=self.devices)
         self.connection.add_listener(self.poller)
         self.pump.subscribe(self.inventory.on_event)
         self.alerter = Alerter(settings.alerts, self.registry, metrics=kept.alert_metrics if kept else None,

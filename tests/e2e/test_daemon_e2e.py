@@ -16,6 +16,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hostlib import READY_MARKER, START_SCRIPT, GuestFactory, VirtwatchProcess, sample
 
@@ -27,6 +28,37 @@ def busy(module_guest_factory: GuestFactory):
     for g in guests:
         g.wait_for_serial(READY_MARKER)
     return guests
+
+
+#: A second NIC with a user alias (libvirt keeps ``ua-*`` aliases across starts); a plain tap, no address.
+SECOND_NIC = "<interface type='ethernet'><alias name='ua-mgmt'/><model type='virtio'/></interface>"
+
+
+@pytest.fixture(scope="module")
+def nics(module_guest_factory: GuestFactory):
+    """A persistent guest (so it can be started again) with two NICs, sending ARP on the
+    first, and a virtio balloon with ``<stats period='2'/>``."""
+    g = module_guest_factory.create("nics", options={"net": 1}, persistent=True, wait=False,
+                                    extra_devices=SECOND_NIC)
+    g.wait_for_serial(READY_MARKER)
+    return g
+
+
+def _series(text: str, name: str, domain: str) -> list[dict[str, str]]:
+    """Label sets of every sample ``name`` of guest ``domain`` in exposition ``text``."""
+    return [dict(s.labels) for fam in text_string_to_metric_families(text) for s in fam.samples
+            if s.name == name and s.labels.get("domain") == domain]
+
+
+def _live_nics(dom: libvirt.virDomain) -> dict[str, str]:
+    """{alias: tap} of the guest's live XML."""
+    import xml.etree.ElementTree as ET
+
+    out = {}
+    for el in ET.fromstring(dom.XMLDesc(0)).findall("./devices/interface"):
+        alias, target = el.find("alias"), el.find("target")
+        out[alias.get("name") if alias is not None else ""] = target.get("dev") if target is not None else ""
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -124,6 +156,81 @@ def test_promtool_accepts_a_real_scrape(daemon: VirtwatchProcess, tmp_path: Path
     r = subprocess.run([shutil.which("promtool") or "promtool", "check", "metrics"], input=body.encode(),
                        capture_output=True)
     assert r.returncode == 0, r.stdout.decode() + r.stderr.decode()
+
+
+NIC_COUNTERS = ("libvirt_domain_interface_receive_bytes_total", "libvirt_domain_interface_transmit_bytes_total",
+                "libvirt_domain_interface_receive_packets_total", "libvirt_domain_interface_transmit_drops_total")
+
+
+def test_restarts_keep_one_series_set_per_nic(daemon: VirtwatchProcess, nics) -> None:
+    """Issue 14: three restarts give the guest new taps every time (libvirt never reuses a
+    vnetN), yet every scrape shows the same two NIC series, keyed by alias; only
+    libvirt_domain_interface_info's target follows the tap."""
+    seen: set[str] = set()  # every device label any scrape showed for the guest
+
+    def nic_info() -> dict[str, str]:
+        text = daemon.scrape()
+        for name in NIC_COUNTERS:
+            labels = _series(text, name, nics.name)
+            seen.update(lab["device"] for lab in labels)
+            assert len(labels) == len({lab["device"] for lab in labels}), labels  # never two per device
+        return {lab["device"]: lab["target"] for lab in _series(text, "libvirt_domain_interface_info", nics.name)}
+
+    taps = []
+    keys = set(_live_nics(nics.dom))
+    assert len(keys) == 2 and "ua-mgmt" in keys, keys  # the other is libvirt's own alias (net0)
+    for restart in range(4):
+        if restart:
+            nics.dom.destroy()
+            nics.dom.create()
+        live = _live_nics(nics.dom)
+        assert set(live) == keys, live
+        taps.append(tuple(sorted(live.values())))
+        daemon.wait_until(lambda live=live: nic_info() == live, 20, f"NICs {live} not exported")
+    assert len(set(taps)) == 4, f"libvirt reused a tap: {taps}"  # so the old key would have churned
+    assert seen == keys
+    text = daemon.scrape()
+    for name in NIC_COUNTERS:
+        assert sorted(lab["device"] for lab in _series(text, name, nics.name)) == sorted(keys), name
+    mac = {lab["device"]: lab["mac"] for lab in _series(text, "libvirt_domain_interface_info", nics.name)}
+    assert all(m.startswith("52:54:00:") for m in mac.values()), mac
+    print(f"\ntaps over 3 restarts: {taps}; series keys: {sorted(seen)}")
+
+
+def test_balloon_period_zero_drops_guest_memory_figures(daemon: VirtwatchProcess, nics) -> None:
+    """Issue 14: ``virsh dommemstat --period 0 --live`` stops the guest's balloon reports;
+    within 3 periods (2 s each) plus a poll the guest-reported figures are gone and
+    libvirt_domain_memory_stats_stale is 1; period 2 again brings them back."""
+    period, poll = 2, 1.0
+    guest_reported = ("libvirt_domain_memory_usable_bytes", "libvirt_domain_memory_available_bytes",
+                      "libvirt_domain_memory_unused_bytes", "libvirt_domain_memory_disk_caches_bytes",
+                      "libvirt_domain_memory_swap_in_bytes_total", "libvirt_domain_memory_swap_out_bytes_total",
+                      "libvirt_domain_memory_major_faults_total", "libvirt_domain_memory_minor_faults_total")
+
+    def state() -> tuple[float | None, float | None]:
+        text = daemon.scrape()
+        return (sample(text, "libvirt_domain_memory_stats_stale", domain=nics.name),
+                sample(text, "libvirt_domain_memory_usable_bytes", domain=nics.name))
+
+    daemon.wait_until(lambda: state()[0] == 0 and (state()[1] or 0) > 0, 60, "balloon figures never current")
+    nics.dom.setMemoryStatsPeriod(0, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    t0 = time.monotonic()
+    try:
+        daemon.wait_until(lambda: state() == (1, None), 3 * period + 5, "figures not dropped")
+        took = time.monotonic() - t0
+        text = daemon.scrape()
+        for name in guest_reported:
+            assert sample(text, name, domain=nics.name) is None, name
+        assert sample(text, "libvirt_domain_memory_balloon_current_bytes", domain=nics.name) > 0
+        assert sample(text, "libvirt_domain_memory_rss_bytes", domain=nics.name) > 0
+        assert sample(text, "libvirt_domain_stats_stale", domain=nics.name) == 0  # the guest itself answers
+        j = daemon.json(f"/api/v1/guests/{nics.name}")
+        assert j["memory_stats_stale"] is True and j["memory_usable_bytes"] is None
+        print(f"\nguest memory figures dropped {took:.1f} s after the balloon period was set to 0")
+        assert took <= 3 * period + 2 * poll
+    finally:
+        nics.dom.setMemoryStatsPeriod(period, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+    daemon.wait_until(lambda: state()[0] == 0 and (state()[1] or 0) > 0, 15, "figures not back after period 2")
 
 
 def test_libvirtd_restart_is_survived(daemon: VirtwatchProcess, busy) -> None:

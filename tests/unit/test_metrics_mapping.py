@@ -10,7 +10,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from virtwatch.metrics.collector import Exposition, StateCollector
 from virtwatch.state import GuestRegistry, ResyncEntry
+from virtwatch.virt.devices import parse_devices
 from virtwatch.virt.stats import DomainStats, HostStats, NetworkInfo, PoolInfo, Snapshot
+
+
+def live_xml(stats: dict) -> str:
+    """The live XML libvirt 9.0 gives a running QEMU guest whose NIC is tap ``net.0.name``
+    (``<interface type='ethernet'>`` as the recorded guests had; libvirt adds MAC, tap and alias)."""
+    nics = "".join(f"<interface type='ethernet'><mac address='52:54:00:00:00:{i:02x}'/>"
+                   f"<target dev='{stats[f'net.{i}.name']}' managed='yes'/><model type='virtio'/>"
+                   f"<alias name='net{i}'/></interface>" for i in range(stats.get("net.count", 0)))
+    return f"<domain type='qemu'><devices>{nics}<memballoon model='virtio'><stats period='2'/>" \
+           "</memballoon></devices></domain>"
 
 
 def build(recorded: dict, stale: set[str] = frozenset()) -> tuple[GuestRegistry, Snapshot]:
@@ -21,7 +32,7 @@ def build(recorded: dict, stale: set[str] = frozenset()) -> tuple[GuestRegistry,
         entries.append(ResyncEntry(d["name"], d["uuid"], st["state.state"], st["state.reason"], True, False))
         # a stale guest's figures are the ones it gave 12.5 s before this poll
         domains[d["uuid"]] = DomainStats(d["name"], d["uuid"], st, d["name"] in stale,
-                                         87.5 if d["name"] in stale else 100.0)
+                                         87.5 if d["name"] in stale else 100.0, devices=parse_devices(live_xml(st)))
     reg.apply_resync(entries, started_after_seq=0)
     host = HostStats(node_info=("x86_64", 24000, 2, 2400, 1, 1, 2, 1), memory={"total": 1024, "free": 512},
                      cpu={"kernel": 2_000_000_000, "user": 1_000_000_000, "idle": 5, "iowait": 0},
@@ -61,9 +72,14 @@ def test_units_and_values_for_a_running_guest(recorded_domstats: dict) -> None:
     assert s[("libvirt_domain_block_read_bytes_total", vda)] == b01["block.0.rd.bytes"]
     assert s[("libvirt_domain_block_write_time_seconds_total", vda)] == pytest.approx(b01["block.0.wr.times"] / 1e9)
     assert s[("libvirt_domain_block_capacity_bytes", vda)] == b01["block.0.capacity"]
-    net = (("domain", "b01"), ("target", b01["net.0.name"]))
+    net = (("device", "net0"), ("domain", "b01"))  # the alias, not the tap (vnet8)
     assert s[("libvirt_domain_interface_transmit_bytes_total", net)] == b01["net.0.tx.bytes"]
     assert s[("libvirt_domain_interface_receive_packets_total", net)] == b01["net.0.rx.pkts"]
+    nic_info = (("bridge", ""), ("device", "net0"), ("domain", "b01"), ("mac", "52:54:00:00:00:00"),
+                ("model", "virtio"), ("source", ""), ("target", "vnet8"), ("type", "ethernet"))
+    assert s[("libvirt_domain_interface_info", nic_info)] == 1
+    assert not [k for k in s if k[0].startswith("libvirt_domain_interface") and ("target", "vnet8") in k[1]
+                and k[0] != "libvirt_domain_interface_info"]
     vcpu0 = (("domain", "b01"), ("vcpu", "0"))
     assert s[("libvirt_domain_vcpu_delay_seconds_total", vcpu0)] == pytest.approx(b01["vcpu.0.delay"] / 1e9)
     assert s[("libvirt_domain_state_code", dom)] == 1
@@ -103,6 +119,53 @@ def test_paused_on_io_error_and_host_figures(recorded_domstats: dict) -> None:
     assert s[("libvirt_storage_pool_state", (("pool", "off"),))] == 0
     assert s[("libvirt_network_active", (("network", "iso"),))] == 0
     assert s[("libvirt_version_info", (("driver", "QEMU"), ("hypervisor", ""), ("libvirt", "9.0.0")))] == 1
+
+
+def test_nic_series_need_the_xml_and_survive_a_new_tap(recorded_domstats: dict) -> None:
+    """A restart gives the NIC a new tap: the same series (device net0) goes on, only the
+    info's target changes; a guest whose XML was not read gets no NIC sample at all."""
+    reg, snap = build(recorded_domstats)
+    b01 = next(d for d in recorded_domstats["domains"] if d["name"] == "b01")
+    restarted = {**b01["stats"], "net.0.name": "vnet31", "net.0.rx.bytes": 12}
+    b10 = next(d for d in recorded_domstats["domains"] if d["name"] == "b10")
+    domains = dict(snap.domains)
+    domains[b01["uuid"]] = DomainStats("b01", b01["uuid"], restarted, False, 100.0,
+                                       devices=parse_devices(live_xml(restarted)))
+    domains[b10["uuid"]] = DomainStats("b10", b10["uuid"], b10["stats"], False, 100.0, devices=None)
+    s = samples(render(reg, Snapshot(seq=2, time=100.0, duration=0.01, domains=domains, host=None)))
+    rx = [(k[1], v) for k, v in s.items() if k[0] == "libvirt_domain_interface_receive_bytes_total"
+          and ("domain", "b01") in k[1]]
+    assert rx == [((("device", "net0"), ("domain", "b01")), 12)]
+    info = [dict(k[1]) for k in s if k[0] == "libvirt_domain_interface_info" and ("domain", "b01") in k[1]]
+    assert [(i["device"], i["target"]) for i in info] == [("net0", "vnet31")]
+    assert not [k for k in s if k[0].startswith("libvirt_domain_interface") and ("domain", "b10") in k[1]]
+
+
+def test_memory_stats_stale_flag_and_dropped_figures(recorded_domstats: dict) -> None:
+    from virtwatch.virt.devices import without_guest_memory
+
+    reg, snap = build(recorded_domstats)
+    b01 = next(d for d in recorded_domstats["domains"] if d["name"] == "b01")
+    b10 = next(d for d in recorded_domstats["domains"] if d["name"] == "b10")
+    domains = dict(snap.domains)
+    # as the poller leaves them: b01's last report too old (figures dropped), b10's current
+    domains[b01["uuid"]] = DomainStats("b01", b01["uuid"], without_guest_memory(b01["stats"]), False, 100.0,
+                                       memory_stale=True)
+    domains[b10["uuid"]] = DomainStats("b10", b10["uuid"], b10["stats"], False, 100.0, memory_stale=False)
+    s = samples(render(reg, Snapshot(seq=2, time=100.0, duration=0.01, domains=domains, host=None)))
+    b01d, b10d = (("domain", "b01"),), (("domain", "b10"),)
+    assert s[("libvirt_domain_memory_stats_stale", b01d)] == 1
+    assert s[("libvirt_domain_memory_stats_stale", b10d)] == 0
+    assert ("libvirt_domain_memory_stats_stale", (("domain", "b02"),)) not in s  # not judged: no sample
+    for name in ("usable", "available", "unused", "disk_caches"):
+        assert (f"libvirt_domain_memory_{name}_bytes", b01d) not in s
+        assert s[(f"libvirt_domain_memory_{name}_bytes", b10d)] == b10["stats"][f"balloon.{name}"] * 1024
+    for name in ("swap_in_bytes", "swap_out_bytes", "major_faults", "minor_faults"):
+        assert (f"libvirt_domain_memory_{name}_total", b01d) not in s
+    assert s[("libvirt_domain_memory_balloon_current_bytes", b01d)] == b01["stats"]["balloon.current"] * 1024
+    assert s[("libvirt_domain_memory_rss_bytes", b01d)] == b01["stats"]["balloon.rss"] * 1024
+    assert s[("libvirt_domain_memory_stats_last_update_timestamp_seconds", b01d)] == \
+        b01["stats"]["balloon.last-update"]
 
 
 def test_vanished_guest_vanishes_from_metrics(recorded_domstats: dict) -> None:

@@ -1,6 +1,6 @@
 """Which libvirt events raise or clear which instant alerts: pure functions.
 
-:func:`actions_for_event` maps one :class:`~virtwatch.virt.records.Event` plus a
+:func:`actions_for_event` maps one :class:`~virtwatch.model.Event` plus a
 :class:`RuleContext` (host name, the alerts already active, optional policy
 decision and console text) to a list of :class:`AlertAction` (fire or resolve).
 The builders :func:`given_up`, :func:`restore_failed`, :func:`connection_lost`

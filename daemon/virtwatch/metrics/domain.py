@@ -7,6 +7,13 @@ base units — nanoseconds become seconds, KiB become bytes.
 
 A key libvirt did not return produces no sample, never a 0: with NOWAIT a
 busy guest omits fields, and a fake 0 would make ``rate()`` spike.
+
+Series keys that survive restarts: disks are labelled ``target`` (``vda``, the
+guest-visible name); NICs ``device``, the libvirt alias (``net0``, ``ua-...``) or,
+where there is none, the MAC, from the live domain XML the poller attached
+(:class:`~virtwatch.virt.devices.DomainDevices`). The tap (``vnet12``, new at
+every start) is only a label of ``libvirt_domain_interface_info``. A NIC whose
+XML has not been read gives no sample rather than a series under its tap name.
 """
 
 from __future__ import annotations
@@ -129,9 +136,16 @@ def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> l
     block_scale = {key: s for key, _x, _k, s, _d in BLOCK_FIELDS}
     block_info = GaugeMetricFamily(p + "block_info", "Disk source path per target (value 1).",
                                    labels=["domain", "target", "path"])
-    net = {key: CounterMetricFamily(p + suffix, doc, labels=["domain", "target"]) for key, suffix, doc in NET_FIELDS}
-    net_info = GaugeMetricFamily(p + "interface_info", "Guest network interface (host-side device, value 1).",
-                                 labels=["domain", "target"])
+    net = {key: CounterMetricFamily(p + suffix, doc, labels=["domain", "device"]) for key, suffix, doc in NET_FIELDS}
+    net_info = GaugeMetricFamily(p + "interface_info",
+                                 "Guest NIC (value 1): device = libvirt alias, else MAC; target = host-side device "
+                                 "(tap, new at every start); source = network, bridge or host device; from the live "
+                                 "domain XML.", labels=["domain", "device", "target", "mac", "type", "source",
+                                                        "bridge", "model"])
+    memory_stale = GaugeMetricFamily(p + "memory_stats_stale",
+                                     "1 if the guest's last balloon report (balloon.last-update) is older than 3 "
+                                     "balloon periods (3 poll intervals without a period): its guest-reported memory "
+                                     "figures are left out; 0 when current.", labels=["domain"])
 
     domains = snapshot.domains if snapshot is not None else {}
     for g in guests:
@@ -145,6 +159,8 @@ def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> l
         if ds is None:
             continue
         stale.add_metric([name], 1 if ds.stale else 0)
+        if ds.memory_stale is not None:
+            memory_stale.add_metric([name], 1 if ds.memory_stale else 0)
         age.add_metric([name], max(0.0, snapshot.time - ds.collected_at) if snapshot is not None else 0.0)
         st = ds.stats
         for key, fam in scalar.items():
@@ -166,17 +182,21 @@ def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> l
                 v = st.get(f"block.{i}.{key}")
                 if isinstance(v, (int, float)):
                     fam.add_metric([name, target], v * block_scale[key])
+        keys: set[str] = set()
         for i in range(_count(st, "net")):
             target = st.get(f"net.{i}.name")
-            if not isinstance(target, str):
+            nic = ds.devices.interface(target) if isinstance(target, str) and ds.devices is not None else None
+            if nic is None or nic.key in keys:  # unknown to the XML read, or a duplicate: no churning series
                 continue
-            net_info.add_metric([name, target], 1)
+            keys.add(nic.key)
+            net_info.add_metric([name, nic.key, nic.target or str(target), nic.mac, nic.type, nic.source, nic.bridge,
+                                 nic.model], 1)
             for key, fam in net.items():
                 v = st.get(f"net.{i}.{key}")
                 if isinstance(v, (int, float)):
-                    fam.add_metric([name, target], v)
-    return [info, state, reason, stale, age, agent, *scalar.values(), *vcpu.values(), block_info, *block.values(),
-            net_info, *net.values()]
+                    fam.add_metric([name, nic.key], v)
+    return [info, state, reason, stale, age, memory_stale, agent, *scalar.values(), *vcpu.values(), block_info,
+            *block.values(), net_info, *net.values()]
 
 
 def _tri(v: bool | None) -> str:

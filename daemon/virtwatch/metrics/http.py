@@ -57,7 +57,8 @@ def guest_json(g: GuestView, snap: Snapshot | None) -> dict[str, Any]:
     """A guest as the JSON API returns it (state names decoded, stats summary).
 
     ``cpu_time_seconds`` comes from ``cpu.time``; memory values from the
-    balloon group, converted from KiB to bytes; absent values are null.
+    balloon group, converted from KiB to bytes; absent values are null (so is
+    ``memory_usable_bytes`` while ``memory_stats_stale`` is true).
     """
     ds = snap.domains.get(g.uuid) if snap else None
     st = ds.stats if ds else {}
@@ -80,6 +81,7 @@ def guest_json(g: GuestView, snap: Snapshot | None) -> dict[str, Any]:
         if g.last_event else None,
         "agent_connected": g.agent_connected,
         "stats_stale": ds.stale if ds else None,
+        "memory_stats_stale": ds.memory_stale if ds else None,
         "cpu_time_seconds": cpu / 1e9 if isinstance(cpu, int) else None,
         "memory_balloon_current_bytes": kib("balloon.current"),
         "memory_maximum_bytes": kib("balloon.maximum"),

@@ -2,7 +2,7 @@
 
 libvirt delivers events by calling our callbacks on the loop thread (through
 the registered event implementation). A callback only builds an
-:class:`~virtwatch.virt.records.Event` and appends it to the pump's queue;
+:class:`~virtwatch.model.Event` and appends it to the pump's queue;
 the pump task hands each event, in arrival order, to every subscriber.
 
 :class:`EventSubscriptions` registers every domain and host event ID the

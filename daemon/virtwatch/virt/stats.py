@@ -41,6 +41,7 @@ import structlog
 from ..config import StatsSettings
 from ..infra.timing import DriftFreeSchedule
 from .calls import CallTimeout, error_code_name
+from .devices import DeviceCache, DomainDevices, guest_memory_stale, without_guest_memory
 from .lanes import LanePool, LaneUnavailable
 from .ports import VirtInstruments
 
@@ -75,11 +76,17 @@ class DomainStats:
 
     Attributes:
         name, uuid: identity.
-        stats: the typed-parameter dict exactly as ``getAllDomainStats``
-            returned it (ns for cpu/vcpu/block times, KiB for balloon sizes).
+        stats: the typed-parameter dict as ``getAllDomainStats`` returned it
+            (ns for cpu/vcpu/block times, KiB for balloon sizes), without the
+            guest-reported memory figures when ``memory_stale`` is True.
         stale: True if the guest did not answer in time this poll; ``stats``
             then holds the last answer it gave (possibly empty).
         collected_at: wall time (s) ``stats`` was read.
+        devices: NICs and balloon period from the live domain XML
+            (:mod:`~virtwatch.virt.devices`), None when not read (yet).
+        memory_stale: :func:`~virtwatch.virt.devices.guest_memory_stale` at
+            ``collected_at``: True when the guest's last balloon report is older
+            than 3 periods (its figures were dropped), None when there is none.
     """
 
     name: str
@@ -87,6 +94,8 @@ class DomainStats:
     stats: Mapping[str, Any]
     stale: bool
     collected_at: float
+    devices: DomainDevices | None = None
+    memory_stale: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -306,12 +315,15 @@ class StatsPoller:
         on_snapshot: called with each new snapshot (on the loop).
         kept: the previous poller's :attr:`latest` at a reload: served (and kept for guests
             that are stuck at the first poll) until the next poll replaces it.
+        devices: the per-guest XML cache; it reads what it lacks on the stats lane
+            after the bulk call (:meth:`DeviceCache.refresh`); None: never read.
     """
 
     def __init__(self, settings: StatsSettings, connection: ConnectionPort, lanes: LanePool,
                  instruments: VirtInstruments, source: StatsSource | None = None,
                  monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 on_snapshot: Callable[[Snapshot], None] | None = None, kept: Snapshot | None = None) -> None:
+                 on_snapshot: Callable[[Snapshot], None] | None = None, kept: Snapshot | None = None,
+                 devices: DeviceCache | None = None) -> None:
         self.settings = settings
         self._connection = connection
         self._lanes = lanes
@@ -320,6 +332,7 @@ class StatsPoller:
         self._monotonic = monotonic
         self._wall = wall
         self._on_snapshot = on_snapshot
+        self._devices = devices
         self._flags = stats_flags(settings.groups)
         self._seq = kept.seq if kept else 0
         self._suspects: dict[str, str] = {}          # uuid -> name of guests not asked in bulk
@@ -390,16 +403,18 @@ class StatsPoller:
             held: frozenset[str] = frozenset()
             if rows:
                 rows, held = await self._drop_thin(rows, end)
+                if self._devices is not None:
+                    await self._devices.refresh(rows, end, self._lanes, self.settings.poll_interval)
         host_ok = host_task.result() if host_task is not None else True
         probed, gone = probe_task.result() if probe_task is not None else ({}, set())
         now = self._wall()
         domains: dict[str, DomainStats] = {}
         for name, uuid, st in rows or ():
-            domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
+            domains[uuid] = self._fresh(name, uuid, st, now)
         for uuid, (name, st) in probed.items():
             self._suspects.pop(uuid, None)  # answered: back in the bulk call from the next poll
             self._fields[uuid] = len(st)  # asked only once its monitor was free
-            domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
+            domains[uuid] = self._fresh(name, uuid, st, now)
         for uuid in gone:
             self._suspects.pop(uuid, None)
         if not self._suspects:
@@ -414,9 +429,11 @@ class StatsPoller:
             if uuid in domains:
                 continue
             last = self._last.get(uuid)
-            domains[uuid] = DomainStats(name=name, uuid=uuid, stats=last.stats if last else {}, stale=True,
-                                        collected_at=last.collected_at if last else now)
+            domains[uuid] = (dataclasses.replace(last, name=name, stale=True) if last is not None else
+                             DomainStats(name=name, uuid=uuid, stats={}, stale=True, collected_at=now))
         self._last = domains
+        if self._devices is not None and rows is not None:
+            self._devices.retain(domains)
         self._fields = {u: n for u, n in self._fields.items() if u in domains}
         stale_names = sorted(d.name for d in domains.values() if d.stale)
         if stale_names:
@@ -435,6 +452,15 @@ class StatsPoller:
             self._on_snapshot(snap)
         log.debug("poll_done", guests=len(domains), stale=len(stale_names), duration_seconds=round(duration, 4))
         return snap
+
+    def _fresh(self, name: str, uuid: str, st: dict[str, Any], now: float) -> DomainStats:
+        """This poll's answer of one guest, with its devices; guest-reported memory figures
+        older than 3 balloon periods are dropped (:func:`guest_memory_stale`)."""
+        devices = self._devices.get(uuid) if self._devices is not None else None
+        period = devices.balloon_period if devices is not None else None
+        memory_stale = guest_memory_stale(st, now, period, self.settings.poll_interval)
+        return DomainStats(name=name, uuid=uuid, stats=without_guest_memory(st) if memory_stale else st, stale=False,
+                           collected_at=now, devices=devices, memory_stale=memory_stale)
 
     async def _bulk(self, end: float) -> list[DomainRow] | None:
         """The bulk call on the stats lane; None when it gave nothing this poll.

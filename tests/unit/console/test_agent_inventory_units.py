@@ -39,8 +39,33 @@ def test_parse_guest_info_and_addresses() -> None:
                                                          {"type": 1, "addr": "fe80::1", "prefix": 64}]},
         "bad": {"addrs": [{"type": 0, "addr": "not-an-ip", "prefix": 1}]},
         "none": None}, "agent")
-    assert [(a.interface, a.address, a.family, a.prefix, a.source) for a in addrs] == [
-        ("eth0", "198.51.100.2", "ipv4", 24, "agent"), ("eth0", "fe80::1", "ipv6", 64, "agent")]
+    assert [(a.interface, a.address, a.family, a.prefix, a.source, a.mac) for a in addrs] == [
+        ("eth0", "198.51.100.2", "ipv4", 24, "agent", "52:54:00:00:00:01")]  # fe80::1: link-local, left out
+
+
+def test_address_filter_defaults_and_settings() -> None:
+    """What ``qemu-ga``'s guest-network-get-interfaces reports on a Docker/Kubernetes guest."""
+    ifaces = {
+        "lo": {"hwaddr": "00:00:00:00:00:00", "addrs": [{"type": 0, "addr": "127.0.0.1", "prefix": 8}]},
+        "eth0": {"hwaddr": "52:54:00:AB:CD:01", "addrs": [
+            {"type": 0, "addr": "10.1.2.3", "prefix": 24}, {"type": 1, "addr": "2001:db8::3", "prefix": 64},
+            {"type": 1, "addr": "fe80::5054:ff:feab:cd01", "prefix": 64},
+            {"type": 0, "addr": "169.254.10.20", "prefix": 16}]},
+        "docker0": {"hwaddr": "02:42:9c:00:00:01", "addrs": [{"type": 0, "addr": "172.17.0.1", "prefix": 16}]},
+        "br-5e3f2a1b": {"hwaddr": "02:42:9c:00:00:02", "addrs": [{"type": 0, "addr": "172.18.0.1", "prefix": 16}]},
+        "veth1a2b3c": {"hwaddr": "8a:11:22:33:44:55", "addrs": [{"type": 1, "addr": "fe80::8811:22ff:fe33:4455",
+                                                                 "prefix": 64}]},
+        "cni0": {"hwaddr": "0a:58:0a:f4:00:01", "addrs": [{"type": 0, "addr": "10.244.0.1", "prefix": 24}]},
+        "flannel.1": {"hwaddr": "0e:0d:0c:0b:0a:09", "addrs": [{"type": 0, "addr": "10.244.0.0", "prefix": 32}]},
+    }
+    default = parse_addresses(ifaces, "agent")
+    assert [(a.interface, a.address, a.mac) for a in default] == [
+        ("eth0", "10.1.2.3", "52:54:00:ab:cd:01"), ("eth0", "2001:db8::3", "52:54:00:ab:cd:01")]
+    keep_all = AgentSettings(skip_loopback=False, skip_link_local=False, skip_interfaces=()).address_filter
+    assert len(parse_addresses(ifaces, "agent", keep_all)) == 10
+    only_docker = AgentSettings(skip_interfaces=("docker*",)).address_filter
+    assert sorted({a.interface for a in parse_addresses(ifaces, "agent", only_docker)}) == [
+        "br-5e3f2a1b", "cni0", "eth0", "flannel.1"]
 
 
 @dataclasses.dataclass
@@ -145,7 +170,7 @@ async def test_agent_refresh_sets_timeout_and_exports_metrics() -> None:
         assert ('libvirt_domain_guest_info{domain="a",hostname="host-u-a",os_name="Linux",os_version="",'
                 'timezone="UTC"} 1.0') in text
         assert ('libvirt_domain_interface_address_info'
-                '{address="10.0.0.5",domain="a",family="ipv4",interface="eth0"} 1.0') in text
+                '{address="10.0.0.5",domain="a",family="ipv4",interface="eth0",mac=""} 1.0') in text
         assert 'libvirt_domain_guest_time_offset_seconds{domain="a"} 10.5' in text
         agent.on_event(Event(time=1.0, seq=1, source="domain", kind="agent_lifecycle", name="a", uuid="u-a",
                              event="DISCONNECTED", detail="CHANNEL"))
