@@ -50,7 +50,7 @@ import fnmatch
 import ipaddress
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol
+from typing import Any
 
 import libvirt
 import structlog
@@ -59,6 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from .infra.timing import next_deadline, wait_event
 from .model import ACTIVE, RUNNING, Event, Kind, Lifecycle, Source
+from .state import GuestLookup
 from .virt.calls import Calls, CallTimeout, error_code_name
 
 log = structlog.get_logger("virtwatch.agent")
@@ -186,16 +187,6 @@ def parse_addresses(ifaces: dict[str, Any], source: str,
             family = "ipv6" if a.get("type") == libvirt.VIR_IP_ADDR_TYPE_IPV6 else "ipv4"
             out.append(Address(ifname, addr, family, int(a.get("prefix") or 0), source, mac))
     return tuple(out)
-
-
-class GuestLookup(Protocol):
-    """Guest state the agent reads (a :class:`~virtwatch.state.GuestRegistry`)."""
-
-    def guests(self) -> list[Any]:
-        """Guest views with ``name``, ``uuid``, ``state``, ``agent_connected``."""
-
-    def by_name(self, name: str) -> Any:
-        """One guest view or None."""
 
 
 class GuestAgent:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import libvirt
 
@@ -40,6 +41,16 @@ class GuestView:
     last_detail: str = ""
     last_event_time: float | None = None
     agent_connected: bool | None = None
+
+
+class GuestLookup(Protocol):
+    """The read side of :class:`GuestRegistry` that features (agent, console capture) use."""
+
+    def guests(self) -> list[GuestView]:
+        """Every known guest (``name``, ``uuid``, ``state``, ``agent_connected``...)."""
+
+    def by_name(self, name: str) -> GuestView | None:
+        """One guest, or None."""
 
 
 class GuestRegistry:

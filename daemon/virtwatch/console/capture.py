@@ -49,7 +49,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import libvirt
 import structlog
@@ -58,6 +58,7 @@ from ..infra.backoff import Backoff
 from ..infra.tasks import TaskSet
 from ..infra.timing import wait_event
 from ..model import ACTIVE, Event, Kind, Lifecycle, Source, is_crash
+from ..state import GuestLookup
 from ..virt.calls import Calls, CallTimeout, error_code_name
 from .crashstore import CrashRecord, CrashStore
 from .devices import RECV_CHUNK, ConsoleDevices, open_console, read_file_tail, take_screenshot
@@ -70,18 +71,6 @@ def is_crash_event(ev: Event) -> bool:
     """Events that persist the console: a crash (:func:`virtwatch.model.is_crash`) and every
     watchdog event."""
     return is_crash(ev) or (ev.source == Source.DOMAIN and ev.kind == Kind.WATCHDOG)
-
-
-# -- ports ---------------------------------------------------------------------------
-
-class GuestLookup(Protocol):
-    """What the capture needs from guest state (a :class:`~virtwatch.state.GuestRegistry`)."""
-
-    def by_name(self, name: str) -> Any:
-        """The guest view (``.state``, ``.uuid``) or None."""
-
-    def guests(self) -> list[Any]:
-        """Every known guest view."""
 
 
 # -- per guest ------------------------------------------------------------------------

@@ -77,11 +77,15 @@ def record_failure(history: History, now: float, policy: GuestPolicy, reason: st
     The attempt number restarts at 1 when the guest had run ``stable_after``,
     else it grows (a crash soon after a start is a failed start).
     """
-    failures = window(history, now, policy) + (now,)
+    failures = (*window(history, now, policy), now)
     attempt = 1 if is_stable(history, now, policy) else history.attempt + 1
     h = history.replace(failures=failures, attempt=attempt, next_retry=None, last_failure=now)
     if len(failures) > policy.limit_burst:
-        h = give_up(h, f"{len(failures)} failures within {policy.limit_interval:g} s (limit_burst {policy.limit_burst}), last: {reason}")
+        h = give_up(
+            h,
+            f"{len(failures)} failures within {policy.limit_interval:g} s "
+            f"(limit_burst {policy.limit_burst}), last: {reason}",
+        )
     return h
 
 

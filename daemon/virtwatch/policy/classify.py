@@ -134,7 +134,9 @@ def _stopped_shutdown(inp: ClassifyInput) -> Classification:
         return Classification(Transition.STOPPED, StopCause.HOST_KILL, "QEMU terminated from the host (SHUTDOWN/HOST)")
     if inp.prev_shutdown == "GUEST":
         return Classification(Transition.STOPPED, StopCause.GUEST_POWEROFF, "guest powered off (SHUTDOWN/GUEST)")
-    return Classification(Transition.STOPPED, StopCause.GUEST_POWEROFF, "orderly shutdown, initiator unknown: treated as guest poweroff")
+    return Classification(
+        Transition.STOPPED, StopCause.GUEST_POWEROFF, "orderly shutdown, initiator unknown: treated as guest poweroff"
+    )
 
 
 def classify(inp: ClassifyInput) -> Classification:
@@ -207,7 +209,11 @@ def classify_state(state: int, reason: int) -> Classification:
     """Classify a guest's current ``(state, reason)`` (after a resync, when events were lost). Pure."""
     if state == DomainState.SHUTOFF:
         cause = SHUTOFF_REASON_TABLE.get(reason, StopCause.UNKNOWN)
-        return Classification(Transition.STOPPED, cause, f"shut off, reason {ShutoffReason(reason).name if reason in ShutoffReason._value2member_map_ else reason}")
+        return Classification(
+            Transition.STOPPED,
+            cause,
+            f"shut off, reason {ShutoffReason(reason).name if reason in ShutoffReason._value2member_map_ else reason}",
+        )
     if state == DomainState.CRASHED:
         return Classification(Transition.CRASHED, StopCause.CRASH, "in crashed state")
     if state == DomainState.PAUSED:

@@ -81,6 +81,10 @@ class FakeClock:
     after each wake-up and at the end of :meth:`advance` (default: yield to the
     loop 20 times); pass one that also waits for work in other threads (a
     store's writes) so that a sleeper has finished reacting before time moves on.
+
+    It is also a plain wall clock (``clock()`` and :attr:`t` are :meth:`time`) for code that
+    takes ``Callable[[], float]`` plus a ``sleep`` (the alerter); :attr:`sleeps` lists every
+    sleep asked for, in seconds.
     """
 
     def __init__(self, start_time: float = 1_800_000_000.0,
@@ -90,6 +94,7 @@ class FakeClock:
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._ids = itertools.count()
         self._settle = settle or _yield_20
+        self.sleeps: list[float] = []
 
     def monotonic(self) -> float:
         """Current fake monotonic seconds."""
@@ -99,8 +104,16 @@ class FakeClock:
         """Current fake wall-clock seconds."""
         return self._offset + self._mono
 
+    __call__ = time
+
+    @property
+    def t(self) -> float:
+        """Current fake wall-clock seconds (:meth:`time`)."""
+        return self.time()
+
     async def sleep(self, seconds: float) -> None:
         """Wait until :meth:`advance` moves time past now + ``seconds``."""
+        self.sleeps.append(seconds)
         if seconds <= 0:
             await asyncio.sleep(0)
             return

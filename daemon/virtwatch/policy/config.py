@@ -98,41 +98,61 @@ class GuestPolicy(BaseModel):
     intent: IntentDefault = Field(
         "auto", description="intent of a guest first seen: 'auto' follows its current state, or 'running'/'stopped'"
     )
-    on_crash: StopReaction = Field("restart", description="guest kernel crash/panic (STOPPED_CRASHED, CRASHED_PANICKED)")
+    on_crash: StopReaction = Field(
+        "restart", description="guest kernel crash/panic (STOPPED_CRASHED, CRASHED_PANICKED)"
+    )
     on_qemu_failure: StopReaction = Field("restart", description="QEMU process died (STOPPED_FAILED)")
     on_host_kill: StopReaction = Field(
         "restart", description="QEMU killed from the host (SHUTDOWN_HOST then STOPPED_SHUTDOWN, not by virtwatch)"
     )
-    on_poweroff: StopReaction = Field("leave", description="guest powered itself off (intent becomes stopped on 'leave')")
-    on_destroy: StopReaction = Field("leave", description="admin destroy (STOPPED_DESTROYED; intent becomes stopped on 'leave')")
-    on_watchdog: StopReaction = Field("restart", description="watchdog fired (pause or poweroff): restart, or leave + alert")
+    on_poweroff: StopReaction = Field(
+        "leave", description="guest powered itself off (intent becomes stopped on 'leave')"
+    )
+    on_destroy: StopReaction = Field(
+        "leave", description="admin destroy (STOPPED_DESTROYED; intent becomes stopped on 'leave')"
+    )
+    on_watchdog: StopReaction = Field(
+        "restart", description="watchdog fired (pause or poweroff): restart, or leave + alert"
+    )
     on_io_error: IoErrorReaction = Field(
-        "leave", description="paused on an I/O error: leave (alert), resume after a delay, or kill (then restart by budget)"
+        "leave",
+        description="paused on an I/O error: leave (alert), resume after a delay, or kill (then restart by budget)",
     )
     io_error_resume_delay: float = Field(
-        30.0, ge=0, le=86400, description="seconds before resuming an I/O-error pause; grows by restart_backoff if it re-pauses"
+        30.0,
+        ge=0,
+        le=86400,
+        description="seconds before resuming an I/O-error pause; grows by restart_backoff if it re-pauses",
     )
     on_restore_failure: RestoreFailure = Field(
-        "keep", description="managed-save image cannot be restored: keep (alert), discard (remove image, cold boot), force-boot"
+        "keep",
+        description="managed-save image cannot be restored: keep (alert), discard (remove image, cold boot), "
+        "force-boot",
     )
     autostart: Autostart = Field(
         "was-running", description="boot flow: never, was-running (intent running / saved at shutdown), or always"
     )
     priority: int = Field(0, ge=-1000, le=1000, description="boot flow order: higher starts first, ties by name")
     restart_delay: float = Field(5.0, ge=0, le=86400, description="seconds before the first restart attempt")
-    restart_backoff: float = Field(2.0, ge=1.0, le=100, description="factor applied to the delay per consecutive failure")
+    restart_backoff: float = Field(
+        2.0, ge=1.0, le=100, description="factor applied to the delay per consecutive failure"
+    )
     restart_max_delay: float = Field(300.0, ge=0, le=86400, description="cap on the restart delay, seconds")
     restart_jitter: float = Field(
         0.1, ge=0, le=1, description="random extra delay, as a fraction of the delay (0.1 = up to +10 %)"
     )
     limit_burst: int = Field(5, ge=1, le=1000, description="more failures than this within limit_interval -> given up")
     limit_interval: float = Field(600.0, gt=0, le=7 * 86400, description="window for limit_burst, seconds")
-    stable_after: float = Field(300.0, ge=0, le=86400, description="running this long resets the backoff; a crash sooner is a failed start")
+    stable_after: float = Field(
+        300.0, ge=0, le=86400, description="running this long resets the backoff; a crash sooner is a failed start"
+    )
     on_host_shutdown: ShutdownSteps = Field(
         DEFAULT_SHUTDOWN_STEPS,
         description="'virtwatch guests-save' fallbacks, e.g. ['managedsave:300', 'shutdown:120', 'destroy:30']",
     )
-    capture_console: StrictBool = Field(False, description="keep a tail of the serial console (read by the console feature)")
+    capture_console: StrictBool = Field(
+        False, description="keep a tail of the serial console (read by the console feature)"
+    )
     console_buffer: int = Field(64, ge=1, le=65536, description="console tail size, KiB")
 
     @field_validator("on_host_shutdown")
@@ -153,7 +173,7 @@ def _overlay_fields() -> dict[str, Any]:
         ann = ShutdownSteps if key == "on_host_shutdown" else info.annotation
         if info.metadata:  # keep the bounds (ge, gt, le...) the key has in [policy.defaults]
             ann = Annotated[(ann, *info.metadata)]
-        fields[key] = (Optional[ann], Field(None, description=info.description))
+        fields[key] = (Optional[ann], Field(None, description=info.description))  # noqa: UP045 -- ann is a runtime value
     return fields
 
 
@@ -162,7 +182,12 @@ class _Frozen(BaseModel):
 
 
 #: Any subset of the per-guest keys (``None`` = not set by this layer).
-PolicyOverlay = create_model("PolicyOverlay", __base__=_Frozen, __doc__="A partial GuestPolicy: keys left None are not set by this layer.", **_overlay_fields())
+PolicyOverlay = create_model(
+    "PolicyOverlay",
+    __base__=_Frozen,
+    __doc__="A partial GuestPolicy: keys left None are not set by this layer.",
+    **_overlay_fields(),
+)
 
 
 def overlay_values(overlay: BaseModel) -> dict[str, Any]:
@@ -181,7 +206,9 @@ class MatchRule(PolicyOverlay):  # type: ignore[misc,valid-type]
         None, description="labels from the guest's virtwatch XML metadata that must all be equal, e.g. {tier = 'web'}"
     )
     profile: str | None = Field(None, description="profile whose keys apply below this rule's own keys")
-    mode: Mode | None = Field(None, description="mode for matched guests (the more conservative of this and [policy].mode wins)")
+    mode: Mode | None = Field(
+        None, description="mode for matched guests (the more conservative of this and [policy].mode wins)"
+    )
 
     @field_validator("regex")
     @classmethod
@@ -201,7 +228,11 @@ class MatchRule(PolicyOverlay):  # type: ignore[misc,valid-type]
 
     def describe(self) -> str:
         """Short human form of the selectors, e.g. ``glob=web*``."""
-        parts = [f"{k}={getattr(self, k)}" for k in ("uuid", "name", "glob", "regex", "metadata") if getattr(self, k) is not None]
+        parts = [
+            f"{k}={getattr(self, k)}"
+            for k in ("uuid", "name", "glob", "regex", "metadata")
+            if getattr(self, k) is not None
+        ]
         return " ".join(parts)
 
 
@@ -214,28 +245,45 @@ class PolicySettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: StrictBool = Field(False, description="act on guests (needs a read-write libvirt connection); off = observe only")
+    enabled: StrictBool = Field(
+        False, description="act on guests (needs a read-write libvirt connection); off = observe only"
+    )
     mode: Mode = Field("enforce", description="enforce, dry-run (log what would be done) or observe (track state only)")
     defaults: GuestPolicy = Field(GuestPolicy(), description="per-guest keys for every managed guest")
     profile: dict[str, PolicyOverlay] = Field(default_factory=dict, description="named sets of per-guest keys")  # type: ignore[valid-type]
     match: tuple[MatchRule, ...] = Field((), description="rules selecting managed guests, in file order")
 
     max_parallel_starts: int = Field(2, ge=1, le=64, description="cold starts in flight at once")
-    max_parallel_restores: int = Field(1, ge=1, le=64, description="managed-save restores in flight at once (I/O heavy)")
+    max_parallel_restores: int = Field(
+        1, ge=1, le=64, description="managed-save restores in flight at once (I/O heavy)"
+    )
     max_parallel_saves: int = Field(2, ge=1, le=64, description="host-shutdown saves/shutdowns in flight at once")
-    max_actions_per_minute: int = Field(30, ge=1, le=10000, description="circuit breaker: actions beyond this per 60 s are deferred")
+    max_actions_per_minute: int = Field(
+        30, ge=1, le=10000, description="circuit breaker: actions beyond this per 60 s are deferred"
+    )
     debounce: float = Field(0.5, ge=0, le=60, description="seconds a guest's event burst is coalesced before deciding")
     action_timeout: float = Field(60.0, gt=0, le=3600, description="deadline for one libvirt action, seconds")
-    own_event_grace: float = Field(5.0, ge=0, le=300, description="events this long after our own action ends are still ours, seconds")
+    own_event_grace: float = Field(
+        5.0, ge=0, le=300, description="events this long after our own action ends are still ours, seconds"
+    )
 
-    boot_settle_timeout: float = Field(120.0, ge=0, le=3600, description="boot flow: longest wait for libvirt's own autostart, seconds")
-    boot_settle_quiet: float = Field(5.0, ge=0, le=600, description="boot flow: no state change for this long = settled, seconds")
+    boot_settle_timeout: float = Field(
+        120.0, ge=0, le=3600, description="boot flow: longest wait for libvirt's own autostart, seconds"
+    )
+    boot_settle_quiet: float = Field(
+        5.0, ge=0, le=600, description="boot flow: no state change for this long = settled, seconds"
+    )
     start_delay: float = Field(2.0, ge=0, le=3600, description="boot flow: seconds between launching two starts")
 
-    journal_max_age: float = Field(30 * 86400.0, gt=0, le=10 * 365 * 86400,
-                                   description="event journal: rows older than this are deleted, seconds (30 days)")
-    journal_max_events: int = Field(100_000, ge=1, le=100_000_000,
-                                    description="event journal: only the newest this many rows are kept")
+    journal_max_age: float = Field(
+        30 * 86400.0,
+        gt=0,
+        le=10 * 365 * 86400,
+        description="event journal: rows older than this are deleted, seconds (30 days)",
+    )
+    journal_max_events: int = Field(
+        100_000, ge=1, le=100_000_000, description="event journal: only the newest this many rows are kept"
+    )
 
     @field_validator("profile")
     @classmethod
@@ -272,11 +320,14 @@ class PolicySettings(BaseModel):
             if v["limit_interval"] <= v["limit_burst"] * v["restart_delay"]:
                 out.append(
                     f"{where}: limit_interval ({v['limit_interval']:g} s) <= limit_burst ({v['limit_burst']}) * "
-                    f"restart_delay ({v['restart_delay']:g} s): failures spread by the backoff never reach the burst limit, "
+                    f"restart_delay ({v['restart_delay']:g} s): failures spread by the backoff never reach the "
+                    "burst limit, "
                     "so a crash-looping guest is never given up"
                 )
             if v["restart_max_delay"] < v["restart_delay"]:
-                out.append(f"{where}: restart_max_delay is below restart_delay; the delay is capped at restart_max_delay")
+                out.append(
+                    f"{where}: restart_max_delay is below restart_delay; the delay is capped at restart_max_delay"
+                )
         if self.match and not self.enabled:
             out.append("policy: match rules are configured but policy.enabled is false: guests are only observed")
         return out

@@ -56,7 +56,8 @@ class Decision:
     Attributes:
         action: what to do.
         delay: seconds from ``now`` before doing it (0 = at once).
-        reason: one human line, e.g. ``"restart web1: crash, attempt 2/5, in 10 s, policy on_crash from profile critical"``.
+        reason: one human line, e.g.
+            ``"restart web1: crash, attempt 2/5, in 10 s, policy on_crash from profile critical"``.
         cause: the classified cause, if any.
         intent: the guest's intent after this event.
         history: the guest's history after this event (failure counted, retry scheduled...).
@@ -97,8 +98,9 @@ REACTION_KEYS: dict[StopCause, str] = {
 STOPPING_CAUSES = frozenset({StopCause.SAVED, StopCause.MIGRATED, StopCause.SNAPSHOT})
 
 #: causes that need no reaction at all.
-IGNORED_CAUSES = frozenset({StopCause.OURS, StopCause.HOST_SHUTDOWN, StopCause.USER_PAUSE,
-                            StopCause.TRANSIENT_PAUSE, StopCause.PM_SUSPEND})
+IGNORED_CAUSES = frozenset(
+    {StopCause.OURS, StopCause.HOST_SHUTDOWN, StopCause.USER_PAUSE, StopCause.TRANSIENT_PAUSE, StopCause.PM_SUSPEND}
+)
 
 
 def initial_intent(policy: GuestPolicy, state: int) -> Intent:
@@ -114,14 +116,23 @@ def _fmt_s(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds >= 10 or seconds == int(seconds) else f"{seconds:.1f} s"
 
 
-def _restart(guest: GuestRecord, cls: Classification, history: History, now: float, sel: Selection,
-             rand: float, key: str, kill: bool = False) -> Decision:
+def _restart(
+    guest: GuestRecord,
+    cls: Classification,
+    history: History,
+    now: float,
+    sel: Selection,
+    rand: float,
+    key: str,
+    kill: bool = False,
+) -> Decision:
     cause = cls.cause or StopCause.UNKNOWN
     pol = sel.policy
     h = budget.record_failure(history, now, pol, cause.value)
     src = f"policy {key} from {sel.source(key)}"
     if h.given_up:
-        text = f"give up {guest.name}: {cause.value}, {h.given_up_reason}; only 'virtwatch reset {guest.name}' re-enables it"
+        text = (f"give up {guest.name}: {cause.value}, {h.given_up_reason}; "
+                f"only 'virtwatch reset {guest.name}' re-enables it")
         return Decision(Action.GIVE_UP, 0.0, text, cause, "running", h, alert=text, key=key)
     delay = budget.backoff_delay(h.attempt, pol, rand)
     h = budget.schedule(h, now + delay)
@@ -131,8 +142,9 @@ def _restart(guest: GuestRecord, cls: Classification, history: History, now: flo
     return Decision(Action.KILL if kill else Action.RESTART, delay, text, cause, "running", h, key=key)
 
 
-def decide(guest: GuestRecord, event: Classification, history: History, now: float, policy: Selection,
-           rand: float = 0.0) -> Decision:
+def decide(
+    guest: GuestRecord, event: Classification, history: History, now: float, policy: Selection, rand: float = 0.0
+) -> Decision:
     """Decide what to do about one classified event. Pure.
 
     Args:
@@ -155,28 +167,49 @@ def decide(guest: GuestRecord, event: Classification, history: History, now: flo
 
     if tr == Transition.STARTED:
         new_intent: Intent = intent if intent == "held" else "running"
-        return Decision(Action.NONE, 0.0, f"{name} started ({event.note})", None, new_intent, budget.record_start(h, now, pol))
+        return Decision(
+            Action.NONE, 0.0, f"{name} started ({event.note})", None, new_intent, budget.record_start(h, now, pol)
+        )
     if tr == Transition.RESUMED:
-        return Decision(Action.NONE, 0.0, f"{name} resumed ({event.note})", None, intent, h,
-                        keep_pending=False)
+        return Decision(Action.NONE, 0.0, f"{name} resumed ({event.note})", None, intent, h, keep_pending=False)
     if not event.is_stop or cause is None:
         return Decision(Action.NONE, 0.0, f"{name}: {event.note or tr.value}", cause, intent, h, keep_pending=True)
 
     if cause in IGNORED_CAUSES:
-        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value} ({event.note}), no action", cause, intent, h,
-                        keep_pending=cause == StopCause.OURS)
+        return Decision(
+            Action.NONE,
+            0.0,
+            f"{name} {tr.value}: {cause.value} ({event.note}), no action",
+            cause,
+            intent,
+            h,
+            keep_pending=cause == StopCause.OURS,
+        )
     if cause in STOPPING_CAUSES:
         new = intent if intent == "held" else "stopped"
         return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {new}", cause, new, h)
     if not policy.managed:
-        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, not managed (observed only)", cause, intent, h)
+        return Decision(
+            Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, not managed (observed only)", cause, intent, h
+        )
     if intent == "held":
-        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, held by operator: no action", cause, intent, h)
+        return Decision(
+            Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, held by operator: no action", cause, intent, h
+        )
     if h.given_up:
-        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, given up ({h.given_up_reason})", cause, intent, h)
+        return Decision(
+            Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, given up ({h.given_up_reason})", cause, intent, h
+        )
     if h.next_retry is not None and tr != Transition.PAUSED:
-        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, retry already scheduled", cause, intent, h,
-                        keep_pending=True)
+        return Decision(
+            Action.NONE,
+            0.0,
+            f"{name} {tr.value}: {cause.value}, retry already scheduled",
+            cause,
+            intent,
+            h,
+            keep_pending=True,
+        )
 
     if cause == StopCause.API_ERROR:
         text = f"{name} paused after a libvirt API error: alert only"
@@ -184,14 +217,18 @@ def decide(guest: GuestRecord, event: Classification, history: History, now: flo
     if cause == StopCause.IO_ERROR:
         src = f"policy on_io_error from {policy.source('on_io_error')}"
         if intent != "running":
-            return Decision(Action.NONE, 0.0, f"{name} paused on I/O error, intent {intent}: no action", cause, intent, h)
+            return Decision(
+                Action.NONE, 0.0, f"{name} paused on I/O error, intent {intent}: no action", cause, intent, h
+            )
         if pol.on_io_error == "leave":
             text = f"{name} paused on an I/O error: left paused, {src}"
             return Decision(Action.ALERT, 0.0, text, cause, intent, h, alert=text, key="on_io_error")
         if pol.on_io_error == "resume":
             delay = budget.io_resume_delay(h.io_resumes, pol)
             text = f"resume {name}: I/O error, resume {h.io_resumes + 1}, in {_fmt_s(delay)}, {src}"
-            return Decision(Action.RESUME, delay, text, cause, intent, budget.schedule(h, now + delay), key="on_io_error")
+            return Decision(
+                Action.RESUME, delay, text, cause, intent, budget.schedule(h, now + delay), key="on_io_error"
+            )
         return _restart(guest, event, h, now, policy, rand, "on_io_error", kill=True)
 
     key = REACTION_KEYS.get(cause, "on_poweroff")
@@ -204,10 +241,13 @@ def decide(guest: GuestRecord, event: Classification, history: History, now: flo
             text = f"{name} paused: {cause.value}: left alone, {src}"
             return Decision(Action.ALERT, 0.0, text, cause, intent, h, alert=text, key=key)
         text = f"{name} {tr.value}: {cause.value}: left alone, intent stopped, {src}"
-        return Decision(Action.ALERT if failure else Action.NONE, 0.0, text, cause, new, h,
-                        alert=text if failure else None, key=key)
+        return Decision(
+            Action.ALERT if failure else Action.NONE, 0.0, text, cause, new, h, alert=text if failure else None, key=key
+        )
     if intent != "running":
-        return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {intent}: no action", cause, intent, h)
+        return Decision(
+            Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {intent}: no action", cause, intent, h
+        )
     return _restart(guest, event, h, now, policy, rand, key)
 
 
@@ -225,15 +265,24 @@ def decide_recover(guest: GuestRecord, history: History, now: float, policy: Sel
 class ResyncStep(enum.StrEnum):
     """What to do with a guest's state found at a resync (:func:`resync_step`)."""
 
-    RECOVER = "recover"    # an action of ours was cut short by a daemon stop: check the guest and recover
-    KEEP = "keep"          # persist as is: a retry is scheduled, the boot flow decides, or nothing to do
+    RECOVER = "recover"  # an action of ours was cut short by a daemon stop: check the guest and recover
+    KEEP = "keep"  # persist as is: a retry is scheduled, the boot flow decides, or nothing to do
     SCHEDULE = "schedule"  # a retry decided earlier (dry-run, before a restart) is not scheduled: schedule it
-    DECIDE = "decide"      # decide on the state as on an event (a stop missed, a start against intent stopped)
-    STABLE = "stable"      # running as intended: count its healthy running time
+    DECIDE = "decide"  # decide on the state as on an event (a stop missed, a start against intent stopped)
+    STABLE = "stable"  # running as intended: count its healthy running time
 
 
-def resync_step(found: Classification, *, interrupted: bool, retry_scheduled: bool, boot_flow_pending: bool,
-                next_retry: float | None, mode: str, intent: str, given_up: bool) -> ResyncStep:
+def resync_step(
+    found: Classification,
+    *,
+    interrupted: bool,
+    retry_scheduled: bool,
+    boot_flow_pending: bool,
+    next_retry: float | None,
+    mode: str,
+    intent: str,
+    given_up: bool,
+) -> ResyncStep:
     """Decide what a resync does with one guest. Pure.
 
     Args:
@@ -258,8 +307,17 @@ def resync_step(found: Classification, *, interrupted: bool, retry_scheduled: bo
     return ResyncStep.KEEP
 
 
-def boot_candidate(*, autostart: str, managed: bool, persistent: bool, state: int, intent: str, was_running: bool,
-                   given_up: bool, stopped_this_boot: bool) -> bool:
+def boot_candidate(
+    *,
+    autostart: str,
+    managed: bool,
+    persistent: bool,
+    state: int,
+    intent: str,
+    was_running: bool,
+    given_up: bool,
+    stopped_this_boot: bool,
+) -> bool:
     """Whether the boot flow starts (or restores) a guest it lists after libvirt's autostart settled. Pure.
 
     Yes for a managed, persistent guest that is shut off, not held nor given up, not seen
@@ -268,8 +326,15 @@ def boot_candidate(*, autostart: str, managed: bool, persistent: bool, state: in
     (``was_running``). ``state`` is libvirt's domain state code.
     """
     wanted = autostart == "always" or (autostart == "was-running" and (intent == "running" or was_running))
-    return (managed and persistent and state == DomainState.SHUTOFF and wanted and intent != "held"
-            and not given_up and not stopped_this_boot)
+    return (
+        managed
+        and persistent
+        and state == DomainState.SHUTOFF
+        and wanted
+        and intent != "held"
+        and not given_up
+        and not stopped_this_boot
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -296,10 +361,18 @@ def restore_failure_plan(name: str, how: str, code: int, message: str) -> Restor
     """``on_restore_failure`` (``keep``, ``discard``, ``force-boot``) applied to guest ``name``
     whose restore failed with libvirt error ``code``/``message``. Pure."""
     if how == "keep":
-        return RestoreFailurePlan(None, False, "managed-save image cannot be restored",
-                                  f"{name}: managed-save image cannot be restored ([{code}] {message}); image kept, "
-                                  "guest left off (on_restore_failure = keep)")
-    return RestoreFailurePlan("force-boot" if how == "force-boot" else "discard-and-boot", how == "discard", None,
-                              f"{name}: restore failed, image discarded, cold boot ({how})",
-                              f"{name}: managed-save image cannot be restored: discarding it and cold-booting "
-                              f"(on_restore_failure = {how}); the guest's saved RAM state is lost")
+        return RestoreFailurePlan(
+            None,
+            False,
+            "managed-save image cannot be restored",
+            f"{name}: managed-save image cannot be restored ([{code}] {message}); image kept, "
+            "guest left off (on_restore_failure = keep)",
+        )
+    return RestoreFailurePlan(
+        "force-boot" if how == "force-boot" else "discard-and-boot",
+        how == "discard",
+        None,
+        f"{name}: restore failed, image discarded, cold boot ({how})",
+        f"{name}: managed-save image cannot be restored: discarding it and cold-booting "
+        f"(on_restore_failure = {how}); the guest's saved RAM state is lost",
+    )

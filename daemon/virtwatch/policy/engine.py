@@ -202,7 +202,8 @@ class PolicyEngine:
             return
         g = self._t.get(event.name, event.uuid)
         if event.kind == Kind.LIFECYCLE and event.event in (Lifecycle.STOPPED, Lifecycle.CRASHED):
-            g.stop_seen = self._boot.boot_id  # stopped under our eyes in this boot: its own event decides, not the boot flow
+            # stopped under our eyes in this boot: its own event decides, not the boot flow
+            g.stop_seen = self._boot.boot_id
         g.queue.put_nowait(WorkItem("event", event, self._clock.monotonic()))
         self._ensure_worker(g)
 
@@ -316,8 +317,9 @@ class PolicyEngine:
         # our operation, even when it follows one within own_event_grace (a guest whose disk is
         # full pauses again seconds after we restarted it).
         ours = None if is_guest_failure(ev.kind, ev.event, ev.detail) else self._t.is_ours(g, item.arrived)
-        inp = ClassifyInput(ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours,
-                            self._t.host_shutdown)
+        inp = ClassifyInput(
+            ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours, self._t.host_shutdown
+        )
         cls = classify(inp)
         # context for the next events
         if cls.transition == Transition.SHUTTING_DOWN:
@@ -338,19 +340,42 @@ class PolicyEngine:
             self._recover.discard(g.st.name)
         if cls.transition in (Transition.STARTED, Transition.STOPPED):
             g.crash_deferred = None  # the stop that follows a crash is decided on (once) below
-        elif (defer_crash and cls.transition == Transition.CRASHED and cls.cause is not None
-              and cls.cause.value == "crash" and ev.kind == Kind.LIFECYCLE):
+        elif (
+            defer_crash
+            and cls.transition == Transition.CRASHED
+            and cls.cause is not None
+            and cls.cause.value == "crash"
+            and ev.kind == Kind.LIFECYCLE
+        ):
             # One panic is CRASHED/PANICKED, then STOPPED/CRASHED about a second later
             # (<on_crash> destroy/restart): decide once, on the stop. Only a guest that stays
             # crashed (<on_crash> preserve) is decided on this event, after CRASH_STOP_WAIT.
             g.crash_deferred = ev
-            await self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
-                                                cls.cause.value, "crash noted: waiting for libvirt to stop the guest")
+            await self._store.record_transition(
+                g.st,
+                ev.time,
+                ev.seq,
+                ev.kind,
+                ev.event,
+                ev.detail,
+                ev.payload,
+                cls.cause.value,
+                "crash noted: waiting for libvirt to stop the guest",
+            )
             self._spawn(self._crash_timeout(g, ev))
             return
         if cls.transition in (Transition.NONE, Transition.NOTE, Transition.SHUTTING_DOWN):
-            await self._store.record_transition(g.st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
-                                                cls.cause.value if cls.cause else None, None)
+            await self._store.record_transition(
+                g.st,
+                ev.time,
+                ev.seq,
+                ev.kind,
+                ev.event,
+                ev.detail,
+                ev.payload,
+                cls.cause.value if cls.cause else None,
+                None,
+            )
             return
         d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
         await self._apply(g, d, sel, ev)
@@ -370,8 +395,9 @@ class PolicyEngine:
         g.gone = True
         g.pending_due = None
         old, g.st = g.st, GuestState(name=g.st.name, uuid=g.st.uuid, intent="unknown")
-        await self._store.record_transition(old, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload, None,
-                                            "undefined: forgotten")
+        await self._store.record_transition(
+            old, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload, None, "undefined: forgotten"
+        )
         await self._store.delete_guest(old.name)
 
     async def _process_resync(self, g: GuestEntry, state: tuple[int, int]) -> None:
@@ -382,9 +408,16 @@ class PolicyEngine:
         self._recover.discard(g.st.name)
         found = classify_state(*state)
         h = g.st.history
-        step = resync_step(found, interrupted=interrupted, retry_scheduled=g.pending_due is not None,
-                           boot_flow_pending=found.is_stop and self.boot_flow_pending(), next_retry=h.next_retry,
-                           mode=sel.mode, intent=g.st.intent, given_up=h.given_up)
+        step = resync_step(
+            found,
+            interrupted=interrupted,
+            retry_scheduled=g.pending_due is not None,
+            boot_flow_pending=found.is_stop and self.boot_flow_pending(),
+            next_retry=h.next_retry,
+            mode=sel.mode,
+            intent=g.st.intent,
+            given_up=h.given_up,
+        )
         if step == ResyncStep.RECOVER:
             await self._process_recover(g, "action interrupted by a daemon stop")
         elif step == ResyncStep.SCHEDULE and h.next_retry is not None:
@@ -430,14 +463,32 @@ class PolicyEngine:
         text = d.message(mode)
         if ev is not None:
             g.st = st
-            await self._store.record_transition(st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload,
-                                                d.cause.value if d.cause else None, f"{d.action.value}: {text}")
+            await self._store.record_transition(
+                st,
+                ev.time,
+                ev.seq,
+                ev.kind,
+                ev.event,
+                ev.detail,
+                ev.payload,
+                d.cause.value if d.cause else None,
+                f"{d.action.value}: {text}",
+            )
         else:
             await self._t.persist(g, st)
         level = "info" if (d.action != Action.NONE or mode == "enforce") and mode != "observe" else "debug"
-        getattr(self._log, level)("policy_decision", guest=g.st.name, uuid=g.st.uuid, action=d.action.value,
-                                  cause=d.cause.value if d.cause else None, mode=mode, delay=round(d.delay, 3),
-                                  intent=d.intent, key=d.key or None, msg=text)
+        getattr(self._log, level)(
+            "policy_decision",
+            guest=g.st.name,
+            uuid=g.st.uuid,
+            action=d.action.value,
+            cause=d.cause.value if d.cause else None,
+            mode=mode,
+            delay=round(d.delay, 3),
+            intent=d.intent,
+            key=d.key or None,
+            msg=text,
+        )
         if mode == "observe":
             return
         if d.alert and mode == "enforce":
@@ -477,8 +528,13 @@ class PolicyEngine:
 
     def snapshot(self) -> EngineSnapshot:
         """Current state for metrics/status (guests that vanished are left out)."""
-        return EngineSnapshot(self.ready, self._t.host_shutdown, self._actions.breaker_open,
-                              MappingProxyType(dict(self._journal.counts)), self._ops.guests())
+        return EngineSnapshot(
+            self.ready,
+            self._t.host_shutdown,
+            self._actions.breaker_open,
+            MappingProxyType(dict(self._journal.counts)),
+            self._ops.guests(),
+        )
 
     # ------------------------------------------------------------------ host shutdown
 

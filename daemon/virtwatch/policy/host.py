@@ -90,6 +90,12 @@ def libvirt_guests_active(paths: LibvirtGuestsPaths = LibvirtGuestsPaths()) -> L
     if not enabled:
         return LibvirtGuestsStatus(False, False, on_shutdown, f"{paths.unit} is not enabled")
     if not acts:
-        return LibvirtGuestsStatus(False, True, on_shutdown, f"{paths.unit} enabled but ON_SHUTDOWN={on_shutdown!r} ({source})")
-    return LibvirtGuestsStatus(True, True, on_shutdown,
-                               f"{paths.unit} is enabled with ON_SHUTDOWN={on_shutdown} ({source}): it owns host shutdown")
+        return LibvirtGuestsStatus(
+            False, True, on_shutdown, f"{paths.unit} enabled but ON_SHUTDOWN={on_shutdown!r} ({source})"
+        )
+    return LibvirtGuestsStatus(
+        True,
+        True,
+        on_shutdown,
+        f"{paths.unit} is enabled with ON_SHUTDOWN={on_shutdown} ({source}): it owns host shutdown",
+    )

@@ -71,7 +71,9 @@ class LibvirtHypervisor:
                 async with asyncio.timeout(self._timeout):
                     return await guarded()
         except TimeoutError:
-            raise HypervisorError(ErrorCode.OPERATION_TIMEOUT, f"{what}: no answer within {self._timeout:g} s") from None
+            raise HypervisorError(
+                ErrorCode.OPERATION_TIMEOUT, f"{what}: no answer within {self._timeout:g} s"
+            ) from None
 
     @staticmethod
     def _dom(conn: libvirt.virConnect, name: str) -> libvirt.virDomain:
@@ -119,8 +121,11 @@ class LibvirtHypervisor:
             for d in conn.listAllDomains(0):
                 try:
                     st, reason = d.state(0)
-                    out.append(GuestInfo(d.name(), d.UUIDString(), int(st), int(reason), bool(d.autostart()),
-                                         bool(d.isPersistent())))
+                    out.append(
+                        GuestInfo(
+                            d.name(), d.UUIDString(), int(st), int(reason), bool(d.autostart()), bool(d.isPersistent())
+                        )
+                    )
                 except libvirt.libvirtError as err:
                     if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                         raise

@@ -111,9 +111,7 @@ def rule_matches(rule: MatchRule, name: str, uuid: str, labels: Mapping[str, str
         return False
     if rule.regex is not None and not re.fullmatch(rule.regex, name):
         return False
-    if rule.metadata is not None and any(labels.get(k) != v for k, v in rule.metadata.items()):
-        return False
-    return True
+    return rule.metadata is None or all(labels.get(k) == v for k, v in rule.metadata.items())
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -217,8 +217,8 @@ class Store:
         h = g.history
         conn.execute(
             """INSERT INTO guests (name, uuid, intent, attempt, failures, last_start, last_failure, last_resume,
-                   io_resumes, given_up, given_up_reason, next_retry, restarts, was_running, boot_pending, override, updated,
-                   pending_action)
+                   io_resumes, given_up, given_up_reason, next_retry, restarts, was_running, boot_pending, override,
+                   updated, pending_action)
                VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                ON CONFLICT(name) DO UPDATE SET uuid=excluded.uuid, intent=excluded.intent, attempt=excluded.attempt,
                    failures=excluded.failures, last_start=excluded.last_start, last_failure=excluded.last_failure,
@@ -270,7 +270,8 @@ class Store:
             return int(cur.lastrowid)
 
     def finish_action(self, action_id: int, result: str, detail: str = "", guest: GuestState | None = None) -> None:
-        """Commit an action's outcome (``ok``, ``failed``, ``timeout``, ``interrupted``...) with the guest's new state."""
+        """Commit an action's outcome (``ok``, ``failed``, ``timeout``, ``interrupted``...) with the guest's
+        new state."""
         with self.transaction() as conn:
             conn.execute("UPDATE actions SET finished=?, result=?, detail=? WHERE id=? AND finished IS NULL",
                          (self._clock(), result, detail, action_id))
@@ -301,7 +302,8 @@ class Store:
         """Append one event row (``console_tail`` NULL until the console feature attaches text). Returns its id."""
         with self.transaction() as conn:
             cur = conn.execute(
-                "INSERT INTO events (time, seq, guest, uuid, kind, event, detail, payload, cause) VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO events (time, seq, guest, uuid, kind, event, detail, payload, cause) "
+                "VALUES (?,?,?,?,?,?,?,?,?)",
                 (time, seq, guest, uuid, kind, event, detail, json.dumps(dict(payload or {}), default=str), cause))
             return int(cur.lastrowid)
 
@@ -347,14 +349,14 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         """Set a meta value in its own transaction."""
         with self.transaction() as conn:
-            conn.execute("INSERT INTO meta (key, value) VALUES (?,?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                         (key, value))
+            conn.execute("INSERT INTO meta (key, value) VALUES (?,?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (key, value))
 
     def begin_boot(self, boot_id: str, pending: list[GuestState]) -> None:
         """Atomically record ``boot_id`` as handled and mark ``pending`` guests (boot_pending set) for its boot flow."""
         with self.transaction() as conn:
-            conn.execute("INSERT INTO meta (key, value) VALUES ('boot_id', ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                         (boot_id,))
+            conn.execute("INSERT INTO meta (key, value) VALUES ('boot_id', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value=excluded.value", (boot_id,))
             for g in pending:
                 self._put_guest(conn, g)
 

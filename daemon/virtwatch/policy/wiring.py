@@ -81,8 +81,11 @@ class PolicyCollector:
         yield from (restarts, given_up, next_retry, info, actions)
         yield GaugeMetricFamily("virtwatch_policy_ready", "1 while the policy engine may decide.",
                                 value=1 if snap.ready else 0)
-        yield GaugeMetricFamily("virtwatch_policy_breaker_open",
-                                "1 while max_actions_per_minute holds actions back.", value=1 if snap.breaker_open else 0)
+        yield GaugeMetricFamily(
+            "virtwatch_policy_breaker_open",
+            "1 while max_actions_per_minute holds actions back.",
+            value=1 if snap.breaker_open else 0,
+        )
 
     def describe(self) -> list[Metric]:
         """No up-front description."""
@@ -105,20 +108,37 @@ class PolicyRuntime:
         action_counts: the previous runtime's action counters at a reload.
     """
 
-    def __init__(self, settings: PolicySettings, state_dir: str, connection: Callable[[], Any], alerter: Alerter,
-                 boot_id_path: str, calls: Any = None, clock: Clock | None = None,
-                 action_counts: Mapping[tuple[str, str], int] | None = None) -> None:
+    def __init__(
+        self,
+        settings: PolicySettings,
+        state_dir: str,
+        connection: Callable[[], Any],
+        alerter: Alerter,
+        boot_id_path: str,
+        calls: Any = None,
+        clock: Clock | None = None,
+        action_counts: Mapping[tuple[str, str], int] | None = None,
+    ) -> None:
         os.makedirs(state_dir, mode=0o750, exist_ok=True)
         self.store = AsyncStore(Path(state_dir) / "virtwatch.sqlite")
         runner = None
         if calls is not None:  # share the daemon's thread budget; our own deadline stays the policy's
+
             def runner(what: str, fn: Callable[[], Any]) -> Any:
                 return calls.run(what, fn, timeout=86400, count_errors=False)
+
         self.hypervisor = LibvirtHypervisor(connection, timeout=settings.action_timeout, runner=runner)
         self._alerter = alerter
         clock = clock or SystemClock()
-        self.engine = PolicyEngine(settings, self.hypervisor, self.store, clock=clock, alert=self._on_alert,
-                                   boot_id_path=boot_id_path, action_counts=action_counts)
+        self.engine = PolicyEngine(
+            settings,
+            self.hypervisor,
+            self.store,
+            clock=clock,
+            alert=self._on_alert,
+            boot_id_path=boot_id_path,
+            action_counts=action_counts,
+        )
         self.collector = PolicyCollector(self.engine)
         self.pruner = JournalPruner(self.store.path, settings.journal_max_age, settings.journal_max_events, clock)
         self._prune_task: asyncio.Task[None] | None = None
@@ -143,8 +163,14 @@ class PolicyRuntime:
             self._alerter.annotate(_ANNOTATE[a.kind], a.guest, decision=a.message)
         elif a.kind in _ALERTS:
             name, severity = _ALERTS[a.kind]
-            self._alerter.fire(name, domain=a.guest, uuid=a.uuid, severity=severity,
-                               summary=f"{a.guest}: {a.kind.replace('_', ' ')}", description=a.message)
+            self._alerter.fire(
+                name,
+                domain=a.guest,
+                uuid=a.uuid,
+                severity=severity,
+                summary=f"{a.guest}: {a.kind.replace('_', ' ')}",
+                description=a.message,
+            )
 
     # ConnectionListener of the policy's own connection (SideConnection "policy")
     def connection_ready(self, _conn: Any) -> None:

@@ -155,33 +155,34 @@ class EventSubscriptions:
         registered = []
         self.unsupported = []
         for eid, spec in available_domain_events():
-            cb = self._domain_callback(spec.kind, spec.decode)
-            try:
-                self._domain_ids.append(conn.domainEventRegisterAny(None, eid, cb, None))
+            cid = self._try(spec.kind, conn.domainEventRegisterAny, eid, self._domain_callback(spec.kind, spec.decode))
+            if cid is not None:
+                self._domain_ids.append(cid)
                 registered.append(spec.kind)
-            except libvirt.libvirtError as err:
-                if err.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG,
-                                            libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
-                    self.unsupported.append(spec.kind)
-                    continue
-                raise
         for host_spec in HOST_EVENTS:
             host_eid = getattr(libvirt, host_spec.id_name, None)
             method = getattr(conn, host_spec.register, None)
             if host_eid is None or method is None:
                 self.unsupported.append(host_spec.kind)
                 continue
-            cb = self._host_callback(host_spec.source, host_spec.kind, host_spec.decode)
-            try:
-                self._host_ids.append((host_spec.deregister, method(None, host_eid, cb, None)))
+            cid = self._try(host_spec.kind, method, host_eid,
+                            self._host_callback(host_spec.source, host_spec.kind, host_spec.decode))
+            if cid is not None:
+                self._host_ids.append((host_spec.deregister, cid))
                 registered.append(host_spec.kind)
-            except libvirt.libvirtError as err:
-                if err.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG,
-                                            libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
-                    self.unsupported.append(host_spec.kind)
-                    continue
-                raise
         return registered
+
+    def _try(self, kind: str, register: Callable[..., int], eid: int, cb: Callable[..., None]) -> int | None:
+        """``register(None, eid, cb, None)``: the callback ID, or None (and ``kind`` listed in
+        :attr:`unsupported`) when the daemon does not know that event ID."""
+        try:
+            return register(None, eid, cb, None)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() in (libvirt.VIR_ERR_NO_SUPPORT, libvirt.VIR_ERR_INVALID_ARG,
+                                        libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                self.unsupported.append(kind)
+                return None
+            raise
 
     def deregister(self, conn: libvirt.virConnect) -> None:
         """Remove every callback :meth:`register` added; errors are ignored

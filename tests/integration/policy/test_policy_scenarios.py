@@ -132,7 +132,8 @@ class World:
         await until(lambda: all(g.intent == "running" for g in self.engine.snapshot().guests.values()))
 
     def starts(self, name=None):
-        return sum(1 for r in self.disk.actions(name, limit=100000) if r.action in ("start", "restore") and r.result != "interrupted")
+        return sum(1 for r in self.disk.actions(name, limit=100000)
+                   if r.action in ("start", "restore") and r.result != "interrupted")
 
     def state(self, name):
         return self.conn.lookupByName(name).state()[0]
@@ -190,8 +191,10 @@ async def test_flapping_guest_gives_no_action_storm(world):
     await world.up()
     for _ in range(3 + 1):
         world.pump.crash("g02")
-        await until(lambda: world.state("g02") == DomainState.RUNNING or world.engine.snapshot().guests["g02"].given_up,
-                    timeout=10)
+        await until(
+            lambda: world.state("g02") == DomainState.RUNNING or world.engine.snapshot().guests["g02"].given_up,
+            timeout=10,
+        )
         await asyncio.sleep(0.1)
     await until(lambda: world.engine.snapshot().guests["g02"].given_up)
     assert world.starts("g02") == 3
@@ -225,7 +228,7 @@ async def test_reconnect_mid_backoff(tmp_path):
         w.engine.set_ready(False)
         w.link["conn"] = None
         w.pump.connected = False
-        await asyncio.sleep(1.0)          # the retry falls due while disconnected
+        await asyncio.sleep(1.0)  # the retry falls due while disconnected
         assert w.state("g03") == DomainState.SHUTOFF and w.starts() == 0
         # reconnect + resync
         w.link["conn"] = w.conn
@@ -291,7 +294,7 @@ async def test_save_path_then_boot_flow_restores(tmp_path):
         assert dict(rep.results) == {"g00": "managedsave", "g01": "managedsave", "g02": "managedsave"}
         assert all(w.conn.lookupByName(f"g0{i}").hasManagedSaveImage(0) for i in range(3))
         await asyncio.sleep(0.5)
-        assert w.starts() == 0   # our own saves are not crashes
+        assert w.starts() == 0  # our own saves are not crashes
         # new host boot: a new daemon on the same state
         await w.pump.stop()
         await w.engine.stop()

@@ -1,4 +1,5 @@
-"""Fakes for the alert unit tests: a controllable clock/sleep and an HTTP session."""
+"""Fakes for the alert unit tests: the shared fake clock (its sleep ends only when the test
+advances it) and an HTTP session."""
 
 from __future__ import annotations
 
@@ -9,38 +10,13 @@ from typing import Any
 import aiohttp
 import pytest
 
+from virtwatch.policy.clock import FakeClock
+
 
 async def settle(turns: int = 30) -> None:
     """Let every ready task run (no real waiting)."""
     for _ in range(turns):
         await asyncio.sleep(0)
-
-
-class FakeClock:
-    """Wall clock plus an awaitable sleep that only ends when :meth:`advance` passes it."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.t = start
-        self.sleeps: list[float] = []
-        self._sleepers: list[tuple[float, asyncio.Future[None]]] = []
-
-    def __call__(self) -> float:
-        return self.t
-
-    async def sleep(self, delay: float) -> None:
-        self.sleeps.append(delay)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sleepers.append((self.t + delay, fut))
-        await fut
-
-    async def advance(self, seconds: float) -> None:
-        self.t += seconds
-        for item in list(self._sleepers):
-            if item[0] <= self.t + 1e-9:
-                self._sleepers.remove(item)
-                if not item[1].done():
-                    item[1].set_result(None)
-        await settle()
 
 
 class FakeResponse:
@@ -97,7 +73,7 @@ def conn_error() -> aiohttp.ClientConnectionError:
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(settle=settle)
 
 
 @pytest.fixture

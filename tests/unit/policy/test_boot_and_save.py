@@ -71,7 +71,14 @@ async def test_boot_flow_daemon_restart_mid_flow_resumes_without_replay(tmp_path
 
 
 async def test_boot_flow_new_boot_id_and_autostart_always(tmp_path):
-    r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [{"name": "always", "autostart": "always"}, {"name": "never", "autostart": "never"}]})
+    r = Rig(
+        tmp_path,
+        auto_boot_flow=False,
+        settings={
+            **BASE,
+            "match": [{"name": "always", "autostart": "always"}, {"name": "never", "autostart": "never"}],
+        },
+    )
     try:
         r.hv.add("always")
         r.hv.add("never")
@@ -86,11 +93,14 @@ async def test_boot_flow_new_boot_id_and_autostart_always(tmp_path):
         await r.close()
 
 
-@pytest.mark.parametrize("how, starts, image_left, result", [
-    ("keep", 1, True, "failed"),
-    ("discard", 2, False, "started"),
-    ("force-boot", 2, False, "started"),
-])
+@pytest.mark.parametrize(
+    "how, starts, image_left, result",
+    [
+        ("keep", 1, True, "failed"),
+        ("discard", 2, False, "started"),
+        ("force-boot", 2, False, "started"),
+    ],
+)
 async def test_restore_failure_policies(tmp_path, how, starts, image_left, result):
     r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [{"glob": "*", "on_restore_failure": how}]})
     try:
@@ -144,8 +154,16 @@ async def test_boot_flow_dry_run_starts_nothing(tmp_path):
 
 
 async def test_save_path_fallbacks_and_was_running(tmp_path):
-    r = Rig(tmp_path, auto_boot_flow=False, settings={**BASE, "match": [{"glob": "*", "on_host_shutdown": "managedsave:5,shutdown:5,destroy:5"},
-                                         ]})
+    r = Rig(
+        tmp_path,
+        auto_boot_flow=False,
+        settings={
+            **BASE,
+            "match": [
+                {"glob": "*", "on_host_shutdown": "managedsave:5,shutdown:5,destroy:5"},
+            ],
+        },
+    )
     try:
         for n in ("a", "b", "c"):
             r.hv.add(n, state=DomainState.RUNNING, reason=RunningReason.BOOTED)
@@ -157,8 +175,11 @@ async def test_save_path_fallbacks_and_was_running(tmp_path):
         rep = await r.engine.save_guests()
         assert not rep.refused
         assert dict(rep.results) == {"a": "managedsave", "b": "shutdown", "c": "destroy"}
-        assert {n: (await r.store.get_guest(n)).was_running for n in ("a", "b", "c")} == {"a": True, "b": True,
-                                                                                          "c": True}
+        assert {n: (await r.store.get_guest(n)).was_running for n in ("a", "b", "c")} == {
+            "a": True,
+            "b": True,
+            "c": True,
+        }
         off = await r.store.get_guest("off")
         assert off is None or not off.was_running
         # the resulting stop events are ours / host shutdown: no restart
@@ -188,8 +209,9 @@ async def test_save_path_refuses_when_libvirt_guests_owns_shutdown(tmp_path):
 
 
 def test_libvirt_guests_detection(tmp_path):
-    paths = LibvirtGuestsPaths(config_files=(str(tmp_path / "default"), str(tmp_path / "sysconfig")),
-                               unit_dirs=(str(tmp_path / "etc"),))
+    paths = LibvirtGuestsPaths(
+        config_files=(str(tmp_path / "default"), str(tmp_path / "sysconfig")), unit_dirs=(str(tmp_path / "etc"),)
+    )
     st = libvirt_guests_active(paths)
     assert (st.active, st.enabled, st.why) == (False, False, "libvirt-guests.service is not enabled")
     wants = tmp_path / "etc" / "multi-user.target.wants"
@@ -216,7 +238,7 @@ def test_read_boot_id(tmp_path):
 
 
 async def test_boot_flow_runs_by_itself_when_first_ready(tmp_path):
-    r = Rig(tmp_path, BASE)   # auto_boot_flow
+    r = Rig(tmp_path, BASE)  # auto_boot_flow
     try:
         g = r.hv.add("a")
         r.hv.guests["a"].reason = 2  # shut off as DESTROYED by the previous boot's shutdown
@@ -287,8 +309,12 @@ async def test_a_guest_that_ignores_the_shutdown_is_destroyed_after_the_steps_ti
         async def shutdown(self, name):
             await self._enter("shutdown", name)  # asked, never powers off
 
-    r = Rig(tmp_path, auto_boot_flow=False, hv=IgnoresAcpi(),
-            settings={**BASE, "match": [{"glob": "*", "on_host_shutdown": "shutdown:30,destroy:5"}]})
+    r = Rig(
+        tmp_path,
+        auto_boot_flow=False,
+        hv=IgnoresAcpi(),
+        settings={**BASE, "match": [{"glob": "*", "on_host_shutdown": "shutdown:30,destroy:5"}]},
+    )
     try:
         r.hv.add("a", state=DomainState.RUNNING, reason=RunningReason.BOOTED)
         await r.start()
@@ -299,7 +325,9 @@ async def test_a_guest_that_ignores_the_shutdown_is_destroyed_after_the_steps_ti
         rep = await saving
         assert dict(rep.results) == {"a": "destroy"}
         assert [(row.action, row.result, row.detail) for row in await r.store.actions("a")] == [
-            ("destroy", "ok", ""), ("shutdown", "failed", "[68] a did not power off within 30 s")]
+            ("destroy", "ok", ""),
+            ("shutdown", "failed", "[68] a did not power off within 30 s"),
+        ]
         assert 29 <= r.hv.count("state", "a") <= 31  # polled once a second
     finally:
         await r.close()

@@ -56,7 +56,9 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize("inp, expected", ROWS, ids=[f"{r[0][1]}/{r[0][2]}/{r[0][3]}/{r[0][4]}/{r[0][5]}/{r[0][6]}" for r in ROWS])
+@pytest.mark.parametrize(
+    "inp, expected", ROWS, ids=[f"{r[0][1]}/{r[0][2]}/{r[0][3]}/{r[0][4]}/{r[0][5]}/{r[0][6]}" for r in ROWS]
+)
 def test_table_row(inp, expected):
     c = classify(ClassifyInput(*inp))
     assert (c.transition, c.cause) == expected
@@ -87,8 +89,13 @@ def test_recorded_real_sequences():
     assert got["ev-panic"] == [("crashed", "crash"), ("stopped", "crash")]
     assert got["ev-poweroff"] == [("stopped", "guest_poweroff")]
     assert got["ev-destroy"] == [("stopped", "admin_destroy")]
-    assert got["ev-save"] == [("paused", "user_pause"), ("paused", "user_pause"), ("stopped", "saved"),
-                              ("stopped", "admin_destroy"), ("stopped", "admin_destroy")]
+    assert got["ev-save"] == [
+        ("paused", "user_pause"),
+        ("paused", "user_pause"),
+        ("stopped", "saved"),
+        ("stopped", "admin_destroy"),
+        ("stopped", "admin_destroy"),
+    ]
     assert got["ioerr"] == [("stopped", "admin_destroy"), ("note", "io_error"), ("paused", "io_error")]
     assert "ev-wd" not in got
 
@@ -104,45 +111,51 @@ def test_sigkill_is_qemu_failure():
     assert _replay(lines) == {"g": [("stopped", "qemu_failure")]}
 
 
-@pytest.mark.parametrize("state, reason, expected", [
-    (DomainState.SHUTOFF, ShutoffReason.CRASHED, (Transition.STOPPED, StopCause.CRASH)),
-    (DomainState.SHUTOFF, ShutoffReason.FAILED, (Transition.STOPPED, StopCause.QEMU_FAILURE)),
-    (DomainState.SHUTOFF, ShutoffReason.DAEMON, (Transition.STOPPED, StopCause.QEMU_FAILURE)),
-    (DomainState.SHUTOFF, ShutoffReason.SHUTDOWN, (Transition.STOPPED, StopCause.GUEST_POWEROFF)),
-    (DomainState.SHUTOFF, ShutoffReason.DESTROYED, (Transition.STOPPED, StopCause.ADMIN_DESTROY)),
-    (DomainState.SHUTOFF, ShutoffReason.SAVED, (Transition.STOPPED, StopCause.SAVED)),
-    (DomainState.SHUTOFF, ShutoffReason.UNKNOWN, (Transition.STOPPED, StopCause.UNKNOWN)),
-    (DomainState.SHUTOFF, 99, (Transition.STOPPED, StopCause.UNKNOWN)),
-    (DomainState.CRASHED, 1, (Transition.CRASHED, StopCause.CRASH)),
-    (DomainState.PAUSED, PausedReason.IOERROR, (Transition.PAUSED, StopCause.IO_ERROR)),
-    (DomainState.PAUSED, PausedReason.WATCHDOG, (Transition.PAUSED, StopCause.WATCHDOG)),
-    (DomainState.PAUSED, PausedReason.API_ERROR, (Transition.PAUSED, StopCause.API_ERROR)),
-    (DomainState.PAUSED, PausedReason.USER, (Transition.PAUSED, StopCause.USER_PAUSE)),
-    (DomainState.PAUSED, PausedReason.MIGRATION, (Transition.PAUSED, StopCause.TRANSIENT_PAUSE)),
-    (DomainState.RUNNING, 1, (Transition.STARTED, None)),
-    (DomainState.PMSUSPENDED, 0, (Transition.PAUSED, StopCause.PM_SUSPEND)),
-])
+@pytest.mark.parametrize(
+    "state, reason, expected",
+    [
+        (DomainState.SHUTOFF, ShutoffReason.CRASHED, (Transition.STOPPED, StopCause.CRASH)),
+        (DomainState.SHUTOFF, ShutoffReason.FAILED, (Transition.STOPPED, StopCause.QEMU_FAILURE)),
+        (DomainState.SHUTOFF, ShutoffReason.DAEMON, (Transition.STOPPED, StopCause.QEMU_FAILURE)),
+        (DomainState.SHUTOFF, ShutoffReason.SHUTDOWN, (Transition.STOPPED, StopCause.GUEST_POWEROFF)),
+        (DomainState.SHUTOFF, ShutoffReason.DESTROYED, (Transition.STOPPED, StopCause.ADMIN_DESTROY)),
+        (DomainState.SHUTOFF, ShutoffReason.SAVED, (Transition.STOPPED, StopCause.SAVED)),
+        (DomainState.SHUTOFF, ShutoffReason.UNKNOWN, (Transition.STOPPED, StopCause.UNKNOWN)),
+        (DomainState.SHUTOFF, 99, (Transition.STOPPED, StopCause.UNKNOWN)),
+        (DomainState.CRASHED, 1, (Transition.CRASHED, StopCause.CRASH)),
+        (DomainState.PAUSED, PausedReason.IOERROR, (Transition.PAUSED, StopCause.IO_ERROR)),
+        (DomainState.PAUSED, PausedReason.WATCHDOG, (Transition.PAUSED, StopCause.WATCHDOG)),
+        (DomainState.PAUSED, PausedReason.API_ERROR, (Transition.PAUSED, StopCause.API_ERROR)),
+        (DomainState.PAUSED, PausedReason.USER, (Transition.PAUSED, StopCause.USER_PAUSE)),
+        (DomainState.PAUSED, PausedReason.MIGRATION, (Transition.PAUSED, StopCause.TRANSIENT_PAUSE)),
+        (DomainState.RUNNING, 1, (Transition.STARTED, None)),
+        (DomainState.PMSUSPENDED, 0, (Transition.PAUSED, StopCause.PM_SUSPEND)),
+    ],
+)
 def test_state_table(state, reason, expected):
     c = classify_state(state, reason)
     assert (c.transition, c.cause) == expected
 
 
-@pytest.mark.parametrize("kind, event, detail, failure", [
-    ("lifecycle", "CRASHED", "PANICKED", True),
-    ("lifecycle", "CRASHED", "CRASHLOADED", True),
-    ("lifecycle", "STOPPED", "CRASHED", True),
-    ("lifecycle", "STOPPED", "FAILED", True),
-    ("lifecycle", "SUSPENDED", "IOERROR", True),
-    ("lifecycle", "SUSPENDED", "WATCHDOG", True),
-    ("io_error", "IO_ERROR", "enospc", True),
-    ("watchdog", "WATCHDOG", "pause", True),
-    ("lifecycle", "STOPPED", "DESTROYED", False),
-    ("lifecycle", "STOPPED", "SHUTDOWN", False),
-    ("lifecycle", "STOPPED", "SAVED", False),
-    ("lifecycle", "SUSPENDED", "PAUSED", False),
-    ("lifecycle", "STARTED", "BOOTED", False),
-    ("metadata_change", "METADATA_CHANGE", "ELEMENT", False),
-])
+@pytest.mark.parametrize(
+    "kind, event, detail, failure",
+    [
+        ("lifecycle", "CRASHED", "PANICKED", True),
+        ("lifecycle", "CRASHED", "CRASHLOADED", True),
+        ("lifecycle", "STOPPED", "CRASHED", True),
+        ("lifecycle", "STOPPED", "FAILED", True),
+        ("lifecycle", "SUSPENDED", "IOERROR", True),
+        ("lifecycle", "SUSPENDED", "WATCHDOG", True),
+        ("io_error", "IO_ERROR", "enospc", True),
+        ("watchdog", "WATCHDOG", "pause", True),
+        ("lifecycle", "STOPPED", "DESTROYED", False),
+        ("lifecycle", "STOPPED", "SHUTDOWN", False),
+        ("lifecycle", "STOPPED", "SAVED", False),
+        ("lifecycle", "SUSPENDED", "PAUSED", False),
+        ("lifecycle", "STARTED", "BOOTED", False),
+        ("metadata_change", "METADATA_CHANGE", "ELEMENT", False),
+    ],
+)
 def test_guest_failure_is_never_ours(kind, event, detail, failure):
     """A failure only the guest or QEMU causes is never attributed to our own in-flight operation."""
     assert guest_failure(kind, event, detail) is failure

@@ -26,17 +26,18 @@ async def test_within_returns_the_answer_and_raises_its_error() -> None:
     assert clock.sleepers == 0  # the deadline's timer went away with the answer
 
 
+async def hangs(cancelled: asyncio.Event) -> None:
+    """Work that never ends by itself; sets ``cancelled`` when it is cancelled."""
+    try:
+        await asyncio.Event().wait()
+    finally:
+        cancelled.set()
+
+
 async def test_within_times_out_on_the_clocks_time_and_cancels_the_work() -> None:
     clock = FakeClock()
     cancelled = asyncio.Event()
-
-    async def hangs() -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            cancelled.set()
-
-    waiter = asyncio.ensure_future(within(clock, 30.0, hangs()))
+    waiter = asyncio.ensure_future(within(clock, 30.0, hangs(cancelled)))
     await until(lambda: clock.sleepers == 1, 1.0, "deadline armed")  # it starts when the wait does
     assert clock.next_deadline() == 30.0
     await clock.advance(29.9)
@@ -50,14 +51,7 @@ async def test_within_times_out_on_the_clocks_time_and_cancels_the_work() -> Non
 async def test_cancelling_the_caller_cancels_the_work_and_is_not_swallowed() -> None:
     clock = FakeClock()
     cancelled = asyncio.Event()
-
-    async def hangs() -> None:
-        try:
-            await asyncio.Event().wait()
-        finally:
-            cancelled.set()
-
-    waiter = asyncio.ensure_future(within(clock, 30.0, hangs()))
+    waiter = asyncio.ensure_future(within(clock, 30.0, hangs(cancelled)))
     await asyncio.sleep(0)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):

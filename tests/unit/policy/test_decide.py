@@ -84,7 +84,10 @@ def test_dry_run_text_names_profile_source():
     h = History(failures=(NOW - 30,), attempt=1, last_failure=NOW - 30, last_start=NOW - 25)
     d = decide(rec(), cls("STOPPED", "CRASHED"), h, NOW, sl)
     assert sl.mode == "dry-run"
-    assert d.message(sl.mode) == "would restart web1: crash, attempt 2/5, in 10 s, policy on_crash from profile critical (via match[0])"
+    assert (
+        d.message(sl.mode)
+        == "would restart web1: crash, attempt 2/5, in 10 s, policy on_crash from profile critical (via match[0])"
+    )
 
 
 def test_given_up_after_burst():
@@ -92,7 +95,7 @@ def test_given_up_after_burst():
     h = History()
     t = NOW
     actions = []
-    for i in range(6):
+    for _ in range(6):
         d = decide(rec(), cls("STOPPED", "CRASHED"), h, t, p)
         actions.append(d.action)
         h = d.history.replace(next_retry=None)
@@ -128,7 +131,9 @@ def test_start_sets_intent_running_and_records_start():
 
 
 def test_our_own_stop_is_ignored_and_keeps_pending():
-    d = decide(rec(), cls("STOPPED", "DESTROYED", "HOST", ours="destroy"), History(next_retry=NOW + 5), NOW, sel("web1"))
+    d = decide(
+        rec(), cls("STOPPED", "DESTROYED", "HOST", ours="destroy"), History(next_retry=NOW + 5), NOW, sel("web1")
+    )
     assert d.action == Action.NONE and d.cause == StopCause.OURS and d.keep_pending and d.intent == "running"
 
 
@@ -139,7 +144,9 @@ def test_host_shutdown_keeps_intent_running():
 
 def test_io_error_resume_and_kill():
     d = decide(rec("db"), cls("SUSPENDED", "IOERROR"), History(), NOW, sel("db"))
-    assert d.action == Action.RESUME and d.delay == 30.0 and d.reason.startswith("resume db: I/O error, resume 1, in 30 s")
+    assert (
+        d.action == Action.RESUME and d.delay == 30.0 and d.reason.startswith("resume db: I/O error, resume 1, in 30 s")
+    )
     d = decide(rec("db"), cls("SUSPENDED", "IOERROR"), History(io_resumes=2, last_resume=NOW - 5), NOW, sel("db"))
     assert d.delay == 120.0
     d = decide(rec("kv"), cls("SUSPENDED", "IOERROR"), History(), NOW, sel("kv"))
@@ -182,55 +189,80 @@ PAUSED_USER = classify_state(DomainState.PAUSED, 1)
 R = ResyncStep
 
 
-@pytest.mark.parametrize("found, interrupted, scheduled, boot_pending, next_retry, mode, intent, given_up, step", [
-    # an action cut short by a daemon stop is recovered, unless a retry is already scheduled
-    (STOPPED, True, False, False, None, "enforce", "running", False, R.RECOVER),
-    (RUNNING, True, False, False, None, "enforce", "running", False, R.RECOVER),
-    (STOPPED, True, True, False, None, "enforce", "running", False, R.KEEP),
-    (STOPPED, False, True, False, NOW, "enforce", "running", False, R.KEEP),
-    # stopped while the boot flow has yet to run: the host went down, the boot flow decides
-    (STOPPED, False, False, True, None, "enforce", "running", False, R.KEEP),
-    (RUNNING, False, False, True, None, "enforce", "running", False, R.STABLE),
-    # a retry decided but not scheduled (dry-run then, enforce now; a restart): schedule it
-    (STOPPED, False, False, False, NOW, "enforce", "running", False, R.SCHEDULE),
-    (STOPPED, False, False, False, NOW, "dry-run", "running", False, R.DECIDE),
-    (STOPPED, False, False, False, NOW, "enforce", "stopped", False, R.KEEP),
-    # running: against an intent of stopped it is decided on (someone started it), else healthy time
-    (RUNNING, False, False, False, None, "enforce", "stopped", False, R.DECIDE),
-    (RUNNING, False, False, False, None, "enforce", "running", False, R.STABLE),
-    (RUNNING, False, False, False, None, "enforce", "held", False, R.STABLE),
-    # a stop missed while disconnected: decided on, unless not wanted running or given up
-    (STOPPED, False, False, False, None, "enforce", "running", False, R.DECIDE),
-    (STOPPED, False, False, False, None, "observe", "running", False, R.DECIDE),
-    (STOPPED, False, False, False, None, "enforce", "running", True, R.KEEP),
-    (STOPPED, False, False, False, None, "enforce", "stopped", False, R.KEEP),
-    (STOPPED, False, False, False, None, "enforce", "held", False, R.KEEP),
-    (PAUSED_USER, False, False, False, None, "enforce", "running", False, R.DECIDE),
-    (classify_state(DomainState.NOSTATE, 0), False, False, False, None, "enforce", "running", False, R.KEEP),
-])
+@pytest.mark.parametrize(
+    "found, interrupted, scheduled, boot_pending, next_retry, mode, intent, given_up, step",
+    [
+        # an action cut short by a daemon stop is recovered, unless a retry is already scheduled
+        (STOPPED, True, False, False, None, "enforce", "running", False, R.RECOVER),
+        (RUNNING, True, False, False, None, "enforce", "running", False, R.RECOVER),
+        (STOPPED, True, True, False, None, "enforce", "running", False, R.KEEP),
+        (STOPPED, False, True, False, NOW, "enforce", "running", False, R.KEEP),
+        # stopped while the boot flow has yet to run: the host went down, the boot flow decides
+        (STOPPED, False, False, True, None, "enforce", "running", False, R.KEEP),
+        (RUNNING, False, False, True, None, "enforce", "running", False, R.STABLE),
+        # a retry decided but not scheduled (dry-run then, enforce now; a restart): schedule it
+        (STOPPED, False, False, False, NOW, "enforce", "running", False, R.SCHEDULE),
+        (STOPPED, False, False, False, NOW, "dry-run", "running", False, R.DECIDE),
+        (STOPPED, False, False, False, NOW, "enforce", "stopped", False, R.KEEP),
+        # running: against an intent of stopped it is decided on (someone started it), else healthy time
+        (RUNNING, False, False, False, None, "enforce", "stopped", False, R.DECIDE),
+        (RUNNING, False, False, False, None, "enforce", "running", False, R.STABLE),
+        (RUNNING, False, False, False, None, "enforce", "held", False, R.STABLE),
+        # a stop missed while disconnected: decided on, unless not wanted running or given up
+        (STOPPED, False, False, False, None, "enforce", "running", False, R.DECIDE),
+        (STOPPED, False, False, False, None, "observe", "running", False, R.DECIDE),
+        (STOPPED, False, False, False, None, "enforce", "running", True, R.KEEP),
+        (STOPPED, False, False, False, None, "enforce", "stopped", False, R.KEEP),
+        (STOPPED, False, False, False, None, "enforce", "held", False, R.KEEP),
+        (PAUSED_USER, False, False, False, None, "enforce", "running", False, R.DECIDE),
+        (classify_state(DomainState.NOSTATE, 0), False, False, False, None, "enforce", "running", False, R.KEEP),
+    ],
+)
 def test_resync_step(found, interrupted, scheduled, boot_pending, next_retry, mode, intent, given_up, step):
-    assert resync_step(found, interrupted=interrupted, retry_scheduled=scheduled, boot_flow_pending=boot_pending,
-                       next_retry=next_retry, mode=mode, intent=intent, given_up=given_up) == step
+    assert (
+        resync_step(
+            found,
+            interrupted=interrupted,
+            retry_scheduled=scheduled,
+            boot_flow_pending=boot_pending,
+            next_retry=next_retry,
+            mode=mode,
+            intent=intent,
+            given_up=given_up,
+        )
+        == step
+    )
 
 
-BOOT = dict(autostart="was-running", managed=True, persistent=True, state=DomainState.SHUTOFF, intent="running",
-            was_running=False, given_up=False, stopped_this_boot=False)
+BOOT = dict(
+    autostart="was-running",
+    managed=True,
+    persistent=True,
+    state=DomainState.SHUTOFF,
+    intent="running",
+    was_running=False,
+    given_up=False,
+    stopped_this_boot=False,
+)
 
 
-@pytest.mark.parametrize("change, candidate", [
-    ({}, True),
-    ({"intent": "stopped"}, False),
-    ({"intent": "stopped", "was_running": True}, True),   # saved by the save path at host shutdown
-    ({"autostart": "always", "intent": "stopped"}, True),
-    ({"autostart": "never"}, False),
-    ({"managed": False}, False),
-    ({"persistent": False}, False),
-    ({"state": DomainState.RUNNING}, False),
-    ({"state": DomainState.PAUSED}, False),
-    ({"intent": "held", "autostart": "always"}, False),
-    ({"given_up": True}, False),
-    ({"stopped_this_boot": True}, False),                  # its own stop event decides
-])
+@pytest.mark.parametrize(
+    "change, candidate",
+    [
+        ({}, True),
+        ({"intent": "stopped"}, False),
+        ({"intent": "stopped", "was_running": True}, True),  # saved by the save path at host shutdown
+        ({"autostart": "always", "intent": "stopped"}, True),
+        ({"autostart": "never"}, False),
+        ({"managed": False}, False),
+        ({"persistent": False}, False),
+        ({"state": DomainState.RUNNING}, False),
+        ({"state": DomainState.PAUSED}, False),
+        ({"intent": "held", "autostart": "always"}, False),
+        ({"given_up": True}, False),
+        ({"stopped_this_boot": True}, False),  # its own stop event decides
+    ],
+)
 def test_boot_candidate(change, candidate):
     assert boot_candidate(**{**BOOT, **change}) is candidate
 
@@ -238,16 +270,25 @@ def test_boot_candidate(change, candidate):
 def test_restore_failure_keep_leaves_the_guest_off_given_up():
     p = restore_failure_plan("db", "keep", 9, "cannot restore managed save image")
     assert (p.boot_action, p.remove_image, p.give_up_reason, p.warning) == (
-        None, False, "managed-save image cannot be restored", "")
-    assert p.alert == ("db: managed-save image cannot be restored ([9] cannot restore managed save image); "
-                       "image kept, guest left off (on_restore_failure = keep)")
+        None,
+        False,
+        "managed-save image cannot be restored",
+        "",
+    )
+    assert p.alert == (
+        "db: managed-save image cannot be restored ([9] cannot restore managed save image); "
+        "image kept, guest left off (on_restore_failure = keep)"
+    )
 
 
-@pytest.mark.parametrize("how, action, remove", [("discard", "discard-and-boot", True),
-                                                 ("force-boot", "force-boot", False)])
+@pytest.mark.parametrize(
+    "how, action, remove", [("discard", "discard-and-boot", True), ("force-boot", "force-boot", False)]
+)
 def test_restore_failure_cold_boots_loudly(how, action, remove):
     p = restore_failure_plan("db", how, 9, "x")
     assert (p.boot_action, p.remove_image, p.give_up_reason) == (action, remove, None)
     assert p.alert == f"db: restore failed, image discarded, cold boot ({how})"
-    assert p.warning == (f"db: managed-save image cannot be restored: discarding it and cold-booting "
-                         f"(on_restore_failure = {how}); the guest's saved RAM state is lost")
+    assert p.warning == (
+        f"db: managed-save image cannot be restored: discarding it and cold-booting "
+        f"(on_restore_failure = {how}); the guest's saved RAM state is lost"
+    )

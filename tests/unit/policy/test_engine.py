@@ -124,7 +124,7 @@ async def test_backoff_delays_between_attempts(rig):
         times.append(rig.clock.monotonic() - t0)
         await rig.run(1.0)   # crashes again 1 s after start: not stable
     # delay + debounce (0.5 s) + the 0.5 s step of the test's time loop
-    assert [d + 0.5 <= t <= d + 1.0 for t, d in zip(times, (10, 20, 40))] == [True] * 3, times
+    assert [d + 0.5 <= t <= d + 1.0 for t, d in zip(times, (10, 20, 40), strict=True)] == [True] * 3, times
 
 
 async def test_not_ready_means_no_decision(rig):
@@ -181,7 +181,7 @@ async def test_our_own_destroy_is_not_reacted_to_kill_policy(tmp_path):
         assert r.hv.count("destroy") == 1
         await r.run(11)
         assert r.hv.count("start") == 1 and r.hv.count("destroy") == 1
-        ev = [e for e in await r.store.events("db") if e["event"] == "STOPPED"][0]
+        ev = next(e for e in await r.store.events("db") if e["event"] == "STOPPED")
         assert ev["cause"] == "ours"
         assert r.engine.snapshot().guests["db"].failures_in_window == 1
     finally:
@@ -222,7 +222,8 @@ async def test_dry_run_logs_and_journals_but_does_nothing(tmp_path):
         r.hv.crash("web1")
         await r.run(60)
         assert r.hv.count("start") == 0
-        decisions = [(e["event"], e["decision"]) for e in reversed(await r.store.events("web1")) if e["event"] in ("CRASHED", "STOPPED")]
+        decisions = [(e["event"], e["decision"]) for e in reversed(await r.store.events("web1"))
+                     if e["event"] in ("CRASHED", "STOPPED")]
         assert decisions == [
             ("CRASHED", "crash noted: waiting for libvirt to stop the guest"),
             ("STOPPED", "restart: would restart web1: crash, attempt 1/3, in 10 s, policy on_crash from defaults"),
@@ -330,7 +331,7 @@ async def test_already_running_counts_as_success(rig):
     await rig.start()
     rig.hv.crash("r")
     await rig.run(2)
-    rig.hv.guests["r"].state = DomainState.RUNNING   # someone started it; event lost
+    rig.hv.guests["r"].state = DomainState.RUNNING  # someone started it; event lost
     await rig.run(10)
     assert rig.engine.snapshot().actions[("restart", "already_running")] == 1
     assert rig.hv.count("start") == 0
@@ -355,16 +356,26 @@ async def test_daemon_restart_mid_backoff_no_repeat(rig):
 async def test_interrupted_action_is_recovered_not_repeated(tmp_path):
     r = Rig(tmp_path, BASE)
     try:
-        r.hv.add("a")   # shut off: the interrupted start never happened
+        r.hv.add("a")  # shut off: the interrupted start never happened
         running(r.hv, "b")  # running: the interrupted start did happen
         await r.store.open()
         for n in ("a", "b"):
-            await r.store.begin_action(GuestState(n, r.hv.guests[n].uuid, "running", History(failures=(r.clock.time(),), attempt=1,
-                                                                                       restarts={"crash": 1})), "start", "restart")
+            await r.store.begin_action(
+                GuestState(
+                    n,
+                    r.hv.guests[n].uuid,
+                    "running",
+                    History(failures=(r.clock.time(),), attempt=1, restarts={"crash": 1}),
+                ),
+                "start",
+                "restart",
+            )
         await r.start()
         await r.run(1)
         assert r.hv.count("start", "a") == 1 and r.hv.count("start", "b") == 0
-        assert {row.result for row in await r.store.actions() if row.action == "start" and row.guest == "b"} == {"interrupted"}
+        assert {row.result for row in await r.store.actions() if row.action == "start" and row.guest == "b"} == {
+            "interrupted"
+        }
         assert r.engine.snapshot().actions[("start", "interrupted")] == 2
     finally:
         await r.close()
@@ -374,7 +385,7 @@ async def test_missed_crash_found_at_resync(rig):
     running(rig.hv, "m")
     await rig.start()
     rig.engine.set_ready(False)
-    rig.hv.guests["m"].state, rig.hv.guests["m"].reason = DomainState.SHUTOFF, 3   # crashed while disconnected
+    rig.hv.guests["m"].state, rig.hv.guests["m"].reason = DomainState.SHUTOFF, 3  # crashed while disconnected
     await rig.run(1)
     rig.engine.set_ready(True)
     await rig.run(11)
@@ -437,7 +448,10 @@ async def test_override_is_persisted_shown_and_reloaded(rig):
     rep = await rig.engine.save_guests()  # the reloaded steps work: a clean shutdown, not the default managed save
     assert dict(rep.results) == {"o": "shutdown"} and rig.hv.count("managed_save") == 0
     await rig.engine.set_override("o", {})
-    assert dict((await rig.store.get_guest("o")).override) == {} and rig.engine.explain("o").sources["restart_delay"] == "defaults"
+    assert (
+        dict((await rig.store.get_guest("o")).override) == {}
+        and rig.engine.explain("o").sources["restart_delay"] == "defaults"
+    )
 
 
 async def test_undefined_guest_is_forgotten(rig):
@@ -492,7 +506,6 @@ async def test_a_guest_that_stays_crashed_is_decided_after_the_wait(tmp_path):
         await r.close()
 
 
-
 @pytest.mark.parametrize("restart_delay", [1, 10])
 async def test_io_error_pause_soon_after_our_restart_is_a_failure(tmp_path, restart_delay):
     # seen in the real e2e: a guest with a full disk pauses again ~1 s after our restart, inside
@@ -500,23 +513,31 @@ async def test_io_error_pause_soon_after_our_restart_is_a_failure(tmp_path, rest
     # it counts against the budget and the kill/restart loop gives up after limit_burst instead
     # of going on for ever. With restart_delay 10 the next kill's STOPPED is within the grace of
     # both our start and our kill: it is the kill's (ours), never an admin destroy.
-    r = Rig(tmp_path, {**BASE, "own_event_grace": 5.0,
-                       "defaults": {**BASE["defaults"], "restart_delay": restart_delay, "restart_backoff": 1},
-                       "match": [{"glob": "*", "on_io_error": "kill"}]})
+    r = Rig(
+        tmp_path,
+        {
+            **BASE,
+            "own_event_grace": 5.0,
+            "defaults": {**BASE["defaults"], "restart_delay": restart_delay, "restart_backoff": 1},
+            "match": [{"glob": "*", "on_io_error": "kill"}],
+        },
+    )
     try:
         running(r.hv, "db")
         await r.start()
         starts_seen = 0
         r.hv.pause_io_error("db")
-        for _ in range(200):   # 100 s of fake time
+        for _ in range(200):  # 100 s of fake time
             await r.run(0.5)
             if r.hv.count("start", "db") > starts_seen and r.hv.guests["db"].state == DomainState.RUNNING:
                 starts_seen = r.hv.count("start", "db")
-                await r.run(1.0)            # inside own_event_grace of the kill that preceded the start
+                await r.run(1.0)  # inside own_event_grace of the kill that preceded the start
                 r.hv.pause_io_error("db")
         assert [a.kind for a in r.alerts].count("given_up") == 1
         assert r.hv.count("destroy", "db") == 3 and r.hv.count("start", "db") == 3
-        causes = [(e["event"], e["cause"]) for e in await r.store.events("db") if e["event"] in ("SUSPENDED", "STOPPED")]
+        causes = [
+            (e["event"], e["cause"]) for e in await r.store.events("db") if e["event"] in ("SUSPENDED", "STOPPED")
+        ]
         assert causes == [("SUSPENDED", "io_error"), ("STOPPED", "ours")] * 3 + [("SUSPENDED", "io_error")]
     finally:
         await r.close()

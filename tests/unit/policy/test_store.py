@@ -75,7 +75,13 @@ def test_event_journal_and_console_tail(tmp_path):
     eid = s.record_transition(g, 10.0, 7, "lifecycle", "STOPPED", "CRASHED", {"x": 1}, "crash", "restart: ...")
     s.attach_console_tail(eid, "Kernel panic - not syncing")
     ev = s.events("a")[0]
-    assert (ev["seq"], ev["event"], ev["detail"], ev["cause"], ev["decision"]) == (7, "STOPPED", "CRASHED", "crash", "restart: ...")
+    assert (ev["seq"], ev["event"], ev["detail"], ev["cause"], ev["decision"]) == (
+        7,
+        "STOPPED",
+        "CRASHED",
+        "crash",
+        "restart: ...",
+    )
     assert json.loads(ev["payload"]) == {"x": 1}
     assert ev["console_tail"] == "Kernel panic - not syncing"
     for i in range(5):
