@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -41,6 +40,12 @@ import structlog
 from ..config import StatsSettings
 from ..infra.timing import DriftFreeSchedule
 from .calls import CallTimeout, error_code_name
+from .host import (
+    HostStats,
+    NetworkInfo as NetworkInfo,  # re-exported: the inventory and the metrics read them here
+    PoolInfo as PoolInfo,
+    read_host,
+)
 from .lanes import LanePool, LaneUnavailable
 from .ports import VirtInstruments
 
@@ -87,52 +92,6 @@ class DomainStats:
     stats: Mapping[str, Any]
     stale: bool
     collected_at: float
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class PoolInfo:
-    """A storage pool from ``virStoragePoolGetInfo`` (never refreshed by us).
-
-    ``state`` is virStoragePoolState (2 running); sizes are bytes.
-    """
-
-    name: str
-    uuid: str
-    state: int
-    capacity: int
-    allocation: int
-    available: int
-    active: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NetworkInfo:
-    """A virtual network: ``listAllNetworks`` with the ACTIVE/INACTIVE filter."""
-
-    name: str
-    uuid: str
-    active: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class HostStats:
-    """Host figures from one poll; a field libvirt refused is None.
-
-    Attributes:
-        node_info: ``virNodeGetInfo`` list [model, memory MiB, cpus, MHz,
-            nodes, sockets, cores, threads].
-        memory: ``virNodeGetMemoryStats(ALL_CELLS)`` in KiB (total, free, buffers, cached).
-        cpu: ``virNodeGetCPUStats(ALL_CPUS)`` in ns (kernel, user, idle, iowait).
-        pools, networks: inventory.
-        collected_at: wall time (s) the figures were read.
-    """
-
-    node_info: tuple[Any, ...] | None
-    memory: Mapping[str, int] | None
-    cpu: Mapping[str, int] | None
-    pools: tuple[PoolInfo, ...]
-    networks: tuple[NetworkInfo, ...]
-    collected_at: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -253,34 +212,7 @@ class LibvirtStatsSource:
 
     def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
-
-        def attempt(call: str, fn: Callable[[], Any]) -> Any:
-            try:
-                return fn()
-            except libvirt.libvirtError as err:
-                on_error(call, err)
-                return None
-
-        node_info = attempt("getInfo", conn.getInfo)
-        memory = attempt("getMemoryStats", lambda: conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS))
-        cpu = attempt("getCPUStats", lambda: conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS))
-        pools = []
-        for pool in attempt("listAllStoragePools", conn.listAllStoragePools) or []:
-            info = attempt("storagePoolGetInfo", pool.info)
-            if info is None:
-                continue
-            state, capacity, allocation, available = info
-            pools.append(PoolInfo(name=pool.name(), uuid=pool.UUIDString(), state=state, capacity=capacity,
-                                  allocation=allocation, available=available,
-                                  active=state == libvirt.VIR_STORAGE_POOL_RUNNING))
-        networks = []
-        for flag, active in ((libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE, True),
-                             (libvirt.VIR_CONNECT_LIST_NETWORKS_INACTIVE, False)):
-            for net in attempt("listAllNetworks", functools.partial(conn.listAllNetworks, flag)) or []:
-                networks.append(NetworkInfo(name=net.name(), uuid=net.UUIDString(), active=active))
-        return HostStats(node_info=tuple(node_info) if node_info else None, memory=memory, cpu=cpu,
-                         pools=tuple(sorted(pools, key=lambda p: p.name)),
-                         networks=tuple(sorted(networks, key=lambda n: n.name)))
+        return read_host(conn, on_error)
 
 
 class ConnectionPort(Protocol):
