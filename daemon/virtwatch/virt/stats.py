@@ -47,6 +47,7 @@ from .host import (
     read_host,
 )
 from .lanes import LanePool, LaneUnavailable
+from .perdomain import OnError, PerDomainReader, read_guest
 from .ports import VirtInstruments
 
 log = structlog.get_logger("virtwatch.stats")
@@ -124,7 +125,9 @@ DomainRow = tuple[str, str, dict[str, Any]]
 class Snapshot:
     """The result of one poll: every guest's stats plus host figures.
 
-    ``seq`` increases with every poll; ``domains`` is keyed by UUID.
+    ``seq`` increases with every poll; ``domains`` is keyed by UUID; ``sources``
+    maps each requested group to its path (``bulk``, ``per_domain`` or ``none``,
+    :func:`~virtwatch.virt.perdomain.group_sources`).
     """
 
     seq: int
@@ -132,6 +135,7 @@ class Snapshot:
     duration: float
     domains: Mapping[str, DomainStats]
     host: HostStats | None
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class StatsSource(Protocol):
@@ -154,6 +158,10 @@ class StatsSource(Protocol):
 
     def host(self, conn: Any, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Host figures; each refused call is reported to ``on_error`` and left None/empty."""
+
+    def per_domain(self, conn: Any, uuid: str, groups: tuple[str, ...], on_error: OnError) -> dict[str, Any]:
+        """One guest's ``groups`` by the classic per-domain calls, as bulk fields
+        (:func:`~virtwatch.virt.perdomain.read_guest`)."""
 
 
 def _rows(results: list[tuple[Any, dict[str, Any]]]) -> list[DomainRow]:
@@ -210,6 +218,11 @@ class LibvirtStatsSource:
         rows = _rows(conn.domainListGetStats([dom], flags, self.NOWAIT))
         return rows[0] if rows else None
 
+    def per_domain(self, conn: libvirt.virConnect, uuid: str, groups: tuple[str, ...],
+                   on_error: OnError) -> dict[str, Any]:
+        """:func:`~virtwatch.virt.perdomain.read_guest`."""
+        return read_guest(conn, uuid, groups, on_error)
+
     def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
         return read_host(conn, on_error)
@@ -258,13 +271,18 @@ class StatsPoller:
         self._last: dict[str, DomainStats] = dict(kept.domains) if kept else {}
         self._fields: dict[str, int] = {}             # uuid -> fields in its last answer given with a free monitor
         self._host: HostStats | None = kept.host if kept else None
+        # groups the bulk call lacks on this connection, read guest by guest (issue 14)
+        self._per_domain = PerDomainReader(settings.groups, lanes, self._source.per_domain, self._per_domain_error,
+                                           monotonic)
         self.latest: Snapshot | None = kept
         self._running = False
 
     # -- connection listener --------------------------------------------------
     def connection_ready(self, conn: Any) -> None:
-        """New connection: stuck calls of the old one are gone with it."""
+        """New connection: stuck calls of the old one are gone with it; which groups
+        the bulk call returns is learnt again (it may be another libvirt)."""
         self._suspects.clear()
+        self._per_domain.reset()
 
     def connection_lost(self) -> None:
         """libvirt is gone: no guest is suspect any more (nothing to probe)."""
@@ -321,7 +339,11 @@ class StatsPoller:
             rows = await self._bulk(end)
             held: frozenset[str] = frozenset()
             if rows:
+                self._per_domain.observe(rows)
                 rows, held = await self._drop_thin(rows, end)
+                filled = await self._per_domain.fill("stats", rows, end)
+                rows, held = filled.rows, held | filled.held
+                self._add_suspects(filled.hung, filled.hung, "per-domain statistics call outlived the poll deadline")
         host_ok = host_task.result() if host_task is not None else True
         probed, gone = probe_task.result() if probe_task is not None else ({}, set())
         now = self._wall()
@@ -330,7 +352,6 @@ class StatsPoller:
             domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
         for uuid, (name, st) in probed.items():
             self._suspects.pop(uuid, None)  # answered: back in the bulk call from the next poll
-            self._fields[uuid] = len(st)  # asked only once its monitor was free
             domains[uuid] = DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now)
         for uuid in gone:
             self._suspects.pop(uuid, None)
@@ -358,7 +379,8 @@ class StatsPoller:
             self._instruments.poll_errors.inc()
         duration = self._monotonic() - started
         self._seq += 1
-        snap = Snapshot(seq=self._seq, time=self._wall(), duration=duration, domains=domains, host=self._host)
+        snap = Snapshot(seq=self._seq, time=self._wall(), duration=duration, domains=domains, host=self._host,
+                        sources=self._per_domain.sources())
         self.latest = snap
         self._instruments.poll_duration.observe(duration)
         if ok:
@@ -450,11 +472,13 @@ class StatsPoller:
         return await self._lanes.run("stats", "controlInfo", self._source.control, uuids,
                                      timeout=max(0.05, end - self._monotonic()))
 
-    def _add_suspects(self, stuck: Iterable[str], states: Mapping[str, ControlState], detail: str) -> None:
-        """Record ``stuck`` guests as suspects (left out of the bulk call) and log them once."""
-        names = sorted(states[u].name for u in stuck)
+    def _add_suspects(self, stuck: Iterable[str], states: Mapping[str, ControlState | str], detail: str) -> None:
+        """Record ``stuck`` guests as suspects (left out of the bulk call) and log them once;
+        ``states`` names them (control states, or names by UUID)."""
+        names_by_uuid = {u: s if isinstance(s, str) else s.name for u, s in states.items()}
+        names = sorted(names_by_uuid[u] for u in stuck)
         for uuid in stuck:
-            self._suspects[uuid] = states[uuid].name
+            self._suspects[uuid] = names_by_uuid[uuid]
         if names:
             log.warning("guests_suspect", guests=names, detail=detail)
 
@@ -478,8 +502,13 @@ class StatsPoller:
                 if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     gone.add(uuid)
                 continue
-            if row is not None:
-                answered[uuid] = (row[0], row[2])
+            if row is None:
+                continue
+            self._fields[uuid] = len(row[2])  # bulk fields, asked only once its monitor was free
+            filled = await self._per_domain.fill("probe", [row], end)
+            if not filled.rows:
+                break  # no time or lane left, or it hung again (still a suspect)
+            answered[uuid] = (row[0], filled.rows[0][2])
         return answered, gone
 
     async def _host_figures(self, end: float) -> bool:
@@ -495,6 +524,12 @@ class StatsPoller:
             return False
         self._host = dataclasses.replace(host, collected_at=self._wall())
         return True
+
+    def _per_domain_error(self, call: str, err: libvirt.libvirtError) -> None:
+        code = error_code_name(err)
+        # not supported by this driver, or the guest stopped after isActive(): nothing went wrong
+        if code not in ("VIR_ERR_NO_SUPPORT", "VIR_ERR_OPERATION_INVALID"):
+            self._instruments.api_errors.labels(call=call, code=code).inc()
 
     def _host_error(self, call: str, err: libvirt.libvirtError) -> None:
         code = error_code_name(err)
