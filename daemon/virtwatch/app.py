@@ -28,6 +28,7 @@ from .config import ConfigError, Settings, parse_listen
 from .console import ConsoleCapture
 from .console.capture import GuestConsole
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
+from .demo import LivingDemo
 from .eventlog import RecentEvents
 from .inventory import Inventory
 from .logs import EventLogger
@@ -64,11 +65,12 @@ def console_capture_configured(settings: Settings) -> bool:
 
 def wants_read_only(settings: Settings) -> bool:
     """Whether to open libvirt read-only: ``yes``/``no`` as configured;
-    ``auto`` is read-only unless policy actions are enabled or console capture
-    is configured (libvirt opens consoles on read-write connections only)."""
+    ``auto`` is read-only unless policy actions are enabled, console capture
+    is configured (libvirt opens consoles on read-write connections only) or the
+    demo drives the test driver's guests."""
     mode = settings.libvirt.read_only
     if mode == "auto":
-        return not (settings.policy.enabled or console_capture_configured(settings))
+        return not (settings.policy.enabled or console_capture_configured(settings) or settings.demo.enabled)
     return mode == "yes"
 
 
@@ -231,6 +233,22 @@ class Daemon:
             self.pump.subscribe(self.policy.engine.on_event)
             self.exposition.add_collector("policy", self.policy.collector)
             self.policy.engine.selection_listeners.append(self.console.reselect)
+        # The living demo (issue 14), on the test driver only: its actions run off the loop, on a
+        # connection of its own, or on the main connection's thread for a test:///file.xml host
+        # (each connection to one of those sees a private copy of the host).
+        self.demo: LivingDemo | None = None
+        self.demo_side: SideConnection | None = None
+        self.demo_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
+        if settings.demo.enabled:
+            shared = self.lanes.shared
+            self.demo = LivingDemo(settings.demo, settings.libvirt.uri, self.calls if shared else self.demo_calls,
+                                   call_timeout=settings.libvirt.call_timeout)
+            if shared:
+                self.connection.add_listener(self.demo)
+            else:
+                self.demo_side = SideConnection("demo", settings.libvirt, False, self.demo_calls, self.demo)
+                self.connection.add_listener(self.demo_side)
+                self.lanes.count_also(lambda: self.demo_side is not None and self.demo_side.conn is not None)
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
                             ready=self.connection.ready.is_set, console=self.console)
@@ -450,6 +468,8 @@ class Daemon:
             self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
             self.loop.create_task(self.agent.run(), name="guest-agent"),
         ]
+        if self.demo is not None:
+            self._tasks.append(self.loop.create_task(self.demo.run(), name="living-demo"))
         for task in self._tasks:
             task.add_done_callback(lambda t: _report_task_end(t, self._stopping))
         log.info("virtwatch_started", version=__version__, listen=self.settings.http.listen,
@@ -471,7 +491,7 @@ class Daemon:
         self._stopping = True
         deadline = self.loop.time() + self.settings.daemon.shutdown_timeout
         by_name = {t.get_name(): t for t in self._tasks}
-        for name in ("stats-poller", "backlog-gauge"):
+        for name in ("living-demo", "stats-poller", "backlog-gauge"):
             await _cancel(by_name.get(name))
         await self.lanes.stop(timeout=max(0.1, min(2.0, deadline - self.loop.time())))
         await self.control.stop()
@@ -481,6 +501,8 @@ class Daemon:
             await self.policy_side.stop()
         await _cancel(by_name.get("guest-agent"))
         await self.agent_side.stop()
+        if self.demo_side is not None:
+            await self.demo_side.stop()
         await self.console.stop()  # every virStream dropped before the connection closes
         await self.alerter.stop(flush_timeout=max(0.1, min(3.0, deadline - self.loop.time())))
         await self.connection.stop()
@@ -511,6 +533,7 @@ class Daemon:
         self.calls.shutdown()
         self.agent_calls.shutdown()
         self.policy_calls.shutdown()
+        self.demo_calls.shutdown()
         log.info("virtwatch_stopped")
 
 
