@@ -81,3 +81,13 @@ class PollerRig:
     async def close(self) -> None:
         """Retire every lane and wait (bounded) for the idle ones to close."""
         await self.lanes.stop(timeout=5.0)
+
+
+def labels_of(text: str, name: str, **labels: str) -> dict[str, str] | None:
+    """All labels of the first sample ``name`` in exposition ``text`` whose labels include
+    ``labels`` (e.g. the ``device`` of ``libvirt_domain_interface_info{target="vnet3"}``)."""
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return dict(s.labels)
+    return None

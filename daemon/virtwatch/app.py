@@ -24,10 +24,11 @@ from .agent import AgentInfo, GuestAgent
 from .alerts import Alerter
 from .alerts.client import AlertMetrics, AlertRecord
 from .alerts.rules import AlertKey
-from .config import ConfigError, Settings, parse_listen
+from .config import ConfigError, Settings, parse_listen, wants_read_only
 from .console import ConsoleCapture
 from .console.capture import GuestConsole
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
+from .demo import LivingDemo
 from .eventlog import RecentEvents
 from .inventory import Inventory
 from .logs import EventLogger
@@ -35,7 +36,6 @@ from .metrics.collector import Exposition, StateCollector
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
 from .model import Event, Source
-from .policy.config import overlay_values
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
@@ -49,28 +49,6 @@ from .virt.stats import Snapshot, StatsPoller
 from .web import build_app_kwargs, build_site_kwargs, load_web_config
 
 log = structlog.get_logger("virtwatch.app")
-
-
-def console_capture_configured(settings: Settings) -> bool:
-    """Whether any guest can be selected for console capture: ``[console]``
-    enabled and a ``guests`` glob, or ``capture_console = true`` in the policy's
-    defaults, a profile or a rule (domain metadata can only be seen once running)."""
-    if not settings.console.enabled:
-        return False
-    pol = settings.policy
-    overlays = (*pol.profile.values(), *pol.match)  # their keys are made at run time: read them by name
-    layers = [pol.defaults.capture_console, *(overlay_values(o).get("capture_console") for o in overlays)]
-    return bool(settings.console.guests) or any(layers)
-
-
-def wants_read_only(settings: Settings) -> bool:
-    """Whether to open libvirt read-only: ``yes``/``no`` as configured;
-    ``auto`` is read-only unless policy actions are enabled or console capture
-    is configured (libvirt opens consoles on read-write connections only)."""
-    mode = settings.libvirt.read_only
-    if mode == "auto":
-        return not (settings.policy.enabled or console_capture_configured(settings))
-    return mode == "yes"
 
 
 def cpu_percent(prev: Snapshot | None, cur: Snapshot | None, uuid: str) -> float | None:
@@ -238,6 +216,22 @@ class Daemon:
             self.pump.subscribe(self.policy.engine.on_event)
             self.exposition.add_collector("policy", self.policy.collector)
             self.policy.engine.selection_listeners.append(self.console.reselect)
+        # The living demo (issue 14), on the test driver only: its actions run off the loop, on a
+        # connection of its own, or on the main connection's thread for a test:///file.xml host
+        # (each connection to one of those sees a private copy of the host).
+        self.demo: LivingDemo | None = None
+        self.demo_side: SideConnection | None = None
+        self.demo_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
+        if settings.demo.enabled:
+            shared = self.lanes.shared
+            self.demo = LivingDemo(settings.demo, settings.libvirt.uri, self.calls if shared else self.demo_calls,
+                                   call_timeout=settings.libvirt.call_timeout)
+            if shared:
+                self.connection.add_listener(self.demo)
+            else:
+                self.demo_side = SideConnection("demo", settings.libvirt, False, self.demo_calls, self.demo)
+                self.connection.add_listener(self.demo_side)
+                self.lanes.count_also(lambda: self.demo_side is not None and self.demo_side.conn is not None)
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
                             ready=self.connection.ready.is_set, console=self.console)
@@ -457,6 +451,8 @@ class Daemon:
             self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
             self.loop.create_task(self.agent.run(), name="guest-agent"),
         ]
+        if self.demo is not None:
+            self._tasks.append(self.loop.create_task(self.demo.run(), name="living-demo"))
         for task in self._tasks:
             task.add_done_callback(lambda t: _report_task_end(t, self._stopping))
         log.info("virtwatch_started", version=__version__, listen=self.settings.http.listen,
@@ -478,7 +474,7 @@ class Daemon:
         self._stopping = True
         deadline = self.loop.time() + self.settings.daemon.shutdown_timeout
         by_name = {t.get_name(): t for t in self._tasks}
-        for name in ("stats-poller", "backlog-gauge"):
+        for name in ("living-demo", "stats-poller", "backlog-gauge"):
             await _cancel(by_name.get(name))
         await self.lanes.stop(timeout=max(0.1, min(2.0, deadline - self.loop.time())))
         await self.control.stop()
@@ -488,6 +484,8 @@ class Daemon:
             await self.policy_side.stop()
         await _cancel(by_name.get("guest-agent"))
         await self.agent_side.stop()
+        if self.demo_side is not None:
+            await self.demo_side.stop()
         await self.console.stop()  # every virStream dropped before the connection closes
         await self.alerter.stop(flush_timeout=max(0.1, min(3.0, deadline - self.loop.time())))
         await self.connection.stop()
@@ -518,6 +516,7 @@ class Daemon:
         self.calls.shutdown()
         self.agent_calls.shutdown()
         self.policy_calls.shutdown()
+        self.demo_calls.shutdown()
         log.info("virtwatch_stopped")
 
 

@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from .agent import AgentSettings
 from .alerts.config import AlertSettings
 from .console.settings import ConsoleSettings
 from .infra.validation import format_validation_errors
-from .policy.config import PolicySettings
+from .policy.config import PolicySettings, overlay_values
 
 
 class Section(BaseModel):
@@ -118,6 +118,32 @@ class DaemonSettings(Section):
                               description="host boot id; the policy boot flow runs once per value")
 
 
+DEMO_URI_PREFIX = "test:///"
+"""The only URIs ``[demo]`` runs on: libvirt's in-process test driver (``test:///default``,
+``test:///path/host.xml``), never a libvirtd (``test+unix://``, ``qemu://``...)."""
+
+
+class DemoSettings(Section):
+    """``[demo]``: a living demo on libvirt's in-process test driver.
+
+    On a slow schedule it starts, pauses, resumes, shuts down and destroys the test
+    driver's guests with the calls an operator would make, so that events, state
+    reasons and the events list have something to show. It refuses any URI but a
+    ``test:///`` one (:func:`cross_section_errors`).
+    """
+
+    enabled: StrictBool = Field(False, description="drive the test driver's guests (test:/// URIs only)")
+    min_interval: float = Field(10.0, gt=0, le=3600, description="shortest pause between two actions, seconds")
+    max_interval: float = Field(20.0, gt=0, le=3600, description="longest pause between two actions, seconds")
+    guests: tuple[str, ...] = Field(("*",), description="fnmatch globs of the (persistent) guests it acts on")
+
+    @model_validator(mode="after")
+    def _interval_order(self) -> DemoSettings:
+        if self.max_interval < self.min_interval:
+            raise ValueError("max_interval must not be shorter than min_interval")
+        return self
+
+
 class Settings(Section):
     """The whole configuration (the TOML file's top level)."""
 
@@ -130,6 +156,7 @@ class Settings(Section):
     alerts: AlertSettings = AlertSettings()
     console: ConsoleSettings = ConsoleSettings()
     agent: AgentSettings = AgentSettings()
+    demo: DemoSettings = DemoSettings()
 
 
 class ConfigError(Exception):
@@ -156,9 +183,26 @@ def parse_listen(value: str) -> tuple[str | None, int]:
 def settings_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Settings:
     """Validate a parsed TOML mapping. Raises :class:`ConfigError` with every problem."""
     try:
-        return Settings.model_validate(dict(data))
+        settings = Settings.model_validate(dict(data))
     except pydantic.ValidationError as err:
         raise ConfigError(source, format_validation_errors(err)) from None
+    problems = cross_section_errors(settings)
+    if problems:
+        raise ConfigError(source, problems)
+    return settings
+
+
+def cross_section_errors(settings: Settings) -> list[str]:
+    """Problems between sections, as ``"key.path: message"`` lines (may be empty)."""
+    out = []
+    demo, lv = settings.demo, settings.libvirt
+    if demo.enabled and not lv.uri.startswith(DEMO_URI_PREFIX):
+        out.append(f"demo.enabled: the demo starts, pauses and destroys guests, so it runs only on libvirt's "
+                   f"in-process test driver (a {DEMO_URI_PREFIX} URI such as test:///default), not on {lv.uri!r}")
+    if demo.enabled and lv.read_only == "yes":
+        out.append('demo.enabled: the demo acts on guests, which libvirt allows only on a read-write connection '
+                   '(libvirt.read_only = "yes")')
+    return out
 
 
 def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
@@ -204,3 +248,26 @@ def config_warnings(settings: Settings) -> list[str]:
     warnings.extend(settings.policy.warnings())
     warnings.extend(settings.alerts.warnings())
     return warnings
+
+
+def console_capture_configured(settings: Settings) -> bool:
+    """Whether any guest can be selected for console capture: ``[console]``
+    enabled and a ``guests`` glob, or ``capture_console = true`` in the policy's
+    defaults, a profile or a rule (domain metadata can only be seen once running)."""
+    if not settings.console.enabled:
+        return False
+    pol = settings.policy
+    overlays = (*pol.profile.values(), *pol.match)  # their keys are made at run time: read them by name
+    layers = [pol.defaults.capture_console, *(overlay_values(o).get("capture_console") for o in overlays)]
+    return bool(settings.console.guests) or any(layers)
+
+
+def wants_read_only(settings: Settings) -> bool:
+    """Whether to open libvirt read-only: ``yes``/``no`` as configured;
+    ``auto`` is read-only unless policy actions are enabled, console capture
+    is configured (libvirt opens consoles on read-write connections only) or the
+    demo drives the test driver's guests."""
+    mode = settings.libvirt.read_only
+    if mode == "auto":
+        return not (settings.policy.enabled or console_capture_configured(settings) or settings.demo.enabled)
+    return mode == "yes"

@@ -28,7 +28,7 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert s.libvirt.uri == "qemu:///system"
     text = example.read_text()
     # every key of every core section appears in the example (commented or set)
-    for section in ("libvirt", "stats", "http", "log", "daemon", "policy", "alerts", "console", "agent"):
+    for section in ("libvirt", "stats", "http", "log", "daemon", "policy", "alerts", "console", "agent", "demo"):
         model = getattr(s, section)
         for key in type(model).model_fields:
             documented = f"{key} =" in text or f"[{section}.{key}" in text or f"[[{section}.{key}]]" in text
@@ -134,7 +134,7 @@ def test_found_by_a_new_user_are_errors_now(tmp_path) -> None:
 
 
 def test_console_capture_makes_auto_read_write() -> None:
-    from virtwatch.app import wants_read_only
+    from virtwatch.config import wants_read_only
 
     assert wants_read_only(load_settings(None, {})) is True
     assert wants_read_only(load_settings(None, {"console.guests": ["db*"]})) is False

@@ -29,7 +29,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from ..state import GuestRegistry
 from ..virt.stats import Snapshot
-from .domain import domain_families, host_families
+from .domain import domain_families, host_families, stats_source_family
 
 log = structlog.get_logger("virtwatch.metrics")
 
@@ -93,6 +93,8 @@ class FrozenState:
         """Yield host and per-guest families from the captured data."""
         yield from host_families(self._guests, self._snap.host if self._snap else None, self._info)
         yield from domain_families(self._guests, self._snap)
+        if self._snap is not None and self._snap.sources:
+            yield stats_source_family(self._snap.sources)
 
     def describe(self) -> list[Metric]:
         """No up-front description."""

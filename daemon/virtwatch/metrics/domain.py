@@ -269,3 +269,20 @@ def host_families(guests: list[GuestView], host: HostStats | None, info: Mapping
         net.add_metric([n.name], 1 if n.active else 0)
     out.append(net)
     return out
+
+
+STATS_SOURCES = ("bulk", "per_domain")
+
+
+def stats_source_family(sources: Mapping[str, str]) -> GaugeMetricFamily:
+    """``virtwatch_stats_source{group,source}``: for each requested statistics group,
+    1 on the path it takes in the latest poll and 0 on the other (a group neither
+    path gives, such as ``perf`` on a driver without it, is 0 on both)."""
+    fam = GaugeMetricFamily("virtwatch_stats_source",
+                            "Path each requested statistics group takes in the latest poll (1) and not (0): "
+                            "bulk (getAllDomainStats) or per_domain (classic per-guest calls, for groups the "
+                            "bulk call does not return on this connection).", labels=["group", "source"])
+    for group, path in sources.items():
+        for source in STATS_SOURCES:
+            fam.add_metric([group, source], 1 if path == source else 0)
+    return fam

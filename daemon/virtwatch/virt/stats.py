@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
@@ -42,7 +41,14 @@ from ..config import StatsSettings
 from ..infra.timing import DriftFreeSchedule
 from .calls import CallTimeout, error_code_name
 from .devices import DeviceCache, DomainDevices, guest_memory_stale, without_guest_memory
+from .host import (
+    HostStats,
+    NetworkInfo as NetworkInfo,  # re-exported: the inventory and the metrics read them here
+    PoolInfo as PoolInfo,
+    read_host,
+)
 from .lanes import LanePool, LaneUnavailable
+from .perdomain import OnError, PerDomainReader, read_guest
 from .ports import VirtInstruments
 
 log = structlog.get_logger("virtwatch.stats")
@@ -99,52 +105,6 @@ class DomainStats:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class PoolInfo:
-    """A storage pool from ``virStoragePoolGetInfo`` (never refreshed by us).
-
-    ``state`` is virStoragePoolState (2 running); sizes are bytes.
-    """
-
-    name: str
-    uuid: str
-    state: int
-    capacity: int
-    allocation: int
-    available: int
-    active: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class NetworkInfo:
-    """A virtual network: ``listAllNetworks`` with the ACTIVE/INACTIVE filter."""
-
-    name: str
-    uuid: str
-    active: bool
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class HostStats:
-    """Host figures from one poll; a field libvirt refused is None.
-
-    Attributes:
-        node_info: ``virNodeGetInfo`` list [model, memory MiB, cpus, MHz,
-            nodes, sockets, cores, threads].
-        memory: ``virNodeGetMemoryStats(ALL_CELLS)`` in KiB (total, free, buffers, cached).
-        cpu: ``virNodeGetCPUStats(ALL_CPUS)`` in ns (kernel, user, idle, iowait).
-        pools, networks: inventory.
-        collected_at: wall time (s) the figures were read.
-    """
-
-    node_info: tuple[Any, ...] | None
-    memory: Mapping[str, int] | None
-    cpu: Mapping[str, int] | None
-    pools: tuple[PoolInfo, ...]
-    networks: tuple[NetworkInfo, ...]
-    collected_at: float = 0.0
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class ControlState:
     """``virDomainGetControlInfo`` of one running guest (answered without QEMU).
 
@@ -174,7 +134,9 @@ DomainRow = tuple[str, str, dict[str, Any]]
 class Snapshot:
     """The result of one poll: every guest's stats plus host figures.
 
-    ``seq`` increases with every poll; ``domains`` is keyed by UUID.
+    ``seq`` increases with every poll; ``domains`` is keyed by UUID; ``sources``
+    maps each requested group to its path (``bulk``, ``per_domain`` or ``none``,
+    :func:`~virtwatch.virt.perdomain.group_sources`).
     """
 
     seq: int
@@ -182,6 +144,7 @@ class Snapshot:
     duration: float
     domains: Mapping[str, DomainStats]
     host: HostStats | None
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 class StatsSource(Protocol):
@@ -204,6 +167,10 @@ class StatsSource(Protocol):
 
     def host(self, conn: Any, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Host figures; each refused call is reported to ``on_error`` and left None/empty."""
+
+    def per_domain(self, conn: Any, uuid: str, groups: tuple[str, ...], on_error: OnError) -> dict[str, Any]:
+        """One guest's ``groups`` by the classic per-domain calls, as bulk fields
+        (:func:`~virtwatch.virt.perdomain.read_guest`)."""
 
 
 def _rows(results: list[tuple[Any, dict[str, Any]]]) -> list[DomainRow]:
@@ -260,36 +227,14 @@ class LibvirtStatsSource:
         rows = _rows(conn.domainListGetStats([dom], flags, self.NOWAIT))
         return rows[0] if rows else None
 
+    def per_domain(self, conn: libvirt.virConnect, uuid: str, groups: tuple[str, ...],
+                   on_error: OnError) -> dict[str, Any]:
+        """:func:`~virtwatch.virt.perdomain.read_guest`."""
+        return read_guest(conn, uuid, groups, on_error)
+
     def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
-
-        def attempt(call: str, fn: Callable[[], Any]) -> Any:
-            try:
-                return fn()
-            except libvirt.libvirtError as err:
-                on_error(call, err)
-                return None
-
-        node_info = attempt("getInfo", conn.getInfo)
-        memory = attempt("getMemoryStats", lambda: conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS))
-        cpu = attempt("getCPUStats", lambda: conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS))
-        pools = []
-        for pool in attempt("listAllStoragePools", conn.listAllStoragePools) or []:
-            info = attempt("storagePoolGetInfo", pool.info)
-            if info is None:
-                continue
-            state, capacity, allocation, available = info
-            pools.append(PoolInfo(name=pool.name(), uuid=pool.UUIDString(), state=state, capacity=capacity,
-                                  allocation=allocation, available=available,
-                                  active=state == libvirt.VIR_STORAGE_POOL_RUNNING))
-        networks = []
-        for flag, active in ((libvirt.VIR_CONNECT_LIST_NETWORKS_ACTIVE, True),
-                             (libvirt.VIR_CONNECT_LIST_NETWORKS_INACTIVE, False)):
-            for net in attempt("listAllNetworks", functools.partial(conn.listAllNetworks, flag)) or []:
-                networks.append(NetworkInfo(name=net.name(), uuid=net.UUIDString(), active=active))
-        return HostStats(node_info=tuple(node_info) if node_info else None, memory=memory, cpu=cpu,
-                         pools=tuple(sorted(pools, key=lambda p: p.name)),
-                         networks=tuple(sorted(networks, key=lambda n: n.name)))
+        return read_host(conn, on_error)
 
 
 class ConnectionPort(Protocol):
@@ -339,13 +284,18 @@ class StatsPoller:
         self._last: dict[str, DomainStats] = dict(kept.domains) if kept else {}
         self._fields: dict[str, int] = {}             # uuid -> fields in its last answer given with a free monitor
         self._host: HostStats | None = kept.host if kept else None
+        # groups the bulk call lacks on this connection, read guest by guest (issue 14)
+        self._per_domain = PerDomainReader(settings.groups, lanes, self._source.per_domain, self._per_domain_error,
+                                           monotonic)
         self.latest: Snapshot | None = kept
         self._running = False
 
     # -- connection listener --------------------------------------------------
     def connection_ready(self, conn: Any) -> None:
-        """New connection: stuck calls of the old one are gone with it."""
+        """New connection: stuck calls of the old one are gone with it; which groups
+        the bulk call returns is learnt again (it may be another libvirt)."""
         self._suspects.clear()
+        self._per_domain.reset()
 
     def connection_lost(self) -> None:
         """libvirt is gone: no guest is suspect any more (nothing to probe)."""
@@ -402,7 +352,11 @@ class StatsPoller:
             rows = await self._bulk(end)
             held: frozenset[str] = frozenset()
             if rows:
+                self._per_domain.observe(rows)
                 rows, held = await self._drop_thin(rows, end)
+                filled = await self._per_domain.fill("stats", rows, end)
+                rows, held = filled.rows, held | filled.held
+                self._add_suspects(filled.hung, filled.hung, "per-domain statistics call outlived the poll deadline")
                 if self._devices is not None:
                     await self._devices.refresh(rows, end, self._lanes, self.settings.poll_interval)
         host_ok = host_task.result() if host_task is not None else True
@@ -413,7 +367,6 @@ class StatsPoller:
             domains[uuid] = self._fresh(name, uuid, st, now)
         for uuid, (name, st) in probed.items():
             self._suspects.pop(uuid, None)  # answered: back in the bulk call from the next poll
-            self._fields[uuid] = len(st)  # asked only once its monitor was free
             domains[uuid] = self._fresh(name, uuid, st, now)
         for uuid in gone:
             self._suspects.pop(uuid, None)
@@ -443,7 +396,8 @@ class StatsPoller:
             self._instruments.poll_errors.inc()
         duration = self._monotonic() - started
         self._seq += 1
-        snap = Snapshot(seq=self._seq, time=self._wall(), duration=duration, domains=domains, host=self._host)
+        snap = Snapshot(seq=self._seq, time=self._wall(), duration=duration, domains=domains, host=self._host,
+                        sources=self._per_domain.sources())
         self.latest = snap
         self._instruments.poll_duration.observe(duration)
         if ok:
@@ -544,11 +498,13 @@ class StatsPoller:
         return await self._lanes.run("stats", "controlInfo", self._source.control, uuids,
                                      timeout=max(0.05, end - self._monotonic()))
 
-    def _add_suspects(self, stuck: Iterable[str], states: Mapping[str, ControlState], detail: str) -> None:
-        """Record ``stuck`` guests as suspects (left out of the bulk call) and log them once."""
-        names = sorted(states[u].name for u in stuck)
+    def _add_suspects(self, stuck: Iterable[str], states: Mapping[str, ControlState | str], detail: str) -> None:
+        """Record ``stuck`` guests as suspects (left out of the bulk call) and log them once;
+        ``states`` names them (control states, or names by UUID)."""
+        names_by_uuid = {u: s if isinstance(s, str) else s.name for u, s in states.items()}
+        names = sorted(names_by_uuid[u] for u in stuck)
         for uuid in stuck:
-            self._suspects[uuid] = states[uuid].name
+            self._suspects[uuid] = names_by_uuid[uuid]
         if names:
             log.warning("guests_suspect", guests=names, detail=detail)
 
@@ -572,8 +528,13 @@ class StatsPoller:
                 if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                     gone.add(uuid)
                 continue
-            if row is not None:
-                answered[uuid] = (row[0], row[2])
+            if row is None:
+                continue
+            self._fields[uuid] = len(row[2])  # bulk fields, asked only once its monitor was free
+            filled = await self._per_domain.fill("probe", [row], end)
+            if not filled.rows:
+                break  # no time or lane left, or it hung again (still a suspect)
+            answered[uuid] = (row[0], filled.rows[0][2])
         return answered, gone
 
     async def _host_figures(self, end: float) -> bool:
@@ -589,6 +550,12 @@ class StatsPoller:
             return False
         self._host = dataclasses.replace(host, collected_at=self._wall())
         return True
+
+    def _per_domain_error(self, call: str, err: libvirt.libvirtError) -> None:
+        code = error_code_name(err)
+        # not supported by this driver, or the guest stopped after isActive(): nothing went wrong
+        if code not in ("VIR_ERR_NO_SUPPORT", "VIR_ERR_OPERATION_INVALID"):
+            self._instruments.api_errors.labels(call=call, code=code).inc()
 
     def _host_error(self, call: str, err: libvirt.libvirtError) -> None:
         code = error_code_name(err)
