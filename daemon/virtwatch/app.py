@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
-from .agent import AgentInfo, GuestAgent
+from .agent.lane import AgentInfo, GuestAgent
 from .alerts import Alerter
 from .alerts.client import AlertMetrics, AlertRecord
 from .alerts.rules import AlertKey

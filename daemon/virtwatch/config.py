@@ -20,7 +20,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from .agent import AgentSettings
+from .agent.settings import AgentSettings
 from .alerts.config import AlertSettings
 from .console.settings import ConsoleSettings
 from .infra.validation import format_validation_errors
