@@ -21,12 +21,11 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 
 from . import __version__
 from .agent.lane import AgentInfo, GuestAgent
-from .alerts import Alerter
+from .alerts.alerter import Alerter
 from .alerts.client import AlertMetrics, AlertRecord
 from .alerts.rules import AlertKey
 from .config import ConfigError, Settings, parse_listen, wants_read_only
-from .console import ConsoleCapture
-from .console.capture import GuestConsole
+from .console.capture import ConsoleCapture, GuestConsole
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .demo import LivingDemo
 from .eventlog import RecentEvents

@@ -11,7 +11,7 @@ import libvirt
 import yarl
 
 from testkit import sample as metric, scrape, until
-from virtwatch.alerts import AlertSettings
+from virtwatch.alerts.config import AlertSettings
 from virtwatch.app import Daemon
 
 
