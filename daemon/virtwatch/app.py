@@ -242,6 +242,7 @@ class Daemon:
         self.wall_clock = wall_clock
         self._kept_action_counts = dict(kept.action_counts) if kept else {}  # while policy is off
         self._stopped = False
+        self._prerender: asyncio.Future[Any] | None = None
 
     # -- subscribers / ports --------------------------------------------------
     def _console_capture(self, name: str) -> int | None:
@@ -277,6 +278,8 @@ class Daemon:
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         self._previous, self._latest = self._latest, snap
+        # Render the new figures now, off the loop: the next scrape finds a finished body.
+        self._prerender = self.exposition.prerender() or self._prerender
 
     def status(self) -> dict[str, Any]:
         """JSON-ready daemon summary (HTTP ``/api/v1/status``, systemd STATUS=)."""
