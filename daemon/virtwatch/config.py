@@ -8,6 +8,12 @@ takes its defaults; no file at all is a valid configuration.
 Errors: :func:`load_settings` raises :class:`ConfigError` carrying every
 problem found (TOML syntax, unknown keys, bad values), each as
 ``"key.path: message"``.
+
+TOML types are strict: a number written as a string (``poll_interval = "15"``)
+or a boolean is an error naming the key, not quietly converted
+(:func:`~virtwatch.infra.validation.strict_type_errors`). Relative paths in the
+file (:data:`PATH_KEYS`) are taken from the file's directory, not from the
+working directory (``/`` under systemd).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 from .agent.settings import AgentSettings
 from .alerts.config import AlertSettings
 from .console.settings import ConsoleSettings
-from .infra.validation import format_validation_errors
+from .infra.validation import format_validation_errors, strict_type_errors
 from .policy.config import PolicySettings, overlay_values
 
 
@@ -91,6 +97,9 @@ class HTTPSettings(Section):
     listen: str = Field(":9177", description="HOST:PORT; ':9177' listens on every address")
     web_config_file: str | None = Field(
         None, description="Prometheus exporter-toolkit style web config (TLS, basic auth, headers); unset = plain HTTP")
+    serve_console: StrictBool = Field(
+        False, description="also serve captured console contents (/api/v1/guests/NAME/console); needs a web config "
+                           "with authentication. Off: consoles are read over the operator socket only")
 
     @field_validator("listen")
     @classmethod
@@ -180,12 +189,36 @@ def parse_listen(value: str) -> tuple[str | None, int]:
     return (host or None), int(port)
 
 
+#: Keys that name files or directories: a relative value in a file is taken from the file's
+#: directory (tests/unit/test_config.py checks every ``*_file``, ``*_dir`` and ``socket`` key is here).
+PATH_KEYS = ("http.web_config_file", "daemon.state_dir", "daemon.socket", "daemon.boot_id_file",
+             "alerts.basic_auth_password_file", "alerts.bearer_token_file", "alerts.tls_ca_file")
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with the relative :data:`PATH_KEYS` values made absolute from ``base``
+    (other values, and values of the wrong type, unchanged)."""
+    out = dict(data)
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        table = out.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict) and isinstance(value, str) and value and not Path(value).is_absolute():
+            out[section] = {**table, key: str(base / value)}
+    return out
+
+
 def settings_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Settings:
     """Validate a parsed TOML mapping. Raises :class:`ConfigError` with every problem."""
+    strict = strict_type_errors(Settings, dict(data))
     try:
         settings = Settings.model_validate(dict(data))
     except pydantic.ValidationError as err:
-        raise ConfigError(source, format_validation_errors(err)) from None
+        flagged = {line.partition(": ")[0] for line in strict}
+        raise ConfigError(source, strict + [line for line in format_validation_errors(err)
+                                            if line.partition(": ")[0] not in flagged]) from None
+    if strict:
+        raise ConfigError(source, strict)
     problems = cross_section_errors(settings)
     if problems:
         raise ConfigError(source, problems)
@@ -208,6 +241,7 @@ def cross_section_errors(settings: Settings) -> list[str]:
 def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
     """Load ``path`` (None: defaults only), then apply dotted ``overrides``.
 
+    Relative paths in the file resolve from its directory (:func:`resolve_paths`).
     ``overrides`` maps ``"section.key"`` to a value (command-line flags); they
     win over the file. Raises :class:`ConfigError` for unreadable files, TOML
     syntax errors and every validation problem.
@@ -224,6 +258,7 @@ def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None =
             raise ConfigError(source, [f"TOML syntax: {err}"]) from None
         except UnicodeDecodeError as err:
             raise ConfigError(source, [f"not valid UTF-8 (TOML files are UTF-8): byte {err.start}"]) from None
+        data = resolve_paths(data, Path(path).resolve().parent)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
