@@ -33,6 +33,7 @@ from .eventlog import RecentEvents
 from .inventory import Inventory
 from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
+from .metrics.history import GuestHistory, cpu_percent
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
 from .model import Event, Source
@@ -51,21 +52,6 @@ from .web import build_app_kwargs, build_site_kwargs, load_web_config
 log = structlog.get_logger("virtwatch.app")
 
 
-def cpu_percent(prev: Snapshot | None, cur: Snapshot | None, uuid: str) -> float | None:
-    """Guest CPU use in percent of one host CPU between two polls
-    (``cpu.time`` delta over wall-time delta); None without two samples."""
-    if prev is None or cur is None:
-        return None
-    a, b = prev.domains.get(uuid), cur.domains.get(uuid)
-    if a is None or b is None or b.stale:
-        return None
-    t0, t1 = a.stats.get("cpu.time"), b.stats.get("cpu.time")
-    dt = b.collected_at - a.collected_at
-    if not isinstance(t0, int) or not isinstance(t1, int) or dt <= 0 or t1 < t0:
-        return None
-    return (t1 - t0) / 1e9 / dt * 100.0
-
-
 @dataclasses.dataclass(frozen=True)
 class Retained:
     """What a reload hands from the stopped daemon to the one built from the new
@@ -82,6 +68,7 @@ class Retained:
         action_counts: policy action counters.
         snapshot: the last statistics poll (dropped when ``libvirt.uri`` changes).
         previous: the poll before it (CPU %).
+        history: recent CPU and memory per guest (the status page's sparklines).
         uri: the libvirt URI these figures came from.
         started_at: when the process's first daemon started (epoch seconds).
     """
@@ -99,6 +86,7 @@ class Retained:
     action_counts: Mapping[tuple[str, str], int]
     snapshot: Snapshot | None
     previous: Snapshot | None
+    history: GuestHistory
     uri: str
     started_at: float
 
@@ -155,6 +143,7 @@ class Daemon:
                                             self.guests.apply_resync, self.instruments)
         self._previous = kept.previous if kept and same_host else None
         self._latest = kept.snapshot if kept and same_host else None
+        self.history = kept.history if kept and same_host else GuestHistory()
         # Statistics and host figures run on lanes of their own (one connection, one thread
         # each), so a call stuck on a hung QEMU never holds up events, resync or console opens,
         # nor the next poll (issue 9). Statistics never need write access.
@@ -234,7 +223,8 @@ class Daemon:
                 self.lanes.count_also(lambda: self.demo_side is not None and self.demo_side.conn is not None)
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
         self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
-                            ready=self.connection.ready.is_set, console=self.console)
+                            ready=self.connection.ready.is_set, console=self.console, history=self.history,
+                            wall=wall_clock)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
         self._runner: web.AppRunner | None = None
@@ -277,6 +267,7 @@ class Daemon:
             self.alerter.connection_lost(self.settings.libvirt.uri, self.connection.close_reason or "")
 
     def _on_snapshot(self, snap: Snapshot) -> None:
+        self.history.add(self._latest, snap)
         self._previous, self._latest = self._latest, snap
 
     def status(self) -> dict[str, Any]:
@@ -410,7 +401,7 @@ class Daemon:
             alerts=self.alerter.active, consoles=self.console.handover(), agent_info=self.agent.all_info(),
             action_counts=(dict(self.policy.engine.snapshot().actions) if self.policy is not None
                            else self._kept_action_counts),
-            snapshot=self.poller.latest, previous=self._previous, uri=self.settings.libvirt.uri,
+            snapshot=self.poller.latest, previous=self._previous, history=self.history, uri=self.settings.libvirt.uri,
             started_at=self.started_at)
 
     async def start(self) -> None:
