@@ -9,32 +9,30 @@ Daemon exactly as the CLI does, on the libvirt test driver.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import gc
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
-from .agent.lane import AgentInfo, GuestAgent
+from .agent.lane import GuestAgent
 from .alerts.alerter import Alerter
-from .alerts.client import AlertMetrics, AlertRecord
-from .alerts.rules import AlertKey
 from .config import ConfigError, Settings, wants_read_only
-from .console.capture import ConsoleCapture, GuestConsole
+from .console.capture import ConsoleCapture
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .demo import LivingDemo
 from .eventlog import RecentEvents
+from .handover import Retained
 from .inventory import Inventory
 from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
 from .metrics.history import GuestHistory, cpu_percent
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
-from .model import Event, Source
+from .model import Event, Kind, ResyncEntry, Source, missed_lifecycle
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
@@ -48,45 +46,6 @@ from .virt.stats import Snapshot, StatsPoller
 from .web.server import WebServer, load_web_parts
 
 log = structlog.get_logger("virtwatch.app")
-
-
-@dataclasses.dataclass(frozen=True)
-class Retained:
-    """What a reload hands from the stopped daemon to the one built from the new
-    configuration: all state the configuration does not define.
-
-    Attributes:
-        registry, instruments, alert_metrics: self-metrics (counters go on, never reset).
-        pump: the event pump (sequence numbers and queued events go on).
-        guests, recent, inventory: the guest table, the recent-events ring, the
-            network/pool overlay.
-        alerts: firing instant alerts (posted again at once, to the new Alertmanagers).
-        consoles: each captured guest's console ring and counters.
-        agent_info: what each guest agent said last.
-        action_counts: policy action counters.
-        snapshot: the last statistics poll (dropped when ``libvirt.uri`` changes).
-        previous: the poll before it (CPU %).
-        history: recent CPU and memory per guest (the status page's sparklines).
-        uri: the libvirt URI these figures came from.
-        started_at: when the process's first daemon started (epoch seconds).
-    """
-
-    registry: CollectorRegistry
-    instruments: Instruments
-    alert_metrics: AlertMetrics
-    pump: EventPump
-    guests: GuestRegistry
-    recent: RecentEvents
-    inventory: Inventory
-    alerts: Mapping[AlertKey, AlertRecord]
-    consoles: Mapping[str, GuestConsole]
-    agent_info: Mapping[str, AgentInfo]
-    action_counts: Mapping[tuple[str, str], int]
-    snapshot: Snapshot | None
-    previous: Snapshot | None
-    history: GuestHistory
-    uri: str
-    started_at: float
 
 
 class Daemon:
@@ -138,7 +97,7 @@ class Daemon:
             self.pump.subscribe(EventLogger())
         self.read_only = wants_read_only(settings)
         self.connection = ConnectionManager(settings.libvirt, self.read_only, self.calls, self.pump,
-                                            self.guests.apply_resync, self.instruments)
+                                            self._on_resync, self.instruments)
         self._previous = kept.previous if kept and same_host else None
         self._latest = kept.snapshot if kept and same_host else None
         self.history = kept.history if kept and same_host else GuestHistory()
@@ -250,6 +209,26 @@ class Daemon:
 
     def _count_event(self, ev: Event) -> None:
         self.instruments.events.labels(kind=ev.kind, event=ev.event, detail=ev.detail).inc()
+
+    def _on_resync(self, entries: list[ResyncEntry], mark: int) -> None:
+        """Apply a resync to the guest table. A state change it finds that no event reported
+        (the connection was down: libvirtd restarted, or a reload was under way) goes to the
+        alert rules as the lifecycle event it stands for, so a crash in that gap still pages.
+        Only the alerter sees it: the policy engine reconciles from its own resync."""
+        for before, after in self.guests.apply_resync(entries, mark):
+            missed = missed_lifecycle(after.state, after.reason)
+            if missed is None:
+                continue
+            event, detail = missed
+            self.instruments.events_missed.labels(event=event, detail=detail).inc()
+            log.warning("event_missed", guest=after.name, lifecycle=f"{event}/{detail}",
+                        was=f"{before.state}/{before.reason}", found=f"{after.state}/{after.reason}")
+            try:  # like every pump subscriber: a rule bug must not fail the resync (and the connection)
+                self._alert_on_event(Event(time=self.wall_clock(), seq=0, source=Source.DOMAIN,
+                                           kind=Kind.LIFECYCLE, name=after.name, uuid=after.uuid, event=event,
+                                           detail=detail, payload={"found_by": "resync"}))
+            except Exception as err:
+                log.error("event_missed_alert_failed", guest=after.name, error=repr(err))
 
     def _alert_on_event(self, ev: Event) -> None:
         if ev.source == Source.DOMAIN:

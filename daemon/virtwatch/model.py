@@ -250,6 +250,38 @@ def lifecycle_state(event: str, detail: str) -> tuple[int, int] | None:
     return int(state), int(member) if member is not None else 0
 
 
+#: state → the lifecycle event that leaves a guest in it (see :func:`missed_lifecycle`).
+_STATE_EVENT: Mapping[int, tuple[Lifecycle, type[enum.IntEnum]]] = {
+    DomainState.RUNNING: (Lifecycle.STARTED, RunningReason),
+    DomainState.BLOCKED: (Lifecycle.STARTED, RunningReason),
+    DomainState.PAUSED: (Lifecycle.SUSPENDED, PausedReason),
+    DomainState.SHUTOFF: (Lifecycle.STOPPED, ShutoffReason),
+    DomainState.CRASHED: (Lifecycle.CRASHED, CrashedReason),
+    DomainState.PMSUSPENDED: (Lifecycle.PMSUSPENDED, PMSuspendedReason),
+}
+
+
+def missed_lifecycle(state: int, reason: int) -> tuple[str, str] | None:
+    """The lifecycle ``(event, detail)`` that would have left a guest in ``(state, reason)``:
+    what a resync stands in for when it finds a state no event reported (the connection was
+    down). ``(SHUTOFF, ShutoffReason.CRASHED)`` → ``("STOPPED", "CRASHED")``; a running guest
+    whose reason is ``UNPAUSED`` → ``("RESUMED", "UNPAUSED")``. None for states no event
+    leads to (``NOSTATE``, ``SHUTDOWN``) and for unknown codes. The inverse of
+    :func:`lifecycle_state` where libvirt names detail and reason alike."""
+    entry = _STATE_EVENT.get(state)
+    if entry is None:
+        return None
+    event, reasons = entry
+    try:
+        name = reasons(reason).name
+    except ValueError:
+        name = "UNKNOWN"
+    if event == Lifecycle.STARTED and name == "UNPAUSED":
+        return Lifecycle.RESUMED, name
+    detail = next((d for (e, d), r in _REASON_ALIASES.items() if e == event and r == name), name)
+    return event, detail
+
+
 def is_crash(ev: Event) -> bool:
     """The guest died: lifecycle ``CRASHED`` (any detail), ``STOPPED/CRASHED`` (guest panic
     with ``on_crash = destroy``) or ``STOPPED/FAILED`` (QEMU itself died)."""

@@ -122,7 +122,7 @@ class GuestRegistry:
             return
         self._put(updated)
 
-    def apply_resync(self, entries: Iterable[ResyncEntry], started_after_seq: int) -> None:
+    def apply_resync(self, entries: Iterable[ResyncEntry], started_after_seq: int) -> list[tuple[GuestView, GuestView]]:
         """Replace the state with a fresh read, keeping newer event-derived state.
 
         Args:
@@ -130,8 +130,13 @@ class GuestRegistry:
             started_after_seq: the event sequence number delivered before the
                 read began; guests with a later event keep their event-derived
                 state (the read may predate that event).
+
+        Returns:
+            ``(before, after)`` for each known guest whose state or reason the read changed:
+            changes no event reported (they happened while the connection was down).
         """
         fresh: dict[str, GuestView] = {}
+        changed: list[tuple[GuestView, GuestView]] = []
         for e in entries:
             old = self._guests.get(e.uuid)
             if old is not None and self._last_seq.get(e.uuid, 0) > started_after_seq:
@@ -140,6 +145,8 @@ class GuestRegistry:
             base = old or GuestView(name=e.name, uuid=e.uuid, state=e.state, reason=e.reason)
             fresh[e.uuid] = dataclasses.replace(base, name=e.name, state=e.state, reason=e.reason,
                                                 persistent=e.persistent, autostart=e.autostart)
+            if old is not None and (old.state, old.reason) != (e.state, e.reason):
+                changed.append((old, fresh[e.uuid]))
         for uuid, old in self._guests.items():
             if uuid not in fresh and self._last_seq.get(uuid, 0) > started_after_seq:
                 fresh[uuid] = old  # appeared by event after the read began
@@ -147,6 +154,7 @@ class GuestRegistry:
         self._last_seq = {u: s for u, s in self._last_seq.items() if u in fresh}
         self.resynced_at = self._clock()
         self.version += 1
+        return changed
 
     def _put(self, view: GuestView) -> None:
         self._guests[view.uuid] = view

@@ -283,7 +283,7 @@ def test_every_dashboard_query_returns_data(stack, warm) -> None:
                  "domain": "|".join(grafana_regex(n) for n in names),
                  "__rate_interval": RATE_INTERVAL, "__interval": "5s", "__range": "1m"}
     queries = dashboard_queries(dashboard)
-    assert len(queries) >= 60
+    assert len(queries) >= 59  # the host dashboard has 59 queries: none may go unchecked
     answered = answer_all(prom, dashboard, variables)
 
     def by(where: str, **labels: str) -> float:

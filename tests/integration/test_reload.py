@@ -15,7 +15,7 @@ import libvirt
 
 from testkit import sample as metric, scrape, until
 from virtwatch.app import Daemon, reload
-from virtwatch.config import Settings, settings_from_mapping
+from virtwatch.config import Settings, load_settings, settings_from_mapping
 from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
 
 
@@ -120,3 +120,51 @@ async def test_a_reload_that_cannot_start_keeps_the_old_configuration_and_the_st
         assert (await scrape(d, "/healthz"))[0] == 200
     finally:
         await d.stop()
+
+
+async def test_a_crash_while_no_connection_is_open_still_pages(
+        event_impl: ThreadSafeAsyncIOImpl, tmp_path: Path, make_guests: Any, actor: libvirt.virConnect,
+        alertmanagers: Any) -> None:
+    """A reload closes the libvirt connection for a moment (so does a libvirtd restart). A guest
+    that crashes then sends its event to nobody; the resync on reconnect finds it crashed and
+    hands the alert rules the event it stands for."""
+    am = alertmanagers[0]
+    mapping = {"libvirt.uri": "test:///default", "http.listen": "127.0.0.1:0", "stats.poll_interval": 0.5,
+               "log.events": False, "alerts.alertmanager_urls": [am.url], "alerts.min_firing_duration": 0.0,
+               "alerts.instance": "hv-gap"}
+    d = Daemon(load_settings(None, mapping), event_impl)
+    await d.start()
+    try:
+        await d.connection.ready.wait()
+        (dom,) = await asyncio.to_thread(make_guests, "gap", 1, True)
+        name = dom.name()
+        await until(lambda: d.guests.by_name(name) is not None
+                    and d.guests.by_name(name).state == libvirt.VIR_DOMAIN_RUNNING, 10, "seen running")
+        await d.stop()  # what reload() does first: no connection is open from here
+        kept = d.handover()
+        await asyncio.to_thread(dom.coreDump, str(tmp_path / "core"), libvirt.VIR_DUMP_CRASH)  # STOPPED/CRASHED
+        assert dom.state() == [libvirt.VIR_DOMAIN_SHUTOFF, libvirt.VIR_DOMAIN_SHUTOFF_CRASHED]
+        d = Daemon(load_settings(None, mapping), event_impl, retained=kept)
+        await d.start()
+        await d.connection.ready.wait()
+        assert d.guests.by_name(name).reason == libvirt.VIR_DOMAIN_SHUTOFF_CRASHED
+        assert all(e.name != name or e.event != "STOPPED" for e in d.recent.since(0))  # no event came
+        alerts = await asyncio.to_thread(
+            lambda: until_sync(lambda: am.alerts(alertname="VirtwatchGuestCrashed", domain=name), 10))
+        assert alerts[0]["labels"]["instance"] == "hv-gap"
+        _, text = await scrape(d)
+        assert metric(text, "virtwatch_events_missed_total", event="STOPPED", detail="CRASHED") == 1
+    finally:
+        await d.stop()
+
+
+def until_sync(cond: Any, timeout: float) -> Any:
+    """``cond()``'s first truthy value within ``timeout`` seconds (for blocking HTTP checks)."""
+    import time
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < end, "condition not met"
+        time.sleep(0.05)

@@ -29,6 +29,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                   "virtwatch.inventory", "virtwatch.logs"]),
     ("policy", ["virtwatch.policy.*"]),
     ("endpoints", ["virtwatch.metrics.*", "virtwatch.web.*", "virtwatch.control", "virtwatch.systemd"]),
+    ("handover", ["virtwatch.handover"]),
     ("composition root", ["virtwatch.app"]),
     ("process shell", ["virtwatch.cli"]),
     ("entry point", ["virtwatch.__main__"]),

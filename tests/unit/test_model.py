@@ -25,6 +25,7 @@ from virtwatch.model import (
     is_crash,
     is_guest_failure,
     lifecycle_state,
+    missed_lifecycle,
 )
 from virtwatch.virt.decode import DOMAIN_EVENTS, HOST_EVENTS, constant_names
 
@@ -119,3 +120,26 @@ def test_enum_members_equal_their_plain_names() -> None:
     assert e.event == Lifecycle.STOPPED and e.kind == Kind.LIFECYCLE and e.source == Source.DOMAIN
     assert e.is_lifecycle(Lifecycle.STOPPED) and not e.is_lifecycle(Lifecycle.STARTED)
     assert e.as_dict()["event"] == "STOPPED"
+
+
+def test_missed_lifecycle_is_the_inverse_of_lifecycle_state() -> None:
+    """For every state and reason libvirt defines, the event a resync stands in for leaves the
+    guest in exactly that state and reason (BLOCKED reads back as RUNNING: no event blocks)."""
+    checked = 0
+    for state, reasons in [(DomainState.RUNNING, RunningReason), (DomainState.PAUSED, PausedReason),
+                           (DomainState.SHUTOFF, ShutoffReason), (DomainState.CRASHED, CrashedReason),
+                           (DomainState.PMSUSPENDED, PMSuspendedReason)]:
+        for reason in reasons:
+            missed = missed_lifecycle(state, reason)
+            assert missed is not None, (state, reason)
+            assert lifecycle_state(*missed) == (state, reason), (state, reason, missed)
+            checked += 1
+    assert checked == 39  # 12 running + 15 paused + 9 shutoff + 2 crashed + 1 pmsuspended reasons
+    assert missed_lifecycle(DomainState.SHUTOFF, ShutoffReason.CRASHED) == ("STOPPED", "CRASHED")
+    assert missed_lifecycle(DomainState.PAUSED, PausedReason.USER) == ("SUSPENDED", "PAUSED")
+    assert missed_lifecycle(DomainState.PAUSED, PausedReason.IOERROR) == ("SUSPENDED", "IOERROR")
+    assert missed_lifecycle(DomainState.RUNNING, RunningReason.UNPAUSED) == ("RESUMED", "UNPAUSED")
+    assert missed_lifecycle(DomainState.CRASHED, CrashedReason.PANICKED) == ("CRASHED", "PANICKED")
+    assert missed_lifecycle(DomainState.NOSTATE, 0) is None
+    assert missed_lifecycle(DomainState.SHUTDOWN, 1) is None
+    assert missed_lifecycle(DomainState.SHUTOFF, 99) == ("STOPPED", "UNKNOWN")

@@ -30,6 +30,8 @@ class Instruments:
         last_poll_success: ``libvirt_last_poll_success_timestamp_seconds``.
         polls_skipped: ``libvirt_polls_skipped_total`` (previous poll still running).
         poll_errors: ``libvirt_poll_errors_total``.
+        events_missed: ``virtwatch_events_missed_total{event,detail}``, lifecycle changes a
+            resync found that no event reported.
         event_backlog: ``virtwatch_event_backlog`` events queued, not yet delivered.
         lane_quarantines: ``virtwatch_libvirt_lane_quarantines_total{role}``, lanes
             taken out of service because a call outlived its deadline.
@@ -62,6 +64,10 @@ class Instruments:
                                      registry=registry)
         self.poll_errors = Counter("libvirt_poll_errors", "Statistics polls that failed or timed out.",
                                    registry=registry)
+        self.events_missed = Counter("virtwatch_events_missed",
+                                     "Lifecycle changes a resync found that no event reported (libvirt was "
+                                     "unreachable, or a reload was under way), by the event they stand for.",
+                                     ["event", "detail"], registry=registry)
         self.event_backlog = Gauge("virtwatch_event_backlog", "Events queued and not yet delivered.",
                                    registry=registry)
         self.lane_quarantines = Counter("virtwatch_libvirt_lane_quarantines",

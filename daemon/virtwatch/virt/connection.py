@@ -107,7 +107,7 @@ class ConnectionManager:
     """
 
     def __init__(self, settings: LibvirtSettings, read_only: bool, calls: Calls, pump: EventPump,
-                 on_resync: Callable[[list[ResyncEntry], int], None], instruments: VirtInstruments,
+                 on_resync: Callable[[list[ResyncEntry], int], object], instruments: VirtInstruments,
                  rand: Callable[[], float] = random.random) -> None:
         self.settings = settings
         self.read_only = read_only
