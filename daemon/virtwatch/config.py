@@ -205,25 +205,60 @@ def cross_section_errors(settings: Settings) -> list[str]:
     return out
 
 
-def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Load ``path`` (None: defaults only), then apply dotted ``overrides``.
+DROPIN_DIR = "conf.d"
+"""Drop-ins: ``conf.d/*.toml`` beside the configuration file (``/etc/virtwatch/conf.d/``)."""
 
-    ``overrides`` maps ``"section.key"`` to a value (command-line flags); they
-    win over the file. Raises :class:`ConfigError` for unreadable files, TOML
-    syntax errors and every validation problem.
+
+def dropin_files(path: str | Path) -> list[Path]:
+    """The drop-ins of the configuration file ``path``: ``*.toml`` in ``conf.d`` beside
+    it, in file-name order (``10-site.toml`` before ``50-policy.toml``)."""
+    folder = Path(path).parent / DROPIN_DIR
+    try:
+        return sorted((p for p in folder.glob("*.toml") if p.is_file()), key=lambda p: p.name)
+    except OSError:
+        return []
+
+
+def merge_tables(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: tables merge key by key, recursively; any other value
+    (arrays, arrays of tables such as ``[[policy.match]]`` included) replaces the old one."""
+    out = dict(base)
+    for key, value in top.items():
+        old = out.get(key)
+        out[key] = merge_tables(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(source, [f"cannot read file: {err.strerror or err}"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(source, [f"TOML syntax: {err}"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(source, [f"not valid UTF-8 (TOML files are UTF-8): byte {err.start}"]) from None
+
+
+def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load ``path`` (None: defaults only) and its drop-ins, then apply dotted ``overrides``.
+
+    The drop-ins (:func:`dropin_files`) are merged over the file in order
+    (:func:`merge_tables`). ``overrides`` maps ``"section.key"`` to a value
+    (command-line flags); they win over the files. Raises :class:`ConfigError` for
+    unreadable files, TOML syntax errors (naming the file) and every validation problem.
     """
     data: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as err:
-            raise ConfigError(source, [f"cannot read file: {err.strerror or err}"]) from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(source, [f"TOML syntax: {err}"]) from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(source, [f"not valid UTF-8 (TOML files are UTF-8): byte {err.start}"]) from None
+        data = _read_toml(path)
+        dropins = dropin_files(path)
+        for dropin in dropins:
+            data = merge_tables(data, _read_toml(dropin))
+        if dropins:
+            source += " with " + ", ".join(f"{DROPIN_DIR}/{p.name}" for p in dropins)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
