@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import ConfigError, config_warnings, load_settings
+from .config import WRITE_ACCESS_GRANT, ConfigError, config_warnings, load_settings, write_access_features
 from .console.crashstore import CrashStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -140,6 +140,11 @@ def check_config(path: str) -> int:
         return EXIT_CONFIG
     for w in config_warnings(settings):
         print(f"warning: {w}", file=sys.stderr)
+    needs_write = write_access_features(settings)
+    if needs_write and not settings.libvirt.uri.startswith("test:///"):  # the in-process driver needs no grant
+        print(f"note: read-write libvirt access is needed by {', '.join(needs_write)}: {WRITE_ACCESS_GRANT}. "
+              "Without it virtwatch monitors on a read-only connection and logs each feature that cannot work.",
+              file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
 

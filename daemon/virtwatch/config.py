@@ -306,3 +306,29 @@ def wants_read_only(settings: Settings) -> bool:
     if mode == "auto":
         return not (settings.policy.enabled or console_capture_configured(settings) or settings.demo.enabled)
     return mode == "yes"
+
+
+WRITE_ACCESS_GRANT = (
+    "grant the virtwatch user read-write access to libvirt, then restart virtwatch "
+    "(systemctl restart virtwatch): either enable the polkit rule the package ships, which allows "
+    "org.libvirt.unix.manage to the virtwatch user only (cp /usr/share/virtwatch/polkit/50-virtwatch-libvirt.rules "
+    "/etc/polkit-1/rules.d/), or add the user to the libvirt group (usermod -aG libvirt virtwatch). Either is "
+    "root-equivalent on this host: libvirt can start any guest with any host file as its disk")
+"""What to do when a feature needs libvirt write access (check-config and the daemon's log say it)."""
+
+
+def write_access_features(settings: Settings) -> list[str]:
+    """The configured features that need a read-write libvirt connection, in words
+    (empty when the connection is read-only)."""
+    if wants_read_only(settings):
+        return []
+    out = []
+    if settings.policy.enabled:
+        out.append("policy actions ([policy] enabled = true)")
+    if console_capture_configured(settings):
+        out.append("console capture ([console] with guests or capture_console)")
+    if settings.agent.enabled:
+        out.append("guest agent queries ([agent] enabled = true)")
+    if not out:
+        out.append('libvirt.read_only = "no"')
+    return out
