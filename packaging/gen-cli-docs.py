@@ -40,11 +40,16 @@ SECTIONS = [
 ]
 
 
+def _roff(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("-", "\\-")
+
+
 def manpage() -> str:
     parser = build_parser()
     parser.man_short_description = "event-driven monitoring and guest-keeping daemon for libvirt hosts"
-    parser._manpage = [{"heading": h, "content": c} for h, c in SECTIONS]
-    text = str(Manpage(parser))
+    # Our sections are appended as plain paragraphs: argparse-manpage 1.2 would hard-wrap
+    # them with a .br every 80 columns.
+    text = str(Manpage(parser)) + "".join(f".SH {h.upper()}\n{_roff(c)}\n" for h, c in SECTIONS)
     epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) or None
     date = datetime.datetime.fromtimestamp(epoch, datetime.UTC) if epoch else datetime.datetime.now(datetime.UTC)
     head, _, rest = text.partition("\n")
