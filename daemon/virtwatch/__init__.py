@@ -1,3 +1,3 @@
 """virtwatch: event-driven monitoring and guest-keeping daemon for libvirt hosts."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

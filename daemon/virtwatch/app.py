@@ -16,17 +16,15 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
-from aiohttp import web
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector, disable_created_metrics
 
 from . import __version__
-from .agent import AgentInfo, GuestAgent
-from .alerts import Alerter
+from .agent.lane import AgentInfo, GuestAgent
+from .alerts.alerter import Alerter
 from .alerts.client import AlertMetrics, AlertRecord
 from .alerts.rules import AlertKey
-from .config import WRITE_ACCESS_GRANT, ConfigError, Settings, parse_listen, wants_read_only, write_access_features
-from .console import ConsoleCapture
-from .console.capture import GuestConsole
+from .config import WRITE_ACCESS_GRANT, ConfigError, Settings, wants_read_only, write_access_features
+from .console.capture import ConsoleCapture, GuestConsole
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .demo import LivingDemo
 from .eventlog import RecentEvents
@@ -45,25 +43,10 @@ from .virt.connection import ConnectionManager, SideConnection
 from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
-from .virt.stats import Snapshot, StatsPoller
-from .web import build_app_kwargs, build_site_kwargs, load_web_config
+from .virt.stats import Snapshot, StatsPoller, cpu_percent
+from .web.server import WebServer, load_web_parts
 
 log = structlog.get_logger("virtwatch.app")
-
-
-def cpu_percent(prev: Snapshot | None, cur: Snapshot | None, uuid: str) -> float | None:
-    """Guest CPU use in percent of one host CPU between two polls
-    (``cpu.time`` delta over wall-time delta); None without two samples."""
-    if prev is None or cur is None:
-        return None
-    a, b = prev.domains.get(uuid), cur.domains.get(uuid)
-    if a is None or b is None or b.stale:
-        return None
-    t0, t1 = a.stats.get("cpu.time"), b.stats.get("cpu.time")
-    dt = b.collected_at - a.collected_at
-    if not isinstance(t0, int) or not isinstance(t1, int) or dt <= 0 or t1 < t0:
-        return None
-    return (t1 - t0) / 1e9 / dt * 100.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,17 +221,21 @@ class Daemon:
                 self.demo_side = SideConnection("demo", settings.libvirt, False, self.demo_calls, self.demo)
                 self.connection.add_listener(self.demo_side)
                 self.lanes.count_also(lambda: self.demo_side is not None and self.demo_side.conn is not None)
-        self.control = ControlServer(self, settings.daemon.socket, fd=control_fd)
+        # Console contents (issue 13): on the operator socket always, over HTTP only when
+        # http.serve_console opts in (the web config must then authenticate: load_web_parts).
+        self.control = ControlServer(self, settings.daemon.socket, fd=control_fd, console=self.console)
         self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
-                            ready=self.connection.ready.is_set, console=self.console)
+                            ready=self.connection.ready.is_set,
+                            console=self.console if settings.http.serve_console else None)
+        self.web = WebServer(self.http.build)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
-        self._runner: web.AppRunner | None = None
         self.listen_address: tuple[str, int] | None = None
         self.started_at = kept.started_at if kept else wall_clock()
         self.wall_clock = wall_clock
         self._kept_action_counts = dict(kept.action_counts) if kept else {}  # while policy is off
         self._stopped = False
+        self._prerender: asyncio.Future[Any] | None = None
 
     # -- subscribers / ports --------------------------------------------------
     def _console_capture(self, name: str) -> int | None:
@@ -267,7 +254,7 @@ class Daemon:
 
     def _alert_on_event(self, ev: Event) -> None:
         if ev.source == Source.DOMAIN:
-            self.alerter.on_event(ev, console="\n".join(self.console.tail(ev.name)) or None)  # last alert_lines
+            self.alerter.on_event(ev, console=self.console.alert_text(ev.name))  # opted in, redacted
 
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:
@@ -289,6 +276,8 @@ class Daemon:
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         self._previous, self._latest = self._latest, snap
+        # Render the new figures now, off the loop: the next scrape finds a finished body.
+        self._prerender = self.exposition.prerender() or self._prerender
 
     def status(self) -> dict[str, Any]:
         """JSON-ready daemon summary (HTTP ``/api/v1/status``, systemd STATUS=)."""
@@ -425,25 +414,26 @@ class Daemon:
             snapshot=self.poller.latest, previous=self._previous, uri=self.settings.libvirt.uri,
             started_at=self.started_at)
 
+    async def reload_web(self, settings: Settings) -> None:
+        """Take ``settings``, which differ from the running ones in ``http.web_config_file`` at
+        most, by swapping the HTTP listener's TLS context, users and headers in place
+        (:meth:`WebServer.swap`): nothing else restarts. Raises :class:`ConfigError` (the
+        running listener untouched) when the web config or its files are unusable."""
+        parts = load_web_parts(settings.http.web_config_file, settings.http.serve_console)
+        await self.web.swap(parts)
+        self.settings = settings
+        log.info("web_config_reloaded", source=parts.source, tls=parts.ssl_context is not None,
+                 users=len(parts.config.basic_auth_users))
+
     async def start(self) -> None:
         """Bind the HTTP listener, then start the pump, connection and poller.
 
         Raises OSError if the listen address cannot be bound. A libvirtd that
         is down is not an error: the connection keeps retrying.
         """
-        host, port = parse_listen(self.settings.http.listen)
-        web_path = self.settings.http.web_config_file
-        webcfg = load_web_config(web_path)  # raises WebConfigError (a ConfigError)
-        app_kwargs = build_app_kwargs(webcfg, exempt_paths=("/healthz",))
-        site_kwargs = build_site_kwargs(webcfg, source=str(web_path))
-        self._runner = web.AppRunner(self.http.build(app_kwargs), access_log=None, handle_signals=False,
-                                     shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host=host, port=port, reuse_address=True, **site_kwargs)
-        await site.start()
-        if self._runner.addresses:
-            addr = self._runner.addresses[0]
-            self.listen_address = (addr[0], addr[1])
+        http = self.settings.http
+        await self.web.start(http.listen, load_web_parts(http.web_config_file, http.serve_console))  # ConfigError
+        self.listen_address = self.web.address
         await self.console.start()  # opens console.sqlite when capture is enabled
         await self.alerter.start()
         if self.policy is not None:
@@ -523,8 +513,7 @@ class Daemon:
             log.warning("shutdown_drain_timeout", live_callbacks=self.impl.live_callbacks(),
                         calls_in_flight=self.calls.in_flight)
         await _cancel(by_name.get("event-pump"))
-        if self._runner is not None:
-            await self._runner.cleanup()
+        await self.web.stop()
         self.calls.shutdown()
         self.agent_calls.shutdown()
         self.policy_calls.shutdown()
@@ -535,7 +524,11 @@ class Daemon:
 async def reload(daemon: Daemon, settings: Settings, control_fd: int | None = None) -> Daemon:
     """Replace the running ``daemon`` with one built from ``settings``; return the one running.
 
-    Everything in :class:`Retained` carries over. What restarts, and why: the libvirt
+    When only ``http.web_config_file`` may differ (or nothing: the web config file or its
+    certificates may have changed on disk), only the HTTP listener's web config is swapped
+    (:meth:`Daemon.reload_web`); a web config that cannot be used keeps the running one.
+
+    Otherwise everything in :class:`Retained` carries over. What restarts, and why: the libvirt
     connections (main, statistics lanes, agent, policy: ``[libvirt]`` may have changed, and
     a resync on reconnect recovers whatever happened in between), the HTTP listener (its
     address, TLS certificates and password files may have changed), the control socket
@@ -545,6 +538,12 @@ async def reload(daemon: Daemon, settings: Settings, control_fd: int | None = No
     If the new daemon cannot start (say the new listen address is taken), it is stopped and
     one with the old settings is started instead, with the same state; errors are logged.
     """
+    if web_only_change(daemon.settings, settings):
+        try:
+            await daemon.reload_web(settings)
+        except ConfigError as err:
+            log.error("reload_failed", error=str(err), kept="previous configuration")
+        return daemon
     old_settings = daemon.settings
     await daemon.stop()
     fresh = Daemon(settings, daemon.impl, wall_clock=daemon.wall_clock, control_fd=control_fd,
@@ -559,6 +558,13 @@ async def reload(daemon: Daemon, settings: Settings, control_fd: int | None = No
         await fresh.start()
         return fresh
     return fresh
+
+
+def web_only_change(old: Settings, new: Settings) -> bool:
+    """Whether ``new`` differs from ``old`` in ``http.web_config_file`` at most (an unchanged
+    file counts: the web config or its certificates may have changed on disk)."""
+    same_http = new.http.model_copy(update={"web_config_file": old.http.web_config_file}) == old.http
+    return same_http and new.model_copy(update={"http": old.http}) == old
 
 
 def _jsonable(v: Any) -> Any:

@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import WRITE_ACCESS_GRANT, ConfigError, config_warnings, load_settings, write_access_features
+from .config import ConfigError, config_warnings, load_settings, write_access_note
 from .console.crashstore import CrashStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -90,16 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     console_log = sub.add_parser("console-log", help="show a guest's captured console",
                          description="Print a guest's captured console. Without --crash: the live tail from the "
-                         "running daemon's HTTP API. With --crash N: the N-th most recent crash record "
-                         "(1 = latest), read from console.sqlite in the state directory.")
+                         "running daemon, over its operator socket (daemon.socket), or over HTTP with --url when "
+                         "the daemon serves consoles there (http.serve_console). With --crash N: the N-th most "
+                         "recent crash record (1 = latest), read from console.sqlite in the state directory.")
     console_log.add_argument("guest", metavar="GUEST")
     console_log.add_argument("--crash", type=int, metavar="N", help="the N-th most recent crash (1 = latest)")
     console_log.add_argument("--list", action="store_true", help="list recorded crashes")
     console_log.add_argument("--lines", type=int, default=200, help="lines of the live tail (default 200)")
     console_log.add_argument("--config", metavar="FILE",
-                             help="configuration file (for daemon.state_dir and http.listen)")
+                             help="configuration file (for daemon.state_dir and daemon.socket)")
     console_log.add_argument("--state-dir", metavar="DIR", help="state directory (overrides the configuration)")
-    console_log.add_argument("--url", metavar="URL", help="daemon base URL (default from http.listen)")
+    console_log.add_argument("--socket", help="operator socket (default: daemon.socket of --config, else "
+                             "/run/virtwatch/virtwatch.sock)")
+    console_log.add_argument("--url", metavar="URL", help="read the live tail over HTTP from this daemon base URL "
+                             "instead (only when it sets http.serve_console)")
     return parser
 
 
@@ -125,44 +129,52 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_config(path: str) -> int:
-    """Validate ``path``; print ``OK`` (plus warnings) or every error."""
+    """Validate ``path`` and the files it names as the service would use them; print ``OK``
+    (plus warnings) or every error.
+
+    Beyond the TOML itself: the web config file, its TLS certificate, key and CA files
+    (loaded into a TLS context, as at start), its users, ``http.serve_console`` against its
+    authentication, and the Alertmanager credential and CA files.
+    """
+    from .web.server import load_web_parts
+
     try:
         settings = load_settings(path)
-        if settings.http.web_config_file:
-            from .web import load_web_config
-
-            load_web_config(settings.http.web_config_file)
     except ConfigError as err:
-        count = len(err.errors)
-        print(f"{err.source}: invalid configuration ({count} problem{'s' if count != 1 else ''}):", file=sys.stderr)
-        for line in err.errors:
-            print(f"  {line}", file=sys.stderr)
+        _print_problems(err.source, err.errors)
         return EXIT_CONFIG
-    for w in config_warnings(settings):
-        print(f"warning: {w}", file=sys.stderr)
-    needs_write = write_access_features(settings)
-    if needs_write and not settings.libvirt.uri.startswith("test:///"):  # the in-process driver needs no grant
-        print(f"note: read-write libvirt access is needed by {', '.join(needs_write)}: {WRITE_ACCESS_GRANT}. "
-              "Without it virtwatch monitors on a read-only connection and logs each feature that cannot work.",
-              file=sys.stderr)
+    problems = settings.alerts.file_problems()
+    try:
+        load_web_parts(settings.http.web_config_file, settings.http.serve_console)
+    except ConfigError as err:
+        where = f"http.web_config_file ({err.source})" if settings.http.web_config_file else "http"
+        problems += [line if line.startswith("http.") else f"{where}: {line}" for line in err.errors]
+    if problems:
+        _print_problems(path, problems)
+        return EXIT_CONFIG
+    note = write_access_note(settings)  # what to grant when the features configured need libvirt write access
+    for line in [f"warning: {w}" for w in config_warnings(settings)] + ([f"note: {note}"] if note else []):
+        print(line, file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
 
 
 def console_log_command(args: argparse.Namespace) -> int:
     """``virtwatch console-log``: load the configuration (for ``daemon.state_dir``
-    and ``http.listen``), then :func:`console_log_main`. Exit 2 on a bad config."""
+    and ``daemon.socket``), then :func:`console_log_main`. Exit 2 on a bad config."""
     try:
         settings = load_settings(args.config)
     except ConfigError as err:
         print(f"{err.source}: invalid configuration: {'; '.join(err.errors)}", file=sys.stderr)
         return 2
-    return console_log_main(args, settings.daemon.state_dir, settings.http.listen)
+    return console_log_main(args, settings.daemon.state_dir, getattr(args, "socket", None) or settings.daemon.socket)
 
 
-def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> int:
+def console_log_main(args: argparse.Namespace, state_dir: str, socket_path: str) -> int:
     """Run ``console-log``; returns an exit code: 0 found; 1 no crash record, or the daemon
-    unreachable; 2 a bad request; 3 the guest's console is not captured (HTTP 404)."""
+    unreachable; 2 a bad request; 3 the guest's console is not captured (HTTP 404).
+    The live tail comes over the operator socket ``socket_path``, or over HTTP from
+    ``args.url`` when given."""
     if args.crash is not None or args.list:
         path = Path(args.state_dir or state_dir) / "console.sqlite"
         if not path.exists():
@@ -190,21 +202,23 @@ def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> i
         if rec.screenshot:
             print(f"# screenshot: {rec.screenshot}")
         return 0
-    base = args.url or _local_url(listen)
-    url = f"{base.rstrip('/')}/api/v1/guests/{urllib.parse.quote(args.guest, safe='')}/console?lines={args.lines}"
-    try:
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body = json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        try:  # the daemon says why (not captured, bad lines...): show that, not just the status
-            why = json.loads(err.read()).get("error") or err.reason
-        except (ValueError, OSError, AttributeError):
-            why = err.reason
-        print(f"{args.guest}: {why} (HTTP {err.code})", file=sys.stderr)
-        return 3 if err.code == 404 else 2
-    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
-        print(f"daemon unreachable at {base}: {err}", file=sys.stderr)
+    route = f"guests/{urllib.parse.quote(args.guest, safe='')}/console?lines={args.lines}"
+    if args.url:
+        got = _http_get_json(f"{args.url.rstrip('/')}/api/v1/{route}")
+    else:
+        from .control import DaemonUnreachable, request
+
+        try:
+            got = request(socket_path, "GET", f"/v1/{route}")
+        except DaemonUnreachable as err:
+            got = err
+    if isinstance(got, Exception):
+        print(f"daemon unreachable at {args.url or socket_path}: {got}", file=sys.stderr)
         return 1
+    status, body = got
+    if status != 200:  # the daemon says why (not captured, bad lines...)
+        print(f"{args.guest}: {body.get('error') or status} (HTTP {status})", file=sys.stderr)
+        return 3 if status == 404 else 2
     capture = body.get("capture") or {}
     if capture.get("status") not in (None, "attached") and capture.get("last_error"):
         print(f"# capture {capture['status']}: {capture['last_error']}", file=sys.stderr)
@@ -213,12 +227,19 @@ def console_log_main(args: argparse.Namespace, state_dir: str, listen: str) -> i
     return 0
 
 
-def _local_url(listen: str) -> str:
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]") or "127.0.0.1"
-    if host in ("0.0.0.0", "::"):
-        host = "127.0.0.1"
-    return f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+def _http_get_json(url: str) -> tuple[int, dict[str, Any]] | Exception:
+    """GET ``url`` → (status, JSON body), or the error when the daemon cannot be reached."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        try:
+            body = json.loads(err.read())
+        except (ValueError, OSError):
+            body = {}
+        return err.code, body if isinstance(body, dict) and body.get("error") else {"error": str(err.reason)}
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
+        return err
 
 
 EXIT_UNREACHABLE, EXIT_NOT_FOUND, EXIT_UNAVAILABLE = 1, 3, 4
@@ -465,6 +486,13 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _print_problems(source: str, problems: list[str]) -> None:
+    count = len(problems)
+    print(f"{source}: invalid configuration ({count} problem{'s' if count != 1 else ''}):", file=sys.stderr)
+    for line in problems:
+        print(f"  {line}", file=sys.stderr)
 
 
 def _print_config_error(err: ConfigError) -> None:

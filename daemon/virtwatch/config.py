@@ -8,6 +8,12 @@ takes its defaults; no file at all is a valid configuration.
 Errors: :func:`load_settings` raises :class:`ConfigError` carrying every
 problem found (TOML syntax, unknown keys, bad values), each as
 ``"key.path: message"``.
+
+TOML types are strict: a number written as a string (``poll_interval = "15"``)
+or a boolean is an error naming the key, not quietly converted
+(:func:`~virtwatch.infra.validation.strict_type_errors`). Relative paths in the
+file (:data:`PATH_KEYS`) are taken from the file's directory, not from the
+working directory (``/`` under systemd).
 """
 
 from __future__ import annotations
@@ -20,10 +26,10 @@ from typing import Any, Literal
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
-from .agent import AgentSettings
+from .agent.settings import AgentSettings
 from .alerts.config import AlertSettings
 from .console.settings import ConsoleSettings
-from .infra.validation import format_validation_errors
+from .infra.validation import format_validation_errors, strict_type_errors
 from .policy.config import PolicySettings, overlay_values
 
 
@@ -91,6 +97,9 @@ class HTTPSettings(Section):
     listen: str = Field(":9177", description="HOST:PORT; ':9177' listens on every address")
     web_config_file: str | None = Field(
         None, description="Prometheus exporter-toolkit style web config (TLS, basic auth, headers); unset = plain HTTP")
+    serve_console: StrictBool = Field(
+        False, description="also serve captured console contents (/api/v1/guests/NAME/console); needs a web config "
+                           "with authentication. Off: consoles are read over the operator socket only")
 
     @field_validator("listen")
     @classmethod
@@ -180,12 +189,36 @@ def parse_listen(value: str) -> tuple[str | None, int]:
     return (host or None), int(port)
 
 
+#: Keys that name files or directories: a relative value in a file is taken from the file's
+#: directory (tests/unit/test_config.py checks every ``*_file``, ``*_dir`` and ``socket`` key is here).
+PATH_KEYS = ("http.web_config_file", "daemon.state_dir", "daemon.socket", "daemon.boot_id_file",
+             "alerts.basic_auth_password_file", "alerts.bearer_token_file", "alerts.tls_ca_file")
+
+
+def resolve_paths(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with the relative :data:`PATH_KEYS` values made absolute from ``base``
+    (other values, and values of the wrong type, unchanged)."""
+    out = dict(data)
+    for dotted in PATH_KEYS:
+        section, key = dotted.split(".")
+        table = out.get(section)
+        value = table.get(key) if isinstance(table, dict) else None
+        if isinstance(table, dict) and isinstance(value, str) and value and not Path(value).is_absolute():
+            out[section] = {**table, key: str(base / value)}
+    return out
+
+
 def settings_from_mapping(data: Mapping[str, Any], source: str = "<config>") -> Settings:
     """Validate a parsed TOML mapping. Raises :class:`ConfigError` with every problem."""
+    strict = strict_type_errors(Settings, dict(data))
     try:
         settings = Settings.model_validate(dict(data))
     except pydantic.ValidationError as err:
-        raise ConfigError(source, format_validation_errors(err)) from None
+        flagged = {line.partition(": ")[0] for line in strict}
+        raise ConfigError(source, strict + [line for line in format_validation_errors(err)
+                                            if line.partition(": ")[0] not in flagged]) from None
+    if strict:
+        raise ConfigError(source, strict)
     problems = cross_section_errors(settings)
     if problems:
         raise ConfigError(source, problems)
@@ -246,17 +279,19 @@ def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None =
     """Load ``path`` (None: defaults only) and its drop-ins, then apply dotted ``overrides``.
 
     The drop-ins (:func:`dropin_files`) are merged over the file in order
-    (:func:`merge_tables`). ``overrides`` maps ``"section.key"`` to a value
+    (:func:`merge_tables`). Relative paths resolve from the directory of ``path``, in
+    the drop-ins too (:func:`resolve_paths`). ``overrides`` maps ``"section.key"`` to a value
     (command-line flags); they win over the files. Raises :class:`ConfigError` for
     unreadable files, TOML syntax errors (naming the file) and every validation problem.
     """
     data: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
     if path is not None:
-        data = _read_toml(path)
+        base = Path(path).resolve().parent
+        data = resolve_paths(_read_toml(path), base)
         dropins = dropin_files(path)
         for dropin in dropins:
-            data = merge_tables(data, _read_toml(dropin))
+            data = merge_tables(data, resolve_paths(_read_toml(dropin), base))
         if dropins:
             source += " with " + ", ".join(f"{DROPIN_DIR}/{p.name}" for p in dropins)
     for dotted, value in (overrides or {}).items():
@@ -332,3 +367,13 @@ def write_access_features(settings: Settings) -> list[str]:
     if not out:
         out.append('libvirt.read_only = "no"')
     return out
+
+
+def write_access_note(settings: Settings) -> str | None:
+    """What ``check-config`` says when the configuration needs libvirt write access
+    (None when it does not, or on the in-process test driver, where nothing needs granting)."""
+    needs = write_access_features(settings)
+    if not needs or settings.libvirt.uri.startswith(DEMO_URI_PREFIX):
+        return None
+    return (f"read-write libvirt access is needed by {', '.join(needs)}: {WRITE_ACCESS_GRANT}. Without it "
+            "virtwatch monitors on a read-only connection and logs each feature that cannot work.")

@@ -15,6 +15,10 @@ Routes (all answer JSON; errors are ``{"error": "..."}``):
   keys, ``profile``, ``mode``) that *replaces* the guest's runtime override; ``{}``
   clears it. 400 names every bad key or value.
 * ``GET  /v1/events?since=SEQ``   recent events
+* ``GET  /v1/guests/{name}/console?lines=N|crash=N``  a captured console's tail and crash
+  records (:func:`~virtwatch.console.query.console_query`): here by default, since the
+  socket's permissions restrict it to root and the ``virtwatch`` group; over HTTP only
+  with ``http.serve_console`` and an authenticating web config
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
+
+from .console.query import ConsolePort, console_query
 
 
 class UnknownGuest(KeyError):
@@ -78,10 +84,13 @@ class ControlServer:
             given, it is served instead of binding ``path``; the socket file
             belongs to systemd: it is neither re-moded nor removed. The fd
             stays open across stop/start (a SIGHUP rebuild serves a dup of it).
+        console: the console capture, read by ``/v1/guests/{name}/console`` (None: 404).
     """
 
-    def __init__(self, port: ControlPort, path: str, mode: int = 0o660, fd: int | None = None) -> None:
+    def __init__(self, port: ControlPort, path: str, mode: int = 0o660, fd: int | None = None,
+                 console: ConsolePort | None = None) -> None:
         self._port = port
+        self._console = console
         self.path = path
         self._mode = mode
         self._fd = fd
@@ -100,6 +109,7 @@ class ControlServer:
         app.router.add_post("/v1/guests/{name}/{action:hold|release|reset}", self._action)
         app.router.add_put("/v1/guests/{name}/override", self._override)
         app.router.add_get("/v1/events", self._events)
+        app.router.add_get("/v1/guests/{name}/console", self._console_read)
         return app
 
     async def start(self) -> None:
@@ -173,6 +183,12 @@ class ControlServer:
             return web.json_response({"error": "the body must be a JSON object of policy keys, e.g. "
                                       '{"restart_delay": 2.0}; {} clears the override'}, status=400)
         return await self._call(self._port.control_override, r.match_info["name"], values)
+
+    async def _console_read(self, r: web.Request) -> web.Response:
+        if self._console is None:
+            return web.json_response({"error": "console capture is not available"}, status=409)
+        status, body = await console_query(self._console, r.match_info["name"], r.query)
+        return web.json_response(body, status=status)
 
     async def _events(self, r: web.Request) -> web.Response:
         try:

@@ -25,6 +25,7 @@ from testkit import sample as value, scrape, until
 from virtwatch.app import Daemon, reload
 from virtwatch.cli import main as cli_main
 from virtwatch.config import Settings, load_settings
+from virtwatch.control import request as control_request
 
 PAGE = 4096
 
@@ -58,7 +59,8 @@ def libvirtd_clients(pid: int | None = None) -> int:
 
 def daemon_settings(state_dir: Path, **overrides: Any) -> Settings:
     base = {"libvirt.uri": URI, "libvirt.read_only": "no", "http.listen": "127.0.0.1:0",
-            "stats.poll_interval": 5.0, "log.events": False, "daemon.state_dir": str(state_dir)}
+            "stats.poll_interval": 5.0, "log.events": False, "daemon.state_dir": str(state_dir),
+            "daemon.socket": str(state_dir / "vw.sock")}
     base.update(overrides)
     return load_settings(None, base)
 
@@ -121,8 +123,11 @@ async def test_crash_lines_are_recorded_and_served(event_impl: Any, guest_factor
             assert d2.settings.stats.poll_interval == 4.0
             assert d2.console.tail(name) == alert_tail
             assert d2.console.state(name)["bytes_total"] == captured
-            status, body = await scrape(d2, f"/api/v1/guests/{name}/console?crash=1")
-            assert status == 200 and "VWLINE TOKCRASH 3" in body
+            # crash records are served on the operator socket (not on the HTTP port by default)
+            status, body = await asyncio.to_thread(control_request, d2.settings.daemon.socket, "GET",
+                                                   f"/v1/guests/{name}/console?crash=1")
+            assert status == 200 and "VWLINE TOKCRASH 3" in body["crash"]["console_tail"]
+            assert (await scrape(d2, f"/api/v1/guests/{name}/console?crash=1"))[0] == 404
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):

@@ -11,8 +11,9 @@ import libvirt
 import yarl
 
 from testkit import sample as metric, scrape, until
-from virtwatch.alerts import AlertSettings
+from virtwatch.alerts.config import AlertSettings
 from virtwatch.app import Daemon
+from virtwatch.config import load_settings
 
 
 async def test_lifecycle_events_reach_state_counters_and_api(daemon: Daemon, make_guests, actor) -> None:
@@ -193,3 +194,24 @@ async def test_storm_of_10000_events_over_100_guests_loses_none(daemon: Daemon, 
     assert len(daemon.recent.since(0, limit=0)) <= 2000  # ring buffer stays bounded
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
     assert grown_kib < 64 * 1024, f"peak RSS grew by {grown_kib} KiB during the storm"
+
+
+async def test_each_poll_is_rendered_before_any_scrape_asks(event_impl, make_guests) -> None:
+    """The state text is rendered after each poll, off the loop: a scrape that follows
+    finds it finished and renders nothing itself. (Polls every 5 s: the scrape comes
+    well before the next one.)"""
+    (dom,) = await asyncio.to_thread(make_guests, "prerender", 1)
+    d = Daemon(load_settings(None, {"libvirt.uri": "test:///default", "http.listen": "127.0.0.1:0",
+                                    "stats.poll_interval": 5.0, "log.events": False}), event_impl)
+    await d.start()
+    try:
+        await until(lambda: d.poller.latest is not None
+                    and any(s.name == dom.name() for s in d.poller.latest.domains.values()), 10, "polled")
+        await until(lambda: d.exposition.cached_key is not None
+                    and d.exposition.cached_key == d.exposition.current_key(), 5, "rendered without a scrape")
+        renders = d.exposition.renders
+        status, text = await scrape(d)
+        assert status == 200 and f'domain="{dom.name()}"' in text
+        assert d.exposition.renders == renders  # the scrape rendered nothing
+    finally:
+        await d.stop()

@@ -108,7 +108,7 @@ def test_check_config_also_validates_the_web_config(tmp_path: Path) -> None:
 
 def test_demo_config_loads() -> None:
     s = load_settings(ROOT / "config" / "virtwatch.demo.toml")
-    assert s.daemon.socket == ".demo/virtwatch.sock" and s.agent.enabled is False
+    assert s.daemon.socket == str(ROOT / "config" / "../.demo/virtwatch.sock") and s.agent.enabled is False
 
 
 def test_found_by_a_new_user_are_errors_now(tmp_path) -> None:
@@ -141,3 +141,55 @@ def test_console_capture_makes_auto_read_write() -> None:
     assert wants_read_only(load_settings(None, {"policy.match": [{"glob": "w*", "capture_console": True}]})) is False
     assert wants_read_only(load_settings(None, {"console.guests": ["db*"], "console.enabled": False})) is True
     assert wants_read_only(load_settings(None, {"console.guests": ["db*"], "libvirt.read_only": "yes"})) is True
+
+
+def test_toml_types_are_strict_and_errors_name_the_key(tmp_path: Path) -> None:
+    """Issue 13: lax conversions (a string, a boolean or a float with no fraction for a number)
+    are errors naming the key, in every section, policy tables included."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('[stats]\npoll_interval = "15"\nmax_stuck_lanes = 2.0\n[libvirt]\nkeepalive_count = true\n'
+                   '[policy.defaults]\nrestart_delay = "5"\n[[policy.match]]\nglob = "x"\nlimit_burst = "3"\n'
+                   '[console]\nbuffer_kib = "8"\nbogus = 1\n')
+    with pytest.raises(ConfigError) as err:
+        load_settings(cfg)
+    assert err.value.errors == [
+        "stats.poll_interval: expected a number, got the string '15' (TOML types are strict: no quotes around numbers)",
+        "stats.max_stuck_lanes: expected an integer, got 2.0",
+        "libvirt.keepalive_count: expected an integer, got the boolean true",
+        "policy.defaults.restart_delay: expected a number, got the string '5' (TOML types are strict: no quotes "
+        "around numbers)",
+        "policy.match.0.limit_burst: expected an integer, got the string '3' (TOML types are strict: no quotes "
+        "around numbers)",
+        "console.buffer_kib: expected an integer, got the string '8' (TOML types are strict: no quotes around "
+        "numbers)",
+        "console.bogus: unknown key",
+    ]
+    cfg.write_text('[stats]\npoll_interval = 15\n[policy.defaults]\non_host_shutdown = ["managedsave:300"]\n')
+    s = load_settings(cfg)  # an integer for a float is a number; strings the model parses stay allowed
+    assert s.stats.poll_interval == 15.0 and s.policy.defaults.on_host_shutdown[0].timeout == 300.0
+
+
+def test_relative_paths_resolve_from_the_config_files_directory(tmp_path: Path) -> None:
+    (tmp_path / "etc").mkdir()
+    cfg = tmp_path / "etc" / "virtwatch.toml"
+    cfg.write_text('[http]\nweb_config_file = "web.yml"\n[daemon]\nstate_dir = "../state"\nsocket = "/run/x.sock"\n'
+                   'boot_id_file = "boot"\n[alerts]\nbearer_token_file = "sub/token"\n')
+    s = load_settings(cfg)
+    etc = tmp_path / "etc"
+    assert s.http.web_config_file == str(etc / "web.yml")
+    assert s.daemon.state_dir == str(etc / "../state")
+    assert s.daemon.socket == "/run/x.sock"  # absolute: unchanged
+    assert s.daemon.boot_id_file == str(etc / "boot")
+    assert s.alerts.bearer_token_file == str(etc / "sub/token")
+    # command-line values are taken as given (relative to the working directory, as a shell user expects)
+    assert load_settings(None, {"daemon.state_dir": "st"}).daemon.state_dir == "st"
+
+
+def test_every_path_key_is_resolved() -> None:
+    """A new ``*_file``, ``*_dir`` or ``socket`` key must join PATH_KEYS (or be told apart here)."""
+    from virtwatch.config import PATH_KEYS, Settings
+
+    pathlike = {f"{section}.{key}" for section, field in Settings.model_fields.items()
+                for key in field.annotation.model_fields  # type: ignore[union-attr]
+                if key.endswith(("_file", "_dir")) or key == "socket"}
+    assert pathlike - {"console.read_log_file"} == set(PATH_KEYS)  # read_log_file is a switch, not a path

@@ -54,3 +54,11 @@ def test_merge_tables_is_deep_for_tables_only() -> None:
                                                                                  "limit_burst": 2}},
                                        "console": {"guests": ["b"]}}
     assert base["policy"]["defaults"]["limit_burst"] == 5  # inputs untouched
+
+
+def test_relative_paths_in_dropins_are_from_the_configuration_directory(tmp_path: Path) -> None:
+    cfg = tmp_path / "virtwatch.toml"
+    cfg.write_text("")
+    (tmp_path / "conf.d").mkdir()
+    (tmp_path / "conf.d" / "10-state.toml").write_text('[daemon]\nstate_dir = "state"\n')
+    assert load_settings(cfg).daemon.state_dir == str(tmp_path.resolve() / "state")  # not conf.d/state

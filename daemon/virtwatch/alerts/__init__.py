@@ -1,22 +1,10 @@
 """Instant alerts: libvirt events and daemon conditions posted to Alertmanager.
 
-- :mod:`.config`: the ``[alerts]`` settings (:class:`AlertSettings`).
+- :mod:`.config`: the ``[alerts]`` settings (:class:`~.config.AlertSettings`).
 - :mod:`.rules`: pure event → alert action mapping.
 - :mod:`.client`: Alertmanager v2 delivery (queues, retries, self-metrics).
-- :mod:`.alerter`: the :class:`Alerter` facade the daemon wires in.
+- :mod:`.alerter`: the :class:`~.alerter.Alerter` facade the daemon wires in.
+
+Nothing is imported here, so that reading the configuration (which imports ``.config``)
+does not load aiohttp's client.
 """
-
-from .alerter import Alerter
-from .client import AlertmanagerClient, AlertRecord
-from .config import AlertSettings
-from .rules import AlertAction, RuleContext, actions_for_event
-
-__all__ = [
-    "AlertAction",
-    "AlertRecord",
-    "AlertSettings",
-    "Alerter",
-    "AlertmanagerClient",
-    "RuleContext",
-    "actions_for_event",
-]

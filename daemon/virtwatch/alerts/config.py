@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 from urllib.parse import quote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
@@ -129,6 +130,35 @@ class AlertSettings(BaseModel):
         if not domain:
             return self.external_url + "/"
         return f"{self.external_url}/api/v1/guests/{quote(domain, safe='')}"
+
+    def file_problems(self) -> list[str]:
+        """The configured credential and CA files the daemon could not use at start, as
+        ``"alerts.key: message"`` lines (may be empty): unreadable, not UTF-8, empty, more than
+        one line (a secret), or a CA bundle ``ssl`` cannot load. Reads the files."""
+        out = []
+        for key in ("basic_auth_password_file", "bearer_token_file"):
+            path = getattr(self, key)
+            if path is None:
+                continue
+            try:
+                with open(path, encoding="utf-8") as fh:
+                    secret = fh.read().strip()
+            except OSError as err:
+                out.append(f"alerts.{key}: cannot read {path}: {err.strerror or err}")
+                continue
+            except UnicodeDecodeError:
+                out.append(f"alerts.{key}: {path} is not UTF-8 text")
+                continue
+            if not secret:
+                out.append(f"alerts.{key}: {path} is empty")
+            elif not secret.isprintable():
+                out.append(f"alerts.{key}: {path} must hold one line (the secret) without control characters")
+        if self.tls_ca_file and not self.tls_insecure_skip_verify:
+            try:
+                ssl.create_default_context(cafile=self.tls_ca_file)
+            except OSError as err:  # ssl.SSLError included
+                out.append(f"alerts.tls_ca_file: cannot load {self.tls_ca_file}: {err.strerror or err}")
+        return out
 
     def warnings(self) -> list[str]:
         """Valid but deprecated or suspicious settings, as human-readable lines."""

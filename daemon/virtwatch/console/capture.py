@@ -181,6 +181,13 @@ class ConsoleCapture:
             self.read_available(name)  # what arrived since the last tick (non-blocking)
         return gc_.ring.lines(self.settings.alert_lines if lines is None else lines)
 
+    def alert_text(self, name: str) -> str | None:
+        """The console text an instant alert about ``name`` carries: None unless
+        ``alert_console`` opts in; else its last ``alert_lines`` lines, redacted."""
+        if not self.settings.alert_console:
+            return None
+        return "\n".join(self.settings.redact(self.tail(name))) or None
+
     def state(self, name: str) -> dict[str, Any] | None:
         """Capture state of ``name`` (see :meth:`GuestConsole.summary`), None if not captured."""
         gc_ = self._consoles.get(name)

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+import re
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator
+
+#: Default ``alert_redact``: a secret-looking word (password, passwd, passphrase, secret, token,
+#: api_key, auth, authorization, bearer, with anything glued to it: ``DB_PASSWORD``), then
+#: ``:``/``=``/blanks, then the value (a ``Bearer``/``Basic`` scheme word included).
+DEFAULT_ALERT_REDACT = (r"(?i)\b\w*(pass(word|wd|phrase)?|secret|token|api[_-]?key|auth(orization)?|bearer)\w*"
+                        r"(\s*[:=]\s*|\s+)((bearer|basic)\s+)?\S+")
 
 
 class ConsoleSettings(BaseModel):
@@ -32,6 +40,12 @@ class ConsoleSettings(BaseModel):
                               description="take the console even when someone else holds it (VIR_DOMAIN_CONSOLE_FORCE)")
     crash_lines: int = Field(200, ge=1, le=100000, description="lines persisted with a crash")
     alert_lines: int = Field(20, ge=1, le=10000, description="lines attached to an alert annotation")
+    alert_console: StrictBool = Field(
+        False, description="attach the last alert_lines console lines to instant alerts (annotation 'console'), "
+                           "after alert_redact; off: alerts carry no console text")
+    alert_redact: str = Field(
+        DEFAULT_ALERT_REDACT, description="regular expression; each match in the alert's console lines becomes "
+                                          "'[redacted]' ('' = no redaction)")
     read_log_file: StrictBool = Field(True, description="after a crash also read the serial's virtlogd <log file=...>")
     log_file_max_bytes: int = Field(256 * 1024, ge=1024, le=64 * 1024 * 1024,
                                     description="bytes read from the end of the log file at most")
@@ -40,3 +54,19 @@ class ConsoleSettings(BaseModel):
     coalesce_seconds: float = Field(10.0, ge=0, le=3600,
                                     description="crash events of one guest this close together make one record")
     keep_crashes: int = Field(1000, ge=1, le=10**7, description="crash records kept in console.sqlite")
+
+    @field_validator("alert_redact")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"invalid regular expression: {err}") from None
+        return v
+
+    def redact(self, lines: list[str]) -> list[str]:
+        """``lines`` with every ``alert_redact`` match replaced by ``[redacted]``."""
+        if not self.alert_redact:
+            return list(lines)
+        pattern = re.compile(self.alert_redact)
+        return [pattern.sub("[redacted]", line) for line in lines]

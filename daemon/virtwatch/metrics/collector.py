@@ -158,27 +158,53 @@ class Exposition:
         """Like :meth:`render`, but a cache miss renders a frozen copy of the
         state in a worker thread, so 1,000 guests (~270 ms of text) never
         stall the event loop. Concurrent misses share one render."""
+        body, error = await self._state_body()
+        return self._assemble(body, error)
+
+    @property
+    def cached_key(self) -> tuple[Any, ...] | None:
+        """The :meth:`StateCollector.key` of the cached state text (None before the first render)."""
+        return self._cached_key
+
+    def current_key(self) -> tuple[Any, ...]:
+        """The state collector's key now (raises what reading the inputs raises)."""
+        return self._state.key()
+
+    def prerender(self) -> asyncio.Future[tuple[bytes, Exception | None]] | None:
+        """Start rendering the state text now, in a worker thread, unless it is cached or
+        already rendering: called after each poll, so that a scrape finds a finished body
+        instead of waiting for one. Returns the render (None if nothing was started)."""
+        try:
+            key = self._state.key()
+        except Exception:  # the scrape will report it
+            return None
+        if key == self._cached_key or (self._pending is not None and self._pending_key == key):
+            return None
+        return asyncio.ensure_future(self._state_body())
+
+    async def _state_body(self) -> tuple[bytes, Exception | None]:
+        """The state text for the current key: cached, or rendered once in a worker thread."""
         try:
             key = self._state.key()
         except Exception as err:  # reading the inputs failed: nothing to cache
-            return self._assemble(b"", err)
-        if key != self._cached_key:
-            if self._pending is None or self._pending_key != key:
-                try:
-                    frozen = self._state.frozen()
-                except Exception as err:
-                    return self._assemble(b"", err)
-                reg = CollectorRegistry(auto_describe=False)
-                reg.register(frozen)
-                self._pending_key = key
-                self._pending = asyncio.ensure_future(asyncio.to_thread(_render, reg))
-            pending = self._pending
-            body, error = await asyncio.shield(pending)  # a scrape that goes away must not cancel it
-            if self._pending is pending:
-                self._cached, self._cached_error, self._cached_key, self._pending = body, error, key, None
-                self.renders += 1
-            return self._assemble(body, error)
-        return self._assemble(self._cached, self._cached_error)
+            return b"", err
+        if key == self._cached_key:
+            return self._cached, self._cached_error
+        if self._pending is None or self._pending_key != key:
+            try:
+                frozen = self._state.frozen()
+            except Exception as err:
+                return b"", err
+            reg = CollectorRegistry(auto_describe=False)
+            reg.register(frozen)
+            self._pending_key = key
+            self._pending = asyncio.ensure_future(asyncio.to_thread(_render, reg))
+        pending = self._pending
+        body, error = await asyncio.shield(pending)  # a scrape that goes away must not cancel it
+        if self._pending is pending:
+            self._cached, self._cached_error, self._cached_key, self._pending = body, error, key, None
+            self.renders += 1
+        return body, error
 
     def _assemble(self, state_body: bytes, state_error: Exception | None) -> bytes:
         """Live and component texts (rendered now), the success family, then the state text."""

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from .. import __version__
+from ..console.query import ConsolePort, console_query
 from ..eventlog import RecentEvents
 from ..state import GuestRegistry, GuestView
 from ..virt.decode import state_name, state_reason_name
@@ -31,26 +32,6 @@ class StatusPort(Protocol):
 
     def guest_extra(self, name: str) -> dict[str, Any]:
         """Extra per-guest data (policy state, agent info); {} if none."""
-
-
-class ConsolePort(Protocol):
-    """The console capture as the HTTP API reads it (a :class:`~virtwatch.console.ConsoleCapture`)."""
-
-    @property
-    def crash_lines(self) -> int:
-        """Lines of the live tail when the request names none."""
-
-    def state(self, name: str) -> dict[str, Any] | None:
-        """JSON-ready capture state of ``name``; None when it is not captured."""
-
-    def tail(self, name: str, lines: int | None = None) -> list[str]:
-        """The last ``lines`` console lines of ``name`` from memory."""
-
-    async def crash(self, name: str, n: int) -> Any:
-        """The ``n``-th most recent crash record (``as_dict()``), or None."""
-
-    async def crashes(self, name: str, limit: int = 20) -> list[Any]:
-        """Crash records (``id``, ``time``, ``events``), newest first."""
 
 
 def guest_json(g: GuestView, snap: Snapshot | None) -> dict[str, Any]:
@@ -101,7 +82,8 @@ class HTTPApp:
         status: daemon status port.
         ready: returns True when libvirt is connected and resynced (``/readyz``).
         middlewares: extra aiohttp middlewares (auth), applied in order.
-        console: the console capture; None leaves out ``/api/v1/guests/{name}/console``.
+        console: the console capture; None (the default, and the daemon's unless
+            ``http.serve_console``) leaves out ``/api/v1/guests/{name}/console``.
     """
 
     def __init__(self, exposition: Exposition, guests: GuestRegistry, snapshot: Callable[[], Snapshot | None],
@@ -224,7 +206,7 @@ td.num{{text-align:right;font-variant-numeric:tabular-nums}}.st-running{{color:#
 
 
 class ConsoleAPI:
-    """``GET /api/v1/guests/{name}/console`` over a :class:`ConsolePort`."""
+    """``GET /api/v1/guests/{name}/console`` over a :class:`ConsolePort` (``http.serve_console``)."""
 
     def __init__(self, console: ConsolePort) -> None:
         self._console = console
@@ -234,28 +216,10 @@ class ConsoleAPI:
         app.router.add_get("/api/v1/guests/{name}/console", self.console)
 
     async def console(self, request: web.Request) -> web.Response:
-        """``?lines=N`` (default ``crash_lines``): live tail; ``?crash=N``: the
-        N-th most recent crash record. 404 when neither exists; 400 for a bad number."""
-        name = request.match_info["name"]
-        try:
-            lines = int(request.query.get("lines", str(self._console.crash_lines)))
-            crash_n = int(request.query["crash"]) if "crash" in request.query else None
-        except ValueError:
-            return web.json_response({"error": "lines and crash must be integers"}, status=400)
-        if not 0 <= lines <= 100000:
-            return web.json_response({"error": "lines must be between 0 and 100000"}, status=400)
-        if crash_n is not None:
-            rec = await self._console.crash(name, crash_n)
-            if rec is None:
-                return web.json_response({"error": f"no crash {crash_n} recorded for {name!r}"}, status=404)
-            return web.json_response({"name": name, "crash": rec.as_dict()})
-        crashes = await self._console.crashes(name, 20)
-        state = self._console.state(name)
-        if state is None and not crashes:
-            return web.json_response({"error": f"console of {name!r} is not captured"}, status=404)
-        return web.json_response({"name": name, "capture": state, "lines": self._console.tail(name, lines),
-                                  "crashes": [{"n": i + 1, "id": r.id, "time": r.time, "events": r.events}
-                                              for i, r in enumerate(crashes)]})
+        """``?lines=N`` (default ``crash_lines``): live tail; ``?crash=N``: the N-th most
+        recent crash record (:func:`~virtwatch.console.query.console_query`)."""
+        status, body = await console_query(self._console, request.match_info["name"], request.query)
+        return web.json_response(body, status=status)
 
 
 def _fmt_bytes(v: float | None) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..alerts import Alerter
+from ..alerts.alerter import Alerter
 from .clock import Clock, SystemClock
 from .config import PolicySettings
 from .engine import PolicyEngine

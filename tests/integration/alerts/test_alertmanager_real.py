@@ -8,7 +8,8 @@ import time
 import aiohttp
 from prometheus_client import CollectorRegistry
 
-from virtwatch.alerts import Alerter, AlertSettings
+from virtwatch.alerts.alerter import Alerter
+from virtwatch.alerts.config import AlertSettings
 from virtwatch.model import Event
 
 

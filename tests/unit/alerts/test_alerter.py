@@ -6,8 +6,9 @@ import pydantic
 import pytest
 from prometheus_client import CollectorRegistry
 
-from virtwatch.alerts import Alerter, AlertSettings
+from virtwatch.alerts.alerter import Alerter
 from virtwatch.alerts.client import rfc3339
+from virtwatch.alerts.config import AlertSettings
 from virtwatch.model import Event
 
 A = "http://am:9093"

@@ -15,9 +15,10 @@ from pathlib import Path
 import yaml
 from prometheus_client import CollectorRegistry
 
-from virtwatch.alerts import Alerter, AlertRecord, AlertSettings, rules as alert_rules
-from virtwatch.alerts.client import alert_payload
-from virtwatch.alerts.config import DEFAULT_RUNBOOK_BASE_URL
+from virtwatch.alerts import rules as alert_rules
+from virtwatch.alerts.alerter import Alerter
+from virtwatch.alerts.client import AlertRecord, alert_payload
+from virtwatch.alerts.config import DEFAULT_RUNBOOK_BASE_URL, AlertSettings
 from virtwatch.model import Event
 from virtwatch.policy import wiring
 

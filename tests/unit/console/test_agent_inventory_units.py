@@ -11,7 +11,8 @@ import libvirt
 from prometheus_client import CollectorRegistry, generate_latest
 
 from testkit import until
-from virtwatch.agent import AgentSettings, GuestAgent, parse_addresses, parse_guest_info
+from virtwatch.agent.lane import GuestAgent, parse_addresses, parse_guest_info
+from virtwatch.agent.settings import AgentSettings
 from virtwatch.inventory import Inventory
 from virtwatch.metrics.instruments import Instruments
 from virtwatch.model import Event

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from testkit import until
 from virtwatch.cli import console_log_main
+from virtwatch.config import ConfigError, load_settings
 from virtwatch.console.capture import ConsoleCapture
 from virtwatch.console.settings import ConsoleSettings
 from virtwatch.metrics.http import ConsoleAPI
@@ -297,12 +298,12 @@ async def test_http_console_endpoint(tmp_path: Path, calls: Callable[[], Calls])
         args = argparse.Namespace(guest="nope", crash=None, list=False, state_dir=None, lines=5,
                                   url=f"http://127.0.0.1:{port}")
         with contextlib.redirect_stderr(err):
-            rc = await asyncio.to_thread(console_log_main, args, "/nonexistent", "127.0.0.1:9")
+            rc = await asyncio.to_thread(console_log_main, args, "/nonexistent", "/nonexistent/vw.sock")
         assert rc == 3 and "nope: console of 'nope' is not captured (HTTP 404)" in err.getvalue()
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             rc = await asyncio.to_thread(console_log_main, argparse.Namespace(**{**vars(args), "guest": "web-1"}),
-                                         "/nonexistent", "127.0.0.1:9")
+                                         "/nonexistent", "/nonexistent/vw.sock")
         assert rc == 0 and out.getvalue().splitlines() == ["l1", "l2", "l3"]
     finally:
         await runner.cleanup()
@@ -344,3 +345,42 @@ async def test_policy_selection_sizes_the_ring_and_reselect_attaches_then_releas
     assert len(conn.opens) == 1 and conn.streams[0].aborted
     assert cap.attached() == []
     await cap.stop()
+
+
+async def test_alerts_carry_no_console_text_by_default(calls: Callable[[], Calls]) -> None:
+    """Issue 13: console lines reach an instant alert only when ``alert_console`` opts in."""
+    assert ConsoleSettings().alert_console is False
+    conn = FakeConn([[b"login: root\n", b"Password: hunter2\n", b"Kernel panic\n"]])
+    cap = ConsoleCapture(settings(), calls(), Guests(G("web-1", "uuid-web-1", RUNNING)), None)
+    cap.connection_ready(conn)
+    await until(lambda: cap.tail("web-1", 5) == ["login: root", "Password: hunter2", "Kernel panic"])
+    assert cap.alert_text("web-1") is None
+    await cap.stop()
+
+
+async def test_opted_in_alert_text_is_redacted_with_the_default_pattern(calls: Callable[[], Calls]) -> None:
+    conn = FakeConn([[b"login: root\n", b"Password: hunter2\n", b"export DB_PASSWORD=s3cr3t API_KEY=k1 x\n",
+                      b"curl -H 'Authorization: Bearer eyJabc'\n", b"token abc123\n", b"Kernel panic\n"]])
+    cap = ConsoleCapture(settings(alert_console=True, alert_lines=6), calls(),
+                         Guests(G("web-1", "uuid-web-1", RUNNING)), None)
+    cap.connection_ready(conn)
+    await until(lambda: len(cap.tail("web-1", 10)) == 6)
+    assert cap.alert_text("web-1") == ("login: root\n[redacted]\nexport [redacted] [redacted] x\n"
+                                       "curl -H '[redacted]\n[redacted]\nKernel panic")
+    assert cap.alert_text("not-captured") is None
+    await cap.stop()
+
+
+async def test_alert_redaction_pattern_is_configurable(calls: Callable[[], Calls]) -> None:
+    conn = FakeConn([[b"pin=1234 Password: hunter2\n"]])
+    guests = Guests(G("web-1", "uuid-web-1", RUNNING))
+    custom = ConsoleCapture(settings(alert_console=True, alert_redact=r"pin=\d+"), calls(), guests, None)
+    custom.connection_ready(conn)
+    await until(lambda: custom.tail("web-1", 1) == ["pin=1234 Password: hunter2"])
+    assert custom.alert_text("web-1") == "[redacted] Password: hunter2"
+    await custom.stop()
+    assert ConsoleSettings(alert_redact="").redact(["Password: x"]) == ["Password: x"]
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"console.alert_redact": "(unclosed"})
+    assert err.value.errors == ["console.alert_redact: invalid regular expression: missing ), unterminated "
+                                "subpattern at position 0"]

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry
 from structlog.testing import capture_logs
 
 from testkit import until
-from virtwatch.alerts import Alerter
+from virtwatch.alerts.alerter import Alerter
 from virtwatch.config import ConfigError, settings_from_mapping
 from virtwatch.policy.clock import FakeClock
 from virtwatch.policy.config import PolicySettings

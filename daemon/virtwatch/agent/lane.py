@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fnmatch
 import ipaddress
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -55,12 +54,12 @@ from typing import Any
 import libvirt
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
-from .infra.timing import next_deadline, wait_event
-from .model import ACTIVE, RUNNING, Event, Kind, Lifecycle, Source
-from .state import GuestLookup
-from .virt.calls import Calls, CallTimeout, error_code_name
+from ..infra.timing import next_deadline, wait_event
+from ..model import ACTIVE, RUNNING, Event, Kind, Lifecycle, Source
+from ..state import GuestLookup
+from ..virt.calls import Calls, CallTimeout, error_code_name
+from .settings import AddressFilter, AgentSettings
 
 log = structlog.get_logger("virtwatch.agent")
 
@@ -72,49 +71,6 @@ _SOURCES = (("agent", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_AGENT),
             ("arp", libvirt.VIR_DOMAIN_INTERFACE_ADDRESSES_SRC_ARP))
 
 _AGENT_DOWN = ("timeout", "VIR_ERR_AGENT_UNRESPONSIVE", "VIR_ERR_AGENT_UNSYNCED")
-
-#: Guest interfaces whose addresses are not exported by default: container runtimes' and
-#: CNI plugins' bridges, veth pairs and tunnels, nested libvirt/LXC bridges.
-DEFAULT_SKIP_INTERFACES = ("docker*", "br-*", "veth*", "cni*", "flannel*", "cali*", "vxlan.calico", "tunl*",
-                           "weave*", "kube-ipvs*", "cilium_*", "lxc*", "podman*", "virbr*", "nerdctl*")
-
-
-class AgentSettings(BaseModel):
-    """``[agent]``: guest agent queries."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: StrictBool = Field(True, description="query guest agents")
-    interval: float = Field(60.0, ge=0.1, le=86400, description="seconds between refreshes of one guest")
-    timeout: int = Field(5, ge=1, le=300, description="agentSetResponseTimeout, seconds; our own deadline adds 2 s")
-    startup_delay: float = Field(1.0, ge=0, le=600,
-                                 description="wait after AGENT_LIFECYCLE CONNECTED before the first query, seconds")
-    skip_loopback: StrictBool = Field(True, description="leave out loopback addresses (127.0.0.0/8, ::1)")
-    skip_link_local: StrictBool = Field(True, description="leave out link-local addresses (169.254.0.0/16, fe80::/10)")
-    skip_interfaces: tuple[str, ...] = Field(
-        DEFAULT_SKIP_INTERFACES,
-        description="guest interface name globs (fnmatch) whose addresses are left out: container bridges, veths")
-
-    @property
-    def address_filter(self) -> AddressFilter:
-        """The address filter these settings describe."""
-        return AddressFilter(self.skip_loopback, self.skip_link_local, self.skip_interfaces)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AddressFilter:
-    """Which guest addresses to leave out: loopback, link-local, and any address of an
-    interface whose name matches one of ``interfaces`` (shell globs, case-sensitive)."""
-
-    loopback: bool = True
-    link_local: bool = True
-    interfaces: tuple[str, ...] = DEFAULT_SKIP_INTERFACES
-
-    def skips(self, interface: str, address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
-        """True when ``address`` on guest interface ``interface`` is to be left out."""
-        return ((self.loopback and address.is_loopback) or (self.link_local and address.is_link_local)
-                or any(fnmatch.fnmatchcase(interface, glob) for glob in self.interfaces))
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Address:
