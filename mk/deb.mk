@@ -15,7 +15,7 @@
 #   DEB_OUTDIR    where the .deb goes   [dist]
 
 DEB_SRCDIR   := $(patsubst %/,%,$(dir $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))))
-DEB_VERSION  ?= $(shell sed -n 's/^version *= *"\(.*\)"/\1/p' "$(DEB_SRCDIR)/pyproject.toml" | head -n1)
+DEB_VERSION  ?= $(shell sed -n 's/^version *= *"\([^"]*\)".*/\1/p' "$(DEB_SRCDIR)/pyproject.toml" | head -n1)
 DEB_BUILDDIR ?= $(DEB_SRCDIR)/build/deb
 DEB_OUTDIR   ?= $(DEB_SRCDIR)/dist
 DEB_ARCH     := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
