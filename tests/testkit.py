@@ -7,7 +7,10 @@ directory of the root conftest, on ``sys.path``).
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -91,3 +94,72 @@ def labels_of(text: str, name: str, **labels: str) -> dict[str, str] | None:
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
                 return dict(s.labels)
     return None
+
+
+# -- Grafana dashboards (config/grafana): shared by the unit, integration and e2e checks ----------
+
+GRAFANA_DIR = Path(__file__).resolve().parents[1] / "config" / "grafana"
+#: uid → file of every shipped dashboard.
+DASHBOARDS = {"virtwatch": GRAFANA_DIR / "virtwatch-dashboard.json",
+              "virtwatch-fleet": GRAFANA_DIR / "virtwatch-fleet.json"}
+#: Series Prometheus itself makes: rule state and scrape health.
+PROMETHEUS_SERIES = frozenset({"ALERTS", "ALERTS_FOR_STATE", "up"})
+_PROMQL_WORDS = frozenset({"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+                           "offset", "bool", "inf", "nan", "atan2"})
+
+
+def load_dashboard(uid: str) -> dict[str, Any]:
+    """The parsed dashboard JSON of ``uid`` (a key of :data:`DASHBOARDS`)."""
+    doc: dict[str, Any] = json.loads(DASHBOARDS[uid].read_text())
+    return doc
+
+
+def dashboard_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every panel, the panels of collapsed rows included, in file order."""
+    out: list[dict[str, Any]] = []
+    for p in panels:
+        out.append(p)
+        out.extend(dashboard_panels(p.get("panels", [])))
+    return out
+
+
+def dashboard_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
+    """(where, expr) for every panel target and every annotation query; ``where`` reads
+    ``panel 'TITLE' target REFID`` or ``annotation 'NAME'``."""
+    out = [(f"panel {p['title']!r} target {t['refId']}", t["expr"])
+           for p in dashboard_panels(dashboard["panels"]) for t in p.get("targets", [])]
+    out += [(f"annotation {a['name']!r}", a["expr"]) for a in dashboard["annotations"]["list"] if "expr" in a]
+    return out
+
+
+def grafana_regex(value: str) -> str:
+    """A multi-value/All variable's value as Grafana puts it into a PromQL regex matcher
+    (regex characters escaped with a backslash, itself escaped for the PromQL string)."""
+    return re.sub(r"[$^*{}\[\]'+?.()|]", lambda m: "\\\\" + m.group(0), value)
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    """Grafana's variable interpolation (``$name`` and ``${name}``); an unknown variable fails."""
+    def repl(m: re.Match[str]) -> str:
+        name = m.group(1) or m.group(2)
+        assert name in variables, f"unknown variable ${name} in {expr}"
+        return variables[name]
+
+    out = re.sub(r"\$\{(\w+)\}|\$(\w+)", repl, expr)
+    assert "$" not in out, out
+    return out
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names a PromQL expression selects (string literals, label matchers, ranges,
+    grouping clauses, function names, keywords and numbers are not names)."""
+    e = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)      # string literals
+    e = re.sub(r"\{[^}]*\}", " ", e)                    # label matchers
+    e = re.sub(r"\[[^\]]*\]", " ", e)                   # ranges and subqueries
+    e = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", e)
+    e = re.sub(r"\boffset\s+\S+", " ", e)
+    names = set()
+    for m in re.finditer(r"(?<![\w.:$])([A-Za-z_:][\w:]*)(\s*\()?", e):
+        if m.group(2) is None and m.group(1) not in _PROMQL_WORDS:
+            names.add(m.group(1))
+    return names

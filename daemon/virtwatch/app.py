@@ -31,6 +31,7 @@ from .eventlog import RecentEvents
 from .inventory import Inventory
 from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
+from .metrics.history import GuestHistory, cpu_percent
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
 from .model import Event, Source
@@ -43,7 +44,7 @@ from .virt.connection import ConnectionManager, SideConnection
 from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
-from .virt.stats import Snapshot, StatsPoller, cpu_percent
+from .virt.stats import Snapshot, StatsPoller
 from .web.server import WebServer, load_web_parts
 
 log = structlog.get_logger("virtwatch.app")
@@ -65,6 +66,7 @@ class Retained:
         action_counts: policy action counters.
         snapshot: the last statistics poll (dropped when ``libvirt.uri`` changes).
         previous: the poll before it (CPU %).
+        history: recent CPU and memory per guest (the status page's sparklines).
         uri: the libvirt URI these figures came from.
         started_at: when the process's first daemon started (epoch seconds).
     """
@@ -82,6 +84,7 @@ class Retained:
     action_counts: Mapping[tuple[str, str], int]
     snapshot: Snapshot | None
     previous: Snapshot | None
+    history: GuestHistory
     uri: str
     started_at: float
 
@@ -141,6 +144,7 @@ class Daemon:
         self._denied_logged = False  # features that need write access are logged once when libvirt refuses it
         self._previous = kept.previous if kept and same_host else None
         self._latest = kept.snapshot if kept and same_host else None
+        self.history = kept.history if kept and same_host else GuestHistory()
         # Statistics and host figures run on lanes of their own (one connection, one thread
         # each), so a call stuck on a hung QEMU never holds up events, resync or console opens,
         # nor the next poll (issue 9). Statistics never need write access.
@@ -226,7 +230,8 @@ class Daemon:
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd, console=self.console)
         self.http = HTTPApp(self.exposition, self.guests, lambda: self.poller.latest, self.recent, self,
                             ready=self.connection.ready.is_set,
-                            console=self.console if settings.http.serve_console else None)
+                            console=self.console if settings.http.serve_console else None, history=self.history,
+                            wall=wall_clock)
         self.web = WebServer(self.http.build)
         self._tasks: list[asyncio.Task[Any]] = []
         self._stopping = False
@@ -275,6 +280,7 @@ class Daemon:
             self.alerter.connection_lost(self.settings.libvirt.uri, self.connection.close_reason or "")
 
     def _on_snapshot(self, snap: Snapshot) -> None:
+        self.history.add(self._latest, snap)
         self._previous, self._latest = self._latest, snap
         # Render the new figures now, off the loop: the next scrape finds a finished body.
         self._prerender = self.exposition.prerender() or self._prerender
@@ -411,7 +417,7 @@ class Daemon:
             alerts=self.alerter.active, consoles=self.console.handover(), agent_info=self.agent.all_info(),
             action_counts=(dict(self.policy.engine.snapshot().actions) if self.policy is not None
                            else self._kept_action_counts),
-            snapshot=self.poller.latest, previous=self._previous, uri=self.settings.libvirt.uri,
+            snapshot=self.poller.latest, previous=self._previous, history=self.history, uri=self.settings.libvirt.uri,
             started_at=self.started_at)
 
     async def reload_web(self, settings: Settings) -> None:

@@ -1,11 +1,13 @@
 """The landing page ``/`` in a real headless Chromium (Debian ``chromium``).
 
 virtwatch's Daemon runs in this process on libvirt's test driver (policy enabled, one
-guest managed by a ``[[policy.match]]`` rule) with a running and a paused guest. Chromium
-(a subprocess) renders ``/`` twice: ``--dump-dom`` gives the DOM after parsing (the guest
-table, read back with html.parser), ``--screenshot`` a PNG that is decoded here (stdlib
-zlib) and checked for size and real content. The page has no JavaScript (the DOM Chromium
-built has no <script>).
+guest managed by a ``[[policy.match]]`` rule that also captures its console) with a running,
+a paused and an oddly named guest. Chromium (a subprocess) renders ``/`` twice:
+``--dump-dom`` gives the DOM after parsing (the guest table with its sparklines and links,
+read back with html.parser; every guest's JSON link is then fetched), ``--screenshot`` a PNG
+that is decoded here (stdlib zlib) and checked for size, real content and the sparklines'
+colours. The page has no JavaScript and loads nothing else (the DOM Chromium built has no
+<script>, no src= and no stylesheet link).
 
 Skips only when chromium is missing outside CI; with ``CI=true`` a missing chromium fails.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import struct
 import time
@@ -22,14 +25,17 @@ from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import libvirt
 import pytest
 
 from testkit import until
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
+from virtwatch.metrics.landing import CPU_COLOR, MEMORY_COLOR
 
-WIDTH, HEIGHT = 1200, 700
+WIDTH, HEIGHT = 1400, 700
+ODD = "vwland-odd ?#%&"  # characters a URL path or query treats specially (libvirt refuses "/")
 CHROMIUM_TIMEOUT = 60.0
 
 
@@ -66,25 +72,40 @@ async def chromium(tmp_path: Path, *args: str) -> bytes:
 
 
 class TableParser(HTMLParser):
-    """Rows of every <table> (cells as text), the <title>, and whether any <script> exists."""
+    """Rows of every <table> (cells as text, an <svg>'s own text left out), per row its links
+    (``hrefs``) and its sparklines (``sparks``: stroke colour → polyline count), the page
+    <title>, and how many <script> elements there are."""
 
     def __init__(self) -> None:
         super().__init__()
         self.rows: list[list[str]] = []
+        self.hrefs: list[list[str]] = []
+        self.sparks: list[dict[str, int]] = []
         self.title = ""
         self.scripts = 0
         self._cell: list[str] | None = None
         self._in_title = False
+        self._svg = 0
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
         if tag == "tr":
             self.rows.append([])
+            self.hrefs.append([])
+            self.sparks.append({})
         elif tag in ("td", "th"):
             self._cell = []
-        elif tag == "title":
+        elif tag == "title" and not self._svg:
             self._in_title = True
         elif tag == "script":
             self.scripts += 1
+        elif tag == "a" and self.rows:
+            self.hrefs[-1].append(a.get("href") or "")
+        elif tag == "svg":
+            self._svg += 1
+        elif tag == "polyline" and self.rows:
+            color = a.get("stroke") or ""
+            self.sparks[-1][color] = self.sparks[-1].get(color, 0) + 1
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("td", "th") and self._cell is not None:
@@ -92,9 +113,11 @@ class TableParser(HTMLParser):
             self._cell = None
         elif tag == "title":
             self._in_title = False
+        elif tag == "svg":
+            self._svg -= 1
 
     def handle_data(self, data: str) -> None:
-        if self._cell is not None:
+        if self._cell is not None and not self._svg:
             self._cell.append(data)
         if self._in_title:
             self.title += data
@@ -162,6 +185,7 @@ enabled = true
 [[policy.match]]
 glob = "vwland-run-*"
 mode = "dry-run"
+capture_console = true
 """)
     daemon = Daemon(load_settings(config), event_impl)
     await daemon.start()
@@ -170,19 +194,26 @@ mode = "dry-run"
         running = make_guests("vwland-run")[0]  # after the start: the page shows their events
         paused = make_guests("vwland-pause", persistent=True)[0]
         paused.suspend()
-        await check_landing_page(daemon, tmp_path, running.name(), paused.name())
+        odd = make_guests(ODD)[0]
+        await check_landing_page(daemon, tmp_path, running.name(), paused.name(), odd.name())
     finally:
         await daemon.stop()
 
 
-async def check_landing_page(daemon: Daemon, tmp_path: Path, running: str, paused: str) -> None:
-    names = {running: libvirt.VIR_DOMAIN_RUNNING, paused: libvirt.VIR_DOMAIN_PAUSED}
+def near(pixel: bytes, color: str, tolerance: int = 40) -> bool:
+    """Whether an RGB pixel is within ``tolerance`` of ``#rrggbb`` on every channel."""
+    want = bytes.fromhex(color.lstrip("#"))
+    return all(abs(a - b) <= tolerance for a, b in zip(pixel, want, strict=True))
+
+
+async def check_landing_page(daemon: Daemon, tmp_path: Path, running: str, paused: str, odd: str) -> None:
+    names = {running: libvirt.VIR_DOMAIN_RUNNING, paused: libvirt.VIR_DOMAIN_PAUSED, odd: libvirt.VIR_DOMAIN_RUNNING}
     await until(lambda: all(daemon.guests.by_name(n) is not None and daemon.guests.by_name(n).state == s
                             for n, s in names.items()), 10, "guests seen by the daemon")
-    for _ in range(2):  # two polls: CPU % is a rate between polls
-        seen = daemon.poller.latest
-        await until(lambda seen=seen: daemon.poller.latest is not None and daemon.poller.latest is not seen, 10,
-                    "a poll")
+    # Three polls: CPU % is a rate between two, and a sparkline needs two of them.
+    uuid = daemon.guests.by_name(running).uuid
+    await until(lambda: sum(p.cpu_percent is not None for p in daemon.history.series(uuid)) >= 2, 10,
+                "two CPU points in the running guest's history")
     await until(lambda: (daemon.guest_extra(running).get("policy") or {}).get("managed") is True, 10,
                 "policy state of the managed guest")
     assert daemon.listen_address is not None
@@ -193,17 +224,33 @@ async def check_landing_page(daemon: Daemon, tmp_path: Path, running: str, pause
     page = TableParser()
     page.feed(dom)
     assert page.title == "virtwatch"
-    assert page.scripts == 0
+    assert page.scripts == 0 and " src=" not in dom and "<link" not in dom
     header, *rows = page.rows
-    assert header == ["Guest", "State", "CPU %", "Memory", "Last event", "Policy", "Given up"]
+    assert header == ["Guest", "State", "CPU %", "CPU history", "Memory", "Memory history", "Last event", "Policy",
+                      "Given up", "Links"]
     by_name = {r[0]: dict(zip(header, r, strict=True)) for r in rows}
-    assert running in by_name and paused in by_name, rows
-    assert by_name[running]["State"] == "running (booted)"
-    assert by_name[running]["Last event"] == "STARTED/BOOTED"
+    hrefs = {r[0]: h for r, h in zip(rows, page.hrefs[1:], strict=True)}
+    sparks = {r[0]: s for r, s in zip(rows, page.sparks[1:], strict=True)}
+    assert running in by_name and paused in by_name and odd in by_name, rows
+    assert by_name[running]["State"] == by_name[odd]["State"] == "running (booted)"
+    assert re.fullmatch(r"STARTED/BOOTED \d+ s ago", by_name[running]["Last event"]), by_name[running]
     assert by_name[running]["Policy"] == "dry-run, intent running"
     assert by_name[paused]["State"] == "paused (user)"
-    assert by_name[paused]["Last event"] == "SUSPENDED/PAUSED"
+    assert re.fullmatch(r"SUSPENDED/PAUSED \d+ s ago", by_name[paused]["Last event"]), by_name[paused]
     assert by_name[paused]["Policy"] == "observed"
+    # Sparklines: the running guest's CPU and memory (a line of at least two polls each).
+    assert sparks[running] == {CPU_COLOR: 1, MEMORY_COLOR: 1}, sparks
+    # Links: each guest's JSON (name percent-encoded); a captured console's text stays off the
+    # HTTP port by default (http.serve_console): the page names the operator command instead.
+    assert by_name[running]["Links"] == f"JSON · console: virtwatch console-log {running}"
+    assert by_name[paused]["Links"] == by_name[odd]["Links"] == "JSON · no console"
+    assert hrefs[odd][0] == "/api/v1/guests/vwland-odd%20%3F%23%25%26-" + odd.rsplit("-", 1)[1]
+    async with aiohttp.ClientSession() as http:
+        for name, links in hrefs.items():
+            for href in links:
+                async with http.get(f"http://{host}:{port}{href}") as r:
+                    assert r.status == 200, (name, href, await r.text())
+                    assert (await r.json())["name"] == name
     assert by_name[running]["Given up"] == by_name[paused]["Given up"] == ""
     # The test driver's bulk call has no cpu.* / balloon.* statistics; the per-domain fallback reads
     # them (virDomainGetInfo: 65536 KiB, and its cpuTime, which the test driver moves with the clock).
@@ -224,6 +271,10 @@ async def check_landing_page(daemon: Daemon, tmp_path: Path, running: str, pause
     # The table header's #eee background and the running state's green are drawn: the CSS applied.
     assert any(bytes((0xEE, 0xEE, 0xEE)) in row for row in pixels)
     assert any(bytes((0x1A, 0x7F, 0x37)) in row for row in pixels)
+    # So are the sparklines: strokes 2 px wide and at least a few dozen pixels long, in their colours.
+    for color in (CPU_COLOR, MEMORY_COLOR):
+        drawn = sum(1 for row in pixels for x in range(0, len(row), 3) if near(row[x:x + 3], color))
+        assert drawn >= 20, f"no {color} sparkline in the screenshot ({drawn} pixels)"
     keep = os.environ.get("VIRTWATCH_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, Path(keep) / "landing.png")

@@ -6,7 +6,6 @@ libvirtd can never hang a scrape.
 
 from __future__ import annotations
 
-import html
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -20,6 +19,8 @@ from ..state import GuestRegistry, GuestView
 from ..virt.decode import state_name, state_reason_name
 from ..virt.stats import Snapshot
 from .collector import Exposition
+from .history import GuestHistory
+from .landing import GuestRow, render_page
 
 MAX_BODY_BYTES = 64 * 1024
 
@@ -84,12 +85,15 @@ class HTTPApp:
         middlewares: extra aiohttp middlewares (auth), applied in order.
         console: the console capture; None (the default, and the daemon's unless
             ``http.serve_console``) leaves out ``/api/v1/guests/{name}/console``.
+        history: recent CPU and memory per guest for the status page's sparklines (None: none).
+        wall: seconds since the epoch (the status page's ages).
     """
 
     def __init__(self, exposition: Exposition, guests: GuestRegistry, snapshot: Callable[[], Snapshot | None],
                  events: RecentEvents, status: StatusPort, ready: Callable[[], bool],
                  middlewares: list[Callable[..., Awaitable[Any]]] | None = None,
-                 console: ConsolePort | None = None) -> None:
+                 console: ConsolePort | None = None, history: GuestHistory | None = None,
+                 wall: Callable[[], float] = time.time) -> None:
         self._exposition = exposition
         self._guests = guests
         self._snapshot = snapshot
@@ -98,6 +102,8 @@ class HTTPApp:
         self._ready = ready
         self._middlewares = middlewares or []
         self._console = ConsoleAPI(console) if console is not None else None
+        self._history = history
+        self._wall = wall
 
     def build(self, app_kwargs: dict[str, Any] | None = None) -> web.Application:
         """The application. ``app_kwargs`` go to ``web.Application`` (middlewares,
@@ -166,42 +172,16 @@ class HTTPApp:
                                   "last_seq": evs[-1].seq if evs else since})
 
     async def index(self, _request: web.Request) -> web.Response:
-        """A small HTML page: status and a table of guests (no JavaScript)."""
-        st = self._status.status()
+        """The status page (no JavaScript): daemon status and one row per guest with CPU and
+        memory sparklines of its recent polls, state and reason, last event, policy state and
+        links to its JSON and console (:mod:`~virtwatch.metrics.landing`)."""
         snap = self._snapshot()
-        rows = []
-        for g in self._guests.guests():
-            j = guest_json(g, snap)
-            extra = self._status.guest_extra(g.name)
-            mem = j["memory_balloon_current_bytes"]
-            last = j["last_event"]
-            policy = extra.get("policy") or {}
-            reason = html.escape(str(policy.get("given_up_reason") or ""))
-            given_up = f'<td class="bad" title="{reason}">yes</td>' if policy.get("given_up") else "<td></td>"
-            rows.append(
-                '<tr><td>{}</td><td class="st-{}">{}</td><td class="num">{}</td><td class="num">{}</td>'
-                "<td>{}</td><td>{}</td>{}</tr>".format(
-                    html.escape(g.name), html.escape(j["state"]), html.escape(f"{j['state']} ({j['reason']})"),
-                    _fmt_cpu(extra.get("cpu_percent")), _fmt_bytes(mem),
-                    html.escape(f"{last['event']}/{last['detail']}") if last else "",
-                    html.escape(_fmt_policy(policy)), given_up))
-        connected = "connected" if st.get("connected") else "NOT connected"
-        body = f"""<!doctype html>
-<html><head><meta charset="utf-8"><title>virtwatch</title>
-<style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left}}th{{background:#eee}}
-td.num{{text-align:right;font-variant-numeric:tabular-nums}}.st-running{{color:#1a7f37}}
-.st-paused,.st-shutdown{{color:#9a6700}}.st-crashed,.bad{{color:#cf222e;font-weight:bold}}.st-shutoff{{color:#57606a}}</style></head>
-<body><h1>virtwatch {html.escape(__version__)}</h1>
-<p>libvirt <code>{html.escape(str(st.get('uri', '')))}</code>: <b>{connected}</b>;
-{len(rows)} guests; last poll {html.escape(_fmt_age(st.get('last_poll_time')))}.</p>
-<p><a href="/metrics">/metrics</a> · <a href="/api/v1/guests">/api/v1/guests</a> ·
-<a href="/api/v1/events">/api/v1/events</a> · <a href="/healthz">/healthz</a></p>
-<table><tr><th>Guest</th><th>State</th><th>CPU %</th><th>Memory</th><th>Last event</th>
-<th>Policy</th><th>Given up</th></tr>
-{''.join(rows)}
-</table></body></html>
-"""
+        capacity = self._history.points if self._history is not None else 0
+        rows = [GuestRow(guest_json(g, snap), self._status.guest_extra(g.name),
+                         self._history.series(g.uuid) if self._history is not None else (), capacity,
+                         console_served=self._console is not None)
+                for g in self._guests.guests()]
+        body = render_page(self._status.status(), rows, self._wall(), __version__)
         return web.Response(text=body, content_type="text/html")
 
 
@@ -220,33 +200,3 @@ class ConsoleAPI:
         recent crash record (:func:`~virtwatch.console.query.console_query`)."""
         status, body = await console_query(self._console, request.match_info["name"], request.query)
         return web.json_response(body, status=status)
-
-
-def _fmt_bytes(v: float | None) -> str:
-    if v is None:
-        return ""
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if v < 1024 or unit == "TiB":
-            return f"{v:.0f} {unit}" if unit == "B" else f"{v:.1f} {unit}"
-        v /= 1024
-    return ""
-
-
-def _fmt_policy(p: dict[str, Any]) -> str:
-    """Policy column: "observed" for unmanaged guests, else mode and intent (and a pending action)."""
-    if not p.get("managed"):
-        return "observed"
-    out = f"{p.get('mode', '')}, intent {p.get('intent', '')}"
-    if p.get("pending_action"):
-        out += f", {p['pending_action']} pending"
-    return out
-
-
-def _fmt_cpu(v: float | None) -> str:
-    return "" if v is None else f"{v:.1f}"
-
-
-def _fmt_age(t: float | None) -> str:
-    if not t:
-        return "never"
-    return f"{max(0.0, time.time() - t):.0f} s ago"

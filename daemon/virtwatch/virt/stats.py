@@ -561,18 +561,3 @@ class StatsPoller:
         code = error_code_name(err)
         if code != "VIR_ERR_NO_SUPPORT":
             self._instruments.api_errors.labels(call=call, code=code).inc()
-
-
-def cpu_percent(prev: Snapshot | None, cur: Snapshot | None, uuid: str) -> float | None:
-    """Guest CPU use in percent of one host CPU between two polls
-    (``cpu.time`` delta over wall-time delta); None without two samples."""
-    if prev is None or cur is None:
-        return None
-    a, b = prev.domains.get(uuid), cur.domains.get(uuid)
-    if a is None or b is None or b.stale:
-        return None
-    t0, t1 = a.stats.get("cpu.time"), b.stats.get("cpu.time")
-    dt = b.collected_at - a.collected_at
-    if not isinstance(t0, int) or not isinstance(t1, int) or dt <= 0 or t1 < t0:
-        return None
-    return (t1 - t0) / 1e9 / dt * 100.0
