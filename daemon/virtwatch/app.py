@@ -23,7 +23,7 @@ from .agent.lane import AgentInfo, GuestAgent
 from .alerts.alerter import Alerter
 from .alerts.client import AlertMetrics, AlertRecord
 from .alerts.rules import AlertKey
-from .config import WRITE_ACCESS_GRANT, ConfigError, Settings, wants_read_only, write_access_features
+from .config import ConfigError, Settings, wants_read_only, write_denied_warnings
 from .console.capture import ConsoleCapture, GuestConsole
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .demo import LivingDemo
@@ -40,7 +40,7 @@ from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
 from .virt.calls import Calls
-from .virt.connection import ConnectionManager, SideConnection
+from .virt.connection import ConnectionManager, Opener, SideConnection
 from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
@@ -110,7 +110,7 @@ class Daemon:
     # which subscribers and listeners are called.
     def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl,  # noqa: PLR0915
                  registry: CollectorRegistry | None = None, wall_clock: Callable[[], float] = time.time,
-                 control_fd: int | None = None, retained: Retained | None = None, opener: Any = None) -> None:
+                 control_fd: int | None = None, retained: Retained | None = None, opener: Opener | None = None) -> None:
         self.settings = settings
         self.impl = impl
         self.loop = asyncio.get_running_loop()
@@ -139,9 +139,7 @@ class Daemon:
             self.pump.subscribe(EventLogger())
         self.read_only = wants_read_only(settings)
         self.connection = ConnectionManager(settings.libvirt, self.read_only, self.calls, self.pump,
-                                            self.guests.apply_resync, self.instruments,
-                                            **({"opener": opener} if opener else {}))
-        self._denied_logged = False  # features that need write access are logged once when libvirt refuses it
+                                            self.guests.apply_resync, self.instruments, opener=opener)
         self._previous = kept.previous if kept and same_host else None
         self._latest = kept.snapshot if kept and same_host else None
         self.history = kept.history if kept and same_host else GuestHistory()
@@ -174,16 +172,14 @@ class Daemon:
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
                                       selector=self._console_capture, wall=wall_clock,
                                       call_timeout=min(10.0, settings.libvirt.call_timeout),
-                                      kept=kept.consoles if kept else None,
-                                      writable=lambda: self.connection.write_denied is None)
+                                      kept=kept.consoles if kept else None, writable=self.connection.writable)
         # The agent's calls may block for its response timeout: its own connection and thread
         # (libvirt 9.0's client must never see two calling threads on one connection).
         self.agent_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
         self.agent = GuestAgent(settings.agent, self.agent_calls, self.guests, wall=wall_clock,
                                 kept=kept.agent_info if kept and same_host else None)
-        denied = lambda: self.connection.write_denied is not None  # noqa: E731 -- read-write side lanes wait for a grant
         self.agent_side = SideConnection("agent", settings.libvirt, self.read_only, self.agent_calls, self.agent,
-                                         blocked=denied)
+                                         allowed=self.connection.writable)
         self.lanes.count_also(lambda: self.agent_side.conn is not None)
         self.pump.subscribe(self.console.on_event)
         self.connection.add_listener(self.console)
@@ -203,7 +199,7 @@ class Daemon:
                                         self.alerter, settings.daemon.boot_id_file, calls=self.policy_calls,
                                         action_counts=kept.action_counts if kept else None)
             self.policy_side = SideConnection("policy", settings.libvirt, self.read_only, self.policy_calls,
-                                              self.policy, blocked=denied)
+                                              self.policy, allowed=self.connection.writable)
             self.connection.add_listener(self.policy_side)
             self.lanes.count_also(lambda: self.policy_side is not None and self.policy_side.conn is not None)
             self.pump.subscribe(self.policy.engine.on_event)
@@ -266,11 +262,10 @@ class Daemon:
         """libvirt is back: resolve the connection-lost alert (policy becomes ready
         when its own connection is open); say once what libvirt's refusal of write access stops."""
         self.alerter.connection_restored()
-        if self.connection.write_denied is not None and not self._denied_logged:
-            self._denied_logged = True
-            why = f"libvirt refused read-write access: {self.connection.write_denied}; monitoring goes on read-only"
-            for feature in write_access_features(self.settings):
-                log.warning("feature_unavailable", feature=feature, reason=why, what_to_do=WRITE_ACCESS_GRANT)
+        if self.connection.write_denied is not None and not self.connection.denied_reported:
+            self.connection.denied_reported = True  # once per daemon, not at every reconnect
+            for fields in write_denied_warnings(self.settings, self.connection.write_denied):
+                log.warning("feature_unavailable", **fields)
 
     def connection_lost(self) -> None:
         """libvirt went away: policy stops deciding; fire the alert (not during an orderly stop)."""
@@ -292,8 +287,7 @@ class Daemon:
             "version": __version__,
             "uri": self.settings.libvirt.uri,
             "connected": self.connection.ready.is_set(),
-            "read_only": self.connection.read_only,
-            "write_denied": self.connection.write_denied,
+            "read_only": self.connection.read_only, "write_denied": self.connection.write_denied,
             "last_error": self.connection.last_error,
             "libvirt": dict(self.connection.info),
             "guests": len(self.guests.guests()),

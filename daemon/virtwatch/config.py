@@ -377,3 +377,10 @@ def write_access_note(settings: Settings) -> str | None:
         return None
     return (f"read-write libvirt access is needed by {', '.join(needs)}: {WRITE_ACCESS_GRANT}. Without it "
             "virtwatch monitors on a read-only connection and logs each feature that cannot work.")
+
+
+def write_denied_warnings(settings: Settings, refusal: str) -> list[dict[str, str]]:
+    """One ``feature_unavailable`` log record's fields per configured feature that libvirt's
+    ``refusal`` of write access stops: the feature, why, and what to grant."""
+    why = f"libvirt refused read-write access: {refusal}; monitoring goes on read-only"
+    return [{"feature": f, "reason": why, "what_to_do": WRITE_ACCESS_GRANT} for f in write_access_features(settings)]

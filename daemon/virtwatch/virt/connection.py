@@ -130,12 +130,13 @@ class ConnectionManager:
 
     def __init__(self, settings: LibvirtSettings, read_only: bool, calls: Calls, pump: EventPump,
                  on_resync: Callable[[list[ResyncEntry], int], None], instruments: VirtInstruments,
-                 rand: Callable[[], float] = random.random, opener: Opener = open_connection) -> None:
+                 rand: Callable[[], float] = random.random, opener: Opener | None = None) -> None:
         self.settings = settings
         self.read_only = read_only
         self.wants_write = not read_only
         self.write_denied: str | None = None
-        self._opener = opener
+        self.denied_reported = False  # for the owner: whether it has said what the refusal stops
+        self._opener = opener or open_connection
         self._calls = calls
         self._pump = pump
         self._on_resync = on_resync
@@ -164,6 +165,10 @@ class ConnectionManager:
     def stopping(self) -> bool:
         """True once :meth:`stop` was called (teardown is orderly, not a loss)."""
         return self._stopping.is_set()
+
+    def writable(self) -> bool:
+        """False while libvirtd refuses the read-write connection this manager wanted."""
+        return self.write_denied is None
 
     def add_listener(self, listener: ConnectionListener) -> None:
         """Register a listener for ready/lost transitions."""
@@ -416,15 +421,15 @@ class SideConnection:
         calls: this connection's own executor (one worker).
         listener: the component using it.
         rand: jitter source in [0, 1).
-        blocked: when it returns True at the main connection's ready, this one is not opened
+        allowed: when it returns False at the main connection's ready, this one is not opened
             (a read-write side connection after libvirtd refused the main one write access).
     """
 
     def __init__(self, name: str, settings: LibvirtSettings, read_only: bool, calls: Calls,
                  listener: ConnectionListener, rand: Callable[[], float] = random.random,
-                 blocked: Callable[[], bool] = lambda: False) -> None:
+                 allowed: Callable[[], bool] = lambda: True) -> None:
         self.name = name
-        self._blocked = blocked
+        self._allowed = allowed
         self.settings = settings
         self.read_only = read_only
         self.calls = calls
@@ -441,9 +446,9 @@ class SideConnection:
         return self._conn
 
     def connection_ready(self, _main: libvirt.virConnect) -> None:
-        """The main connection is ready: open ours (unless :attr:`blocked`)."""
+        """The main connection is ready: open ours (if ``allowed``)."""
         self._gen += 1
-        if not self._blocked():
+        if self._allowed():
             self._spawn(self._open(self._gen))
 
     def connection_lost(self) -> None:
