@@ -10,3 +10,4 @@ bench:
 	./dev.sh venv && .venv/bin/python bench/run_all.py
 
 include mk/install.mk
+include mk/deb.mk

@@ -8,7 +8,8 @@
 #      and its dependencies pip-installed from this source tree;
 #   2. $(BINDIR)/virtwatch -> $(INSTALL_VENV)/bin/virtwatch (symlink);
 #   3. the units into $(UNITDIR), sysusers.d/tmpfiles.d into $(SYSCONFDIR);
-#   4. the virtwatch user (member of libvirt): systemd-sysusers, else useradd;
+#   4. the virtwatch user (not in the libvirt group: monitoring uses libvirt's read-only
+#      socket): systemd-sysusers, else useradd;
 #   5. /etc/virtwatch/virtwatch.toml from the example, only if absent;
 #      /var/lib/virtwatch; docs and examples under $(DOCDIR);
 #   6. systemctl daemon-reload when systemd is running.
@@ -59,9 +60,10 @@ INSTALL_SED   := sed -e 's|/usr/local/bin/virtwatch|$(BINDIR)/virtwatch|g'
 install: install-venv install-files install-user install-dirs install-config install-reload
 	@echo
 	@echo "virtwatch installed. Next:"
-	@echo "  edit $(SYSCONFDIR)/virtwatch/virtwatch.toml, then: virtwatch check-config --config $(SYSCONFDIR)/virtwatch/virtwatch.toml"
+	@echo "  edit $(SYSCONFDIR)/virtwatch/virtwatch.toml, then: virtwatch check-config $(SYSCONFDIR)/virtwatch/virtwatch.toml"
 	@echo "  systemctl enable --now virtwatch.socket virtwatch.service"
 	@echo "  operators: usermod -aG virtwatch NAME (the socket is root:virtwatch 0660)"
+	@echo "  policy actions or console capture: grant read-write libvirt access (virtwatch check-config says how)"
 	@echo "  optional, host-shutdown save path: systemctl enable --now virtwatch-guests-save.service"
 
 # pip builds from a scratch copy so setuptools' build/ never lands in the source tree.
@@ -91,6 +93,7 @@ install-files:
 	install -m 0644 "$(INSTALL_SRCDIR)/systemd/tmpfiles.d/virtwatch.conf" "$(DESTDIR)$(SYSCONFDIR)/tmpfiles.d/virtwatch.conf"
 	install -m 0644 "$(EXAMPLE_CONFIG)" "$(DESTDIR)$(DOCDIR)/virtwatch.example.toml"
 	install -m 0644 "$(INSTALL_SRCDIR)/packaging/web-config.example.yml" "$(DESTDIR)$(DOCDIR)/web-config.example.yml"
+	install -m 0644 "$(INSTALL_SRCDIR)/packaging/polkit/50-virtwatch-libvirt.rules" "$(DESTDIR)$(DOCDIR)/50-virtwatch-libvirt.rules"
 	if [ -f "$(INSTALL_SRCDIR)/README.md" ]; then install -m 0644 "$(INSTALL_SRCDIR)/README.md" "$(DESTDIR)$(DOCDIR)/README.md"; fi
 	install -d -m 0755 "$(DESTDIR)$(DOCDIR)/runbooks"
 	install -m 0644 "$(INSTALL_SRCDIR)"/docs/runbooks/*.md "$(DESTDIR)$(DOCDIR)/runbooks/"
@@ -101,10 +104,8 @@ ifeq ($(DESTDIR),)
 	if command -v systemd-sysusers >/dev/null 2>&1; then \
 	  systemd-sysusers "$(SYSCONFDIR)/sysusers.d/virtwatch.conf"; \
 	else \
-	  getent group libvirt >/dev/null || groupadd --system libvirt; \
 	  getent passwd virtwatch >/dev/null || useradd --system --user-group --home-dir "$(STATEDIR)" \
 	    --no-create-home --shell /usr/sbin/nologin --comment "virtwatch libvirt monitor" virtwatch; \
-	  usermod --append --groups libvirt virtwatch; \
 	fi
 else
 	@echo "install: DESTDIR set: not creating the virtwatch user"

@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from . import __version__
 from .agent.lane import GuestAgent
 from .alerts.alerter import Alerter
-from .config import ConfigError, Settings, wants_read_only
+from .config import ConfigError, Settings, wants_read_only, write_denied_warnings
 from .console.capture import ConsoleCapture
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .demo import LivingDemo
@@ -38,7 +38,7 @@ from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
 from .virt.aio import ThreadSafeAsyncIOImpl
 from .virt.calls import Calls
-from .virt.connection import ConnectionManager, SideConnection
+from .virt.connection import ConnectionManager, Opener, SideConnection
 from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
@@ -59,6 +59,7 @@ class Daemon:
         control_fd: the operator socket passed by systemd socket activation
             (``virtwatch.socket``), served instead of binding ``daemon.socket``.
         retained: the :meth:`handover` of the daemon this one replaces at a reload.
+        opener: opens the main connection (``virt.connection.Opener``; libvirt's own by default).
 
     Attributes are the components (``pump``, ``guests``, ``connection``,
     ``poller``, ``exposition``...), exposed for tests and the CLI.
@@ -68,7 +69,7 @@ class Daemon:
     # which subscribers and listeners are called.
     def __init__(self, settings: Settings, impl: ThreadSafeAsyncIOImpl,  # noqa: PLR0915
                  registry: CollectorRegistry | None = None, wall_clock: Callable[[], float] = time.time,
-                 control_fd: int | None = None, retained: Retained | None = None) -> None:
+                 control_fd: int | None = None, retained: Retained | None = None, opener: Opener | None = None) -> None:
         self.settings = settings
         self.impl = impl
         self.loop = asyncio.get_running_loop()
@@ -97,7 +98,7 @@ class Daemon:
             self.pump.subscribe(EventLogger())
         self.read_only = wants_read_only(settings)
         self.connection = ConnectionManager(settings.libvirt, self.read_only, self.calls, self.pump,
-                                            self._on_resync, self.instruments)
+                                            self._on_resync, self.instruments, opener=opener)
         self._previous = kept.previous if kept and same_host else None
         self._latest = kept.snapshot if kept and same_host else None
         self.history = kept.history if kept and same_host else GuestHistory()
@@ -130,13 +131,14 @@ class Daemon:
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
                                       selector=self._console_capture, wall=wall_clock,
                                       call_timeout=min(10.0, settings.libvirt.call_timeout),
-                                      kept=kept.consoles if kept else None)
+                                      kept=kept.consoles if kept else None, writable=self.connection.writable)
         # The agent's calls may block for its response timeout: its own connection and thread
         # (libvirt 9.0's client must never see two calling threads on one connection).
         self.agent_calls = Calls(self.instruments, 1, settings.libvirt.call_timeout)
         self.agent = GuestAgent(settings.agent, self.agent_calls, self.guests, wall=wall_clock,
                                 kept=kept.agent_info if kept and same_host else None)
-        self.agent_side = SideConnection("agent", settings.libvirt, self.read_only, self.agent_calls, self.agent)
+        self.agent_side = SideConnection("agent", settings.libvirt, self.read_only, self.agent_calls, self.agent,
+                                         allowed=self.connection.writable)
         self.lanes.count_also(lambda: self.agent_side.conn is not None)
         self.pump.subscribe(self.console.on_event)
         self.connection.add_listener(self.console)
@@ -156,7 +158,7 @@ class Daemon:
                                         self.alerter, settings.daemon.boot_id_file, calls=self.policy_calls,
                                         action_counts=kept.action_counts if kept else None)
             self.policy_side = SideConnection("policy", settings.libvirt, self.read_only, self.policy_calls,
-                                              self.policy)
+                                              self.policy, allowed=self.connection.writable)
             self.connection.add_listener(self.policy_side)
             self.lanes.count_also(lambda: self.policy_side is not None and self.policy_side.conn is not None)
             self.pump.subscribe(self.policy.engine.on_event)
@@ -237,8 +239,12 @@ class Daemon:
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:
         """libvirt is back: resolve the connection-lost alert (policy becomes ready
-        when its own connection is open)."""
+        when its own connection is open); say once what libvirt's refusal of write access stops."""
         self.alerter.connection_restored()
+        if self.connection.write_denied is not None and not self.connection.denied_reported:
+            self.connection.denied_reported = True  # once per daemon, not at every reconnect
+            for fields in write_denied_warnings(self.settings, self.connection.write_denied):
+                log.warning("feature_unavailable", **fields)
 
     def connection_lost(self) -> None:
         """libvirt went away: policy stops deciding; fire the alert (not during an orderly stop)."""
@@ -260,7 +266,7 @@ class Daemon:
             "version": __version__,
             "uri": self.settings.libvirt.uri,
             "connected": self.connection.ready.is_set(),
-            "read_only": self.read_only,
+            "read_only": self.connection.read_only, "write_denied": self.connection.write_denied,
             "last_error": self.connection.last_error,
             "libvirt": dict(self.connection.info),
             "guests": len(self.guests.guests()),

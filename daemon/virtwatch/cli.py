@@ -25,7 +25,7 @@ from typing import Any
 import structlog
 
 from . import __version__
-from .config import ConfigError, config_warnings, load_settings
+from .config import ConfigError, config_warnings, load_settings, write_access_note
 from .console.crashstore import CrashStore
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
@@ -152,8 +152,9 @@ def check_config(path: str) -> int:
     if problems:
         _print_problems(path, problems)
         return EXIT_CONFIG
-    for w in config_warnings(settings):
-        print(f"warning: {w}", file=sys.stderr)
+    note = write_access_note(settings)  # what to grant when the features configured need libvirt write access
+    for line in [f"warning: {w}" for w in config_warnings(settings)] + ([f"note: {note}"] if note else []):
+        print(line, file=sys.stderr)
     print(f"{path}: OK")
     return EXIT_OK
 

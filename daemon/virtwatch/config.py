@@ -238,27 +238,62 @@ def cross_section_errors(settings: Settings) -> list[str]:
     return out
 
 
-def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
-    """Load ``path`` (None: defaults only), then apply dotted ``overrides``.
+DROPIN_DIR = "conf.d"
+"""Drop-ins: ``conf.d/*.toml`` beside the configuration file (``/etc/virtwatch/conf.d/``)."""
 
-    Relative paths in the file resolve from its directory (:func:`resolve_paths`).
-    ``overrides`` maps ``"section.key"`` to a value (command-line flags); they
-    win over the file. Raises :class:`ConfigError` for unreadable files, TOML
-    syntax errors and every validation problem.
+
+def dropin_files(path: str | Path) -> list[Path]:
+    """The drop-ins of the configuration file ``path``: ``*.toml`` in ``conf.d`` beside
+    it, in file-name order (``10-site.toml`` before ``50-policy.toml``)."""
+    folder = Path(path).parent / DROPIN_DIR
+    try:
+        return sorted((p for p in folder.glob("*.toml") if p.is_file()), key=lambda p: p.name)
+    except OSError:
+        return []
+
+
+def merge_tables(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: tables merge key by key, recursively; any other value
+    (arrays, arrays of tables such as ``[[policy.match]]`` included) replaces the old one."""
+    out = dict(base)
+    for key, value in top.items():
+        old = out.get(key)
+        out[key] = merge_tables(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
+    return out
+
+
+def _read_toml(path: str | Path) -> dict[str, Any]:
+    source = str(path)
+    try:
+        with open(path, "rb") as fh:
+            return tomllib.load(fh)
+    except OSError as err:
+        raise ConfigError(source, [f"cannot read file: {err.strerror or err}"]) from None
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(source, [f"TOML syntax: {err}"]) from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(source, [f"not valid UTF-8 (TOML files are UTF-8): byte {err.start}"]) from None
+
+
+def load_settings(path: str | Path | None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Load ``path`` (None: defaults only) and its drop-ins, then apply dotted ``overrides``.
+
+    The drop-ins (:func:`dropin_files`) are merged over the file in order
+    (:func:`merge_tables`). Relative paths resolve from the directory of ``path``, in
+    the drop-ins too (:func:`resolve_paths`). ``overrides`` maps ``"section.key"`` to a value
+    (command-line flags); they win over the files. Raises :class:`ConfigError` for
+    unreadable files, TOML syntax errors (naming the file) and every validation problem.
     """
     data: dict[str, Any] = {}
     source = str(path) if path else "<defaults>"
     if path is not None:
-        try:
-            with open(path, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as err:
-            raise ConfigError(source, [f"cannot read file: {err.strerror or err}"]) from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(source, [f"TOML syntax: {err}"]) from None
-        except UnicodeDecodeError as err:
-            raise ConfigError(source, [f"not valid UTF-8 (TOML files are UTF-8): byte {err.start}"]) from None
-        data = resolve_paths(data, Path(path).resolve().parent)
+        base = Path(path).resolve().parent
+        data = resolve_paths(_read_toml(path), base)
+        dropins = dropin_files(path)
+        for dropin in dropins:
+            data = merge_tables(data, resolve_paths(_read_toml(dropin), base))
+        if dropins:
+            source += " with " + ", ".join(f"{DROPIN_DIR}/{p.name}" for p in dropins)
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -306,3 +341,46 @@ def wants_read_only(settings: Settings) -> bool:
     if mode == "auto":
         return not (settings.policy.enabled or console_capture_configured(settings) or settings.demo.enabled)
     return mode == "yes"
+
+
+WRITE_ACCESS_GRANT = (
+    "grant the virtwatch user read-write access to libvirt, then restart virtwatch "
+    "(systemctl restart virtwatch): either enable the polkit rule the package ships, which allows "
+    "org.libvirt.unix.manage to the virtwatch user only (cp /usr/share/virtwatch/polkit/50-virtwatch-libvirt.rules "
+    "/etc/polkit-1/rules.d/), or add the user to the libvirt group (usermod -aG libvirt virtwatch). Either is "
+    "root-equivalent on this host: libvirt can start any guest with any host file as its disk")
+"""What to do when a feature needs libvirt write access (check-config and the daemon's log say it)."""
+
+
+def write_access_features(settings: Settings) -> list[str]:
+    """The configured features that need a read-write libvirt connection, in words
+    (empty when the connection is read-only)."""
+    if wants_read_only(settings):
+        return []
+    out = []
+    if settings.policy.enabled:
+        out.append("policy actions ([policy] enabled = true)")
+    if console_capture_configured(settings):
+        out.append("console capture ([console] with guests or capture_console)")
+    if settings.agent.enabled:
+        out.append("guest agent queries ([agent] enabled = true)")
+    if not out:
+        out.append('libvirt.read_only = "no"')
+    return out
+
+
+def write_access_note(settings: Settings) -> str | None:
+    """What ``check-config`` says when the configuration needs libvirt write access
+    (None when it does not, or on the in-process test driver, where nothing needs granting)."""
+    needs = write_access_features(settings)
+    if not needs or settings.libvirt.uri.startswith(DEMO_URI_PREFIX):
+        return None
+    return (f"read-write libvirt access is needed by {', '.join(needs)}: {WRITE_ACCESS_GRANT}. Without it "
+            "virtwatch monitors on a read-only connection and logs each feature that cannot work.")
+
+
+def write_denied_warnings(settings: Settings, refusal: str) -> list[dict[str, str]]:
+    """One ``feature_unavailable`` log record's fields per configured feature that libvirt's
+    ``refusal`` of write access stops: the feature, why, and what to grant."""
+    why = f"libvirt refused read-write access: {refusal}; monitoring goes on read-only"
+    return [{"feature": f, "reason": why, "what_to_do": WRITE_ACCESS_GRANT} for f in write_access_features(settings)]

@@ -129,6 +129,8 @@ class ConsoleCapture:
         wall: wall clock, seconds (injected for tests).
         call_timeout: deadline of each libvirt call, seconds.
         kept: the previous capture's :meth:`handover` at a reload: rings and counters go on.
+        writable: False while the connection is read-only because libvirtd refused write
+            access (consoles open only on read-write connections): nothing is captured.
 
     Wiring: ``pump.subscribe(capture.on_event)``,
     ``connection.add_listener(capture)``, ``await capture.stop()`` before the
@@ -138,8 +140,10 @@ class ConsoleCapture:
     def __init__(self, settings: ConsoleSettings, calls: Calls, guests: GuestLookup,
                  state_dir: str | os.PathLike[str] | None, selector: Callable[[str], int | None] | None = None,
                  wall: Callable[[], float] = time.time, call_timeout: float = 10.0,
-                 kept: Mapping[str, GuestConsole] | None = None) -> None:
+                 kept: Mapping[str, GuestConsole] | None = None,
+                 writable: Callable[[], bool] = lambda: True) -> None:
         self.settings = settings
+        self._writable = writable
         self._calls = calls
         self._guests = guests
         self._selector = selector
@@ -160,7 +164,7 @@ class ConsoleCapture:
     # -- selection -----------------------------------------------------------
     def wants(self, name: str) -> bool:
         """Whether ``name`` is captured (enabled and glob or selector match)."""
-        if not self.settings.enabled:
+        if not self.settings.enabled or not self._writable():
             return False
         if any(fnmatch.fnmatchcase(name, pat) for pat in self.settings.guests):
             return True

@@ -19,6 +19,8 @@ Components that must know whether libvirt is usable subscribe with
 from __future__ import annotations
 
 import asyncio
+import errno
+import os
 import random
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -71,6 +73,22 @@ def open_connection(uri: str, read_only: bool) -> libvirt.virConnect:
     return libvirt.openReadOnly(uri) if read_only else libvirt.open(uri)
 
 
+Opener = Callable[[str, bool], Any]
+"""``opener(uri, read_only)`` opens a connection (blocking); raises libvirtError."""
+
+_DENIED_CODES = frozenset(getattr(libvirt, name) for name in (
+    "VIR_ERR_AUTH_FAILED", "VIR_ERR_AUTH_CANCELLED", "VIR_ERR_AUTH_UNAVAILABLE", "VIR_ERR_ACCESS_DENIED",
+    "VIR_ERR_OPERATION_DENIED") if hasattr(libvirt, name))
+
+
+def is_access_denied(err: libvirt.libvirtError) -> bool:
+    """Whether libvirtd refused a read-write connection for lack of rights (polkit said no,
+    no polkit agent, or the socket's permissions), as opposed to libvirtd being unreachable."""
+    if err.get_error_code() in _DENIED_CODES:
+        return True
+    return err.get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR and os.strerror(errno.EACCES) in str(err)
+
+
 def read_guest_list(conn: libvirt.virConnect) -> list[ResyncEntry]:
     """Every guest's name, UUID, state, reason, persistence and autostart.
 
@@ -96,7 +114,10 @@ class ConnectionManager:
 
     Args:
         settings: the ``[libvirt]`` section.
-        read_only: open with ``openReadOnly`` (no guest actions possible).
+        read_only: open with ``openReadOnly`` (no guest actions possible). When False and
+            libvirtd refuses the read-write connection for lack of rights
+            (:func:`is_access_denied`), the manager connects read-only instead, so monitoring
+            goes on, and says why in :attr:`write_denied` (tried again at every connect).
         calls: bounded executor for blocking calls.
         pump: where events go; its :attr:`~EventPump.published` count marks resyncs.
         on_resync: called on the loop with every guest a resync read and the pump's
@@ -104,13 +125,18 @@ class ConnectionManager:
             (:meth:`~virtwatch.state.GuestRegistry.apply_resync`).
         instruments: self-metrics (``libvirt_up``, reconnects, attempts).
         rand: jitter source in [0, 1) (injected for tests).
+        opener: opens a connection (:data:`Opener`; libvirt's own by default).
     """
 
     def __init__(self, settings: LibvirtSettings, read_only: bool, calls: Calls, pump: EventPump,
                  on_resync: Callable[[list[ResyncEntry], int], object], instruments: VirtInstruments,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random, opener: Opener | None = None) -> None:
         self.settings = settings
         self.read_only = read_only
+        self.wants_write = not read_only
+        self.write_denied: str | None = None
+        self.denied_reported = False  # for the owner: whether it has said what the refusal stops
+        self._opener = opener or open_connection
         self._calls = calls
         self._pump = pump
         self._on_resync = on_resync
@@ -139,6 +165,10 @@ class ConnectionManager:
     def stopping(self) -> bool:
         """True once :meth:`stop` was called (teardown is orderly, not a loss)."""
         return self._stopping.is_set()
+
+    def writable(self) -> bool:
+        """False while libvirtd refuses the read-write connection this manager wanted."""
+        return self.write_denied is None
 
     def add_listener(self, listener: ConnectionListener) -> None:
         """Register a listener for ready/lost transitions."""
@@ -190,16 +220,26 @@ class ConnectionManager:
         return len(entries)
 
     # -- internals ------------------------------------------------------------
-    def _open(self) -> libvirt.virConnect:
-        return open_connection(self.settings.uri, self.read_only)
+    def _open(self) -> tuple[libvirt.virConnect, str | None]:
+        """Read-write if wanted and allowed, else read-only; with why writes were refused."""
+        denied = None
+        if self.wants_write:
+            try:
+                return self._opener(self.settings.uri, False), None
+            except libvirt.libvirtError as err:
+                if not is_access_denied(err):
+                    raise
+                denied = str(err).strip()
+        return self._opener(self.settings.uri, True), denied
 
     async def _connect(self) -> libvirt.virConnect | None:
         try:
-            conn = await self._calls.run("open", self._open, timeout=self.settings.call_timeout)
+            conn, denied = await self._calls.run("open", self._open, timeout=self.settings.call_timeout)
         except (libvirt.libvirtError, CallTimeout) as err:
             self._instruments.connection_attempts.labels(result="failure").inc()
             self.last_error = str(err).strip()
             return None
+        self.write_denied, self.read_only = denied, denied is not None or not self.wants_write
         self._instruments.connection_attempts.labels(result="success").inc()
         self._closed = asyncio.Event()
         if self._stopping.is_set():
@@ -381,11 +421,15 @@ class SideConnection:
         calls: this connection's own executor (one worker).
         listener: the component using it.
         rand: jitter source in [0, 1).
+        allowed: when it returns False at the main connection's ready, this one is not opened
+            (a read-write side connection after libvirtd refused the main one write access).
     """
 
     def __init__(self, name: str, settings: LibvirtSettings, read_only: bool, calls: Calls,
-                 listener: ConnectionListener, rand: Callable[[], float] = random.random) -> None:
+                 listener: ConnectionListener, rand: Callable[[], float] = random.random,
+                 allowed: Callable[[], bool] = lambda: True) -> None:
         self.name = name
+        self._allowed = allowed
         self.settings = settings
         self.read_only = read_only
         self.calls = calls
@@ -402,9 +446,10 @@ class SideConnection:
         return self._conn
 
     def connection_ready(self, _main: libvirt.virConnect) -> None:
-        """The main connection is ready: open ours."""
+        """The main connection is ready: open ours (if ``allowed``)."""
         self._gen += 1
-        self._spawn(self._open(self._gen))
+        if self._allowed():
+            self._spawn(self._open(self._gen))
 
     def connection_lost(self) -> None:
         """The main connection is gone: drop and close ours."""

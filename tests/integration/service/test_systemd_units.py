@@ -115,7 +115,9 @@ def test_main_unit_contract() -> None:
     assert s["ExecStart"] == "/usr/local/bin/virtwatch run --config /etc/virtwatch/virtwatch.toml"
     assert s["ExecReload"] == "/bin/kill -HUP $MAINPID"
     assert (s["WatchdogSec"], s["Restart"], s["RestartSec"], s["TimeoutStopSec"]) == ("30", "on-failure", "5", "30")
-    assert (s["User"], s["Group"], s["SupplementaryGroups"]) == ("virtwatch", "virtwatch", "libvirt")
+    assert (s["User"], s["Group"]) == ("virtwatch", "virtwatch")
+    # least privilege (issue 13): monitoring uses libvirt's read-only socket, no libvirt group
+    assert "SupplementaryGroups" not in s and "SupplementaryGroups" not in _unit(SAVE)["Service"]
     assert s["CapabilityBoundingSet"] == "" and s["AmbientCapabilities"] == ""
     assert s["RestrictAddressFamilies"] == "AF_UNIX AF_INET AF_INET6"
     # /run/virtwatch belongs to virtwatch.socket: a RuntimeDirectory= would delete it on every stop
@@ -167,7 +169,8 @@ def test_sysusers_and_tmpfiles_into_a_scratch_root(tmp_path: Path) -> None:
     assert user[5] == "/var/lib/virtwatch"
     assert user[6].endswith("nologin")
     assert int(user[2]) < 1000  # a system user
-    assert group["libvirt"][3].split(",") == ["virtwatch"]
+    assert "libvirt" not in group  # not made, and virtwatch is in no other group (issue 13: least privilege)
+    assert [g for g, fields in group.items() if "virtwatch" in fields[3].split(",")] == []
     assert user[3] == group["virtwatch"][2]
 
     r = subprocess.run(
