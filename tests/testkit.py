@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -163,3 +164,15 @@ def metric_names(expr: str) -> set[str]:
         if m.group(2) is None and m.group(1) not in _PROMQL_WORDS:
             names.add(m.group(1))
     return names
+
+
+def until_sync(cond: Callable[[], Any], timeout: float) -> Any:
+    """``cond()``'s first truthy value within ``timeout`` seconds, polling every 50 ms from a
+    blocking caller (a thread checking an HTTP API). Raises AssertionError after ``timeout``."""
+    end = time.monotonic() + timeout
+    while True:
+        got = cond()
+        if got:
+            return got
+        assert time.monotonic() < end, f"condition not met within {timeout} s"
+        time.sleep(0.05)

@@ -13,7 +13,7 @@ from typing import Any
 
 import libvirt
 
-from testkit import sample as metric, scrape, until
+from testkit import sample as metric, scrape, until, until_sync
 from virtwatch.app import Daemon, reload
 from virtwatch.config import Settings, load_settings, settings_from_mapping
 from virtwatch.virt.aio import ThreadSafeAsyncIOImpl
@@ -157,14 +157,3 @@ async def test_a_crash_while_no_connection_is_open_still_pages(
     finally:
         await d.stop()
 
-
-def until_sync(cond: Any, timeout: float) -> Any:
-    """``cond()``'s first truthy value within ``timeout`` seconds (for blocking HTTP checks)."""
-    import time
-    end = time.monotonic() + timeout
-    while True:
-        got = cond()
-        if got:
-            return got
-        assert time.monotonic() < end, "condition not met"
-        time.sleep(0.05)

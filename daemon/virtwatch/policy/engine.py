@@ -91,6 +91,8 @@ class PolicyEngine:
         selection_listeners: called with a guest name when its merged policy may
             have changed (domain metadata read or changed, runtime override set);
             the console capture re-checks ``capture_console`` there.
+        decision_listeners: called with ``(guest, cause, decision text)`` for each enforced
+            decision on a cause that raised no policy alert (a restart after a crash, say).
     """
 
     def __init__(self, settings: PolicySettings, hypervisor: Hypervisor, store: AsyncStore, *,
@@ -119,6 +121,7 @@ class PolicyEngine:
         self._save = SavePath(self._t, self._journal, libvirt_guests)
         self._ops = Operator(self._t, self._queue_recover)
         self.selection_listeners = self._t.selection_listeners
+        self.decision_listeners: list[Callable[[str, str, str], None]] = []
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -494,6 +497,14 @@ class PolicyEngine:
         if d.alert and mode == "enforce":
             kind = {Action.GIVE_UP: "given_up"}.get(d.action) or (d.cause.value if d.cause else "policy")
             self._t.raise_alert(kind, g, d.alert)
+        elif d.cause is not None and mode == "enforce":
+            # No alert of the policy's own (a restart, say): the event's alert, if it raised one,
+            # still gets the decision as an annotation.
+            for listener in self.decision_listeners:
+                try:
+                    listener(g.st.name, d.cause.value, text)
+                except Exception as err:  # a listener must never break the engine
+                    self._log.error("policy_decision_listener_failed", guest=g.st.name, error=repr(err))
         if d.action == Action.GIVE_UP and mode == "enforce":
             self._journal.count("give_up", "ok")
         if acting and mode == "enforce":

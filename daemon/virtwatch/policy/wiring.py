@@ -38,7 +38,7 @@ _ALERTS = {
 }
 #: kinds already alerted from the event itself: the decision is attached as an annotation.
 _ANNOTATE = {"crash": "VirtwatchGuestCrashed", "io_error": "VirtwatchGuestIOError",
-             "watchdog": "VirtwatchWatchdogFired"}
+             "watchdog": "VirtwatchWatchdogFired", "qemu_failure": "VirtwatchQemuFailed"}
 
 
 class PolicyCollector:
@@ -139,6 +139,7 @@ class PolicyRuntime:
             boot_id_path=boot_id_path,
             action_counts=action_counts,
         )
+        self.engine.decision_listeners.append(self._on_decision)
         self.collector = PolicyCollector(self.engine)
         self.pruner = JournalPruner(self.store.path, settings.journal_max_age, settings.journal_max_events, clock)
         self._prune_task: asyncio.Task[None] | None = None
@@ -153,6 +154,12 @@ class PolicyRuntime:
         await self.engine.start()
         if self._prune_task is None:
             self._prune_task = asyncio.get_running_loop().create_task(self.pruner.run(), name="policy-journal-prune")
+
+    def _on_decision(self, guest: str, cause: str, text: str) -> None:
+        """A decision that raised no alert of its own (a restart after a crash): the event's
+        instant alert, if one is firing, gets it as its ``decision`` annotation."""
+        if cause in _ANNOTATE:
+            self._alerter.annotate(_ANNOTATE[cause], guest, decision=text)
 
     def _on_alert(self, a: PolicyAlert) -> None:
         if a.kind == "given_up":
