@@ -366,9 +366,8 @@ class Daemon:
         return {"name": name, "action": "override", "policy": self._policy_guest(name)}
 
     def control_events(self, since: int, limit: int) -> dict[str, Any]:
-        """Recent events after ``since``."""
-        evs = self.recent.since(since, limit=limit)
-        return {"events": [e.as_dict() for e in evs], "last_seq": evs[-1].seq if evs else since}
+        """Recent events after ``since`` (:meth:`~virtwatch.eventlog.RecentEvents.page`)."""
+        return self.recent.page(max(0, since), limit)
 
     def healthy(self) -> bool:
         """True while every daemon task is alive (for the systemd watchdog)."""

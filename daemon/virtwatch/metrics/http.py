@@ -159,7 +159,8 @@ class HTTPApp:
         return web.json_response(out)
 
     async def api_events(self, request: web.Request) -> web.Response:
-        """Events after ``since`` (a sequence number), at most ``limit`` (≤ 1000)."""
+        """Events after ``since`` (a sequence number), at most ``limit`` (≤ 1000): see
+        :meth:`~virtwatch.eventlog.RecentEvents.page` (a tail without ``since``, a cursor with it)."""
         try:
             since = int(request.query.get("since", "0"))
             limit = int(request.query.get("limit", "500"))
@@ -167,9 +168,9 @@ class HTTPApp:
             return web.json_response({"error": "since and limit must be integers"}, status=400)
         if not 0 < limit <= 1000:
             return web.json_response({"error": "limit must be between 1 and 1000"}, status=400)
-        evs = self._events.since(since, name=request.query.get("domain"), limit=limit)
-        return web.json_response({"events": [e.as_dict() for e in evs],
-                                  "last_seq": evs[-1].seq if evs else since})
+        if since < 0:
+            return web.json_response({"error": "since must be 0 or a sequence number"}, status=400)
+        return web.json_response(self._events.page(since, limit, name=request.query.get("domain")))
 
     async def index(self, _request: web.Request) -> web.Response:
         """The status page (no JavaScript): daemon status and one row per guest with CPU and
