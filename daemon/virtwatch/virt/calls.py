@@ -268,3 +268,13 @@ class DaemonThreadPool(concurrent.futures.Executor):
 def _swallow(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled():
         fut.exception()
+
+
+def attempt(call: str, fn: Callable[[], Any], on_error: Callable[[str, libvirt.libvirtError], None]) -> Any:
+    """``fn()``, or None when libvirt refuses it (the error goes to ``on_error(call, err)``):
+    for reads where one refused call must leave only its own figures out. Blocking."""
+    try:
+        return fn()
+    except libvirt.libvirtError as err:
+        on_error(call, err)
+        return None

@@ -14,6 +14,8 @@ from typing import Any
 
 import libvirt
 
+from .calls import attempt as refusable
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PoolInfo:
@@ -67,11 +69,7 @@ def read_host(conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirt
 
 
     def attempt(call: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except libvirt.libvirtError as err:
-            on_error(call, err)
-            return None
+        return refusable(call, fn, on_error)
 
     node_info = attempt("getInfo", conn.getInfo)
     memory = attempt("getMemoryStats", lambda: conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS))

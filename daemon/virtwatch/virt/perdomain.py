@@ -49,7 +49,7 @@ from typing import Any
 import libvirt
 import structlog
 
-from .calls import CallTimeout
+from .calls import CallTimeout, attempt as refusable
 from .lanes import LanePool, LaneUnavailable
 
 log = structlog.get_logger("virtwatch.stats")
@@ -234,11 +234,7 @@ def read_guest(conn: libvirt.virConnect, uuid: str, groups: tuple[str, ...], on_
         return {}
 
     def attempt(call: str, fn: Callable[[], Any]) -> Any:
-        try:
-            return fn()
-        except libvirt.libvirtError as err:
-            on_error(call, err)
-            return None
+        return refusable(call, fn, on_error)
 
     want = set(groups)
     info = attempt("domainGetInfo", dom.info) if want & {"cpu", "balloon", "vcpu"} else None
