@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from virtwatch.cli import override_values
+from virtwatch.cli.operator import override_values
 
 
 def test_values_are_read_as_toml_else_taken_as_words() -> None:

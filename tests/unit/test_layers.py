@@ -31,7 +31,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("endpoints", ["virtwatch.metrics.*", "virtwatch.web.*", "virtwatch.control", "virtwatch.systemd"]),
     ("handover", ["virtwatch.handover"]),
     ("composition root", ["virtwatch.app"]),
-    ("process shell", ["virtwatch.cli"]),
+    ("process shell", ["virtwatch.cli.*"]),
     ("entry point", ["virtwatch.__main__"]),
 ]
 

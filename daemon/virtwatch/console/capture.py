@@ -36,7 +36,7 @@ directory (:class:`CrashStore`). Two crash events of one guest within
 Interfaces: :meth:`ConsoleCapture.tail` (alerting), :meth:`ConsoleCapture.state`,
 :meth:`ConsoleCapture.crash` and :meth:`ConsoleCapture.crashes` (read by the HTTP
 route ``GET /api/v1/guests/{name}/console`` in :mod:`virtwatch.metrics.http`);
-``virtwatch console-log`` (in :mod:`virtwatch.cli`) reads ``console.sqlite`` itself.
+``virtwatch console-log`` (in :mod:`virtwatch.cli.console_log`) reads ``console.sqlite`` itself.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ import bcrypt
 import pytest
 
 from virtwatch.app import Daemon, reload, web_only_change
-from virtwatch.cli import check_config
+from virtwatch.cli.check_config import check_config
 from virtwatch.config import ConfigError, Settings, load_settings, settings_from_mapping
 from virtwatch.control import request
 from virtwatch.virt.aio import ThreadSafeAsyncIOImpl

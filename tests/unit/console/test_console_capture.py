@@ -19,7 +19,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from testkit import until
-from virtwatch.cli import console_log_main
+from virtwatch.cli.console_log import console_log_main
 from virtwatch.config import ConfigError, load_settings
 from virtwatch.console.capture import ConsoleCapture
 from virtwatch.console.settings import ConsoleSettings
