@@ -354,34 +354,20 @@ class PolicyEngine:
             # (<on_crash> destroy/restart): decide once, on the stop. Only a guest that stays
             # crashed (<on_crash> preserve) is decided on this event, after CRASH_STOP_WAIT.
             g.crash_deferred = ev
-            await self._store.record_transition(
-                g.st,
-                ev.time,
-                ev.seq,
-                ev.kind,
-                ev.event,
-                ev.detail,
-                ev.payload,
-                cls.cause.value,
-                "crash noted: waiting for libvirt to stop the guest",
-            )
+            await self._record(g.st, ev, cls.cause.value, "crash noted: waiting for libvirt to stop the guest")
             self._spawn(self._crash_timeout(g, ev))
             return
         if cls.transition in (Transition.NONE, Transition.NOTE, Transition.SHUTTING_DOWN):
-            await self._store.record_transition(
-                g.st,
-                ev.time,
-                ev.seq,
-                ev.kind,
-                ev.event,
-                ev.detail,
-                ev.payload,
-                cls.cause.value if cls.cause else None,
-                None,
-            )
+            await self._record(g.st, ev, cls.cause.value if cls.cause else None, None)
             return
         d = decide(self._t.record(g), cls, g.st.history, self._clock.time(), sel, self._rand())
         await self._apply(g, d, sel, ev)
+
+    async def _record(self, st: GuestState, ev: Event, cause: str | None, decision: str | None) -> None:
+        """Journal ``ev`` with the guest's state ``st``, in one transaction
+        (:meth:`~virtwatch.policy.store.AsyncStore.record_transition`)."""
+        await self._store.record_transition(st, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload, cause,
+                                            decision)
 
     async def _crash_timeout(self, g: GuestEntry, ev: Event) -> None:
         await self._clock.sleep(CRASH_STOP_WAIT)
@@ -398,9 +384,7 @@ class PolicyEngine:
         g.gone = True
         g.pending_due = None
         old, g.st = g.st, GuestState(name=g.st.name, uuid=g.st.uuid, intent="unknown")
-        await self._store.record_transition(
-            old, ev.time, ev.seq, ev.kind, ev.event, ev.detail, ev.payload, None, "undefined: forgotten"
-        )
+        await self._record(old, ev, None, "undefined: forgotten")
         await self._store.delete_guest(old.name)
 
     async def _process_resync(self, g: GuestEntry, state: tuple[int, int]) -> None:
@@ -466,17 +450,7 @@ class PolicyEngine:
         text = d.message(mode)
         if ev is not None:
             g.st = st
-            await self._store.record_transition(
-                st,
-                ev.time,
-                ev.seq,
-                ev.kind,
-                ev.event,
-                ev.detail,
-                ev.payload,
-                d.cause.value if d.cause else None,
-                f"{d.action.value}: {text}",
-            )
+            await self._record(st, ev, d.cause.value if d.cause else None, f"{d.action.value}: {text}")
         else:
             await self._t.persist(g, st)
         level = "info" if (d.action != Action.NONE or mode == "enforce") and mode != "observe" else "debug"
