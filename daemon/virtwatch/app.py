@@ -12,6 +12,7 @@ import asyncio
 import gc
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -20,7 +21,7 @@ from prometheus_client import CollectorRegistry, PlatformCollector, ProcessColle
 from . import __version__
 from .agent.lane import GuestAgent
 from .alerts.alerter import Alerter
-from .config import ConfigError, Settings, wants_read_only, write_denied_warnings
+from .config import ConfigError, Settings, parse_listen, wants_read_only, write_denied_warnings
 from .console.capture import ConsoleCapture
 from .control import BadRequest, ControlServer, NotAvailable, UnknownGuest
 from .demo import LivingDemo
@@ -120,7 +121,8 @@ class Daemon:
         self.connection.add_listener(self.poller)
         self.pump.subscribe(self.inventory.on_event)
         self.alerter = Alerter(settings.alerts, self.registry, metrics=kept.alert_metrics if kept else None,
-                               active=kept.alerts if kept else None)
+                               active=kept.alerts if kept else None,
+                               spool_path=Path(settings.daemon.state_dir) / "alerts-spool.json")
         self.pump.subscribe(self._alert_on_event)
         self.connection.add_listener(self)
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
@@ -412,6 +414,8 @@ class Daemon:
         http = self.settings.http
         await self.web.start(http.listen, load_web_parts(http.web_config_file, http.serve_console))  # ConfigError
         self.listen_address = self.web.address
+        assert self.listen_address is not None
+        self.alerter.listening_on(parse_listen(http.listen)[0], self.listen_address[1])  # the `instance` label
         await self.console.start()  # opens console.sqlite when capture is enabled
         await self.alerter.start()
         if self.policy is not None:

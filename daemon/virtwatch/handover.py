@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from prometheus_client import CollectorRegistry
 
 from .agent.lane import AgentInfo
-from .alerts.client import AlertMetrics, AlertRecord
+from .alerts.client import AlertMetrics
+from .alerts.record import AlertRecord
 from .alerts.rules import AlertKey
 from .console.capture import GuestConsole
 from .eventlog import RecentEvents

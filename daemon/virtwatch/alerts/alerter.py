@@ -9,6 +9,8 @@ Alertmanager keeps them active.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -18,9 +20,11 @@ from prometheus_client import CollectorRegistry
 
 from ..model import Event
 from . import rules
-from .client import AlertmanagerClient, AlertMetrics, AlertRecord, Clock, SessionFactory, Sleep
-from .config import AlertSettings
+from .client import AlertmanagerClient, AlertMetrics, Clock, SessionFactory, Sleep
+from .config import AlertSettings, default_instance
+from .record import AlertRecord
 from .rules import AlertAction, AlertKey, RuleContext
+from .spool import Spool
 
 
 class Alerter:
@@ -37,6 +41,8 @@ class Alerter:
         metrics: the self-metrics of the alerter this one replaces (a reload), else None.
         active: the firing alerts of the alerter this one replaces: kept firing, and posted
             again at :meth:`start` (the new ``[alerts]`` may name other Alertmanagers).
+        spool_path: file keeping undelivered alerts across restarts (``<state_dir>/alerts-spool.json``);
+            None: they are dropped at :meth:`stop`.
 
     All methods except :meth:`start` and :meth:`stop` are synchronous, never
     block, and must be called on the event loop thread.
@@ -54,14 +60,17 @@ class Alerter:
         logger: Any = None,
         metrics: AlertMetrics | None = None,
         active: Mapping[AlertKey, AlertRecord] | None = None,
+        spool_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings
+        #: the ``instance`` label: ``[alerts] instance``, else set by :meth:`listening_on`
+        self.instance = settings.instance or socket.gethostname()
         self._clock = clock
         self._sleep = sleep
         self._log = logger or structlog.get_logger("virtwatch.alerts")
         self.client = AlertmanagerClient(
             settings, registry, clock=clock, sleep=sleep, session_factory=session_factory, jitter=jitter,
-            logger=self._log, metrics=metrics,
+            logger=self._log, metrics=metrics, spool=Spool(spool_path) if spool_path is not None else None,
         )
         self._active: dict[AlertKey, AlertRecord] = dict(active or {})
         self._handed_over = list(self._active)
@@ -72,8 +81,15 @@ class Alerter:
         """Firing alerts by ``(alertname, domain)`` (a copy)."""
         return dict(self._active)
 
+    def listening_on(self, host: str | None, port: int) -> None:
+        """The metrics listener is bound to ``host`` (None: every address) and ``port``: unless
+        ``[alerts] instance`` is set, the ``instance`` label becomes what a default scrape config
+        gives this daemon (:func:`~.config.default_instance`), the one the rule alerts carry."""
+        if self.settings.instance is None:
+            self.instance = default_instance(host, port, socket.gethostname())
+
     async def start(self) -> None:
-        """Start delivery and the periodic re-post of firing alerts."""
+        """Start delivery (first what the spool held) and the periodic re-post of firing alerts."""
         await self.client.start()
         for key in self._handed_over:  # firing before a reload: post them now, not a resend later
             if key in self._active:
@@ -104,7 +120,7 @@ class Alerter:
         ``decision`` (policy decision text) and ``console`` (last console lines)
         become annotations of alerts fired by this event. Returns the actions.
         """
-        ctx = RuleContext(self.settings.instance, frozenset(self._active), decision, console)
+        ctx = RuleContext(self.instance, frozenset(self._active), decision, console)
         try:
             actions = rules.actions_for_event(event, ctx)
         except Exception:  # a rule bug must never break the event pump
@@ -119,7 +135,7 @@ class Alerter:
         now = self._clock()
         if action.op == "fire":
             labels = {"alertname": action.alertname, "severity": action.severity or "warning",
-                      "instance": self.settings.instance}
+                      "instance": self.instance}
             if action.domain:
                 labels["domain"] = action.domain
             if action.uuid:
@@ -178,15 +194,15 @@ class Alerter:
 
     def given_up(self, domain: str, uuid: str, reason: str, decision: str | None = None) -> None:
         """Fire ``VirtwatchGivenUp`` (resolve with ``resolve(GIVEN_UP, domain)`` on operator reset)."""
-        self.apply(rules.given_up(domain, uuid, self.settings.instance, reason, decision))
+        self.apply(rules.given_up(domain, uuid, self.instance, reason, decision))
 
     def restore_failed(self, domain: str, uuid: str, error: str, decision: str | None = None) -> None:
         """Fire ``VirtwatchRestoreFailed`` (resolved when the guest runs again)."""
-        self.apply(rules.restore_failed(domain, uuid, self.settings.instance, error, decision))
+        self.apply(rules.restore_failed(domain, uuid, self.instance, error, decision))
 
     def connection_lost(self, uri: str, reason: str = "") -> None:
         """Fire ``VirtwatchLibvirtConnectionLost``."""
-        self.apply(rules.connection_lost(uri, self.settings.instance, reason))
+        self.apply(rules.connection_lost(uri, self.instance, reason))
 
     def connection_restored(self) -> None:
         """Resolve ``VirtwatchLibvirtConnectionLost``."""

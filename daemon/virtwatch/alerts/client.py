@@ -7,10 +7,21 @@ each alert (keyed by ``(alertname, domain)``): a newer update replaces a pending
 one, so repeated re-posts during an outage do not grow it. Past ``queue_size``
 the oldest pending alert is dropped and counted.
 
+Every alert goes to every Alertmanager of ``alertmanager_urls`` (the members of a cluster,
+never a load balancer in front of them: the cluster does not share alerts, only silences and
+who-notified-what, so each member must hold each alert to deduplicate notifications).
+
 Payloads are built when sent, not when queued: a firing alert gets
 ``endsAt = now + 4 x resend_interval`` (like Prometheus does, so the alerts of a
 dead daemon expire by themselves); a resolved one gets ``endsAt =
-max(resolved time, startsAt + min_firing_duration)``.
+max(resolved time, startsAt + min_firing_duration)``. A resolved alert whose firing
+state that Alertmanager never accepted (it healed during an outage) is *late*: it
+keeps its ``startsAt`` and gets ``endsAt = now + late_resolved_hold``, so the incident
+is still notified once instead of arriving already resolved (never notified).
+
+With a :class:`~.spool.Spool`, what is queued (and in flight) is written to the state
+directory shortly after it changes and at :meth:`AlertmanagerClient.stop`, and read
+back at :meth:`AlertmanagerClient.start`: an outage survives a daemon restart.
 """
 
 from __future__ import annotations
@@ -31,41 +42,17 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..infra.backoff import Backoff
 from .config import AlertSettings
+from .record import AlertRecord
+from .spool import Spool, encode
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 SessionFactory = Callable[[], Any]
 
 MAX_BATCH = 64
+#: Seconds between a change of the queues and the spool write (one write for a burst).
+SPOOL_DELAY = 0.2
 _RETRYABLE_4XX = frozenset({408, 429})
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class AlertRecord:
-    """One state of one alert, as queued for delivery.
-
-    Attributes:
-        labels: the full label set (``alertname``, ``severity``, ``instance``...).
-        annotations: summary, description and any others.
-        starts_at: epoch seconds the condition started.
-        ends_at: epoch seconds it cleared; ``None`` while firing.
-        key: ``(alertname, domain)`` identity used for coalescing.
-    """
-
-    labels: Mapping[str, str]
-    annotations: Mapping[str, str]
-    starts_at: float
-    ends_at: float | None = None
-
-    @property
-    def key(self) -> tuple[str, str]:
-        """``(alertname, domain)``."""
-        return (self.labels.get("alertname", ""), self.labels.get("domain", ""))
-
-    @property
-    def firing(self) -> bool:
-        """True unless resolved."""
-        return self.ends_at is None
 
 
 def rfc3339(t: float) -> str:
@@ -75,8 +62,12 @@ def rfc3339(t: float) -> str:
     )
 
 
-def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings) -> dict[str, Any]:
+def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: bool = False) -> dict[str, Any]:
     """The Alertmanager v2 JSON object for ``rec`` sent at time ``now``.
+
+    ``late``: ``rec`` is resolved and this Alertmanager never accepted it firing; it is
+    held active until ``now + late_resolved_hold`` (and annotated ``resolved_at``), so that
+    Alertmanager notifies it once.
 
     Every alert gets a ``runbook_url`` annotation (unless ``runbook_base_url`` is empty or the
     record sets one) and a ``generatorURL``: the guest's page on this daemon for guest alerts,
@@ -87,6 +78,9 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings) -> dict
     else:
         ends = max(rec.ends_at, rec.starts_at + settings.min_firing_duration)
     annotations = dict(rec.annotations)
+    if late and rec.ends_at is not None:
+        ends = max(ends, now + settings.late_resolved_hold)
+        annotations.setdefault("resolved_at", rfc3339(rec.ends_at))
     runbook = settings.runbook_url(rec.labels.get("alertname", ""))
     if runbook and not annotations.get("runbook_url"):
         annotations["runbook_url"] = runbook
@@ -100,6 +94,12 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings) -> dict
     if link:
         out["generatorURL"] = link
     return out
+
+
+def is_late(rec: AlertRecord, accepted: Mapping[tuple[str, str], float]) -> bool:
+    """Whether ``rec`` is a resolve the Alertmanager never saw firing: ``accepted`` maps the
+    alerts it accepted firing to their ``startsAt``."""
+    return rec.ends_at is not None and accepted.get(rec.key) != rec.starts_at
 
 
 def alerts_endpoint(base: str) -> str:
@@ -145,6 +145,9 @@ class _Target:
     pending: collections.OrderedDict[tuple[str, str], AlertRecord] = dataclasses.field(
         default_factory=collections.OrderedDict
     )
+    inflight: list[AlertRecord] = dataclasses.field(default_factory=list)
+    #: ``startsAt`` of the alerts this Alertmanager accepted firing (until it accepts them resolved)
+    accepted: dict[tuple[str, str], float] = dataclasses.field(default_factory=dict)
     wake: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     idle: asyncio.Event = dataclasses.field(default_factory=asyncio.Event)
     attempt: int = 0
@@ -166,6 +169,7 @@ class AlertmanagerClient:
         logger: a structlog logger.
         metrics: self-metrics already registered in ``registry`` (a reload hands over the
             previous client's, so its counters go on from where they were).
+        spool: where undelivered alerts are kept across restarts (None: they are dropped at stop).
     """
 
     def __init__(
@@ -179,8 +183,13 @@ class AlertmanagerClient:
         jitter: Callable[[], float] | None = None,
         logger: Any = None,
         metrics: AlertMetrics | None = None,
+        spool: Spool | None = None,
     ) -> None:
         self._settings = settings
+        self._spool = spool
+        self._spooled: bytes | None = None  # what the file holds (None: unknown)
+        self._spool_dirty = asyncio.Event()
+        self._spool_task: asyncio.Task[None] | None = None
         self._clock = clock
         self._sleep = sleep
         self._session_factory = session_factory or aiohttp.ClientSession
@@ -211,6 +220,7 @@ class AlertmanagerClient:
             self.metrics.queue_length.labels(t.url).set(len(t.pending))
             t.idle.clear()
             t.wake.set()
+        self._spool_dirty.set()
 
     def queue_lengths(self) -> dict[str, int]:
         """Pending alerts per Alertmanager URL."""
@@ -233,8 +243,72 @@ class AlertmanagerClient:
         elif s.tls_ca_file:
             self._ssl = ssl.create_default_context(cafile=s.tls_ca_file)
         self._session = self._session_factory()
+        if self._spool is not None:
+            await self._restore(self._spool)
+            self._spool_task = asyncio.create_task(self._spool_loop(), name="alerts-spool")
         for t in self._targets:
             t.task = asyncio.create_task(self._run(t), name=f"alerts-sender {t.url}")
+
+    async def _restore(self, spool: Spool) -> None:
+        """Queue what the spool holds (before anything new: a newer state of the same alert replaces it)."""
+        pending, problem, moved = await asyncio.to_thread(spool.load)
+        if problem is not None:
+            self._log.error("alert_spool_unreadable", path=str(spool.path), error=problem,
+                            moved_to=str(moved) if moved else None,
+                            detail="starting without the alerts it held")
+            return
+        by_url = {t.url: t for t in self._targets}
+        for url, recs in pending.items():
+            t = by_url.get(url)
+            if t is None:
+                self._log.warning("alert_spool_unconfigured", alertmanager=url, count=len(recs),
+                                  detail="no longer in alerts.alertmanager_urls: not sent")
+                continue
+            for rec, accepted in recs[-self._settings.queue_size:]:
+                t.pending.pop(rec.key, None)
+                t.pending[rec.key] = rec
+                if accepted:
+                    t.accepted[rec.key] = rec.starts_at
+            self.metrics.queue_length.labels(t.url).set(len(t.pending))
+            t.idle.clear()
+            t.wake.set()
+        count = sum(len(t.pending) for t in self._targets)
+        if count:
+            self._log.info("alert_spool_restored", path=str(spool.path), count=count)
+        self._spooled = None if pending else encode({})
+
+    def _spool_snapshot(self) -> bytes:
+        """The spool bytes for what is pending or in flight now, oldest first."""
+        out = {}
+        for t in self._targets:
+            recs = {r.key: r for r in t.inflight}
+            for key, r in t.pending.items():
+                recs.pop(key, None)  # a newer state replaces the one in flight
+                recs[key] = r
+            out[t.url] = [(r, t.accepted.get(r.key) == r.starts_at) for r in recs.values()]
+        return encode(out)
+
+    async def _write_spool(self) -> bool:
+        """Write the spool if it changed. Returns False when writing failed (logged)."""
+        assert self._spool is not None
+        data = self._spool_snapshot()
+        if data == self._spooled:
+            return True
+        try:
+            await asyncio.shield(asyncio.to_thread(self._spool.write, data))
+        except OSError as err:
+            self._log.error("alert_spool_write_failed", path=str(self._spool.path), error=str(err))
+            self._spooled = None
+            return False
+        self._spooled = data
+        return True
+
+    async def _spool_loop(self) -> None:
+        while True:
+            await self._spool_dirty.wait()
+            await asyncio.sleep(SPOOL_DELAY)  # real time: one write for a burst of changes
+            self._spool_dirty.clear()
+            await self._write_spool()
 
     async def stop(self, flush_timeout: float = 5.0) -> None:
         """Try to deliver what is pending for up to ``flush_timeout`` s, then stop.
@@ -251,9 +325,18 @@ class AlertmanagerClient:
             if t.task is not None:
                 t.task.cancel()
         await asyncio.gather(*(t.task for t in self._targets if t.task is not None), return_exceptions=True)
+        if self._spool_task is not None:
+            self._spool_task.cancel()
+            await asyncio.gather(self._spool_task, return_exceptions=True)
+            self._spool_task = None
+        spooled = bool(self._spool is not None and self._targets) and await self._write_spool()
         for t in self._targets:
             t.task = None
-            if t.pending:
+            if t.pending and spooled:
+                self._log.info("alerts_spooled_at_stop", alertmanager=t.url, count=len(t.pending))
+                t.pending.clear()
+                self.metrics.queue_length.labels(t.url).set(0)
+            elif t.pending:
                 self.metrics.dropped.labels(t.url, "shutdown").inc(len(t.pending))
                 self._log.warning("alerts_unsent_at_stop", alertmanager=t.url, count=len(t.pending))
                 t.pending.clear()
@@ -274,16 +357,26 @@ class AlertmanagerClient:
             batch: list[AlertRecord] = []
             while t.pending and len(batch) < MAX_BATCH:
                 batch.append(t.pending.popitem(last=False)[1])
+            t.inflight = batch
             now = self._clock()
-            payload = [alert_payload(r, now, self._settings) for r in batch]
+            payload = [alert_payload(r, now, self._settings, late=is_late(r, t.accepted)) for r in batch]
             try:
                 outcome = await self._post(t, payload)
             except asyncio.CancelledError:
-                self._requeue(t, batch)  # stopped mid-POST: counted as unsent by stop()
+                self._requeue(t, batch)  # stopped mid-POST: spooled or counted as unsent by stop()
+                t.inflight = []
                 raise
+            t.inflight = []
+            if outcome != "retry":
+                self._spool_dirty.set()
             if outcome == "ok":
                 self.metrics.sent.labels(t.url).inc(len(batch))
                 t.attempt = 0
+                for r in batch:
+                    if r.firing:
+                        t.accepted[r.key] = r.starts_at
+                    elif t.accepted.get(r.key) == r.starts_at:
+                        del t.accepted[r.key]
             elif outcome == "rejected":
                 self.metrics.failed.labels(t.url).inc(len(batch))
                 self.metrics.dropped.labels(t.url, "rejected").inc(len(batch))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import ssl
 from urllib.parse import quote, urlsplit
 
@@ -12,6 +11,26 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 #: Prometheus rules use the same base (``make install-prometheus-rules RUNBOOK_BASE_URL=...``
 #: rewrites it); ``[alerts] runbook_base_url`` changes it for the instant alerts.
 DEFAULT_RUNBOOK_BASE_URL = "https://virtwatch.dev/docs/runbooks"
+
+
+def default_instance(listen_host: str | None, port: int, hostname: str) -> str:
+    """The ``instance`` label Prometheus gives this daemon with a default scrape config: ``HOST:PORT``.
+
+    Args:
+        listen_host: the host part of ``http.listen`` (None or ``""``: every address).
+        port: the port actually bound (``http.listen`` may say 0).
+        hostname: this host's name (``socket.gethostname()``).
+
+    A wildcard listener (``:9177``, ``0.0.0.0``, ``[::]``) is scraped by the host's name, so that is
+    the host; a specific address (``127.0.0.1``, ``10.0.0.5``, ``::1``) can only be scraped there, so
+    it is that address (an IPv6 one in brackets, as Prometheus writes it).
+    """
+    host = (listen_host or "").strip("[]")
+    if host in ("", "0.0.0.0", "::", "*"):
+        host = hostname
+    elif ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{port}"
 
 
 def _http_url(url: str) -> str:
@@ -62,8 +81,21 @@ class AlertSettings(BaseModel):
     bearer_token_file: str | None = Field(None, description="file holding a bearer token (read at start)")
     tls_ca_file: str | None = Field(None, description="PEM CA bundle to verify https:// Alertmanagers")
     tls_insecure_skip_verify: StrictBool = Field(False, description="do not verify the Alertmanager's TLS certificate")
-    instance: str = Field(
-        default_factory=socket.gethostname, description="value of the 'instance' label (the host); default: hostname"
+    instance: str | None = Field(
+        None,
+        description="value of the 'instance' label of every alert; default: the instance a default Prometheus"
+        " scrape config gives this daemon, HOSTNAME:PORT of the metrics listener (the listen address instead of"
+        " the host name when it is a specific one, e.g. 127.0.0.1:9177), so that the rule alerts from its"
+        " metrics and the instant alerts carry the same identity and Alertmanager merges them",
+    )
+    late_resolved_hold: float = Field(
+        330.0,
+        ge=0,
+        le=86400,
+        description="an alert that fired and cleared before an Alertmanager accepted it (an outage, a restart) is"
+        " still delivered, with its original startsAt and endsAt = delivery time + this, seconds, so that it is"
+        " notified once; keep it above Alertmanager's group_wait + group_interval (+ peer_timeout per extra"
+        " cluster member); the default fits group_interval 5m",
     )
     external_url: str | None = Field(
         None,
@@ -80,6 +112,13 @@ class AlertSettings(BaseModel):
         description="every alert gets the annotation runbook_url = this + '/' + alertname + '.md' (the runbooks"
         " are docs/runbooks/*.md); empty = no runbook_url",
     )
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError("instance must not be empty (leave it out for the default)")
+        return v
 
     @field_validator("alertmanager_urls")
     @classmethod

@@ -189,7 +189,9 @@ async def test_newer_state_of_same_alert_replaces_pending_one(clock, session, fa
     await c.start()
     await fakes.settle()
     got = [(a["labels"]["domain"], a["endsAt"]) for a in session.delivered()]
-    assert got == [("b", rfc3339(clock.t + 240)), ("a", rfc3339(1010.0))]
+    # "a" healed before it was ever delivered: held active for late_resolved_hold (330 s) from now.
+    assert got == [("b", rfc3339(clock.t + 240)), ("a", rfc3339(clock.t + 330))]
+    assert session.delivered()[1]["annotations"]["resolved_at"] == rfc3339(1010.0)
     assert metric(reg, "virtwatch_alerts_dropped_total", alertmanager=A, reason="queue_full") == 0
     await c.stop(0)
 
@@ -202,8 +204,12 @@ async def test_failed_batch_does_not_overwrite_a_newer_state(clock, session, fak
     c.submit(rec(domain="a"))
     await fakes.settle()                   # first POST failed, sender sleeps
     c.submit(rec(domain="a", ends=1005.0))  # resolved meanwhile
+    retry_from = clock.t
     await clock.advance(1.0)
-    assert [a["endsAt"] for a in session.delivered()] == [rfc3339(1005.0)]
+    # Never accepted firing: a late resolve, active until late_resolved_hold after its delivery
+    # (the retry, 0.5-1 s later with jitter).
+    [ends] = [a["endsAt"] for a in session.delivered()]
+    assert rfc3339(retry_from + 330.5) <= ends <= rfc3339(retry_from + 331.0)
     await c.stop(0)
 
 

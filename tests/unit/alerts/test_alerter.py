@@ -69,12 +69,28 @@ async def test_resolve_holds_alert_for_min_firing_duration(clock, session, fakes
     await al.start()
     t0 = clock.t
     al.on_event(ev(t0, 1, "lifecycle", "STOPPED", "FAILED"))
+    await fakes.settle()
     al.on_event(ev(t0 + 2, 2, "lifecycle", "STARTED", "BOOTED"))
     await fakes.settle()
-    # Coalesced: only the latest state (resolved) was pending when the sender ran.
+    fired, resolved = session.delivered()
+    assert fired["labels"] == resolved["labels"] and fired["labels"]["alertname"] == "VirtwatchQemuFailed"
+    assert resolved["endsAt"] == rfc3339(t0 + 60.0)
+    assert "resolved_at" not in resolved["annotations"]  # accepted firing before: an ordinary resolve
+    await al.stop(0)
+
+
+async def test_resolve_of_an_alert_never_delivered_is_held_from_delivery(clock, session, fakes):
+    # Fire and resolve coalesce while nothing was sent: Alertmanager never saw the incident,
+    # so it gets it active until late_resolved_hold after delivery, not already expired.
+    al = make(clock, session, min_firing_duration=60.0, late_resolved_hold=200.0)
+    await al.start()
+    t0 = clock.t
+    al.on_event(ev(t0, 1, "lifecycle", "STOPPED", "FAILED"))
+    al.on_event(ev(t0 + 2, 2, "lifecycle", "STARTED", "BOOTED"))
+    await fakes.settle()
     [only] = session.delivered()
-    assert only["labels"]["alertname"] == "VirtwatchQemuFailed"
-    assert only["endsAt"] == rfc3339(t0 + 60.0)
+    assert (only["startsAt"], only["endsAt"]) == (rfc3339(t0), rfc3339(clock.t + 200.0))
+    assert only["annotations"]["resolved_at"] == rfc3339(t0 + 2)
     await al.stop(0)
 
 
@@ -164,7 +180,8 @@ async def test_disabled_alerter_tracks_but_never_posts(clock, session, fakes):
 
 def test_settings_defaults_and_validation():
     s = AlertSettings()
-    assert s.alertmanager_urls == () and not s.enabled and s.instance
+    assert s.alertmanager_urls == () and not s.enabled and s.instance is None
+    assert (s.late_resolved_hold, s.min_firing_duration) == (330.0, 60.0)
     assert AlertSettings(alertmanager_urls=["http://a:9093", "http://a:9093"]).alertmanager_urls == ("http://a:9093",)
     for bad in [dict(alertmanager_urls=["am:9093"]), dict(unknown=1), dict(retry_min_delay=10, retry_max_delay=1),
                 dict(basic_auth_username="u"), dict(queue_size=0), dict(timeout=0),
