@@ -93,6 +93,10 @@ glob = "vwe2e-{POLICY_LABEL}-*"
 
 [alerts]
 alertmanager_urls = ["{am_url}"]
+# Not the default (127.0.0.1:PORT, Prometheus' instance here): with it, Alertmanager would merge
+# the instant VirtwatchGuestCrashed with its rule twin, and these tests look at the instant
+# alerts alone (test_fleet_alerting.py covers the merge).
+instance = "{socket.gethostname()}"
 min_firing_duration = 0
 retry_min_delay = 0.2
 retry_max_delay = 1.0
@@ -308,9 +312,12 @@ def test_crash_loop_fires_the_shipped_crash_and_restart_rules(stack: Stack, gues
 def test_alerts_queued_while_alertmanager_is_down_arrive_after_it_is_back(
         stack: Stack, factory: GuestFactory) -> None:
     am, vw = stack.am, stack.vw
+    am.stop()
+    # Counted once Alertmanager is gone: the previous test's tail (destroying the crash-loop guest
+    # re-posts its VirtwatchGuestCrashed with the policy's decision; the 60 s resend of a firing
+    # alert) may still be delivered while Alertmanager shuts down, and would count as "sent".
     failed0 = stack.metric("virtwatch_alerts_failed_total", alertmanager=am.url) or 0.0
     sent0 = stack.metric("virtwatch_alerts_sent_total", alertmanager=am.url) or 0.0
-    am.stop()
     try:
         # Unmanaged guest kept in the crashed state (on_crash=preserve): its alert stays firing.
         guest = factory.create("alcrash", options={"panic": 1}, on_crash="preserve", wait=False)

@@ -134,8 +134,8 @@ class Alerter:
         """Apply one fire/resolve action (resolving an inactive alert does nothing)."""
         now = self._clock()
         if action.op == "fire":
-            labels = {"alertname": action.alertname, "severity": action.severity or "warning",
-                      "instance": self.instance}
+            labels = {**self.settings.labels, "alertname": action.alertname,
+                      "severity": action.severity or "warning", "instance": self.instance}
             if action.domain:
                 labels["domain"] = action.domain
             if action.uuid:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import ssl
 from urllib.parse import quote, urlsplit
 
@@ -11,6 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, 
 #: Prometheus rules use the same base (``make install-prometheus-rules RUNBOOK_BASE_URL=...``
 #: rewrites it); ``[alerts] runbook_base_url`` changes it for the instant alerts.
 DEFAULT_RUNBOOK_BASE_URL = "https://virtwatch.dev/docs/runbooks"
+
+
+#: Labels the daemon sets on its alerts (``[alerts] labels`` may not).
+RESERVED_LABELS = frozenset({"alertname", "severity", "instance", "domain", "uuid"})
 
 
 def default_instance(listen_host: str | None, port: int, hostname: str) -> str:
@@ -88,6 +93,11 @@ class AlertSettings(BaseModel):
         " the host name when it is a specific one, e.g. 127.0.0.1:9177), so that the rule alerts from its"
         " metrics and the instant alerts carry the same identity and Alertmanager merges them",
     )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="further labels on every instant alert, e.g. the external_labels of your Prometheus (site,"
+        " cluster; not its replica label) so that the rule alerts and the instant alerts carry the same labels",
+    )
     late_resolved_hold: float = Field(
         330.0,
         ge=0,
@@ -118,6 +128,18 @@ class AlertSettings(BaseModel):
     def _instance(cls, v: str | None) -> str | None:
         if v is not None and not v.strip():
             raise ValueError("instance must not be empty (leave it out for the default)")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, value in v.items():
+            if not re.fullmatch(r"[a-zA-Z_][a-zA-Z0-9_]*", name) or name.startswith("__"):
+                raise ValueError(f"{name!r} is not a Prometheus label name")
+            if name in RESERVED_LABELS:
+                raise ValueError(f"label {name!r} is set by virtwatch itself (use alerts.instance for 'instance')")
+            if not value:
+                raise ValueError(f"label {name!r} has an empty value")
         return v
 
     @field_validator("alertmanager_urls")

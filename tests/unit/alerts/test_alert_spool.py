@@ -140,7 +140,7 @@ async def test_spool_keeps_whether_the_alertmanager_had_accepted_the_alert_firin
     await c2.start()
     await fakes.settle()
     resolved = session.delivered()[-1]
-    assert resolved["endsAt"] == rfc3339(1003.0)  # an ordinary resolve: it was notified already
+    assert resolved["endsAt"] == rfc3339(clock.t + 5.0)  # an ordinary resolve (RESOLVE_GRACE): notified already
     assert "resolved_at" not in resolved["annotations"]
     await c2.stop(0)
 

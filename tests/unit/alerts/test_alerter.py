@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import pydantic
 import pytest
 from prometheus_client import CollectorRegistry
@@ -59,7 +61,9 @@ async def test_crash_then_restart_posts_fire_then_resolve(clock, session, fakes)
     assert al.on_event(ev(clock.t, 4, "lifecycle", "STARTED", "BOOTED")) == []
     await fakes.settle()
     resolved = session.delivered()[2]
-    assert (resolved["startsAt"], resolved["endsAt"]) == (rfc3339(t0), rfc3339(t0 + 5.0))
+    # endsAt: the resolve time, but RESOLVE_GRACE (5 s) ahead of the send at least, so that it
+    # never ends a rule twin's alert Alertmanager merged it with.
+    assert (resolved["startsAt"], resolved["endsAt"]) == (rfc3339(t0), rfc3339(clock.t + 5.0))
     assert al.active == {}
     await al.stop(0)
 
@@ -149,7 +153,7 @@ async def test_connection_lost_and_restored(clock, session, fakes):
     assert lost["labels"] == {"alertname": "VirtwatchLibvirtConnectionLost", "severity": "critical",
                               "instance": "hv1"}
     assert lost["annotations"]["uri"] == "qemu:///system"
-    assert back["endsAt"] == rfc3339(clock.t)
+    assert back["endsAt"] == rfc3339(clock.t + 5.0)
     await al.stop(0)
 
 
@@ -191,3 +195,31 @@ def test_settings_defaults_and_validation():
     with pytest.raises(pydantic.ValidationError):
         s.timeout = 3  # frozen
     assert all(f.description for f in AlertSettings.model_fields.values())
+
+
+async def test_extra_labels_and_default_instance_follow_the_listener(clock, session, fakes):
+    al = Alerter(AlertSettings(alertmanager_urls=[A], labels={"site": "par1"}), CollectorRegistry(), clock=clock,
+                 sleep=clock.sleep, session_factory=lambda: session)
+    al.listening_on(None, 9177)  # http.listen ":9177": scraped as HOSTNAME:9177
+    await al.start()
+    al.on_event(ev(clock.t, 1, "lifecycle", "CRASHED", "PANICKED"))
+    await fakes.settle()
+    [fired] = session.delivered()
+    assert fired["labels"] == {"alertname": "VirtwatchGuestCrashed", "severity": "critical", "domain": "web1",
+                               "uuid": "u-1", "instance": f"{socket.gethostname()}:9177", "site": "par1"}
+    await al.stop(0)
+    fixed = Alerter(AlertSettings(instance="hv1.example.org:9177"), CollectorRegistry())
+    fixed.listening_on("127.0.0.1", 40000)  # an explicit instance wins
+    assert fixed.instance == "hv1.example.org:9177"
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ({"instance": "x"}, "set by virtwatch itself"),
+    ({"alertname": "x"}, "set by virtwatch itself"),
+    ({"1site": "x"}, "not a Prometheus label name"),
+    ({"__name__": "x"}, "not a Prometheus label name"),
+    ({"site": ""}, "empty value"),
+])
+def test_extra_labels_are_validated(labels, message):
+    with pytest.raises(pydantic.ValidationError, match=message):
+        AlertSettings(labels=labels)
