@@ -43,6 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ..infra.backoff import Backoff
 from .config import AlertSettings
 from .record import AlertRecord
+from .rules import RULE_TWINS
 from .spool import Spool, encode
 
 Clock = Callable[[], float]
@@ -72,7 +73,9 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: b
 
     ``late``: ``rec`` is resolved and this Alertmanager never accepted it firing; it is
     held active until ``now + late_resolved_hold`` (and annotated ``resolved_at``), so that
-    Alertmanager notifies it once.
+    Alertmanager notifies it once. A late rule twin (:data:`~.rules.RULE_TWINS`) sent more than
+    ``rule_window`` after it resolved also gets the label ``delivery="late"``: a copy of its own,
+    not merged with (and ended by) the resolved twin Prometheus re-sends.
 
     Every alert gets a ``runbook_url`` annotation (unless ``runbook_base_url`` is empty or the
     record sets one) and a ``generatorURL``: the guest's page on this daemon for guest alerts,
@@ -83,14 +86,19 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: b
     else:
         ends = max(rec.ends_at, rec.starts_at + settings.min_firing_duration, now + RESOLVE_GRACE)
     annotations = dict(rec.annotations)
+    labels = {k: v for k, v in rec.labels.items() if v}
     if late and rec.ends_at is not None:
         ends = max(ends, now + settings.late_resolved_hold)
         annotations.setdefault("resolved_at", rfc3339(rec.ends_at))
+        if labels.get("alertname") in RULE_TWINS and now > rec.ends_at + settings.rule_window:
+            # Its rule twin has resolved: Prometheus re-sends that resolved copy for 15 minutes,
+            # which Alertmanager would merge into this one (same labels) and end it un-notified.
+            labels["delivery"] = "late"
     runbook = settings.runbook_url(rec.labels.get("alertname", ""))
     if runbook and not annotations.get("runbook_url"):
         annotations["runbook_url"] = runbook
     out: dict[str, Any] = {
-        "labels": {k: v for k, v in rec.labels.items() if v},
+        "labels": labels,
         "annotations": {k: v for k, v in annotations.items() if v},
         "startsAt": rfc3339(rec.starts_at),
         "endsAt": rfc3339(ends),

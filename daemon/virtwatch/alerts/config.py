@@ -123,6 +123,16 @@ class AlertSettings(BaseModel):
         " are docs/runbooks/*.md); empty = no runbook_url",
     )
 
+    rule_window: float = Field(
+        900.0,
+        ge=0,
+        le=86400,
+        description="how long the shipped rules keep VirtwatchGuestCrashed and VirtwatchQemuFailed (the rule twins"
+        " of the instant alerts) firing after the guest runs again, seconds (their [15m] window); a late delivery"
+        " after that gets the label delivery=\"late\", so that Prometheus' resolved twin, which it re-sends for 15"
+        " minutes, does not end it before it is notified",
+    )
+
     @field_validator("instance")
     @classmethod
     def _instance(cls, v: str | None) -> str | None:

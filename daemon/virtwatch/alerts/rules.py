@@ -27,6 +27,9 @@ GIVEN_UP = "VirtwatchGivenUp"
 RESTORE_FAILED = "VirtwatchRestoreFailed"
 CONNECTION_LOST = "VirtwatchLibvirtConnectionLost"
 
+#: Alerts the shipped Prometheus rules raise too, with the same labels (Alertmanager merges them).
+RULE_TWINS = frozenset({GUEST_CRASHED, QEMU_FAILED})
+
 #: Alerts a running guest clears (lifecycle STARTED/* or RESUMED/*).
 CLEARED_BY_RUNNING = (GUEST_CRASHED, QEMU_FAILED, WATCHDOG_FIRED, GUEST_IO_ERROR, RESTORE_FAILED)
 

@@ -8,7 +8,7 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry
 
-from virtwatch.alerts.client import AlertmanagerClient, is_late, rfc3339
+from virtwatch.alerts.client import AlertmanagerClient, alert_payload, is_late, rfc3339
 from virtwatch.alerts.config import AlertSettings, default_instance
 from virtwatch.alerts.record import AlertRecord
 from virtwatch.alerts.spool import Spool, SpoolError, decode, encode
@@ -178,3 +178,17 @@ async def test_restored_queue_is_bounded_by_queue_size(tmp_path, clock, session,
     await fakes.settle()
     assert [a["labels"]["domain"] for a in session.delivered()] == ["g3", "g4"]  # the newest
     await c.stop(0)
+
+
+def test_late_rule_twin_past_the_rule_window_is_labelled_apart():
+    s = AlertSettings(instance="hv1:9177", rule_window=900.0, late_resolved_hold=330.0)
+    healed = rec(ends=1005.0)
+    within = alert_payload(healed, 1005.0 + 600, s, late=True)   # twin still firing: merge with it
+    assert "delivery" not in within["labels"]
+    assert within["endsAt"] == rfc3339(1005.0 + 600 + 330)
+    past = alert_payload(healed, 1005.0 + 901, s, late=True)     # twin resolved: a copy of its own
+    assert past["labels"]["delivery"] == "late"
+    assert past["startsAt"] == rfc3339(1000.0) and past["annotations"]["resolved_at"] == rfc3339(1005.0)
+    other = AlertRecord({"alertname": "VirtwatchWatchdogFired", "instance": "hv1:9177"}, {}, 1000.0, 1005.0)
+    assert "delivery" not in alert_payload(other, 1005.0 + 901, s, late=True)["labels"]  # no rule twin
+    assert "delivery" not in alert_payload(healed, 1005.0 + 901, s, late=False)["labels"]
