@@ -15,9 +15,11 @@ Payloads are built when sent, not when queued: a firing alert gets
 ``endsAt = now + 4 x resend_interval`` (like Prometheus does, so the alerts of a
 dead daemon expire by themselves); a resolved one gets ``endsAt =
 max(resolved time, startsAt + min_firing_duration, now + RESOLVE_GRACE)``. A resolved alert whose firing
-state that Alertmanager never accepted (it healed during an outage) is *late*: it
+state no Alertmanager ever accepted (it healed during an outage) is *late*: it
 keeps its ``startsAt`` and gets ``endsAt = now + late_resolved_hold``, so the incident
-is still notified once instead of arriving already resolved (never notified).
+is still notified once instead of arriving already resolved (never notified). The
+resolve of an alert another member accepted firing is not sent to one that never held
+it (there it would be a new alert, after the cluster had notified and resolved it).
 
 With a :class:`~.spool.Spool`, what is queued (and in flight) is written to the state
 directory shortly after it changes and at :meth:`AlertmanagerClient.stop`, and read
@@ -109,10 +111,16 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: b
     return out
 
 
-def is_late(rec: AlertRecord, accepted: Mapping[tuple[str, str], float]) -> bool:
-    """Whether ``rec`` is a resolve the Alertmanager never saw firing: ``accepted`` maps the
-    alerts it accepted firing to their ``startsAt``."""
-    return rec.ends_at is not None and accepted.get(rec.key) != rec.starts_at
+def delivery(rec: AlertRecord, here: Mapping[tuple[str, str], float],
+             anywhere: Mapping[tuple[str, str], float]) -> str:
+    """How ``rec`` goes to one Alertmanager: ``send`` (firing, or a resolve of an alert it accepted
+    firing), ``late`` (a resolve no configured Alertmanager ever accepted firing: the incident was
+    never notified) or ``skip`` (a resolve another one accepted firing: the cluster notified it, and
+    to this one, which never held it, it would be a new alert). ``here`` and ``anywhere`` map the
+    alerts accepted firing by this one / by any to their ``startsAt``."""
+    if rec.ends_at is None or here.get(rec.key) == rec.starts_at:
+        return "send"
+    return "skip" if anywhere.get(rec.key) == rec.starts_at else "late"
 
 
 def alerts_endpoint(base: str) -> str:
@@ -203,6 +211,8 @@ class AlertmanagerClient:
         self._spooled: bytes | None = None  # what the file holds (None: unknown)
         self._spool_dirty = asyncio.Event()
         self._spool_task: asyncio.Task[None] | None = None
+        #: ``startsAt`` of alerts any Alertmanager accepted firing, until every one has handled the resolve
+        self._fired: dict[tuple[str, str], float] = {}
         self._clock = clock
         self._sleep = sleep
         self._session_factory = session_factory or aiohttp.ClientSession
@@ -277,11 +287,13 @@ class AlertmanagerClient:
                 self._log.warning("alert_spool_unconfigured", alertmanager=url, count=len(recs),
                                   detail="no longer in alerts.alertmanager_urls: not sent")
                 continue
-            for rec, accepted in recs[-self._settings.queue_size:]:
+            for rec, here, anywhere in recs[-self._settings.queue_size:]:
                 t.pending.pop(rec.key, None)
                 t.pending[rec.key] = rec
-                if accepted:
+                if here:
                     t.accepted[rec.key] = rec.starts_at
+                if anywhere:
+                    self._fired[rec.key] = rec.starts_at
             self.metrics.queue_length.labels(t.url).set(len(t.pending))
             t.idle.clear()
             t.wake.set()
@@ -298,7 +310,8 @@ class AlertmanagerClient:
             for key, r in t.pending.items():
                 recs.pop(key, None)  # a newer state replaces the one in flight
                 recs[key] = r
-            out[t.url] = [(r, t.accepted.get(r.key) == r.starts_at) for r in recs.values()]
+            out[t.url] = [(r, t.accepted.get(r.key) == r.starts_at, self._fired.get(r.key) == r.starts_at)
+                          for r in recs.values()]
         return encode(out)
 
     async def _write_spool(self) -> bool:
@@ -370,9 +383,17 @@ class AlertmanagerClient:
             batch: list[AlertRecord] = []
             while t.pending and len(batch) < MAX_BATCH:
                 batch.append(t.pending.popitem(last=False)[1])
+            modes = [delivery(r, t.accepted, self._fired) for r in batch]
+            skipped = [r for r, m in zip(batch, modes, strict=True) if m == "skip"]
+            batch = [r for r, m in zip(batch, modes, strict=True) if m != "skip"]
+            self._forget(skipped)
+            if not batch:
+                self._spool_dirty.set()
+                continue
             t.inflight = batch
             now = self._clock()
-            payload = [alert_payload(r, now, self._settings, late=is_late(r, t.accepted)) for r in batch]
+            payload = [alert_payload(r, now, self._settings, late=m == "late")
+                       for r, m in zip(batch, [m for m in modes if m != "skip"], strict=True)]
             try:
                 outcome = await self._post(t, payload)
             except asyncio.CancelledError:
@@ -387,9 +408,10 @@ class AlertmanagerClient:
                 t.attempt = 0
                 for r in batch:
                     if r.firing:
-                        t.accepted[r.key] = r.starts_at
+                        t.accepted[r.key] = self._fired[r.key] = r.starts_at
                     elif t.accepted.get(r.key) == r.starts_at:
                         del t.accepted[r.key]
+                self._forget([r for r in batch if not r.firing])
             elif outcome == "rejected":
                 self.metrics.failed.labels(t.url).inc(len(batch))
                 self.metrics.dropped.labels(t.url, "rejected").inc(len(batch))
@@ -403,6 +425,21 @@ class AlertmanagerClient:
                 self.metrics.queue_length.labels(t.url).set(len(t.pending))
                 await self._sleep(delay)
             self.metrics.queue_length.labels(t.url).set(len(t.pending))
+
+    def _forget(self, resolved: list[AlertRecord]) -> None:
+        """Drop the cluster-wide "accepted firing" mark of these resolves once no Alertmanager has
+        one of them left to handle."""
+        for r in resolved:
+            if self._fired.get(r.key) == r.starts_at and not self._due_anywhere(r):
+                del self._fired[r.key]
+
+    def _due_anywhere(self, rec: AlertRecord) -> bool:
+        """Whether a state of ``rec``'s alert with its ``startsAt`` is pending or in flight somewhere."""
+        for t in self._targets:
+            for q in (t.pending.get(rec.key), *t.inflight):
+                if q is not None and q.key == rec.key and q.starts_at == rec.starts_at:
+                    return True
+        return False
 
     def _requeue(self, t: _Target, batch: list[AlertRecord]) -> None:
         """Put a failed batch back in front, unless newer states arrived meanwhile."""

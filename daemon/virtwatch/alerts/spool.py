@@ -8,10 +8,11 @@ half of one::
     {"version": 1,
      "alertmanagers": {"http://am1:9093": [
          {"labels": {...}, "annotations": {...}, "starts_at": 1700000000.0, "ends_at": null,
-          "fired_accepted": false}, ...]}}
+          "fired_accepted": false, "fired_anywhere": false}, ...]}}
 
 ``fired_accepted`` says that this Alertmanager had accepted the alert while it fired (so a
-late resolve is an ordinary resolve, not an incident it never saw). Its size is bounded by
+late resolve is an ordinary resolve, not an incident it never saw); ``fired_anywhere`` that
+one of the configured Alertmanagers had (the cluster notified it: the others skip its resolve). Its size is bounded by
 the client's ``queue_size`` per Alertmanager. :func:`encode` and :func:`decode` are pure;
 :class:`Spool` does the file I/O (call it off the event loop).
 """
@@ -31,21 +32,22 @@ from .record import AlertRecord
 
 VERSION = 1
 
-#: ``{alertmanager URL: [(record, fired_accepted), ...]}``, oldest first.
-Pending = dict[str, list[tuple[AlertRecord, bool]]]
+#: ``{alertmanager URL: [(record, fired_accepted, fired_anywhere), ...]}``, oldest first.
+Pending = dict[str, list[tuple[AlertRecord, bool, bool]]]
 
 
 class SpoolError(ValueError):
     """The spool file is not a spool this version can read (the message says where)."""
 
 
-def encode(pending: Mapping[str, Sequence[tuple[AlertRecord, bool]]]) -> bytes:
+def encode(pending: Mapping[str, Sequence[tuple[AlertRecord, bool, bool]]]) -> bytes:
     """The spool file's bytes for ``pending`` (URLs with no alerts left out)."""
     doc = {
         "version": VERSION,
         "alertmanagers": {
             url: [{"labels": dict(r.labels), "annotations": dict(r.annotations), "starts_at": r.starts_at,
-                   "ends_at": r.ends_at, "fired_accepted": accepted} for r, accepted in recs]
+                   "ends_at": r.ends_at, "fired_accepted": here, "fired_anywhere": anywhere}
+                  for r, here, anywhere in recs]
             for url, recs in pending.items() if recs
         },
     }
@@ -92,11 +94,11 @@ def decode(data: bytes) -> Pending:
             starts = _time(item.get("starts_at"), where + ".starts_at")
             assert starts is not None
             ends = _time(item.get("ends_at"), where + ".ends_at", optional=True)
-            accepted = item.get("fired_accepted", False)
-            if not isinstance(accepted, bool):
-                raise SpoolError(f"{where}.fired_accepted: expected true or false")
+            flags = [item.get(k, False) for k in ("fired_accepted", "fired_anywhere")]
+            if not all(isinstance(f, bool) for f in flags):
+                raise SpoolError(f"{where}: fired_accepted and fired_anywhere must be true or false")
             recs.append((AlertRecord(labels, _strings(item.get("annotations", {}), where + ".annotations"), starts,
-                                     ends), accepted))
+                                     ends), flags[0], flags[0] or flags[1]))
         out[url] = recs
     return out
 

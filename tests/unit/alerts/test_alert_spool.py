@@ -8,7 +8,7 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry
 
-from virtwatch.alerts.client import AlertmanagerClient, alert_payload, is_late, rfc3339
+from virtwatch.alerts.client import AlertmanagerClient, alert_payload, delivery, rfc3339
 from virtwatch.alerts.config import AlertSettings, default_instance
 from virtwatch.alerts.record import AlertRecord
 from virtwatch.alerts.spool import Spool, SpoolError, decode, encode
@@ -50,15 +50,18 @@ def test_empty_instance_is_refused():
         AlertSettings(instance=" ")
 
 
-def test_is_late_only_for_resolves_the_alertmanager_never_accepted_firing():
-    assert not is_late(rec(), {})                                             # firing
-    assert is_late(rec(ends=1005.0), {})                                      # never seen firing
-    assert not is_late(rec(ends=1005.0), {rec().key: 1000.0})                 # accepted firing
-    assert is_late(rec(starts=2000.0, ends=2005.0), {rec().key: 1000.0})      # an earlier incident was
+def test_delivery_late_only_when_no_alertmanager_accepted_it_firing():
+    k = rec().key
+    assert delivery(rec(), {}, {}) == "send"                                      # firing
+    assert delivery(rec(ends=1005.0), {k: 1000.0}, {k: 1000.0}) == "send"         # accepted here: a resolve
+    assert delivery(rec(ends=1005.0), {}, {}) == "late"                           # never notified anywhere
+    assert delivery(rec(ends=1005.0), {}, {k: 1000.0}) == "skip"                  # another member notified it
+    assert delivery(rec(starts=2000.0, ends=2005.0), {k: 1000.0}, {k: 1000.0}) == "late"  # an earlier incident
 
 
 def test_encode_decode_round_trip():
-    pending = {A: [(rec("a"), False), (rec("b", ends=1009.5), True)], B: []}
+    pending = {A: [(rec("a"), False, False), (rec("b", ends=1009.5), True, True), (rec("c", ends=1.0), False, True)],
+               B: []}
     data = encode(pending)
     assert decode(data) == {A: pending[A]}  # an Alertmanager with nothing pending is left out
     assert json.loads(data)["version"] == 1
@@ -75,6 +78,8 @@ def test_encode_decode_round_trip():
      "starts_at: expected epoch seconds"),
     (b'{"version": 1, "alertmanagers": {"u": [{"labels": {"alertname": 1}, "starts_at": 1}]}}',
      "labels: expected an object of strings"),
+    (b'{"version": 1, "alertmanagers": {"u": [{"labels": {"alertname": "X"}, "starts_at": 1, "fired_anywhere": 1}]}}',
+     "must be true or false"),
     (b'{"version": 1, "alertmanagers": {"u": [{"labels": {"alertname": "X"}, "starts_at": 1, "ends_at": -1}]}}',
      "ends_at: expected epoch seconds"),
 ])
@@ -95,7 +100,7 @@ def test_corrupt_spool_is_moved_aside_and_reads_as_empty(tmp_path):
 
 def test_write_replaces_the_file_and_leaves_no_temporary(tmp_path):
     sp = Spool(tmp_path / "state" / "alerts-spool.json")
-    sp.write(encode({A: [(rec(), False)]}))
+    sp.write(encode({A: [(rec(), False, False)]}))
     sp.write(encode({}))
     assert decode(sp.path.read_bytes()) == {}
     assert [p.name for p in sp.path.parent.iterdir()] == ["alerts-spool.json"]
@@ -112,7 +117,7 @@ async def test_undelivered_alerts_are_spooled_at_stop_and_sent_by_the_next_clien
     await c.stop(flush_timeout=0.005)
     assert reg.get_sample_value("virtwatch_alerts_dropped_total", {"alertmanager": A, "reason": "shutdown"}) is None
     on_disk = decode((tmp_path / "state" / "alerts-spool.json").read_bytes())
-    assert on_disk == {A: [(rec("a", ends=1004.0), False), (rec("b"), False)]}
+    assert on_disk == {A: [(rec("a", ends=1004.0), False, False), (rec("b"), False, False)]}
 
     session.default[EP_A] = 200         # Alertmanager back, daemon restarted
     c2, reg2 = client(tmp_path, clock, session)
@@ -147,7 +152,8 @@ async def test_spool_keeps_whether_the_alertmanager_had_accepted_the_alert_firin
 
 async def test_spooled_alerts_of_an_alertmanager_no_longer_configured_are_not_sent(tmp_path, clock, session, fakes):
     (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "alerts-spool.json").write_bytes(encode({B: [(rec("x"), False)], A: [(rec("y"), False)]}))
+    (tmp_path / "state" / "alerts-spool.json").write_bytes(
+        encode({B: [(rec("x"), False, False)], A: [(rec("y"), False, False)]}))
     c, _ = client(tmp_path, clock, session)
     await c.start()
     await fakes.settle()
@@ -172,7 +178,7 @@ async def test_corrupt_spool_gives_a_working_client(tmp_path, clock, session, fa
 async def test_restored_queue_is_bounded_by_queue_size(tmp_path, clock, session, fakes):
     (tmp_path / "state").mkdir()
     (tmp_path / "state" / "alerts-spool.json").write_bytes(
-        encode({A: [(rec(f"g{i}"), False) for i in range(5)]}))
+        encode({A: [(rec(f"g{i}"), False, False) for i in range(5)]}))
     c, _ = client(tmp_path, clock, session, queue_size=2)
     await c.start()
     await fakes.settle()
@@ -192,3 +198,30 @@ def test_late_rule_twin_past_the_rule_window_is_labelled_apart():
     other = AlertRecord({"alertname": "VirtwatchWatchdogFired", "instance": "hv1:9177"}, {}, 1000.0, 1005.0)
     assert "delivery" not in alert_payload(other, 1005.0 + 901, s, late=True)["labels"]  # no rule twin
     assert "delivery" not in alert_payload(healed, 1005.0 + 901, s, late=False)["labels"]
+
+
+async def test_a_resolve_goes_only_where_the_firing_state_went_and_survives_a_restart(tmp_path, clock, session,
+                                                                                    fakes):
+    # Cluster member B was down when the crash fired; A notified it. B must not get the resolve
+    # (to B it would be a new alert after the cluster resolved it: a second page), not even after
+    # a daemon restart, and A's resolve is an ordinary one.
+    ep_b = B + "/api/v2/alerts"
+    session.default[ep_b] = fakes.conn_error()
+    c, _ = client(tmp_path, clock, session, urls=(A, B))
+    await c.start()
+    c.submit(rec("a"))
+    await fakes.settle()
+    c.submit(rec("a", ends=1004.0))
+    await fakes.settle()
+    assert [x["endsAt"] for x in session.delivered(EP_A)] == [rfc3339(clock.t + 240), rfc3339(clock.t + 5)]
+    await c.stop(0.005)
+    assert decode((tmp_path / "state" / "alerts-spool.json").read_bytes()) == {B: [(rec("a", ends=1004.0), False,
+                                                                                    True)]}
+    session.default[ep_b] = 200
+    c2, _ = client(tmp_path, clock, session, urls=(A, B))
+    await c2.start()
+    await fakes.settle()
+    assert session.delivered(ep_b) == []
+    assert c2.queue_lengths() == {A: 0, B: 0}
+    await c2.stop(0)
+    assert decode((tmp_path / "state" / "alerts-spool.json").read_bytes()) == {}
