@@ -97,6 +97,7 @@ alertmanager_urls = ["{am_url}"]
 # the instant VirtwatchGuestCrashed with its rule twin, and these tests look at the instant
 # alerts alone (test_fleet_alerting.py covers the merge).
 instance = "{socket.gethostname()}"
+rule_window = 0
 min_firing_duration = 0
 retry_min_delay = 0.2
 retry_max_delay = 1.0

@@ -14,7 +14,8 @@ who-notified-what, so each member must hold each alert to deduplicate notificati
 Payloads are built when sent, not when queued: a firing alert gets
 ``endsAt = now + 4 x resend_interval`` (like Prometheus does, so the alerts of a
 dead daemon expire by themselves); a resolved one gets ``endsAt =
-max(resolved time, startsAt + min_firing_duration, now + RESOLVE_GRACE)``. A resolved alert whose firing
+max(resolved time, startsAt + min_firing_duration)`` (for a rule twin, at least
+``now + RESOLVE_GRACE``). A resolved alert whose firing
 state no Alertmanager ever accepted (it healed during an outage) is *late*: it
 keeps its ``startsAt`` and gets ``endsAt = now + late_resolved_hold``, so the incident
 is still notified once instead of arriving already resolved (never notified). The
@@ -53,10 +54,12 @@ Sleep = Callable[[float], Awaitable[None]]
 SessionFactory = Callable[[], Any]
 
 MAX_BATCH = 64
-#: A resolve's endsAt is never less than this many seconds after it is sent. Alertmanager merges
-#: it into the alert Prometheus may still hold firing under the same labels (the rule twins of
-#: VirtwatchGuestCrashed and VirtwatchQemuFailed): an endsAt already past would end that alert
-#: early, and the rule's next re-send would start it again: a second page for one incident.
+#: The resolve of a rule twin (VirtwatchGuestCrashed, VirtwatchQemuFailed) has an endsAt at least
+#: this many seconds after it is sent, unless ``rule_window`` is 0. Alertmanager merges it into the
+#: alert Prometheus may still hold firing under the same labels: an endsAt already past would end
+#: that alert early, and the rule's next re-send would start it again (a second page). A future
+#: endsAt never shortens an alert Alertmanager holds: it ends when Prometheus resolves the twin,
+#: or 4 x resend_interval after the last post.
 RESOLVE_GRACE = 5.0
 #: Seconds between a change of the queues and the spool write (one write for a burst).
 SPOOL_DELAY = 0.2
@@ -86,7 +89,9 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: b
     if rec.ends_at is None:
         ends = now + 4 * settings.resend_interval
     else:
-        ends = max(rec.ends_at, rec.starts_at + settings.min_firing_duration, now + RESOLVE_GRACE)
+        ends = max(rec.ends_at, rec.starts_at + settings.min_firing_duration)
+        if settings.rule_window > 0 and rec.labels.get("alertname") in RULE_TWINS:
+            ends = max(ends, now + RESOLVE_GRACE)
     annotations = dict(rec.annotations)
     labels = {k: v for k, v in rec.labels.items() if v}
     if late and rec.ends_at is not None:

@@ -130,7 +130,9 @@ class AlertSettings(BaseModel):
         description="how long the shipped rules keep VirtwatchGuestCrashed and VirtwatchQemuFailed (the rule twins"
         " of the instant alerts) firing after the guest runs again, seconds (their [15m] window); a late delivery"
         " after that gets the label delivery=\"late\", so that Prometheus' resolved twin, which it re-sends for 15"
-        " minutes, does not end it before it is notified",
+        " minutes, does not end it before it is notified; 0 = the shipped rules are not in use, so a resolve"
+        " of these alerts ends them at once (else a resolve never ends the alert Alertmanager merged with"
+        " its rule twin: the rule does)",
     )
 
     @field_validator("instance")

@@ -50,7 +50,7 @@ class VirtwatchProcess:
 
     def start(self, ready_timeout: float = 30.0) -> VirtwatchProcess:
         """Start and wait until ``/readyz`` answers 200 (libvirt connected)."""
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 -- the child's log; closed in stop()
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 -- the child's log (kept across restarts); closed in stop()
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=dict(os.environ))
         self.wait_until(lambda: self.get("/readyz")[0] == 200, ready_timeout, "virtwatch never became ready")
         return self

@@ -4,8 +4,10 @@ Both are the Debian packages' binaries (``prometheus``, ``prometheus-alertmanage
 each in its own directory (config, storage, log). Nothing here mocks anything: the
 helpers start the servers, wait for ``/-/ready`` and read their HTTP APIs.
 
-- :class:`AlertmanagerProcess`: clustering off; :meth:`~AlertmanagerProcess.stop` and
-  :meth:`~AlertmanagerProcess.start` again on the same port (an outage).
+- :class:`AlertmanagerProcess`: clustering off, or a member of a gossip cluster on loopback
+  ports; :meth:`~AlertmanagerProcess.stop` and :meth:`~AlertmanagerProcess.start` again on the
+  same port (an outage).
+- :class:`WebhookReceiver`: records the notifications Alertmanager sends.
 - :class:`PrometheusProcess`: a generated config scraping given targets with a given
   interval, loading rule files and sending alerts to given Alertmanagers.
 - :func:`rules_with_short_for`: a copy of a rules file whose ``for:`` durations are
@@ -18,6 +20,7 @@ Only the standard library and PyYAML are used, so ``bench/`` scripts can import 
 
 from __future__ import annotations
 
+import http.server
 import json
 import shutil
 import socket
@@ -145,19 +148,39 @@ class _Server:
 
 
 class AlertmanagerProcess(_Server):
-    """One Alertmanager (clustering disabled); can be stopped and started again on the same port."""
+    """One Alertmanager; can be stopped and started again on the same port (an outage).
+
+    Clustering is off unless ``cluster_port`` is given: then it gossips on 127.0.0.1:cluster_port
+    with ``peers`` (``host:port`` of the other members' cluster ports) and ``cluster_args``
+    (e.g. shorter ``--cluster.peer-timeout``). Its notification log and silences live in its
+    directory, so they survive a stop and start, as in production.
+    """
 
     name = "alertmanager"
 
-    def __init__(self, workdir: Path, config: str = AM_CONFIG, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, config: str = AM_CONFIG, port: int | None = None, *,
+                 cluster_port: int | None = None, peers: Sequence[str] = (),
+                 cluster_args: Sequence[str] = ()) -> None:
         super().__init__(workdir, port)
         self.config_path = self.dir / "alertmanager.yml"
         self.config_path.write_text(config)
+        self.cluster_port = cluster_port
+        self.peers = list(peers)
+        self.cluster_args = list(cluster_args)
 
     def command(self) -> list[str]:
+        cluster = ["--cluster.listen-address="]
+        if self.cluster_port is not None:
+            cluster = [f"--cluster.listen-address=127.0.0.1:{self.cluster_port}",
+                       f"--cluster.advertise-address=127.0.0.1:{self.cluster_port}",
+                       *(f"--cluster.peer={p}" for p in self.peers), *self.cluster_args]
         return [binary("prometheus-alertmanager", "alertmanager"), f"--config.file={self.config_path}",
                 f"--storage.path={self.dir / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
-                "--cluster.listen-address=", "--log.level=warn"]
+                *cluster, "--log.level=warn"]
+
+    def status(self) -> dict[str, Any]:
+        """``GET /api/v2/status`` (cluster peers and status)."""
+        return http_json(self.url + "/api/v2/status")
 
     def alerts(self, **filters: str) -> list[dict[str, Any]]:
         """``GET /api/v2/alerts`` (unexpired alerts), filtered by label equality matchers."""
@@ -165,6 +188,45 @@ class AlertmanagerProcess(_Server):
         url = self.url + "/api/v2/alerts" + ("?" + urllib.parse.urlencode(params) if params else "")
         with urllib.request.urlopen(url, timeout=5) as r:
             return json.loads(r.read())
+
+
+class WebhookReceiver:
+    """An HTTP server on 127.0.0.1 that records every notification Alertmanager POSTs to it
+    (any path), as ``(epoch seconds received, path, decoded JSON body)``."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[float, str, dict[str, Any]]] = []
+        self._lock = threading.Lock()
+        receiver = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver._lock:
+                    receiver.received.append((time.time(), self.path, json.loads(body)))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                return None
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="webhook", daemon=True)
+
+    def start(self) -> WebhookReceiver:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def notifications(self) -> list[tuple[float, str, dict[str, Any]]]:
+        """Everything received so far (a copy)."""
+        with self._lock:
+            return list(self.received)
 
 
 class PrometheusProcess(_Server):

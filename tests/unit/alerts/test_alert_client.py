@@ -79,9 +79,12 @@ def test_resolved_payload_honours_min_firing_duration_and_omits_empty_values():
     assert p["labels"] == {"alertname": "X", "instance": "hv1"}
     assert p["annotations"] == {"summary": "s", "runbook_url": "https://virtwatch.dev/docs/runbooks/X.md"}
     assert "generatorURL" not in p
-    # min_firing_duration 0: the resolve time, but never less than RESOLVE_GRACE (5 s) after sending.
-    assert alert_payload(r, now=106.0, settings=settings())["endsAt"] == rfc3339(111.0)
-    assert alert_payload(r, now=99.0, settings=settings())["endsAt"] == rfc3339(105.0)
+    assert alert_payload(r, now=106.0, settings=settings())["endsAt"] == rfc3339(105.0)
+    # A rule twin's resolve: never less than RESOLVE_GRACE (5 s) after sending, unless the rules are not used.
+    twin = AlertRecord({"alertname": "VirtwatchGuestCrashed", "instance": "hv1"}, {}, 100.0, 105.0)
+    assert alert_payload(twin, now=106.0, settings=settings())["endsAt"] == rfc3339(111.0)
+    assert alert_payload(twin, now=99.0, settings=settings())["endsAt"] == rfc3339(105.0)
+    assert alert_payload(twin, now=106.0, settings=settings(rule_window=0))["endsAt"] == rfc3339(105.0)
 
 
 def test_links_from_external_url_and_runbook_base():
