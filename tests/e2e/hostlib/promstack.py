@@ -232,19 +232,21 @@ class WebhookReceiver:
 class PrometheusProcess(_Server):
     """Prometheus scraping ``targets`` (job ``job``) with the given rule files and Alertmanagers.
 
-    ``interval`` is both the scrape and the evaluation interval. Alerts are re-sent to
-    Alertmanager every ``resend_delay`` while firing (Prometheus' default is 1m).
+    ``interval`` is both the scrape and the evaluation interval (and the scrape timeout unless
+    ``scrape_timeout`` is given). Alerts are re-sent to Alertmanager every ``resend_delay`` while
+    firing (Prometheus' default is 1m).
     """
 
     name = "prometheus"
 
     def __init__(self, workdir: Path, targets: Sequence[str], *, job: str = "virtwatch",
                  rule_files: Iterable[Path] = (), alertmanagers: Iterable[str] = (), interval: str = "1s",
-                 resend_delay: str = "1s", port: int | None = None) -> None:
+                 resend_delay: str = "1s", port: int | None = None, scrape_timeout: str | None = None) -> None:
         super().__init__(workdir, port)
         self.resend_delay = resend_delay
         cfg: dict[str, Any] = {
-            "global": {"scrape_interval": interval, "evaluation_interval": interval, "scrape_timeout": interval},
+            "global": {"scrape_interval": interval, "evaluation_interval": interval,
+                       "scrape_timeout": scrape_timeout or interval},
             "rule_files": [str(Path(p).resolve()) for p in rule_files],
             "scrape_configs": [{"job_name": job, "static_configs": [{"targets": list(targets)}]}],
         }
