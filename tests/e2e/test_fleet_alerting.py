@@ -286,9 +286,14 @@ def guests(stack: Stack, guest_image: GuestImage) -> Iterator[Guests]:
         factory.cleanup()
 
 
+def domain_id(guest: Guest) -> int:
+    """The guest's current domain id (a fresh lookup: a virDomain keeps the id it was looked up with)."""
+    return guest.dom.connect().lookupByName(guest.name).ID()
+
+
 def restarted_by_policy(guest: Guest, old_id: int) -> bool:
     try:
-        return guest.dom.isActive() == 1 and guest.dom.ID() != old_id
+        return guest.dom.isActive() == 1 and domain_id(guest) not in (old_id, -1)
     except libvirt.libvirtError:
         return False
 
@@ -346,7 +351,7 @@ def test_guests_crashing_through_a_three_minute_outage_and_a_daemon_restart_page
     kills: dict[str, float] = {}
 
     def kill_qemu(g: Guest) -> None:
-        old_id = g.dom.ID()
+        old_id = domain_id(g)
         pid = int(Path(f"/run/libvirt/qemu/{g.name}.pid").read_text())
         kills[g.name] = time.time()
         os.kill(pid, signal.SIGKILL)

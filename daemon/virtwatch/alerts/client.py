@@ -19,8 +19,10 @@ max(resolved time, startsAt + min_firing_duration)`` (for a rule twin, at least
 state no Alertmanager ever accepted (it healed during an outage) is *late*: it
 keeps its ``startsAt`` and gets ``endsAt = now + late_resolved_hold``, so the incident
 is still notified once instead of arriving already resolved (never notified). The
-resolve of an alert another member accepted firing is not sent to one that never held
-it (there it would be a new alert, after the cluster had notified and resolved it).
+resolve of an alert another member accepted firing goes to one that never held it (or was
+unreachable since: it may have restarted) with its real, past ``endsAt`` (rule twins: not
+at all): an ``endsAt`` ahead would be a new alert there, after the cluster had notified
+and resolved it. See :func:`delivery`.
 
 With a :class:`~.spool.Spool`, what is queued (and in flight) is written to the state
 directory shortly after it changes and at :meth:`AlertmanagerClient.stop`, and read
@@ -73,14 +75,19 @@ def rfc3339(t: float) -> str:
     )
 
 
-def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: bool = False) -> dict[str, Any]:
+def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: bool = False,
+                  past: bool = False) -> dict[str, Any]:
     """The Alertmanager v2 JSON object for ``rec`` sent at time ``now``.
 
-    ``late``: ``rec`` is resolved and this Alertmanager never accepted it firing; it is
-    held active until ``now + late_resolved_hold`` (and annotated ``resolved_at``), so that
-    Alertmanager notifies it once. A late rule twin (:data:`~.rules.RULE_TWINS`) sent more than
-    ``rule_window`` after it resolved also gets the label ``delivery="late"``: a copy of its own,
-    not merged with (and ended by) the resolved twin Prometheus re-sends.
+    ``past``: a resolve goes with ``endsAt`` = when it resolved, nothing added (see :func:`delivery`).
+
+    ``late``: ``rec`` is resolved and no Alertmanager accepted it firing; it is held active
+    until ``late_resolved_hold`` after its first late delivery (``rec.late_at``, else ``now``:
+    every cluster member gets the same ``endsAt``, so they resolve it together) and annotated
+    ``resolved_at``, so that Alertmanager notifies it once. A late rule twin
+    (:data:`~.rules.RULE_TWINS`) first delivered more than ``rule_window`` after it resolved
+    also gets the label ``delivery="late"``: a copy of its own, not merged with (and ended by)
+    the resolved twin Prometheus re-sends.
 
     Every alert gets a ``runbook_url`` annotation (unless ``runbook_base_url`` is empty or the
     record sets one) and a ``generatorURL``: the guest's page on this daemon for guest alerts,
@@ -92,12 +99,15 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: b
         ends = max(rec.ends_at, rec.starts_at + settings.min_firing_duration)
         if settings.rule_window > 0 and rec.labels.get("alertname") in RULE_TWINS:
             ends = max(ends, now + RESOLVE_GRACE)
+        if past:
+            ends = rec.ends_at
     annotations = dict(rec.annotations)
     labels = {k: v for k, v in rec.labels.items() if v}
     if late and rec.ends_at is not None:
-        ends = max(ends, now + settings.late_resolved_hold)
+        first = rec.late_at if rec.late_at is not None else now
+        ends = max(ends, first + settings.late_resolved_hold)
         annotations.setdefault("resolved_at", rfc3339(rec.ends_at))
-        if labels.get("alertname") in RULE_TWINS and now > rec.ends_at + settings.rule_window:
+        if labels.get("alertname") in RULE_TWINS and first > rec.ends_at + settings.rule_window:
             # Its rule twin has resolved: Prometheus re-sends that resolved copy for 15 minutes,
             # which Alertmanager would merge into this one (same labels) and end it un-notified.
             labels["delivery"] = "late"
@@ -117,15 +127,25 @@ def alert_payload(rec: AlertRecord, now: float, settings: AlertSettings, late: b
 
 
 def delivery(rec: AlertRecord, here: Mapping[tuple[str, str], float],
-             anywhere: Mapping[tuple[str, str], float]) -> str:
-    """How ``rec`` goes to one Alertmanager: ``send`` (firing, or a resolve of an alert it accepted
-    firing), ``late`` (a resolve no configured Alertmanager ever accepted firing: the incident was
-    never notified) or ``skip`` (a resolve another one accepted firing: the cluster notified it, and
-    to this one, which never held it, it would be a new alert). ``here`` and ``anywhere`` map the
-    alerts accepted firing by this one / by any to their ``startsAt``."""
+             anywhere: Mapping[tuple[str, str], float], settings: AlertSettings) -> str:
+    """How ``rec`` goes to one Alertmanager.
+
+    - ``send``: firing, or a resolve of an alert it accepted firing (and has been reachable since);
+    - ``late``: a resolve no configured Alertmanager accepted firing: never notified;
+    - ``past``: a resolve some Alertmanager accepted firing, this one not (or it was unreachable
+      since: it may have restarted without it): the cluster notified it, so it goes with its real
+      ``endsAt``, already past: any ``endsAt`` ahead would make it a new alert there;
+    - ``skip``: the same for a rule twin (:data:`~.rules.RULE_TWINS`, ``rule_window`` > 0): not sent,
+      since a past ``endsAt`` would end the merged alert Prometheus still fires; the rule resolves it.
+
+    ``here`` and ``anywhere`` map the alerts accepted firing by this one / by any to their ``startsAt``.
+    """
     if rec.ends_at is None or here.get(rec.key) == rec.starts_at:
         return "send"
-    return "skip" if anywhere.get(rec.key) == rec.starts_at else "late"
+    if anywhere.get(rec.key) != rec.starts_at:
+        return "late"
+    twin = settings.rule_window > 0 and rec.labels.get("alertname") in RULE_TWINS
+    return "skip" if twin else "past"
 
 
 def alerts_endpoint(base: str) -> str:
@@ -218,6 +238,8 @@ class AlertmanagerClient:
         self._spool_task: asyncio.Task[None] | None = None
         #: ``startsAt`` of alerts any Alertmanager accepted firing, until every one has handled the resolve
         self._fired: dict[tuple[str, str], float] = {}
+        #: first late delivery of a resolve, by ``(key, startsAt)``, until every one has handled it
+        self._late_at: dict[tuple[tuple[str, str], float], float] = {}
         self._clock = clock
         self._sleep = sleep
         self._session_factory = session_factory or aiohttp.ClientSession
@@ -388,16 +410,17 @@ class AlertmanagerClient:
             batch: list[AlertRecord] = []
             while t.pending and len(batch) < MAX_BATCH:
                 batch.append(t.pending.popitem(last=False)[1])
-            modes = [delivery(r, t.accepted, self._fired) for r in batch]
+            modes = [delivery(r, t.accepted, self._fired, self._settings) for r in batch]
             skipped = [r for r, m in zip(batch, modes, strict=True) if m == "skip"]
             batch = [r for r, m in zip(batch, modes, strict=True) if m != "skip"]
             self._forget(skipped)
             if not batch:
                 self._spool_dirty.set()
                 continue
+            batch = [self._with_late_at(r) for r in batch]
             t.inflight = batch
             now = self._clock()
-            payload = [alert_payload(r, now, self._settings, late=m == "late")
+            payload = [alert_payload(r, now, self._settings, late=m == "late", past=m == "past")
                        for r, m in zip(batch, [m for m in modes if m != "skip"], strict=True)]
             try:
                 outcome = await self._post(t, payload)
@@ -411,17 +434,22 @@ class AlertmanagerClient:
             if outcome == "ok":
                 self.metrics.sent.labels(t.url).inc(len(batch))
                 t.attempt = 0
-                for r in batch:
+                for r, m in zip(batch, [m for m in modes if m != "skip"], strict=True):
                     if r.firing:
                         t.accepted[r.key] = self._fired[r.key] = r.starts_at
                     elif t.accepted.get(r.key) == r.starts_at:
                         del t.accepted[r.key]
+                    if m == "late" and r.late_at is None:
+                        self._first_late(r, now)
                 self._forget([r for r in batch if not r.firing])
             elif outcome == "rejected":
                 self.metrics.failed.labels(t.url).inc(len(batch))
                 self.metrics.dropped.labels(t.url, "rejected").inc(len(batch))
             else:
                 self.metrics.failed.labels(t.url).inc(len(batch))
+                # It may come back restarted, without the alerts it held: a resolve of one of them
+                # would be a new alert there (after the cluster notified and resolved it).
+                t.accepted.clear()
                 self._requeue(t, batch)
                 t.attempt += 1
                 delay = self._backoff.delay(t.attempt)
@@ -431,12 +459,29 @@ class AlertmanagerClient:
                 await self._sleep(delay)
             self.metrics.queue_length.labels(t.url).set(len(t.pending))
 
+    def _first_late(self, rec: AlertRecord, at: float) -> None:
+        """``rec`` was first accepted as a late resolve at ``at``: the other Alertmanagers get it
+        with the same ``late_at`` (the same ``endsAt`` and labels), spooled with it too."""
+        self._late_at[(rec.key, rec.starts_at)] = at
+        for t in self._targets:
+            q = t.pending.get(rec.key)
+            if q is not None and q.starts_at == rec.starts_at and q.late_at is None:
+                t.pending[rec.key] = dataclasses.replace(q, late_at=at)
+        self._spool_dirty.set()
+
+    def _with_late_at(self, rec: AlertRecord) -> AlertRecord:
+        at = self._late_at.get((rec.key, rec.starts_at)) if rec.late_at is None else None
+        return rec if at is None else dataclasses.replace(rec, late_at=at)
+
     def _forget(self, resolved: list[AlertRecord]) -> None:
         """Drop the cluster-wide "accepted firing" mark of these resolves once no Alertmanager has
         one of them left to handle."""
         for r in resolved:
-            if self._fired.get(r.key) == r.starts_at and not self._due_anywhere(r):
+            if self._due_anywhere(r):
+                continue
+            if self._fired.get(r.key) == r.starts_at:
                 del self._fired[r.key]
+            self._late_at.pop((r.key, r.starts_at), None)
 
     def _due_anywhere(self, rec: AlertRecord) -> bool:
         """Whether a state of ``rec``'s alert with its ``startsAt`` is pending or in flight somewhere."""

@@ -15,6 +15,8 @@ class AlertRecord:
         annotations: summary, description and any others.
         starts_at: epoch seconds the condition started.
         ends_at: epoch seconds it cleared; ``None`` while firing.
+        late_at: epoch seconds an Alertmanager first accepted it as a *late* resolve (one no
+            Alertmanager had seen firing); every member then gets the same ``endsAt`` and labels.
         key: ``(alertname, domain)`` identity used for coalescing.
     """
 
@@ -22,6 +24,7 @@ class AlertRecord:
     annotations: Mapping[str, str]
     starts_at: float
     ends_at: float | None = None
+    late_at: float | None = None
 
     @property
     def key(self) -> tuple[str, str]:

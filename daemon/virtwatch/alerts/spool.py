@@ -7,7 +7,7 @@ half of one::
 
     {"version": 1,
      "alertmanagers": {"http://am1:9093": [
-         {"labels": {...}, "annotations": {...}, "starts_at": 1700000000.0, "ends_at": null,
+         {"labels": {...}, "annotations": {...}, "starts_at": 1700000000.0, "ends_at": null, "late_at": null,
           "fired_accepted": false, "fired_anywhere": false}, ...]}}
 
 ``fired_accepted`` says that this Alertmanager had accepted the alert while it fired (so a
@@ -46,7 +46,7 @@ def encode(pending: Mapping[str, Sequence[tuple[AlertRecord, bool, bool]]]) -> b
         "version": VERSION,
         "alertmanagers": {
             url: [{"labels": dict(r.labels), "annotations": dict(r.annotations), "starts_at": r.starts_at,
-                   "ends_at": r.ends_at, "fired_accepted": here, "fired_anywhere": anywhere}
+                   "ends_at": r.ends_at, "late_at": r.late_at, "fired_accepted": here, "fired_anywhere": anywhere}
                   for r, here, anywhere in recs]
             for url, recs in pending.items() if recs
         },
@@ -94,11 +94,12 @@ def decode(data: bytes) -> Pending:
             starts = _time(item.get("starts_at"), where + ".starts_at")
             assert starts is not None
             ends = _time(item.get("ends_at"), where + ".ends_at", optional=True)
+            late_at = _time(item.get("late_at"), where + ".late_at", optional=True)
             flags = [item.get(k, False) for k in ("fired_accepted", "fired_anywhere")]
             if not all(isinstance(f, bool) for f in flags):
                 raise SpoolError(f"{where}: fired_accepted and fired_anywhere must be true or false")
             recs.append((AlertRecord(labels, _strings(item.get("annotations", {}), where + ".annotations"), starts,
-                                     ends), flags[0], flags[0] or flags[1]))
+                                     ends, late_at), flags[0], flags[0] or flags[1]))
         out[url] = recs
     return out
 

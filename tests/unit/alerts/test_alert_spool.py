@@ -51,12 +51,16 @@ def test_empty_instance_is_refused():
 
 
 def test_delivery_late_only_when_no_alertmanager_accepted_it_firing():
-    k = rec().key
-    assert delivery(rec(), {}, {}) == "send"                                      # firing
-    assert delivery(rec(ends=1005.0), {k: 1000.0}, {k: 1000.0}) == "send"         # accepted here: a resolve
-    assert delivery(rec(ends=1005.0), {}, {}) == "late"                           # never notified anywhere
-    assert delivery(rec(ends=1005.0), {}, {k: 1000.0}) == "skip"                  # another member notified it
-    assert delivery(rec(starts=2000.0, ends=2005.0), {k: 1000.0}, {k: 1000.0}) == "late"  # an earlier incident
+    k, s = rec().key, AlertSettings()
+    assert delivery(rec(), {}, {}, s) == "send"                                   # firing
+    assert delivery(rec(ends=1005.0), {k: 1000.0}, {k: 1000.0}, s) == "send"      # accepted here: a resolve
+    assert delivery(rec(ends=1005.0), {}, {}, s) == "late"                        # never notified anywhere
+    assert delivery(rec(starts=2000.0, ends=2005.0), {k: 1000.0}, {k: 1000.0}, s) == "late"  # an earlier one was
+    # Another member notified it (or this one was unreachable since): its real endsAt; a rule twin not at all.
+    assert delivery(rec(ends=1005.0), {}, {k: 1000.0}, s) == "skip"
+    assert delivery(rec(ends=1005.0), {}, {k: 1000.0}, AlertSettings(rule_window=0)) == "past"
+    wd = AlertRecord({"alertname": "VirtwatchWatchdogFired", "domain": "web1"}, {}, 1000.0, 1005.0)
+    assert delivery(wd, {}, {wd.key: 1000.0}, s) == "past"
 
 
 def test_encode_decode_round_trip():
@@ -131,23 +135,40 @@ async def test_undelivered_alerts_are_spooled_at_stop_and_sent_by_the_next_clien
     assert decode((tmp_path / "state" / "alerts-spool.json").read_bytes()) == {}
 
 
-async def test_spool_keeps_whether_the_alertmanager_had_accepted_the_alert_firing(tmp_path, clock, session, fakes):
+def watchdog(ends: float | None = None) -> AlertRecord:
+    return AlertRecord({"alertname": "VirtwatchWatchdogFired", "instance": "hv1:9177", "domain": "w"}, {}, 1000.0,
+                       ends)
+
+
+async def test_a_resolve_after_an_outage_of_an_alertmanager_that_had_it_firing_is_not_a_new_incident(
+        tmp_path, clock, session, fakes):
+    # Accepted firing, then Alertmanager went down (it may come back restarted, without the alert)
+    # and the guest healed; the daemon restarts in between. Notified already: not late. The
+    # watchdog alert goes with its real endsAt (past: resolved there whatever it holds); the rule
+    # twin is not sent (a past endsAt would end the merged alert Prometheus still fires).
     c, _ = client(tmp_path, clock, session)
     await c.start()
     c.submit(rec("a"))
-    await fakes.settle()                 # accepted firing
+    c.submit(watchdog())
+    await fakes.settle()                  # both accepted firing
     session.default[EP_A] = fakes.conn_error()
-    c.submit(rec("a", ends=1003.0))      # its resolve fails: Alertmanager went down
+    c.submit(rec("a", ends=1003.0))
+    c.submit(watchdog(ends=1003.0))
     await fakes.settle()
     await c.stop(0.005)
+    assert [(r.labels["alertname"], here, anywhere) for r, here, anywhere in
+            decode((tmp_path / "state" / "alerts-spool.json").read_bytes())[A]] \
+        == [("VirtwatchGuestCrashed", False, True), ("VirtwatchWatchdogFired", False, True)]
     session.default[EP_A] = 200
+    sent_before = len(session.delivered())
     c2, _ = client(tmp_path, clock, session)
     await c2.start()
     await fakes.settle()
-    resolved = session.delivered()[-1]
-    assert resolved["endsAt"] == rfc3339(clock.t + 5.0)  # an ordinary resolve (RESOLVE_GRACE): notified already
-    assert "resolved_at" not in resolved["annotations"]
+    [resolved] = session.delivered()[sent_before:]
+    assert resolved["labels"]["alertname"] == "VirtwatchWatchdogFired"
+    assert resolved["endsAt"] == rfc3339(1003.0) and "resolved_at" not in resolved["annotations"]
     await c2.stop(0)
+    assert decode((tmp_path / "state" / "alerts-spool.json").read_bytes()) == {}
 
 
 async def test_spooled_alerts_of_an_alertmanager_no_longer_configured_are_not_sent(tmp_path, clock, session, fakes):
@@ -225,3 +246,33 @@ async def test_a_resolve_goes_only_where_the_firing_state_went_and_survives_a_re
     assert c2.queue_lengths() == {A: 0, B: 0}
     await c2.stop(0)
     assert decode((tmp_path / "state" / "alerts-spool.json").read_bytes()) == {}
+
+
+async def test_every_member_gets_a_late_alert_with_the_endsat_of_its_first_delivery(tmp_path, clock, session,
+                                                                                   fakes):
+    # Members that resolve one alert at different times page twice: the first one's "all resolved"
+    # clears the shared notification log while the other still has it firing. So B, back later
+    # (even after a daemon restart), gets A's endsAt and labels, not ones of its own.
+    ep_b = B + "/api/v2/alerts"
+    session.default[EP_A] = session.default[ep_b] = fakes.conn_error()
+    c, _ = client(tmp_path, clock, session, urls=(A, B), rule_window=60.0)
+    await c.start()
+    c.submit(rec("a", ends=1004.0))
+    await fakes.settle()
+    await clock.advance(100.0)
+    session.default[EP_A] = 200
+    await clock.advance(10.0)
+    [at_a] = session.delivered(EP_A)
+    first = clock.t
+    assert at_a["labels"]["delivery"] == "late"     # first delivered more than rule_window after it healed
+    await c.stop(0.005)
+    [(spooled, _, _)] = decode((tmp_path / "state" / "alerts-spool.json").read_bytes())[B]
+    assert spooled.late_at is not None and spooled.late_at <= first
+    await clock.advance(200.0)
+    session.default[ep_b] = 200
+    c2, _ = client(tmp_path, clock, session, urls=(A, B), rule_window=60.0)
+    await c2.start()
+    await fakes.settle()
+    [at_b] = session.delivered(ep_b)
+    assert (at_b["labels"], at_b["startsAt"], at_b["endsAt"]) == (at_a["labels"], at_a["startsAt"], at_a["endsAt"])
+    await c2.stop(0)
