@@ -204,8 +204,9 @@ class Stack:
     def diag(self) -> str:
         lines = []
         for t, path, body in self.receiver.notifications():
-            named = [(a["labels"].get("alertname"), a["labels"].get("domain")) for a in body["alerts"]]
-            lines.append(f"{t:.3f} {path} {named}")
+            named = [(a["labels"].get("alertname"), a["labels"].get("domain"), a["startsAt"], a["endsAt"])
+                     for a in body["alerts"]]
+            lines.append(f"{t:.3f} {path} from {body.get('externalURL')} {named}")
         notes = "\n".join(lines)
         return (f"--- notifications\n{notes}\n--- prometheus alerts seen\n{self.watcher.summary()}\n"
                 f"--- virtwatch log tail\n{self.vw.log_tail(40)}\n"
@@ -374,8 +375,14 @@ def test_guests_crashing_through_a_three_minute_outage_and_a_daemon_restart_page
     kill_qemu(crashed[2])
     wait_until(lambda: time.monotonic() - down_at >= OUTAGE, OUTAGE + 5, "outage over", interval=1.0)
     assert all(len(stack.pages(g.name)) == before[g.name] for g in crashed), stack.diag()
-    for am in stack.ams:
-        am.start()
+    # Back together, as after a restart of the whole cluster: started one by one, the first would
+    # settle alone and page before the others join it (Alertmanager retries joining every 15 s).
+    starters = [threading.Thread(target=am.start) for am in stack.ams]
+    for th in starters:
+        th.start()
+    for th in starters:
+        th.join()
+    print("Alertmanagers back at", time.time(), [am.url for am in stack.ams])
     wait_until(stack.cluster_formed, 30, "cluster formed again", interval=0.2, detail=stack.diag)
     for g in crashed:
         wait_until(lambda g=g: len(stack.pages(g.name)) > before[g.name], 60, f"late page for {g.name}",
