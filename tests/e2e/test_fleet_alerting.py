@@ -385,7 +385,6 @@ def test_guests_crashing_through_a_three_minute_outage_and_a_daemon_restart_page
         th.start()
     for th in starters:
         th.join()
-    print("Alertmanagers back at", time.time(), [am.url for am in stack.ams])
     wait_until(stack.cluster_formed, 30, "cluster formed again", interval=0.2, detail=stack.diag)
     for g in crashed:
         wait_until(lambda g=g: len(stack.pages(g.name)) > before[g.name], 60, f"late page for {g.name}",
