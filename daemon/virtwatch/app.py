@@ -27,12 +27,14 @@ from .demo import LivingDemo
 from .eventlog import RecentEvents
 from .handover import Retained
 from .inventory import Inventory
+from .liveness.monitor import LivenessMonitor, explain_lines
 from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
 from .metrics.history import GuestHistory, cpu_percent
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
 from .model import Event, Kind, ResyncEntry, Source, missed_lifecycle
+from .policy.config import GuestPolicy
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
@@ -180,6 +182,18 @@ class Daemon:
                 self.demo_side = SideConnection("demo", settings.libvirt, False, self.demo_calls, self.demo)
                 self.connection.add_listener(self.demo_side)
                 self.lanes.count_also(lambda: self.demo_side is not None and self.demo_side.conn is not None)
+        # Liveness (issue 12): probes on the agent's lane, console patterns, reboot loops and the
+        # hang detector; failures alert at once and go to the policy engine like a crash.
+        self.liveness = LivenessMonitor(
+            self.agent, self.guests, self._guest_policy, self.alerter,
+            report=self.policy.engine.on_liveness if self.policy is not None else None,
+            own_operation=self.policy.engine.own_operation if self.policy is not None else None,
+            redact=settings.console.redact, wall=wall_clock, kept=kept.liveness if kept else None)
+        self.pump.subscribe(self.liveness.on_event)
+        self.console.data_listeners.append(self.liveness.on_console)
+        if self.policy is not None:
+            self.policy.engine.selection_listeners.append(self.liveness.reselect)
+        self.exposition.add_collector("liveness", self.liveness.collector)
         # Console contents (issue 13): on the operator socket always, over HTTP only when
         # http.serve_console opts in (the web config must then authenticate: load_web_parts).
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd, console=self.console)
@@ -198,15 +212,17 @@ class Daemon:
         self._prerender: asyncio.Future[Any] | None = None
 
     # -- subscribers / ports --------------------------------------------------
-    def _console_capture(self, name: str) -> int | None:
-        """``console_buffer`` KiB when ``name``'s policy sets ``capture_console``,
-        else None: the engine's merged policy (with domain metadata and
-        overrides) when policy is enabled, else the ``[policy]`` rules,
-        profiles and defaults alone."""
+    def _guest_policy(self, name: str) -> GuestPolicy:
+        """``name``'s merged policy: the engine's (with domain metadata and overrides) when
+        policy is enabled, else the ``[policy]`` rules, profiles and defaults alone."""
         if self.policy is not None:
-            return self.policy.engine.console_capture(name)
+            return self.policy.engine.policy_of(name)
         g = self.guests.by_name(name)
-        pol = select(self.settings.policy, name, g.uuid if g else "", None).policy
+        return select(self.settings.policy, name, g.uuid if g else "", None).policy
+
+    def _console_capture(self, name: str) -> int | None:
+        """``console_buffer`` KiB when ``name``'s merged policy sets ``capture_console``, else None."""
+        pol = self._guest_policy(name)
         return pol.console_buffer if pol.capture_console else None
 
     def _count_event(self, ev: Event) -> None:
@@ -256,6 +272,7 @@ class Daemon:
     def _on_snapshot(self, snap: Snapshot) -> None:
         self.history.add(self._latest, snap)
         self._previous, self._latest = self._latest, snap
+        self.liveness.on_snapshot(snap.domains)
         # Render the new figures now, off the loop: the next scrape finds a finished body.
         self._prerender = self.exposition.prerender() or self._prerender
 
@@ -334,9 +351,10 @@ class Daemon:
             ex = self.policy.engine.explain(name)
         except KeyError:
             raise UnknownGuest(name) from None
+        live = self.liveness.explain(name)
         return {"name": ex.name, "uuid": ex.uuid, "managed": ex.managed, "mode": ex.mode, "intent": ex.intent,
                 "policy": {k: _jsonable(v) for k, v in ex.policy.items()}, "sources": dict(ex.sources),
-                "decision_now": ex.decision_now, "lines": ex.lines()}
+                "decision_now": ex.decision_now, "liveness": live, "lines": ex.lines() + explain_lines(live)}
 
     async def control_action(self, name: str, action: str) -> dict[str, Any]:
         """hold / release / reset one guest (returns once the change is committed)."""
@@ -390,7 +408,7 @@ class Daemon:
             action_counts=(dict(self.policy.engine.snapshot().actions) if self.policy is not None
                            else self._kept_action_counts),
             snapshot=self.poller.latest, previous=self._previous, history=self.history, uri=self.settings.libvirt.uri,
-            started_at=self.started_at)
+            started_at=self.started_at, liveness=self.liveness.handover())
 
     async def reload_web(self, settings: Settings) -> None:
         """Take ``settings``, which differ from the running ones in ``http.web_config_file`` at
@@ -430,6 +448,7 @@ class Daemon:
             self.loop.create_task(self.poller.run(), name="stats-poller"),
             self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
             self.loop.create_task(self.agent.run(), name="guest-agent"),
+            self.loop.create_task(self.liveness.run(), name="liveness"),
         ]
         if self.demo is not None:
             self._tasks.append(self.loop.create_task(self.demo.run(), name="living-demo"))
@@ -462,6 +481,7 @@ class Daemon:
             await self.policy.stop()  # in-flight actions end recorded as interrupted; retries stay persisted
         if self.policy_side is not None:
             await self.policy_side.stop()
+        await _cancel(by_name.get("liveness"))  # its probes run on the agent's lane
         await _cancel(by_name.get("guest-agent"))
         await self.agent_side.stop()
         if self.demo_side is not None:

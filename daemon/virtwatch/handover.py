@@ -17,6 +17,7 @@ from .alerts.rules import AlertKey
 from .console.capture import GuestConsole
 from .eventlog import RecentEvents
 from .inventory import Inventory
+from .liveness.monitor import GuestLiveness
 from .metrics.history import GuestHistory
 from .metrics.instruments import Instruments
 from .state import GuestRegistry
@@ -43,6 +44,7 @@ class Retained:
         history: recent CPU and memory per guest (the status page's sparklines).
         uri: the libvirt URI these figures came from.
         started_at: when the process's first daemon started (epoch seconds).
+        liveness: each guest's liveness state (probe results, counters, reboot window).
     """
 
     registry: CollectorRegistry
@@ -61,3 +63,4 @@ class Retained:
     history: GuestHistory
     uri: str
     started_at: float
+    liveness: Mapping[str, GuestLiveness] = dataclasses.field(default_factory=dict)

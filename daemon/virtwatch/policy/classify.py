@@ -44,6 +44,15 @@ class StopCause(enum.StrEnum):
     TRANSIENT_PAUSE = "transient_pause"  # migration, save, dump, snapshot, starting up...
     PM_SUSPEND = "pm_suspend"          # guest suspended itself (S3/S4)
     UNKNOWN = "unknown"                # a stop libvirt gives no reason for
+    # liveness failures (issue 12): the guest still runs, libvirt reports nothing
+    PROBE_FAILED = "probe_failed"      # probe_failure_threshold consecutive failed probes
+    CONSOLE_PANIC = "console_panic"    # a console_failure_patterns line on the captured console
+    REBOOT_LOOP = "reboot_loop"        # more than reboot_limit guest reboots within reboot_interval
+    HUNG = "hung"                      # vCPU time pegged, no block or network I/O for hang_after
+
+
+#: The causes a liveness detector reports (:mod:`virtwatch.liveness`); on_probe_failure reacts.
+LIVENESS_CAUSES = frozenset({StopCause.PROBE_FAILED, StopCause.CONSOLE_PANIC, StopCause.REBOOT_LOOP, StopCause.HUNG})
 
 
 class Transition(enum.StrEnum):
@@ -56,6 +65,7 @@ class Transition(enum.StrEnum):
     RESUMED = "resumed"
     SHUTTING_DOWN = "shutting_down"  # SHUTDOWN/* pre-event: remember its detail
     NOTE = "note"                # io_error / watchdog event: remember, the lifecycle event follows
+    UNHEALTHY = "unhealthy"      # still running, but a liveness detector declared it failed
     NONE = "none"                # nothing relevant (defined, undefined, agent...)
 
 

@@ -13,10 +13,10 @@ import dataclasses
 import enum
 from typing import Literal
 
-from ..model import ACTIVE, DomainState
+from ..model import ACTIVE, RUNNING, DomainState
 from . import budget
 from .budget import History
-from .classify import Classification, StopCause, Transition
+from .classify import LIVENESS_CAUSES, Classification, StopCause, Transition
 from .config import GuestPolicy
 from .select import Selection
 
@@ -30,6 +30,7 @@ class Action(enum.StrEnum):
     RESTART = "restart"   # (destroy if still active, then) start after ``delay``
     RESUME = "resume"     # resume a paused guest after ``delay``
     KILL = "kill"         # destroy now, restart after ``delay`` by budget
+    RESET = "reset"       # virDomainReset a running guest after ``delay`` (on_probe_failure = reset)
     ALERT = "alert"       # only raise an alert
     GIVE_UP = "give_up"   # budget exhausted: alert, no more actions
 
@@ -249,6 +250,72 @@ def decide(
             Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {intent}: no action", cause, intent, h
         )
     return _restart(guest, event, h, now, policy, rand, key)
+
+
+def decide_liveness(
+    guest: GuestRecord,
+    cause: StopCause,
+    detail: str,
+    history: History,
+    now: float,
+    policy: Selection,
+    *,
+    busy: str | None = None,
+    rand: float = 0.0,
+) -> Decision:
+    """Decide what to do about a liveness failure of a guest that still runs. Pure.
+
+    Args:
+        guest: the guest as known now (``state`` is libvirt's last state code).
+        cause: one of :data:`~virtwatch.policy.classify.LIVENESS_CAUSES`.
+        detail: what the detector saw (one line: the console line, the probe's error...).
+        history: restart history.
+        now: wall-clock seconds.
+        policy: the guest's :class:`Selection`; ``on_probe_failure`` decides.
+        busy: the libvirt job running on the guest (``migration``, ``save``...) or None:
+            never act during one.
+        rand: a number in [0, 1) for the jitter.
+
+    ``leave`` (the default) is :attr:`Action.NONE` with the cause set: the detector's own
+    instant alert is the alert, and the decision becomes its annotation. ``reset`` schedules
+    :attr:`Action.RESET` and ``restart`` :attr:`Action.KILL` (destroy now, start after the
+    backoff delay), both counted against the restart budget like a crash.
+    """
+    if cause not in LIVENESS_CAUSES:
+        raise ValueError(f"not a liveness cause: {cause}")
+    name = guest.name
+    h = budget.record_stable(history, now, policy.policy)
+    what = f"{name} unhealthy: {cause.value} ({detail})" if detail else f"{name} unhealthy: {cause.value}"
+
+    def none(why: str, keep: bool = False) -> Decision:
+        return Decision(Action.NONE, 0.0, f"{what}, {why}", cause, guest.intent, h, keep_pending=keep)
+
+    if not policy.managed:
+        return none("not managed (observed only)")
+    if guest.intent == "held":
+        return none("held by operator: no action")
+    if busy:
+        return none(f"{busy} job in progress: no action")
+    if guest.state not in RUNNING:
+        return none("not running any more: its lifecycle event decides")
+    if h.given_up:
+        return none(f"given up ({h.given_up_reason})")
+    if h.next_retry is not None:
+        return none("action already scheduled", keep=True)
+    if guest.intent != "running":
+        return none(f"intent {guest.intent}: no action")
+    key = "on_probe_failure"
+    reaction = policy.policy.on_probe_failure
+    src = f"policy {key} from {policy.source(key)}"
+    if reaction == "leave":
+        return Decision(Action.NONE, 0.0, f"{what}: left alone, {src}", cause, guest.intent, h, key=key)
+    cls = Classification(Transition.UNHEALTHY, cause, detail)
+    if reaction == "restart":
+        return _restart(guest, cls, h, now, policy, rand, key, kill=True)
+    d = _restart(guest, cls, h, now, policy, rand, key)
+    if d.action != Action.RESTART:
+        return d  # given up
+    return dataclasses.replace(d, action=Action.RESET, reason="reset" + d.reason.removeprefix("restart"))
 
 
 def decide_recover(guest: GuestRecord, history: History, now: float, policy: Selection, why: str) -> Decision:

@@ -164,15 +164,17 @@ class WorkItem:
 
     ``kind``: ``event`` (``event`` set), ``resync`` (``state`` = libvirt's ``(state, reason)``),
     ``recover`` (``why`` says why), ``wake`` (re-check the pending action), ``crash_timeout``
-    (``event`` = the CRASHED event still waiting for its STOPPED). ``arrived`` is the clock's
+    (``event`` = the CRASHED event still waiting for its STOPPED), ``liveness`` (``cause`` = a
+    liveness failure's cause, ``why`` = what the detector saw). ``arrived`` is the clock's
     monotonic seconds.
     """
 
-    kind: str                 # "event", "resync", "recover", "wake", "crash_timeout"
+    kind: str                 # "event", "resync", "recover", "wake", "crash_timeout", "liveness"
     event: Event | None
     arrived: float            # monotonic
     state: tuple[int, int] | None = None
     why: str = ""
+    cause: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
