@@ -295,14 +295,14 @@ class Daemon:
         }
 
     def guest_extra(self, name: str) -> dict[str, Any]:
-        """Per-guest extras for the API and landing page (CPU %, agent, console, policy state)."""
+        """Per-guest extras for the API and landing page (CPU %, agent, console, policy, liveness)."""
         g = self.guests.by_name(name)
         if g is None:
             return {}
         agent = self.agent.info(name)
         return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid),
                 "agent": agent.as_dict() if agent else None, "console": self.console.state(name),
-                "policy": self._policy_guest(name)}
+                "policy": self._policy_guest(name), "liveness": self.liveness.explain(name)}
 
     # -- ControlPort (operator Unix socket) ---------------------------------------
     def _policy_guest(self, name: str) -> dict[str, Any] | None:

@@ -105,12 +105,14 @@ class GuestLiveness:
     hang: HangTracker = dataclasses.field(default_factory=HangTracker)
     hang_watched: bool = False
     firing: set[str] = dataclasses.field(default_factory=set)
+    passing: bool | None = None          # the probe's state in this run (None: no result yet)
     last_failure: tuple[str, str, float] | None = None   # cause, detail, wall time
 
     def start_over(self, due: float | None) -> None:
         """A new run (start, reboot) or none (``due`` None: stopped): detectors start over."""
         self.run += 1
         self.next_probe = due
+        self.passing = None
         self.streak.reset()
         self.console.reset()
         self.hang.reset()
@@ -309,6 +311,10 @@ class LivenessMonitor:
     def record(self, st: GuestLiveness, pol: GuestPolicy, res: ProbeResult) -> None:
         """Count one probe result: a failure past the threshold fires, a pass resolves."""
         st.results.append(res)
+        if res.ok and not st.passing:  # once per run, and when a failing streak ends
+            log.info("liveness_probe_passing", guest=st.name, probe=pol.probe, detail=res.detail,
+                     duration=res.duration)
+        st.passing = res.ok
         if not res.ok:
             st.probe_failures[(pol.probe, res.reason)] += 1
             log.info("liveness_probe_failed", guest=st.name, probe=pol.probe, reason=res.reason, detail=res.detail,
