@@ -318,7 +318,8 @@ class GuestAgent:
         """Send one guest agent command (JSON text, ``virDomainQemuAgentCommand``) to ``name`` on
         the agent's lane, within ``timeout`` seconds in all: waiting for the lane included, and
         libvirt told the rest as the command's own timeout. Returns the agent's JSON answer.
-        Raises :class:`AgentError` (``timeout``, ``not_connected``, or libvirt's error code name)."""
+        Raises :class:`AgentError` (``timeout``, ``lane_busy`` (other calls held the lane the whole
+        time), ``not_connected``, or libvirt's error code name)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         conn = self._conn
@@ -331,7 +332,7 @@ class GuestAgent:
             async with asyncio.timeout(timeout):
                 await self._lane.acquire()
         except TimeoutError:
-            raise AgentError("timeout", "agent lane busy") from None
+            raise AgentError("lane_busy", f"agent lane busy for {timeout:g} s") from None
         try:
             left = deadline - loop.time()
             if left <= 0:

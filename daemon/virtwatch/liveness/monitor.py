@@ -49,7 +49,7 @@ from ..model import RUNNING, Event, Kind, Lifecycle, Source
 from ..policy.config import GuestPolicy
 from ..state import GuestLookup
 from .detect import ConsoleMatcher, HangTracker, ProbeStreak, RebootWindow, activity_sample, compile_patterns
-from .probes import AgentPort, ProbeResult, run_probe
+from .probes import OUR_SIDE, AgentPort, ProbeResult, run_probe
 
 log = structlog.get_logger("virtwatch.liveness")
 
@@ -309,7 +309,11 @@ class LivenessMonitor:
         self.record(st, pol, res)
 
     def record(self, st: GuestLiveness, pol: GuestPolicy, res: ProbeResult) -> None:
-        """Count one probe result: a failure past the threshold fires, a pass resolves."""
+        """Count one probe result: a failure past the threshold fires, a pass resolves. A probe
+        that failed on our side (:data:`~virtwatch.liveness.probes.OUR_SIDE`) is not counted."""
+        if res.reason in OUR_SIDE:
+            log.info("liveness_probe_skipped", guest=st.name, probe=pol.probe, reason=res.reason, detail=res.detail)
+            return
         st.results.append(res)
         if res.ok and not st.passing:  # once per run, and when a failing streak ends
             log.info("liveness_probe_passing", guest=st.name, probe=pol.probe, detail=res.detail,

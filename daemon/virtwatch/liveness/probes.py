@@ -55,7 +55,12 @@ class ProbeResult:
 
 
 #: Agent error codes that mean "there is no agent to ask".
-_UNAVAILABLE = frozenset({"VIR_ERR_ARGUMENT_UNSUPPORTED", "not_connected", "VIR_ERR_AGENT_UNRESPONSIVE"})
+_UNAVAILABLE = frozenset({"VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_ERR_AGENT_UNRESPONSIVE"})
+
+#: Reasons that are about virtwatch's side, not the guest: no libvirt connection for the agent's
+#: lane (libvirtd restarting, a read-only connection), or the lane busy with other guests for
+#: the whole probe_timeout. Such a probe says nothing about the guest: it is not counted.
+OUR_SIDE = frozenset({"not_connected", "lane_busy"})
 
 
 def ping_command() -> str:
@@ -133,6 +138,8 @@ async def run_probe(agent: AgentPort, name: str, kind: str, argv: tuple[str, ...
             await sleep(delay)
             delay = min(EXEC_POLL_MAX, delay * 2)
     except AgentError as err:
+        if err.code in OUR_SIDE:
+            return result(False, err.code, err.message or err.code)
         if err.code == "timeout":
             return result(False, "timeout", f"no answer within {timeout:g} s")
         reason = "agent_unavailable" if err.code in _UNAVAILABLE else "agent_error"

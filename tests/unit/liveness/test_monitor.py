@@ -24,14 +24,18 @@ POLICY = {
 
 
 class Agent:
-    """Answers guest-ping at once: ``ok`` or an unresponsive agent."""
+    """Answers guest-ping at once: ``ok``, an unresponsive agent, or ``our_side`` (an AgentError code
+    about virtwatch's own connection)."""
 
     def __init__(self) -> None:
         self.ok = True
+        self.our_side: str | None = None
         self.sent: list[str] = []
 
     async def agent_command(self, name: str, command: str, timeout: float) -> str:
         self.sent.append(name)
+        if self.our_side:
+            raise AgentError(self.our_side, "no agent connection")
         if not self.ok:
             raise AgentError("VIR_ERR_AGENT_UNRESPONSIVE")
         return '{"return": {}}'
@@ -185,3 +189,16 @@ async def test_undefined_guest_is_forgotten() -> None:
     r.event("db", "lifecycle", "STOPPED", "DESTROYED")
     r.event("db", "lifecycle", "UNDEFINED", "REMOVED")
     assert r.mon.explain("db") is None and r.firing() == set()
+
+
+async def test_probes_failing_on_our_side_say_nothing_about_the_guest() -> None:
+    r = Rig()
+    r.event("web", "lifecycle", "STARTED", "BOOTED")
+    await r.tick(10)
+    for code in ("not_connected", "lane_busy") * 3:
+        r.agent.our_side = code
+        await r.tick(2)
+    assert r.reports == [] and r.firing() == set()
+    assert r.mon.explain("web")["consecutive_failures"] == 0
+    assert r.metric("libvirt_domain_probe_failures_total", domain="web") is None
+    assert r.metric("libvirt_domain_probe_success", domain="web", probe="agent_ping") == 1.0  # the last real one

@@ -101,6 +101,8 @@ async def test_agent_errors_read_as_reasons() -> None:
     assert (res.ok, res.reason) == (False, "agent_error") and "GenericError: no such file" in res.detail
     res, _ = await probe(FakeClock(), [ok({})], kind="agent_ping")
     assert (res.ok, res.reason) == (True, "ok")
+    res, _ = await probe(FakeClock(), [AgentError("not_connected", "no agent connection")], kind="agent_ping")
+    assert (res.ok, res.reason, res.detail) == (False, "not_connected", "no agent connection")
     res, sent = await probe(FakeClock(), [], argv=())
     assert (res.ok, res.reason, sent) == (False, "misconfigured", [])
 
