@@ -19,8 +19,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 #: A guest whose vCPUs run at least this fraction of the wall time (``cpu.time`` per vCPU) is
-#: "pegged" for the hang detector. Measured on TCG guests here (README, "Probes"): an idle guest
-#: stays below 0.1; a panicked Linux kernel spins at 0.8 or more.
+#: "pegged" for the hang detector. Measured on 1-vCPU TCG guests here (README, "Liveness"): an
+#: idle guest at 0.005, a Linux kernel panicked with panic=0 spinning at 1.00.
 PEGGED_CPU_RATIO = 0.5
 
 #: Longest partial console line kept while waiting for its newline, bytes.
