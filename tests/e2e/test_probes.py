@@ -110,6 +110,7 @@ on_probe_failure = "reset"
 glob = "vwe2e-probes-panic-*"
 capture_console = true
 hang_after = {hang_after}
+probe_initial_delay = 10.0   # no probe here: the hang detector's grace after a start or reboot
 on_probe_failure = "reset"
 restart_delay = {panic_restart_delay}
 

@@ -15,7 +15,9 @@ Per guest, from its merged policy (``probe*``, ``console_failure_patterns``, ``r
   (``libvirt_domain_reboots_total{domain}`` counts them all); more than ``reboot_limit`` within
   ``reboot_interval`` is a ``reboot_loop`` failure, resolved once the window calms down.
 * **busy but silent** (``hang_after`` > 0): from each statistics poll (:meth:`on_snapshot`),
-  :class:`~virtwatch.liveness.detect.HangTracker`; a ``hung`` failure, resolved by I/O or idling.
+  :class:`~virtwatch.liveness.detect.HangTracker`, not during the ``probe_initial_delay`` after a
+  start or reboot (a booting kernel is busy and silent too: seen in the e2e tests); a ``hung``
+  failure, resolved by I/O or idling.
 
 A failure fires its instant alert (:data:`ALERTS`) first, then goes to ``report(guest, cause,
 detail)`` (the policy engine's :meth:`~virtwatch.policy.engine.PolicyEngine.on_liveness`,
@@ -106,12 +108,14 @@ class GuestLiveness:
     hang_watched: bool = False
     firing: set[str] = dataclasses.field(default_factory=set)
     passing: bool | None = None          # the probe's state in this run (None: no result yet)
+    grace_until: float | None = None     # monotonic: no hang detection before (a booting guest is busy and silent)
     last_failure: tuple[str, str, float] | None = None   # cause, detail, wall time
 
     def start_over(self, due: float | None) -> None:
         """A new run (start, reboot) or none (``due`` None: stopped): detectors start over."""
         self.run += 1
         self.next_probe = due
+        self.grace_until = due
         self.passing = None
         self.streak.reset()
         self.console.reset()
@@ -246,8 +250,8 @@ class LivenessMonitor:
             pol = self.policy(d.name)
             st = self._entry(d.name, d.uuid)
             st.hang_watched = pol.hang_after > 0
-            if not st.hang_watched:
-                st.hang.reset()
+            if not st.hang_watched or (st.grace_until is not None and self._mono() < st.grace_until):
+                st.hang.reset()  # off, or booting: a kernel starting up is busy and does little I/O
                 continue
             sample = activity_sample(d.stats, d.collected_at)
             if sample is None:

@@ -209,7 +209,8 @@ class GuestPolicy(BaseModel):
     probe_failure_threshold: int = Field(
         3, ge=1, le=1000, description="consecutive failed probes that make a probe_failed failure")
     probe_initial_delay: float = Field(
-        60.0, ge=0, le=86400, description="seconds after each start (or guest reboot) before the first probe")
+        60.0, ge=0, le=86400, description="seconds after each start (or guest reboot) before the first probe "
+        "and before the hang detector looks (a booting guest is busy and silent)")
     on_probe_failure: ProbeFailureReaction = Field(
         "leave", description="a liveness failure (probe_failed, console_panic, reboot_loop, hung): leave (alert), "
         "reset (virDomainReset) or restart (destroy + start), by the restart budget")

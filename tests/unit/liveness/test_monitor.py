@@ -171,6 +171,7 @@ def stats(name: str, cpu_s: float, io: int, at: float) -> dict[str, DomainStats]
 async def test_busy_and_silent_for_hang_after_is_hung_until_io_moves() -> None:
     r = Rig()
     r.event("db", "lifecycle", "STARTED", "BOOTED")
+    await r.clock.advance(60)  # past probe_initial_delay: the boot's grace
     for t in range(7):
         r.mon.on_snapshot(stats("db", 0.85 * t, 500, 100.0 + t))
     assert [c for _, c, _ in r.reports] == ["hung"]
@@ -202,3 +203,15 @@ async def test_probes_failing_on_our_side_say_nothing_about_the_guest() -> None:
     assert r.mon.explain("web")["consecutive_failures"] == 0
     assert r.metric("libvirt_domain_probe_failures_total", domain="web") is None
     assert r.metric("libvirt_domain_probe_success", domain="web", probe="agent_ping") == 1.0  # the last real one
+
+
+async def test_no_hang_detection_while_a_guest_boots() -> None:
+    r = Rig()
+    r.event("db", "lifecycle", "STARTED", "BOOTED")  # db: probe_initial_delay 60 (the default)
+    for t in range(50):
+        r.mon.on_snapshot(stats("db", 0.9 * t, 0, 100.0 + t))
+    assert r.reports == []
+    await r.clock.advance(60)
+    for t in range(50, 56):
+        r.mon.on_snapshot(stats("db", 0.9 * t, 0, 100.0 + t))
+    assert [c for _, c, _ in r.reports] == ["hung"]
