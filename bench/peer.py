@@ -3,8 +3,8 @@
     .venv/bin/python bench/peer.py [--guests 20] [--rounds 3] [--window 20]   (make bench-peer)
 
 Needs root, the system libvirtd (``.ci/start-libvirtd.sh``), the e2e guest image and
-Debian's ``prometheus-libvirt-exporter`` and ``collectd-core`` (``make bench-peer`` installs them). It starts ``--guests``
-real TCG guests (disk + NIC, light I/O) with tests/e2e/hostlib, then:
+Debian's ``prometheus-libvirt-exporter`` and ``collectd-core`` (``make bench-peer`` installs
+them). It starts ``--guests`` real TCG guests (disk + NIC, light I/O) with tests/e2e/hostlib, then:
 
 1. **What libvirtd pays per stats group and per host call**: each ``getAllDomainStats``
    group alone and each host-figure call virtwatch makes, ``--calls`` times, with the
@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "tests"))  # testkit, used by hostlib
 
 from hostlib import GuestFactory, VirtwatchProcess, ensure_image, free_port, libvirtd_pid, start_libvirtd  # noqa: E402
-from virtwatch.virt.stats import GROUP_FLAGS, stats_flags  # noqa: E402
+from virtwatch.virt.groups import GROUP_FLAGS, stats_flags  # noqa: E402
 
 URI = "qemu:///system"
 TICK = os.sysconf("SC_CLK_TCK")
