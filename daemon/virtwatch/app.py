@@ -125,7 +125,8 @@ class Daemon:
         self.connection.add_listener(self)
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
                                                                    self.inventory.view(lambda: self.poller.latest),
-                                                                   lambda: self.connection.info))
+                                                                   lambda: self.connection.info),
+                                     max_series=settings.metrics.max_series)
         self.exposition.add_collector("lanes", self.lanes)
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,

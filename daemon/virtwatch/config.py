@@ -139,6 +139,15 @@ class HTTPSettings(Section):
         return v
 
 
+class MetricsSettings(Section):
+    """``[metrics]``: bounds on what ``/metrics`` exposes (:mod:`~virtwatch.metrics.bounds`)."""
+
+    max_series: int = Field(
+        0, ge=0, le=100_000_000,
+        description="series budget of /metrics; past it whole tiers of guest families are left out (per-vCPU, "
+                    "then per-device detail, then per-device), never state or identity. 0 = no budget")
+
+
 class LogSettings(Section):
     """``[log]``: structured logging."""
 
@@ -190,6 +199,7 @@ class Settings(Section):
     libvirt: LibvirtSettings = LibvirtSettings()
     stats: StatsSettings = StatsSettings()
     http: HTTPSettings = HTTPSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
     policy: PolicySettings = PolicySettings()

@@ -207,10 +207,26 @@ def host_families(guests: list[GuestView], host: HostStats | None, info: Mapping
     """Host-level families: versions, guests per state, node, pools, networks.
 
     ``info`` is the connection's identity dict (libvirt_version,
-    hypervisor_version, driver, hostname); empty while never connected.
+    hypervisor_version, driver, hostname, host_uuid); empty while never connected.
+
+    ``libvirt_host_info`` is the host's identity for a fleet: ``hostname``
+    (``virConnectGetHostname``), ``host_uuid`` (libvirt's host UUID, "" if it has
+    none: :func:`~virtwatch.virt.host.host_uuid`), ``hypervisor`` (the driver,
+    ``virConnectGetType``: ``QEMU``). No family carries ``instance`` or ``job``:
+    those are target labels that service discovery and the scrape config give.
+    ``libvirt_version_info`` (same versions, older label names) stays for existing
+    dashboards and queries.
     """
     out: list[Metric] = []
     if info:
+        h = GaugeMetricFamily("libvirt_host_info",
+                              "Host identity (value 1): hostname, libvirt's host UUID, versions and hypervisor "
+                              "driver; join on the target labels (instance) to name a series' host.",
+                              labels=["hostname", "host_uuid", "libvirt_version", "hypervisor", "hypervisor_version"])
+        h.add_metric([str(info.get("hostname", "")), str(info.get("host_uuid", "")),
+                      str(info.get("libvirt_version", "")), str(info.get("driver", "")),
+                      str(info.get("hypervisor_version", ""))], 1)
+        out.append(h)
         v = GaugeMetricFamily("libvirt_version_info", "Versions of libvirt and the hypervisor (value 1).",
                               labels=["libvirt", "hypervisor", "driver"])
         v.add_metric([str(info.get("libvirt_version", "")), str(info.get("hypervisor_version", "")),
