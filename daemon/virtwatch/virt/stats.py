@@ -48,6 +48,7 @@ from .host import (
     read_host,
 )
 from .lanes import LanePool, LaneUnavailable
+from .migration import MigrationTracker
 from .perdomain import OnError, PerDomainReader, read_guest
 from .ports import VirtInstruments
 
@@ -172,6 +173,10 @@ class StatsSource(Protocol):
         """One guest's ``groups`` by the classic per-domain calls, as bulk fields
         (:func:`~virtwatch.virt.perdomain.read_guest`)."""
 
+    def job(self, conn: Any, uuid: str) -> tuple[bool, dict[str, Any] | None]:
+        """(active, ``jobStats()`` or None when inactive) of one guest. Raises libvirtError
+        ``VIR_ERR_NO_DOMAIN`` when it is gone."""
+
 
 def _rows(results: list[tuple[Any, dict[str, Any]]]) -> list[DomainRow]:
     return [(dom.name(), dom.UUIDString(), st) for dom, st in results]
@@ -232,6 +237,12 @@ class LibvirtStatsSource:
         """:func:`~virtwatch.virt.perdomain.read_guest`."""
         return read_guest(conn, uuid, groups, on_error)
 
+    def job(self, conn: libvirt.virConnect, uuid: str) -> tuple[bool, dict[str, Any] | None]:
+        """``isActive()`` and, when active, ``jobStats()`` (a query job: it runs beside a migration)."""
+        dom = conn.lookupByUUIDString(uuid)
+        active = bool(dom.isActive())
+        return active, dom.jobStats() if active else None
+
     def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
         """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
         return read_host(conn, on_error)
@@ -262,13 +273,15 @@ class StatsPoller:
             that are stuck at the first poll) until the next poll replaces it.
         devices: the per-guest XML cache; it reads what it lacks on the stats lane
             after the bulk call (:meth:`DeviceCache.refresh`); None: never read.
+        migrations: guests migrating out get a ``jobStats`` read on the stats lane after the
+            bulk call, reported to it (progress, and the end of a migration that failed).
     """
 
     def __init__(self, settings: StatsSettings, connection: ConnectionPort, lanes: LanePool,
                  instruments: VirtInstruments, source: StatsSource | None = None,
                  monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  on_snapshot: Callable[[Snapshot], None] | None = None, kept: Snapshot | None = None,
-                 devices: DeviceCache | None = None) -> None:
+                 devices: DeviceCache | None = None, migrations: MigrationTracker | None = None) -> None:
         self.settings = settings
         self._connection = connection
         self._lanes = lanes
@@ -278,6 +291,7 @@ class StatsPoller:
         self._wall = wall
         self._on_snapshot = on_snapshot
         self._devices = devices
+        self._migrations = migrations
         self._flags = stats_flags(settings.groups)
         self._seq = kept.seq if kept else 0
         self._suspects: dict[str, str] = {}          # uuid -> name of guests not asked in bulk
@@ -359,6 +373,8 @@ class StatsPoller:
                 self._add_suspects(filled.hung, filled.hung, "per-domain statistics call outlived the poll deadline")
                 if self._devices is not None:
                     await self._devices.refresh(rows, end, self._lanes, self.settings.poll_interval)
+            if self._migrations is not None:
+                await self._read_jobs(end)
         host_ok = host_task.result() if host_task is not None else True
         probed, gone = probe_task.result() if probe_task is not None else ({}, set())
         now = self._wall()
@@ -406,6 +422,23 @@ class StatsPoller:
             self._on_snapshot(snap)
         log.debug("poll_done", guests=len(domains), stale=len(stale_names), duration_seconds=round(duration, 4))
         return snap
+
+    async def _read_jobs(self, end: float) -> None:
+        """``jobStats`` of each guest migrating out, on the stats lane, reported to the tracker."""
+        assert self._migrations is not None
+        for uuid in sorted(self._migrations.outgoing()):
+            try:
+                active, stats = await self._lanes.run("stats", "jobStats", self._source.job, uuid,
+                                                      timeout=max(0.05, end - self._monotonic()))
+            except (CallTimeout, LaneUnavailable):
+                return
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    active, stats = False, {}
+                else:
+                    self._per_domain_error("jobStats", err)
+                    continue
+            self._migrations.on_job(uuid, active, stats, self._wall())
 
     def _fresh(self, name: str, uuid: str, st: dict[str, Any], now: float) -> DomainStats:
         """This poll's answer of one guest, with its devices; guest-reported memory figures
