@@ -102,8 +102,7 @@ STOPPING_CAUSES = frozenset({StopCause.SAVED, StopCause.MIGRATED, StopCause.SNAP
 
 #: causes that need no reaction at all.
 IGNORED_CAUSES = frozenset(
-    {StopCause.OURS, StopCause.HOST_SHUTDOWN, StopCause.USER_PAUSE, StopCause.TRANSIENT_PAUSE, StopCause.PM_SUSPEND,
-     StopCause.MIGRATION_FAILED}
+    {StopCause.OURS, StopCause.HOST_SHUTDOWN, StopCause.USER_PAUSE, StopCause.TRANSIENT_PAUSE, StopCause.PM_SUSPEND}
 )
 
 
@@ -176,11 +175,8 @@ def decide(
         )
     if tr == Transition.RESUMED:
         return Decision(Action.NONE, 0.0, f"{name} resumed ({event.note})", None, intent, h, keep_pending=False)
-    if tr == Transition.MIGRATING_IN:
-        return Decision(Action.NONE, 0.0, f"{name}: {event.note}, still running on the source", None, intent, h,
-                        keep_pending=True)
-    if tr == Transition.MIGRATED_IN:
-        return decide_migrated_in(guest, h, now, policy)
+    if tr in (Transition.MIGRATING_IN, Transition.MIGRATED_IN) or cause == StopCause.MIGRATION_FAILED:
+        return _migration(guest, event, h, now, policy)
     if not event.is_stop or cause is None:
         return Decision(Action.NONE, 0.0, f"{name}: {event.note or tr.value}", cause, intent, h, keep_pending=True)
 
@@ -261,6 +257,18 @@ def decide(
             Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {intent}: no action", cause, intent, h
         )
     return _restart(guest, event, h, now, policy, rand, key)
+
+
+def _migration(guest: GuestRecord, event: Classification, h: History, now: float, policy: Selection) -> Decision:
+    """The destination's side of a migration: the incoming copy appears, is adopted, or fails."""
+    if event.transition == Transition.MIGRATED_IN:
+        return decide_migrated_in(guest, h, now, policy)
+    if event.transition == Transition.MIGRATING_IN:
+        return Decision(Action.NONE, 0.0, f"{guest.name}: {event.note}, still running on the source", None,
+                        guest.intent, h, keep_pending=True)
+    # the incoming copy stopped: the guest never ran here, whatever intent its first sight gave it
+    intent: Intent = "held" if guest.intent == "held" else "stopped"
+    return Decision(Action.NONE, 0.0, f"{guest.name}: {event.note}, no action", event.cause, intent, h)
 
 
 def decide_migrated_in(guest: GuestRecord, history: History, now: float, policy: Selection) -> Decision:

@@ -22,10 +22,11 @@ migrate URI with a free port), and guest taps are made by each daemon in the one
 namespace (libvirt picks a free ``vnetN`` name).
 
 The system libvirtd at ``qemu:///system`` is never touched. Reach a host at
-:attr:`NamespacedHost.uri`. Guests made here have their disks and serial logs under
-:data:`SHARED_ROOT`, which every namespace sees. :func:`cleanup_leftovers` kills the
-processes of a killed earlier run (their namespaces, and with them the mounts, go away
-with the last process) and removes the directories.
+:attr:`NamespacedHost.uri`. Each test process keeps its two hosts under ``BASE/<pid>`` (two
+sessions on one machine never meet); guests made here have their disks and serial logs under
+``<that>/shared``, which every namespace sees. :func:`cleanup_leftovers` stops the daemons
+and guests of earlier runs whose process is gone (from their pid files; the namespaces, and
+with them the mounts, go away with their last process) and removes their directories.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ from .domain import create_qcow2, domain_xml
 from .guests import NAME_PREFIX, READY_MARKER, open_conn, remove_domain
 from .image import GuestImage
 
-#: Everything of the two hosts lives here (outside every directory the namespaces hide).
-ROOT = Path("/var/tmp/vwe2e-twohosts")
+#: Every run's two hosts live under here (outside every directory the namespaces hide).
+BASE = Path("/var/tmp/vwe2e-twohosts")
+#: This process's hosts.
+ROOT = BASE / str(os.getpid())
 #: Disks and serial logs: the same path on every host.
 SHARED_ROOT = ROOT / "shared"
 #: Process names of the namespaced daemons (15 characters: the kernel's comm limit).
@@ -230,19 +233,26 @@ class NamespacedHost:
         _kill(_read_pid(self.path("run") / "virtlogd.pid") or 0, VIRTLOGD_COMM)
 
 
-def cleanup_leftovers(root: Path = ROOT) -> None:
-    """Stop the daemons and guests any earlier run left under ``root`` and remove it.
-
-    Also kills strays whose pid file is gone: processes named ``vwhost-*``.
-    """
+def _stop_all(root: Path) -> None:
+    """Stop every host under ``root`` and remove it."""
     if root.is_dir():
         for d in root.iterdir():
             if (d / "run").is_dir():
                 NamespacedHost(d.name, root).stop()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and _comm(int(entry)) in (LIBVIRTD_COMM, VIRTLOGD_COMM):
-            _kill(int(entry), "vwhost-")
     shutil.rmtree(root, ignore_errors=True)
+
+
+def cleanup_leftovers(base: Path = BASE) -> list[Path]:
+    """Stop the daemons and guests that runs whose process is gone (killed) left under
+    ``base``, and this process's own; remove their directories. Returns the roots removed.
+    Another live process's hosts are left alone."""
+    removed = []
+    if base.is_dir():
+        for root in base.iterdir():
+            if root.name.isdigit() and (int(root.name) == os.getpid() or not _alive(int(root.name))):
+                _stop_all(root)
+                removed.append(root)
+    return removed
 
 
 class TwoHosts:
@@ -254,21 +264,19 @@ class TwoHosts:
         self.b = NamespacedHost("b", root)
 
     def start(self) -> TwoHosts:
-        cleanup_leftovers(self.root)
-        SHARED_ROOT.mkdir(parents=True, exist_ok=True)
+        cleanup_leftovers(self.root.parent)
+        (self.root / "shared").mkdir(parents=True, exist_ok=True)
         self.a.start()
         self.b.start()
         return self
 
     def close(self) -> None:
-        self.a.stop()
-        self.b.stop()
-        shutil.rmtree(self.root, ignore_errors=True)
+        _stop_all(self.root)
 
 
 @dataclass
 class MigratableGuest:
-    """A transient guest whose disk and serial log are on :data:`SHARED_ROOT`."""
+    """A guest (its XML, not yet defined anywhere) whose disk and serial log are on :data:`SHARED_ROOT`."""
 
     name: str
     uuid: str
@@ -344,6 +352,7 @@ def remove_everywhere(hosts: list[NamespacedHost], name: str) -> None:
 
 
 __all__ = [
+    "BASE",
     "MIGRATE_FLAGS",
     "READY_MARKER",
     "ROOT",

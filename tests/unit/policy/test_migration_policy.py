@@ -60,8 +60,10 @@ def test_destination_adopts_with_a_fresh_budget():
     assert held.intent == "held"
 
 
-def test_failed_incoming_copy_is_no_failure():
-    g = GuestRecord("g", "u", DomainState.SHUTOFF, ShutoffReason.FAILED, "stopped")
+@pytest.mark.parametrize("intent", ["stopped", "running"])
+def test_failed_incoming_copy_is_no_failure(intent):
+    """Whatever intent its first sight gave it ([policy] intent = "running", say), the guest never ran here."""
+    g = GuestRecord("g", "u", DomainState.SHUTOFF, ShutoffReason.FAILED, intent)
     d = decide(g, cls("STOPPED", "FAILED", migrating_in=True), History(), NOW, select(S, "g", "u", None))
     assert (d.action, d.intent, d.alert, d.migrated_to) == (Action.NONE, "stopped", None, None)
 
