@@ -40,6 +40,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from hostlib import READY_MARKER, GuestImage, VirtwatchProcess, free_port, open_conn, sample
 from hostlib.twohosts import MIGRATE_FLAGS, MigratableGuest, NamespacedHost, TwoHosts, make_guest
@@ -284,7 +285,12 @@ def test_aborted_migration(site: Site) -> None:
                     and sample(text_b, "libvirt_domain_info", domain=g.name, migrating="in") == 1)
 
         a.vw.wait_until(moving, 30, "the throttled migration never showed as running on both hosts")
-        text_a = a.vw.scrape()
+        # a fleet-wide sum that leaves the incoming copy out counts the guest once while it moves
+        text_a, text_b = a.vw.scrape(), b.vw.scrape()
+        counted = [s.labels["migrating"] for text in (text_a, text_b)
+                   for fam in text_string_to_metric_families(text) for s in fam.samples
+                   if s.name == "libvirt_domain_info" and s.labels.get("uuid") == g.uuid]
+        assert sorted(counted) == ["in", "out"], counted
         remaining = sample(text_a, "libvirt_domain_migration_data_remaining_bytes", domain=g.name, direction="out")
         total = sample(text_a, "libvirt_domain_migration_data_total_bytes", domain=g.name, direction="out")
         assert total is not None and remaining is not None and 0 < remaining <= total
