@@ -119,3 +119,32 @@ async def test_engine_source_then_destination_then_panic(rig):
     rig.hv.crash("g")
     await rig.run(5.0)
     assert rig.hv.count("start") == 1 and rig.hv.guests["g"].state == DomainState.RUNNING
+
+
+def test_schema_1_database_gains_migrated_to_in_place(tmp_path):
+    """A state database written before live-migration handling keeps its rows; the new column is NULL."""
+    import sqlite3
+
+    from virtwatch.policy.model import GuestState
+    from virtwatch.policy.store import MIGRATIONS, Store
+
+    path = tmp_path / "state.db"
+    c = sqlite3.connect(path)
+    c.executescript(MIGRATIONS[0])
+    c.execute("INSERT INTO guests (name, uuid, intent) VALUES ('g', 'u', 'running')")
+    c.execute("PRAGMA user_version=1")
+    c.commit()
+    c.close()
+    s = Store.open(path)
+    try:
+        assert s.schema_version == 2 and s.moved_aside is None
+        g = s.get_guest("g")
+        assert (g.intent, g.migrated_to) == ("running", None)
+        s.save_guest(GuestState("g", "u", "stopped", migrated_to=""))
+    finally:
+        s.close()
+    s = Store.open(path)
+    try:
+        assert s.get_guest("g").migrated_to == ""
+    finally:
+        s.close()
