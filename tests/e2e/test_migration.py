@@ -18,11 +18,12 @@ hosts see, not on storage libvirt knows to be shared).
   its block and interface counters under the same ``uuid``, the source's statistics series
   are gone, and the migration counters of the two hosts add up. Nothing restarts, nothing
   pages.
-- ``test_aborted_migration``: the same guest starts a migration to B throttled to 1 MiB/s;
-  while it runs, A exports ``migrating="out"`` and its progress, B ``migrating="in"``; then
-  ``virDomainAbortJob``. The guest keeps running on A with its intent untouched; both count
-  a failed migration; nothing restarts, nothing pages (B's incoming copy ends with
-  ``STOPPED/FAILED``, which outside a migration is a QEMU failure).
+- ``test_failed_migration``: the same guest starts a migration to B throttled to 1 MiB/s;
+  while it runs, A exports ``migrating="out"`` and its progress, B ``migrating="in"``; then it
+  fails: ``virDomainAbortJob`` on A (``abort``), or B's incoming QEMU is killed (a destination
+  that fails, ``destination-dies``). The guest keeps running on A with its intent untouched;
+  both hosts count a failed migration; nothing restarts, nothing pages (B's incoming copy ends
+  with ``STOPPED/FAILED``, which outside a migration is a QEMU failure).
 - ``test_panic_after_migration``: a guest that panics PANIC_AFTER s after boot migrates to B
   first; B restarts it by the policy from its metadata; A, which still has the shut-off
   definition, does nothing.
@@ -31,6 +32,8 @@ hosts see, not on storage libvirt knows to be shared).
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -260,7 +263,23 @@ def test_round_trips(site: Site) -> None:
           f"{', '.join(f'{t:.1f}' for t in took)} s (mean {sum(took) / len(took):.2f} s)")
 
 
-def test_aborted_migration(site: Site) -> None:
+def _fail(how: str, a: Watched, b: Watched, name: str) -> None:
+    """End the running migration of ``name`` from A to B badly: ``abort`` (``virsh domjobabort``
+    on the source) or ``destination-dies`` (B's incoming QEMU is killed: a destination that fails)."""
+    if how == "abort":
+        conn = open_conn(a.host.uri)
+        try:
+            conn.lookupByName(name).abortJob()
+        finally:
+            conn.close()
+        return
+    pids = b.host.qemu_pids()
+    assert len(pids) == 1, pids  # B runs nothing but the incoming copy
+    os.kill(pids[0], signal.SIGKILL)
+
+
+@pytest.mark.parametrize("how", ["abort", "destination-dies"])
+def test_failed_migration(site: Site, how: str) -> None:
     g = site.guests[0]  # the busy guest, on A
     a, b = site.a, site.b
     before = {(w.tag, d, r): w.migrations(d, r) for w in (a, b) for d in ("in", "out") for r in ("ok", "failed")}
@@ -296,18 +315,20 @@ def test_aborted_migration(site: Site) -> None:
         assert total is not None and remaining is not None and 0 < remaining <= total
         assert sample(text_a, "libvirt_domain_migration_last_progress_timestamp_seconds", domain=g.name,
                       direction="out") is not None
-        open_conn(a.host.uri).lookupByName(g.name).abortJob()
+        _fail(how, a, b, g.name)
     finally:
         mover.join(60)
     assert not mover.is_alive()
-    assert failure and failure[0].get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED, failure
+    assert len(failure) == 1, "the migration did not fail"
+    if how == "abort":
+        assert failure[0].get_error_code() == libvirt.VIR_ERR_OPERATION_ABORTED, failure
 
     def ended() -> bool:
         return (a.migrations("out", "failed") == before[("A", "out", "failed")] + 1
                 and b.migrations("in", "failed") == before[("B", "in", "failed")] + 1
                 and sample(a.vw.scrape(), "libvirt_domain_info", domain=g.name, migrating="") == 1)
 
-    a.vw.wait_until(ended, 20, "the aborted migration was not counted as failed on both hosts")
+    a.vw.wait_until(ended, 20, f"the failed migration ({how}) was not counted as failed on both hosts")
     ga = a.guest(g.name)
     assert ga["state"] == "running" and ga["policy"]["intent"] == intent_before == "running"
     assert ga["policy"]["migrated_to"] is None
