@@ -325,32 +325,6 @@ def make_guest(image: GuestImage, label: str, *, options: dict[str, object] | No
 MIGRATE_FLAGS = libvirt.VIR_MIGRATE_LIVE | libvirt.VIR_MIGRATE_UNSAFE
 
 
-def migrate(src: libvirt.virConnect, dst: libvirt.virConnect, name: str, port: int, *,
-            bandwidth_mib: int = 0, flags: int = MIGRATE_FLAGS) -> libvirt.virDomain:
-    """Live-migrate guest ``name`` from ``src`` to ``dst`` over ``tcp://127.0.0.1:port``.
-
-    ``bandwidth_mib`` limits the stream (MiB/s; 0: unlimited). Returns the domain on the
-    destination; raises libvirt.libvirtError when the migration fails or is aborted.
-    """
-    dom = src.lookupByName(name)
-    return dom.migrate(dst, flags, None, f"tcp://127.0.0.1:{port}", bandwidth_mib)
-
-
-def remove_everywhere(hosts: list[NamespacedHost], name: str) -> None:
-    """Destroy guest ``name`` on every host that has it."""
-    for host in hosts:
-        try:
-            conn = libvirt.open(host.uri)
-        except libvirt.libvirtError:
-            continue
-        try:
-            remove_domain(conn.lookupByName(name))
-        except libvirt.libvirtError:
-            pass
-        finally:
-            conn.close()
-
-
 __all__ = [
     "BASE",
     "MIGRATE_FLAGS",
@@ -362,6 +336,4 @@ __all__ = [
     "TwoHosts",
     "cleanup_leftovers",
     "make_guest",
-    "migrate",
-    "remove_everywhere",
 ]
