@@ -42,6 +42,7 @@ from .virt.connection import ConnectionManager, Opener, SideConnection
 from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
+from .virt.migration import MigrationTracker
 from .virt.stats import Snapshot, StatsPoller
 from .web.server import WebServer, load_web_parts
 
@@ -84,9 +85,11 @@ class Daemon:
             self.guests = GuestRegistry(wall_clock)
             self.recent = RecentEvents()
             self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
+            self.migrations = MigrationTracker()
         else:
             self.registry, self.instruments, self.pump = kept.registry, kept.instruments, kept.pump
             self.guests, self.recent, self.inventory = kept.guests, kept.recent, kept.inventory
+            self.migrations = kept.migrations
             self.pump.unsubscribe_all()
         # Figures of another host are not this host's: a new URI starts without them.
         same_host = kept is not None and kept.uri == settings.libvirt.uri
@@ -116,16 +119,17 @@ class Daemon:
         self.connection.add_listener(self.devices)
         self.poller = StatsPoller(settings.stats, self.connection, self.lanes, self.instruments,
                                   wall=wall_clock, on_snapshot=self._on_snapshot, kept=self._latest,
-                                  devices=self.devices)
+                                  devices=self.devices, migrations=self.migrations)
         self.connection.add_listener(self.poller)
         self.pump.subscribe(self.inventory.on_event)
         self.alerter = Alerter(settings.alerts, self.registry, metrics=kept.alert_metrics if kept else None,
                                active=kept.alerts if kept else None)
         self.pump.subscribe(self._alert_on_event)
+        self.pump.subscribe(self.migrations)  # after the alert rules: they see the phase an event ends
         self.connection.add_listener(self)
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
                                                                    self.inventory.view(lambda: self.poller.latest),
-                                                                   lambda: self.connection.info),
+                                                                   lambda: self.connection.info, self.migrations),
                                      max_series=settings.metrics.max_series)
         self.exposition.add_collector("lanes", self.lanes)
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
@@ -235,7 +239,8 @@ class Daemon:
 
     def _alert_on_event(self, ev: Event) -> None:
         if ev.source == Source.DOMAIN:
-            self.alerter.on_event(ev, console=self.console.alert_text(ev.name))  # opted in, redacted
+            self.alerter.on_event(ev, console=self.console.alert_text(ev.name),  # opted in, redacted
+                                  migrating_in=self.migrations.direction(ev.uuid) == "in")
 
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:
@@ -286,7 +291,7 @@ class Daemon:
         agent = self.agent.info(name)
         return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid),
                 "agent": agent.as_dict() if agent else None, "console": self.console.state(name),
-                "policy": self._policy_guest(name)}
+                "policy": self._policy_guest(name), "migrating": self.migrations.direction(g.uuid)}
 
     # -- ControlPort (operator Unix socket) ---------------------------------------
     def _policy_guest(self, name: str) -> dict[str, Any] | None:
@@ -298,7 +303,8 @@ class Daemon:
         return {"intent": g.intent, "managed": g.managed, "mode": g.mode, "given_up": g.given_up,
                 "given_up_reason": g.given_up_reason, "next_retry": g.next_retry,
                 "pending_action": g.pending_action, "attempt": g.attempt,
-                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override)}
+                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override),
+                "migrated_to": g.migrated_to}
 
     def control_status(self) -> dict[str, Any]:
         """Daemon summary plus every guest's state and policy state."""
@@ -387,6 +393,7 @@ class Daemon:
         return Retained(
             registry=self.registry, instruments=self.instruments, alert_metrics=self.alerter.client.metrics,
             pump=self.pump, guests=self.guests, recent=self.recent, inventory=self.inventory,
+            migrations=self.migrations,
             alerts=self.alerter.active, consoles=self.console.handover(), agent_info=self.agent.all_info(),
             action_counts=(dict(self.policy.engine.snapshot().actions) if self.policy is not None
                            else self._kept_action_counts),

@@ -37,10 +37,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..state import GuestRegistry
+from ..virt.migration import MigrationPhase, MigrationTracker
 from ..virt.stats import Snapshot
 from .bounds import TIERS, BudgetPlan, cap_labels, count_series, exposed_name, plan_budget
 from .domain import domain_families, host_families, stats_source_family
 from .gzipbody import EMPTY, DeflatedPart, deflate_part, gzip_body
+from .migration import migration_families
 
 log = structlog.get_logger("virtwatch.metrics")
 
@@ -65,18 +67,21 @@ class StateCollector:
         guests: the guest registry (read only).
         snapshot: returns the latest :class:`Snapshot` or None.
         info: returns the connection identity dict (versions, driver).
+        migrations: migrations in progress and ended (None: no migration families).
     """
 
     def __init__(self, guests: GuestRegistry, snapshot: Callable[[], Snapshot | None],
-                 info: Callable[[], Mapping[str, Any]]) -> None:
+                 info: Callable[[], Mapping[str, Any]], migrations: MigrationTracker | None = None) -> None:
         self._guests = guests
         self._snapshot = snapshot
         self._info = info
+        self._migrations = migrations
 
     def key(self) -> tuple[Any, ...]:
         """Changes whenever the collected output would change."""
         snap = self._snapshot()
-        return (self._guests.version, snap.seq if snap else -1, tuple(sorted(self._info().items())))
+        return (self._guests.version, snap.seq if snap else -1, tuple(sorted(self._info().items())),
+                self._migrations.version if self._migrations is not None else -1)
 
     def collect(self) -> Iterator[Metric]:
         """Yield host and per-guest families."""
@@ -85,7 +90,9 @@ class StateCollector:
     def frozen(self) -> FrozenState:
         """An immutable copy of what :meth:`collect` reads, safe to render in
         another thread while the loop keeps changing guest state."""
-        return FrozenState(self._guests.guests(), self._snapshot(), dict(self._info()))
+        m = self._migrations
+        return FrozenState(self._guests.guests(), self._snapshot(), dict(self._info()),
+                           m.phases() if m is not None else None, dict(m.counts) if m is not None else None)
 
     def describe(self) -> list[Metric]:
         """No up-front description (families depend on the data)."""
@@ -93,17 +100,24 @@ class StateCollector:
 
 
 class FrozenState:
-    """Guest list, snapshot and connection info captured at one instant."""
+    """Guest list, snapshot, connection info and migrations (phases by UUID, counts) captured at one instant."""
 
-    def __init__(self, guests: list[Any], snapshot: Snapshot | None, info: Mapping[str, Any]) -> None:
+    def __init__(self, guests: list[Any], snapshot: Snapshot | None, info: Mapping[str, Any],
+                 phases: Mapping[str, MigrationPhase] | None = None,
+                 counts: Mapping[tuple[str, str], int] | None = None) -> None:
         self._guests = guests
         self._snap = snapshot
         self._info = info
+        self._phases = phases
+        self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
         """Yield host and per-guest families from the captured data."""
         yield from host_families(self._guests, self._snap.host if self._snap else None, self._info)
-        yield from domain_families(self._guests, self._snap)
+        phases = self._phases or {}
+        yield from domain_families(self._guests, self._snap, {u: p.direction for u, p in phases.items()})
+        if self._counts is not None:
+            yield from migration_families(phases, self._counts)
         if self._snap is not None and self._snap.sources:
             yield stats_source_family(self._snap.sources)
 

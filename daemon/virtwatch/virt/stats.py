@@ -46,11 +46,18 @@ from .host import (
     HostStats,
     NetworkInfo as NetworkInfo,  # re-exported: the inventory and the metrics read them here
     PoolInfo as PoolInfo,
-    read_host,
 )
 from .lanes import LanePool, LaneUnavailable
-from .perdomain import OnError, PerDomainReader, read_guest
+from .migration import MigrationTracker
+from .perdomain import PerDomainReader
 from .ports import VirtInstruments
+from .source import (
+    ControlState as ControlState,  # re-exported: tests and the lanes read them here
+    DomainRow,
+    LibvirtStatsSource as LibvirtStatsSource,
+    StatsSource,
+    stuck_guests as stuck_guests,
+)
 
 log = structlog.get_logger("virtwatch.stats")
 
@@ -83,32 +90,6 @@ class DomainStats:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ControlState:
-    """``virDomainGetControlInfo`` of one running guest (answered without QEMU).
-
-    ``state`` is virDomainControlState (0 ok, 1 job, 2 occupied, 3 error);
-    ``state_ms`` how long the monitor has been in it, in milliseconds.
-    """
-
-    name: str
-    uuid: str
-    state: int
-    state_ms: int
-
-
-def stuck_guests(states: Mapping[str, ControlState], min_ms: float) -> set[str]:
-    """UUIDs whose monitor looks stuck: occupied by one command for at least
-    ``min_ms`` milliseconds, or in error (libvirt's "stuck in a job" case)."""
-    return {u for u, s in states.items()
-            if (s.state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and s.state_ms >= min_ms)
-            or s.state == libvirt.VIR_DOMAIN_CONTROL_ERROR}
-
-
-DomainRow = tuple[str, str, dict[str, Any]]
-"""One guest's answer: (name, uuid, typed-parameter stats dict)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Snapshot:
     """The result of one poll: every guest's stats plus host figures.
 
@@ -123,96 +104,6 @@ class Snapshot:
     domains: Mapping[str, DomainStats]
     host: HostStats | None
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-class StatsSource(Protocol):
-    """Where the poller reads from (libvirt in the daemon; injectable in tests).
-
-    Every method blocks, takes the lane's connection first, and is run on a
-    lane's thread by the poller. Rows carry names and UUIDs, never virDomain
-    objects: those belong to the lane's connection and stay on its thread.
-    """
-
-    def bulk(self, conn: Any, exclude: frozenset[str], flags: int) -> list[DomainRow]:
-        """Every guest's stats except the UUIDs in ``exclude`` (NOWAIT)."""
-
-    def control(self, conn: Any, uuids: frozenset[str] | None = None) -> dict[str, ControlState]:
-        """Control state of every running guest (or of ``uuids``), by UUID."""
-
-    def probe(self, conn: Any, uuid: str, flags: int) -> DomainRow | None:
-        """One guest's stats, or None when its monitor is still occupied (not asked).
-        Raises libvirtError ``VIR_ERR_NO_DOMAIN`` when it is gone."""
-
-    def host(self, conn: Any, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
-        """Host figures; each refused call is reported to ``on_error`` and left None/empty."""
-
-    def per_domain(self, conn: Any, uuid: str, groups: tuple[str, ...], on_error: OnError) -> dict[str, Any]:
-        """One guest's ``groups`` by the classic per-domain calls, as bulk fields
-        (:func:`~virtwatch.virt.perdomain.read_guest`)."""
-
-
-def _rows(results: list[tuple[Any, dict[str, Any]]]) -> list[DomainRow]:
-    return [(dom.name(), dom.UUIDString(), st) for dom, st in results]
-
-
-class LibvirtStatsSource:
-    """:class:`StatsSource` over a real ``virConnect``."""
-
-    NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-
-    def bulk(self, conn: libvirt.virConnect, exclude: frozenset[str], flags: int) -> list[DomainRow]:
-        """One ``getAllDomainStats`` RPC for every guest, active or not; with
-        ``exclude``, ``listAllDomains`` plus one ``domainListGetStats`` for the rest."""
-        if not exclude:
-            return _rows(conn.getAllDomainStats(flags, self.NOWAIT))
-        doms = [d for d in conn.listAllDomains() if d.UUIDString() not in exclude]
-        return _rows(conn.domainListGetStats(doms, flags, self.NOWAIT)) if doms else []
-
-    def control(self, conn: libvirt.virConnect, uuids: frozenset[str] | None = None) -> dict[str, ControlState]:
-        """``controlInfo()`` (no QEMU involved) of every running guest (``listAllDomains(ACTIVE)``)
-        or of ``uuids`` (``lookupByUUIDString``; gone or stopped ones are left out)."""
-        out = {}
-        if uuids is None:
-            doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        else:
-            doms = []
-            for uuid in sorted(uuids):
-                try:
-                    doms.append(conn.lookupByUUIDString(uuid))
-                except libvirt.libvirtError:
-                    continue
-        for dom in doms:
-            try:
-                state, _details, ms = dom.controlInfo()
-            except libvirt.libvirtError:
-                continue  # stopped or vanished meanwhile
-            uuid = dom.UUIDString()
-            out[uuid] = ControlState(name=dom.name(), uuid=uuid, state=state, state_ms=ms)
-        return out
-
-    def probe(self, conn: libvirt.virConnect, uuid: str, flags: int) -> DomainRow | None:
-        """``lookupByUUIDString``, ``controlInfo`` and, when the monitor is free,
-        ``domainListGetStats([dom])``."""
-        dom = conn.lookupByUUIDString(uuid)
-        try:
-            state = dom.controlInfo()[0]
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise
-            state = libvirt.VIR_DOMAIN_CONTROL_OK  # not running: nothing can be stuck
-        if state in (libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, libvirt.VIR_DOMAIN_CONTROL_ERROR):
-            return None
-        rows = _rows(conn.domainListGetStats([dom], flags, self.NOWAIT))
-        return rows[0] if rows else None
-
-    def per_domain(self, conn: libvirt.virConnect, uuid: str, groups: tuple[str, ...],
-                   on_error: OnError) -> dict[str, Any]:
-        """:func:`~virtwatch.virt.perdomain.read_guest`."""
-        return read_guest(conn, uuid, groups, on_error)
-
-    def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
-        """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
-        return read_host(conn, on_error)
 
 
 class ConnectionPort(Protocol):
@@ -240,13 +131,15 @@ class StatsPoller:
             that are stuck at the first poll) until the next poll replaces it.
         devices: the per-guest XML cache; it reads what it lacks on the stats lane
             after the bulk call (:meth:`DeviceCache.refresh`); None: never read.
+        migrations: guests migrating out get a ``jobStats`` read on the stats lane after the
+            bulk call, reported to it (progress, and the end of a migration that failed).
     """
 
     def __init__(self, settings: StatsSettings, connection: ConnectionPort, lanes: LanePool,
                  instruments: VirtInstruments, source: StatsSource | None = None,
                  monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  on_snapshot: Callable[[Snapshot], None] | None = None, kept: Snapshot | None = None,
-                 devices: DeviceCache | None = None) -> None:
+                 devices: DeviceCache | None = None, migrations: MigrationTracker | None = None) -> None:
         self.settings = settings
         self._connection = connection
         self._lanes = lanes
@@ -256,6 +149,7 @@ class StatsPoller:
         self._wall = wall
         self._on_snapshot = on_snapshot
         self._devices = devices
+        self._migrations = migrations
         self._flags = stats_flags(settings.groups)
         # groups read less often than every poll (stats.group_intervals), counted in polls
         # since the connection came up: the first poll on a connection reads everything
@@ -347,6 +241,8 @@ class StatsPoller:
                 self._add_suspects(filled.hung, filled.hung, "per-domain statistics call outlived the poll deadline")
                 if self._devices is not None:
                     await self._devices.refresh(rows, end, self._lanes, self.settings.poll_interval)
+            if self._migrations is not None:
+                await self._read_jobs(end)
         host_ok = host_task.result() if host_task is not None else True
         self._host_retry = not host_ok
         probed, gone = probe_task.result() if probe_task is not None else ({}, set())
@@ -393,6 +289,23 @@ class StatsPoller:
             self._on_snapshot(snap)
         log.debug("poll_done", guests=len(domains), stale=len(stale_names), duration_seconds=round(duration, 4))
         return snap
+
+    async def _read_jobs(self, end: float) -> None:
+        """``jobStats`` of each guest migrating out, on the stats lane, reported to the tracker."""
+        assert self._migrations is not None
+        for uuid in sorted(self._migrations.outgoing()):
+            try:
+                active, stats = await self._lanes.run("stats", "jobStats", self._source.job, uuid,
+                                                      timeout=max(0.05, end - self._monotonic()))
+            except (CallTimeout, LaneUnavailable):
+                return
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    active, stats = False, {}
+                else:
+                    self._per_domain_error("jobStats", err)
+                    continue
+            self._migrations.on_job(uuid, active, stats, self._wall())
 
     def _plan(self) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
         """This poll's groups (:func:`due_groups`): (due ones and maybe ``host``, groups
