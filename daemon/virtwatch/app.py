@@ -44,6 +44,7 @@ from .virt.connection import ConnectionManager, Opener, SideConnection
 from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
+from .virt.migration import MigrationTracker
 from .virt.stats import Snapshot, StatsPoller
 from .web.server import WebServer, load_web_parts
 
@@ -86,9 +87,11 @@ class Daemon:
             self.guests = GuestRegistry(wall_clock)
             self.recent = RecentEvents()
             self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
+            self.migrations = MigrationTracker()
         else:
             self.registry, self.instruments, self.pump = kept.registry, kept.instruments, kept.pump
             self.guests, self.recent, self.inventory = kept.guests, kept.recent, kept.inventory
+            self.migrations = kept.migrations
             self.pump.unsubscribe_all()
         # Figures of another host are not this host's: a new URI starts without them.
         same_host = kept is not None and kept.uri == settings.libvirt.uri
@@ -118,20 +121,23 @@ class Daemon:
         self.connection.add_listener(self.devices)
         self.poller = StatsPoller(settings.stats, self.connection, self.lanes, self.instruments,
                                   wall=wall_clock, on_snapshot=self._on_snapshot, kept=self._latest,
-                                  devices=self.devices)
+                                  devices=self.devices, migrations=self.migrations)
         self.connection.add_listener(self.poller)
         self.pump.subscribe(self.inventory.on_event)
         self.alerter = Alerter(settings.alerts, self.registry, metrics=kept.alert_metrics if kept else None,
                                active=kept.alerts if kept else None)
         self.pump.subscribe(self._alert_on_event)
+        self.pump.subscribe(self.migrations)  # after the alert rules: they see the phase an event ends
         self.connection.add_listener(self)
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
                                                                    self.inventory.view(lambda: self.poller.latest),
-                                                                   lambda: self.connection.info))
+                                                                   lambda: self.connection.info, self.migrations),
+                                     max_series=settings.metrics.max_series)
         self.exposition.add_collector("lanes", self.lanes)
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
-                                      selector=self._console_capture, wall=wall_clock,
+                                      selector=lambda n: self._guest_policy(n).captured_console_kib(),
+                                      wall=wall_clock,
                                       call_timeout=min(10.0, settings.libvirt.call_timeout),
                                       kept=kept.consoles if kept else None, writable=self.connection.writable)
         # The agent's calls may block for its response timeout: its own connection and thread
@@ -184,15 +190,12 @@ class Daemon:
                 self.lanes.count_also(lambda: self.demo_side is not None and self.demo_side.conn is not None)
         # Liveness (issue 12): probes on the agent's lane, console patterns, reboot loops and the
         # hang detector; failures alert at once and go to the policy engine like a crash.
-        self.liveness = LivenessMonitor(
-            self.agent, self.guests, self._guest_policy, self.alerter,
-            report=self.policy.engine.on_liveness if self.policy is not None else None,
-            own_operation=self.policy.engine.own_operation if self.policy is not None else None,
-            redact=settings.console.redact, wall=wall_clock, kept=kept.liveness if kept else None)
+        self.liveness = LivenessMonitor(self.agent, self.guests, self._guest_policy, self.alerter,
+                                        policy=self.policy.engine if self.policy is not None else None,
+                                        redact=settings.console.redact, wall=wall_clock,
+                                        kept=kept.liveness if kept else None)
         self.pump.subscribe(self.liveness.on_event)
         self.console.data_listeners.append(self.liveness.on_console)
-        if self.policy is not None:
-            self.policy.engine.selection_listeners.append(self.liveness.reselect)
         self.exposition.add_collector("liveness", self.liveness.collector)
         # Console contents (issue 13): on the operator socket always, over HTTP only when
         # http.serve_console opts in (the web config must then authenticate: load_web_parts).
@@ -220,11 +223,6 @@ class Daemon:
         g = self.guests.by_name(name)
         return select(self.settings.policy, name, g.uuid if g else "", None).policy
 
-    def _console_capture(self, name: str) -> int | None:
-        """``console_buffer`` KiB when ``name``'s merged policy sets ``capture_console``, else None."""
-        pol = self._guest_policy(name)
-        return pol.console_buffer if pol.capture_console else None
-
     def _count_event(self, ev: Event) -> None:
         self.instruments.events.labels(kind=ev.kind, event=ev.event, detail=ev.detail).inc()
 
@@ -250,7 +248,8 @@ class Daemon:
 
     def _alert_on_event(self, ev: Event) -> None:
         if ev.source == Source.DOMAIN:
-            self.alerter.on_event(ev, console=self.console.alert_text(ev.name))  # opted in, redacted
+            self.alerter.on_event(ev, console=self.console.alert_text(ev.name),  # opted in, redacted
+                                  migrating_in=self.migrations.direction(ev.uuid) == "in")
 
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:
@@ -302,7 +301,8 @@ class Daemon:
         agent = self.agent.info(name)
         return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid),
                 "agent": agent.as_dict() if agent else None, "console": self.console.state(name),
-                "policy": self._policy_guest(name), "liveness": self.liveness.explain(name)}
+                "policy": self._policy_guest(name), "migrating": self.migrations.direction(g.uuid),
+                "liveness": self.liveness.explain(name)}
 
     # -- ControlPort (operator Unix socket) ---------------------------------------
     def _policy_guest(self, name: str) -> dict[str, Any] | None:
@@ -314,7 +314,8 @@ class Daemon:
         return {"intent": g.intent, "managed": g.managed, "mode": g.mode, "given_up": g.given_up,
                 "given_up_reason": g.given_up_reason, "next_retry": g.next_retry,
                 "pending_action": g.pending_action, "attempt": g.attempt,
-                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override)}
+                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override),
+                "migrated_to": g.migrated_to}
 
     def control_status(self) -> dict[str, Any]:
         """Daemon summary plus every guest's state and policy state."""
@@ -404,6 +405,7 @@ class Daemon:
         return Retained(
             registry=self.registry, instruments=self.instruments, alert_metrics=self.alerter.client.metrics,
             pump=self.pump, guests=self.guests, recent=self.recent, inventory=self.inventory,
+            migrations=self.migrations,
             alerts=self.alerter.active, consoles=self.console.handover(), agent_info=self.agent.all_info(),
             action_counts=(dict(self.policy.engine.snapshot().actions) if self.policy is not None
                            else self._kept_action_counts),

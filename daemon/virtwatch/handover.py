@@ -22,6 +22,7 @@ from .metrics.history import GuestHistory
 from .metrics.instruments import Instruments
 from .state import GuestRegistry
 from .virt.events import EventPump
+from .virt.migration import MigrationTracker
 from .virt.stats import Snapshot
 
 
@@ -35,6 +36,7 @@ class Retained:
         pump: the event pump (sequence numbers and queued events go on).
         guests, recent, inventory: the guest table, the recent-events ring, the
             network/pool overlay.
+        migrations: migrations in progress and the counts of ended ones.
         alerts: firing instant alerts (posted again at once, to the new Alertmanagers).
         consoles: each captured guest's console ring and counters.
         agent_info: what each guest agent said last.
@@ -54,6 +56,7 @@ class Retained:
     guests: GuestRegistry
     recent: RecentEvents
     inventory: Inventory
+    migrations: MigrationTracker
     alerts: Mapping[AlertKey, AlertRecord]
     consoles: Mapping[str, GuestConsole]
     agent_info: Mapping[str, AgentInfo]

@@ -98,13 +98,15 @@ class Alerter:
 
     # -- inputs -----------------------------------------------------------
 
-    def on_event(self, event: Event, *, decision: str | None = None, console: str | None = None) -> list[AlertAction]:
+    def on_event(self, event: Event, *, decision: str | None = None, console: str | None = None,
+                 migrating_in: bool = False) -> list[AlertAction]:
         """Apply the alert rules to ``event``; queue what they fire or resolve.
 
         ``decision`` (policy decision text) and ``console`` (last console lines)
-        become annotations of alerts fired by this event. Returns the actions.
+        become annotations of alerts fired by this event; ``migrating_in``: the guest was
+        the incoming copy of a migration when the event came. Returns the actions.
         """
-        ctx = RuleContext(self.settings.instance, frozenset(self._active), decision, console)
+        ctx = RuleContext(self.settings.instance, frozenset(self._active), decision, console, migrating_in)
         try:
             actions = rules.actions_for_event(event, ctx)
         except Exception:  # a rule bug must never break the event pump

@@ -19,8 +19,8 @@ Per guest, from its merged policy (``probe*``, ``console_failure_patterns``, ``r
   start or reboot (a booting kernel is busy and silent too: seen in the e2e tests); a ``hung``
   failure, resolved by I/O or idling.
 
-A failure fires its instant alert (:data:`ALERTS`) first, then goes to ``report(guest, cause,
-detail)`` (the policy engine's :meth:`~virtwatch.policy.engine.PolicyEngine.on_liveness`,
+A failure fires its instant alert (:data:`ALERTS`) first, then goes to the policy engine's
+:meth:`~virtwatch.policy.engine.PolicyEngine.on_liveness` (``(guest, cause, detail)``,
 whose decision becomes the alert's ``decision`` annotation). A guest that stops or starts
 resolves its liveness alerts: they were about the run that ended.
 
@@ -68,6 +68,18 @@ POLICY_TTL = 2.0
 
 #: Probe results kept per guest for ``virtwatch explain``.
 KEEP_RESULTS = 5
+
+
+class PolicyPort(Protocol):
+    """What the monitor needs from the policy engine (:class:`~virtwatch.policy.engine.PolicyEngine`)."""
+
+    selection_listeners: list[Callable[[str], None]]
+
+    def on_liveness(self, name: str, cause: str, detail: str) -> None:
+        """Take one liveness failure of guest ``name`` (never blocks)."""
+
+    def own_operation(self, name: str) -> str | None:
+        """The policy's own operation on ``name`` now (``reset``...), or None."""
 
 
 class AlertSink(Protocol):
@@ -130,10 +142,9 @@ class LivenessMonitor:
         guests: guest state (running or not, UUID).
         policy_for: a guest name -> its merged :class:`~virtwatch.policy.config.GuestPolicy`.
         alerts: instant alerts.
-        report: called with ``(guest, cause, detail)`` for each failure (the policy engine),
-            or None (policy disabled: alerts only).
-        own_operation: a guest name -> the policy's own operation on it now, or None (a
-            REBOOT caused by our reset is no guest reboot).
+        policy: the policy engine, or None (policy disabled: alerts only). Each failure goes to
+            its ``on_liveness``; a REBOOT while ``own_operation`` names one of its operations
+            (our reset) is no guest reboot; its ``selection_listeners`` get :meth:`reselect`.
         redact: applied to console lines put in alerts.
         mono, wall: clocks, seconds (monotonic; epoch).
         tick: seconds between two looks at the probe schedule.
@@ -145,8 +156,7 @@ class LivenessMonitor:
     """
 
     def __init__(self, agent: AgentPort, guests: GuestLookup, policy_for: Callable[[str], GuestPolicy],
-                 alerts: AlertSink, *, report: Callable[[str, str, str], None] | None = None,
-                 own_operation: Callable[[str], str | None] | None = None,
+                 alerts: AlertSink, *, policy: PolicyPort | None = None,
                  redact: Callable[[list[str]], list[str]] | None = None,
                  mono: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  tick: float = 0.25, kept: Mapping[str, GuestLiveness] | None = None) -> None:
@@ -154,8 +164,9 @@ class LivenessMonitor:
         self._guests = guests
         self._policy_for = policy_for
         self._alerts = alerts
-        self._report = report
-        self._own_operation = own_operation
+        self._policy = policy
+        if policy is not None:
+            policy.selection_listeners.append(self.reselect)
         self._redact = redact
         self._mono = mono
         self._wall = wall
@@ -218,7 +229,7 @@ class LivenessMonitor:
         st.reboots_total += 1
         st.start_over(now + pol.probe_initial_delay)
         self._resolve(st, "probe_failed", "console_panic", "hung")
-        ours = self._own_operation(st.name) if self._own_operation is not None else None
+        ours = self._policy.own_operation(st.name) if self._policy is not None else None
         if ours is not None:
             log.info("liveness_reboot_ours", guest=st.name, operation=ours)
             return
@@ -343,9 +354,9 @@ class LivenessMonitor:
         self._alerts.fire(alertname, domain=st.name, uuid=st.uuid, severity=severity,
                           summary=f"{st.name}: {what}", description=f"{st.name}: {cause}: {detail}",
                           extra_annotations={"cause": cause})
-        if self._report is not None:
+        if self._policy is not None:
             try:
-                self._report(st.name, cause, detail)
+                self._policy.on_liveness(st.name, cause, detail)
             except Exception as err:  # the policy must never break detection
                 log.error("liveness_report_failed", guest=st.name, error=repr(err))
 

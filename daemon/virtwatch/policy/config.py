@@ -225,6 +225,10 @@ class GuestPolicy(BaseModel):
         0.0, ge=0, le=86400, description="busy but silent this long (vCPU time pegged, no block or network I/O) "
         "is a hung failure, seconds; 0 = off (a compute-only guest looks the same)")
 
+    def captured_console_kib(self) -> int | None:
+        """``console_buffer`` (KiB) when ``capture_console`` is set, else None."""
+        return self.console_buffer if self.capture_console else None
+
     @field_validator("on_host_shutdown")
     @classmethod
     def _steps_nonempty(cls, v: tuple[ShutdownStep, ...]) -> tuple[ShutdownStep, ...]:

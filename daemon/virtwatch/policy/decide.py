@@ -65,6 +65,8 @@ class Decision:
         alert: alert text when an alert should fire, else None.
         keep_pending: True when an already scheduled action must be kept (duplicate stop event).
         key: the policy key that decided (``on_crash``...), or "".
+        migrated_to: the guest left this host by migration: its destination (``""``: not named);
+            the engine stores it. None: no change.
     """
 
     action: Action
@@ -76,6 +78,7 @@ class Decision:
     alert: str | None = None
     keep_pending: bool = False
     key: str = ""
+    migrated_to: str | None = None
 
     def message(self, mode: str) -> str:
         """The log line for ``mode``: dry-run and observe prefix acting decisions with "would"."""
@@ -173,6 +176,8 @@ def decide(
         )
     if tr == Transition.RESUMED:
         return Decision(Action.NONE, 0.0, f"{name} resumed ({event.note})", None, intent, h, keep_pending=False)
+    if tr in (Transition.MIGRATING_IN, Transition.MIGRATED_IN) or cause == StopCause.MIGRATION_FAILED:
+        return _migration(guest, event, h, now, policy)
     if not event.is_stop or cause is None:
         return Decision(Action.NONE, 0.0, f"{name}: {event.note or tr.value}", cause, intent, h, keep_pending=True)
 
@@ -188,6 +193,9 @@ def decide(
         )
     if cause in STOPPING_CAUSES:
         new = intent if intent == "held" else "stopped"
+        if cause == StopCause.MIGRATED:
+            return Decision(Action.NONE, 0.0, f"{name} migrated away: intent {new}, nothing to do here", cause,
+                            new, h, migrated_to="")
         return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {new}", cause, new, h)
     if not policy.managed:
         return Decision(
@@ -318,6 +326,33 @@ def decide_liveness(
     return dataclasses.replace(d, action=Action.RESET, reason="reset" + d.reason.removeprefix("restart"))
 
 
+def _migration(guest: GuestRecord, event: Classification, h: History, now: float, policy: Selection) -> Decision:
+    """The destination's side of a migration: the incoming copy appears, is adopted, or fails."""
+    if event.transition == Transition.MIGRATED_IN:
+        return decide_migrated_in(guest, h, now, policy)
+    if event.transition == Transition.MIGRATING_IN:
+        return Decision(Action.NONE, 0.0, f"{guest.name}: {event.note}, still running on the source", None,
+                        guest.intent, h, keep_pending=True)
+    # the incoming copy stopped: the guest never ran here, whatever intent its first sight gave it
+    intent: Intent = "held" if guest.intent == "held" else "stopped"
+    return Decision(Action.NONE, 0.0, f"{guest.name}: {event.note}, no action", event.cause, intent, h)
+
+
+def decide_migrated_in(guest: GuestRecord, history: History, now: float, policy: Selection) -> Decision:
+    """A guest migrated in and runs here now (``RESUMED/MIGRATED``): adopt it. Pure.
+
+    Intent ``running`` (``held`` stays held); the restart budget starts fresh (failures,
+    attempt, given-up, pending retry of an earlier stay here are dropped: they were this
+    host's past, and the source's budget does not travel). ``restarts`` counts stay (they
+    are the ``libvirt_domain_restarts_total`` counter). Its policy is whatever selects it
+    here, the domain XML metadata travelling with it first."""
+    fresh = budget.record_start(History(restarts=history.restarts), now, policy.policy)
+    intent: Intent = "held" if guest.intent == "held" else "running"
+    how = "managed" if policy.managed else "observed only"
+    return Decision(Action.NONE, 0.0, f"{guest.name} migrated in: adopted ({how}), intent {intent}, "
+                    "restart budget fresh", None, intent, fresh, migrated_to=None)
+
+
 def decide_recover(guest: GuestRecord, history: History, now: float, policy: Selection, why: str) -> Decision:
     """A guest whose intent is running is not running, with no failure to count
     (operator reset/release, an interrupted action): start it at once. Pure."""
@@ -384,13 +419,15 @@ def boot_candidate(
     was_running: bool,
     given_up: bool,
     stopped_this_boot: bool,
+    migrated_away: bool = False,
 ) -> bool:
     """Whether the boot flow starts (or restores) a guest it lists after libvirt's autostart settled. Pure.
 
     Yes for a managed, persistent guest that is shut off, not held nor given up, not seen
     stopping by an event in this boot (that stop's own decision stands), whose ``autostart``
     is ``always``, or ``was-running`` with intent running or saved by the save path
-    (``was_running``). ``state`` is libvirt's domain state code.
+    (``was_running``), and that did not migrate away (``migrated_away``: it runs on another
+    host, starting this definition would run it twice). ``state`` is libvirt's domain state code.
     """
     wanted = autostart == "always" or (autostart == "was-running" and (intent == "running" or was_running))
     return (
@@ -401,6 +438,7 @@ def boot_candidate(
         and intent != "held"
         and not given_up
         and not stopped_this_boot
+        and not migrated_away
     )
 
 

@@ -340,9 +340,11 @@ class PolicyEngine:
         # full pauses again seconds after we restarted it).
         ours = None if is_guest_failure(ev.kind, ev.event, ev.detail) else self._t.is_ours(g, item.arrived)
         inp = ClassifyInput(
-            ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours, self._t.host_shutdown
+            ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours, self._t.host_shutdown,
+            g.migrating_in,
         )
         cls = classify(inp)
+        self._track_migration(g, cls)
         # context for the next events
         if cls.transition == Transition.SHUTTING_DOWN:
             g.prev_shutdown = ev.detail
@@ -357,7 +359,9 @@ class PolicyEngine:
             await self._forget(g, ev)
             return
         sel = self._t.selection(g)
-        self._t.first_sight(g, sel, g.live[0] if g.live else DomainState.SHUTOFF)
+        # an incoming copy is not running here yet: a guest first seen that way starts as "stopped"
+        live = g.live[0] if g.live and cls.transition != Transition.MIGRATING_IN else DomainState.SHUTOFF
+        self._t.first_sight(g, sel, live)
         if cls.transition == Transition.STARTED:
             self._recover.discard(g.st.name)
         if cls.transition in (Transition.STARTED, Transition.STOPPED):
@@ -394,6 +398,17 @@ class PolicyEngine:
             g.queue.put_nowait(WorkItem("crash_timeout", ev, self._clock.monotonic()))
             self._ensure_worker(g)
 
+    @staticmethod
+    def _track_migration(g: GuestEntry, cls: Classification) -> None:
+        """Incoming-migration context for the next events; a guest that runs here has not
+        migrated away (any more)."""
+        if cls.transition == Transition.MIGRATING_IN:
+            g.migrating_in = True
+        elif cls.transition in (Transition.MIGRATED_IN, Transition.STARTED, Transition.STOPPED):
+            g.migrating_in = False
+        if cls.transition in (Transition.MIGRATED_IN, Transition.STARTED) and g.st.migrated_to is not None:
+            g.st = g.st.replace(migrated_to=None)
+
     def _track_live(self, g: GuestEntry, ev: Event, cls: Classification) -> None:
         live = lifecycle_state(ev.event, ev.detail) if ev.kind == Kind.LIFECYCLE else None
         if live is not None:
@@ -414,6 +429,8 @@ class PolicyEngine:
         self._recover.discard(g.st.name)
         found = classify_state(*state)
         h = g.st.history
+        if found.transition == Transition.STARTED and g.st.migrated_to is not None:
+            g.st = g.st.replace(migrated_to=None)  # it runs here: back, by a move no event reported
         step = resync_step(
             found,
             interrupted=interrupted,
@@ -486,7 +503,8 @@ class PolicyEngine:
         elif not d.keep_pending:
             pending, g.pending_due = None, None
             h = h.replace(next_retry=None)
-        st = g.st.replace(intent=d.intent, history=h, pending_action=pending)
+        st = g.st.replace(intent=d.intent, history=h, pending_action=pending,
+                          migrated_to=d.migrated_to if d.migrated_to is not None else g.st.migrated_to)
         text = d.message(mode)
         if ev is not None:
             g.st = st

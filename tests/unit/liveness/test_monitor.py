@@ -42,6 +42,8 @@ class Agent:
 
 
 class Rig:
+    """The monitor, and the policy port it reports to."""
+
     def __init__(self) -> None:
         self.clock = FakeClock()
         self.guests = GuestRegistry(self.clock.time)
@@ -50,9 +52,16 @@ class Rig:
         self.reports: list[tuple[str, str, str]] = []
         self.ours: str | None = None
         self.seq = 0
+        self.selection_listeners: list = []
         self.mon = LivenessMonitor(self.agent, self.guests, lambda n: POLICY.get(n, GuestPolicy()), self.alerter,
-                                   report=lambda *a: self.reports.append(a), own_operation=lambda n: self.ours,
-                                   mono=self.clock.monotonic, wall=self.clock.time)
+                                   policy=self, mono=self.clock.monotonic, wall=self.clock.time)
+
+    # the policy port (the engine's side): failures reported, our own operation
+    def on_liveness(self, name: str, cause: str, detail: str) -> None:
+        self.reports.append((name, cause, detail))
+
+    def own_operation(self, name: str) -> str | None:
+        return self.ours
 
     def event(self, name: str, kind: str, event: str, detail: str = "") -> None:
         self.seq += 1
@@ -215,3 +224,17 @@ async def test_no_hang_detection_while_a_guest_boots() -> None:
     for t in range(50, 56):
         r.mon.on_snapshot(stats("db", 0.9 * t, 0, 100.0 + t))
     assert [c for _, c, _ in r.reports] == ["hung"]
+
+
+async def test_a_selection_change_is_seen_at_once() -> None:
+    r = Rig()
+    assert r.selection_listeners == [r.mon.reselect]
+    r.event("web", "lifecycle", "STARTED", "BOOTED")
+    assert r.mon.policy("web").probe == "agent_ping"
+    POLICY["web"], old = GuestPolicy(), POLICY["web"]
+    try:
+        assert r.mon.policy("web").probe == "agent_ping"  # cached
+        r.selection_listeners[0]("web")
+        assert r.mon.policy("web").probe == "none"
+    finally:
+        POLICY["web"] = old
