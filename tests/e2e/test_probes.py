@@ -216,6 +216,15 @@ def cpu_ratio(g: Guest, seconds: float = 3.0) -> float:
     return (c1 - c0) / 1e9 / (t1 - t0)
 
 
+def coalesced(times: list[float], window: float = 2.0) -> list[float]:
+    """Reboot times, a burst of REBOOT events within ``window`` s of the last counted one counted once."""
+    out: list[float] = []
+    for t in times:
+        if not out or t - out[-1] >= window:
+            out.append(t)
+    return out
+
+
 def alert_pairs(vw: ProbeDaemon, alertname: str, domain: str) -> tuple[list[float], list[float]]:
     """Times the daemon fired and resolved ``alertname`` for ``domain`` (from its log)."""
     fired = [log_time(r) for r in vw.log("alert_fire", alertname=alertname, domain=domain)]
@@ -341,17 +350,18 @@ def test_panic_reboot_loop_is_detected_after_reboot_limit(vw: ProbeDaemon, fleet
         fail = vw.log("liveness_failure", guest=g.name)[0]
         assert fail["cause"] == "reboot_loop"
         assert fail["detail"].startswith(f"{REBOOT_LIMIT + 1} guest reboots within 300 s"), fail
-        reboots = vw.events(g.name, "reboot")
+        # one guest reboot sends a burst of REBOOT events (5 within 60 ms here): counted once
+        reboots = coalesced([e["time"] for e in vw.events(g.name, "reboot")])
         assert len(reboots) >= REBOOT_LIMIT + 1
         # detected on the reboot that went past the limit, not before
-        assert reboots[REBOOT_LIMIT]["time"] <= log_time(fail) + 0.1
+        assert reboots[REBOOT_LIMIT - 1] < log_time(fail) - 0.1 and reboots[REBOOT_LIMIT] <= log_time(fail) + 0.1
         assert vw.metric("libvirt_domain_reboots_total", domain=g.name) >= REBOOT_LIMIT + 1
         fired, _ = alert_pairs(vw, "VirtwatchRebootLoop", g.name)
         assert len(fired) == 1
         assert not vw.log("liveness_failure", guest=g.name, cause="console_panic")  # console not captured
         assert vw.started(g.name) == 1  # libvirt saw reboots only: no stop, no start
         print(f"\n[probes-e2e] reboot loop: declared at reboot {REBOOT_LIMIT + 1}, "
-              f"{reboots[REBOOT_LIMIT]['time'] - reboots[0]['time']:.1f} s after the first reboot")
+              f"{reboots[REBOOT_LIMIT] - reboots[0]:.1f} s after the first reboot")
     finally:
         conn = open_conn()  # it loops forever otherwise, costing CPU to the other guests
         try:

@@ -11,9 +11,10 @@ Per guest, from its merged policy (``probe*``, ``console_failure_patterns``, ``r
   consecutive failures make a ``probe_failed`` failure; the next passing probe resolves it.
 * **console patterns**: every byte the console capture reads (:meth:`on_console`) is cut into
   lines and searched; a match is a ``console_panic`` failure (once per boot).
-* **reboot loops**: REBOOT events not caused by our own reset count per guest
-  (``libvirt_domain_reboots_total{domain}`` counts them all); more than ``reboot_limit`` within
-  ``reboot_interval`` is a ``reboot_loop`` failure, resolved once the window calms down.
+* **reboot loops**: REBOOT events not caused by our own reset count per guest, a burst of them
+  (:data:`~virtwatch.liveness.detect.REBOOT_COALESCE`) as one reboot
+  (``libvirt_domain_reboots_total{domain}`` counts our resets too); more than ``reboot_limit``
+  within ``reboot_interval`` is a ``reboot_loop`` failure, resolved once the window calms down.
 * **busy but silent** (``hang_after`` > 0): from each statistics poll (:meth:`on_snapshot`),
   :class:`~virtwatch.liveness.detect.HangTracker`, not during the ``probe_initial_delay`` after a
   start or reboot (a booting kernel is busy and silent too: seen in the e2e tests); a ``hung``
@@ -226,9 +227,11 @@ class LivenessMonitor:
     def _on_reboot(self, st: GuestLiveness) -> None:
         pol = self.policy(st.name)
         now = self._mono()
-        st.reboots_total += 1
         st.start_over(now + pol.probe_initial_delay)
         self._resolve(st, "probe_failed", "console_panic", "hung")
+        if not st.reboots.new_reboot(now):
+            return  # one reboot sends a burst of REBOOT events
+        st.reboots_total += 1
         ours = self._policy.own_operation(st.name) if self._policy is not None else None
         if ours is not None:
             log.info("liveness_reboot_ours", guest=st.name, operation=ours)
@@ -280,7 +283,10 @@ class LivenessMonitor:
         are due (one at a time per guest), and resolve reboot loops that calmed down."""
         try:
             while True:
-                self.schedule()
+                try:
+                    self.schedule()
+                except Exception as err:  # a bug must not end every guest's probes
+                    log.exception("liveness_schedule_failed", error=repr(err))
                 await asyncio.sleep(self._tick)
         finally:
             self._tasks.cancel()
@@ -444,7 +450,9 @@ class LivenessCollector:
                                      labels=["domain", "cause"])
         hung = GaugeMetricFamily("libvirt_domain_hung", "1 while the guest is busy but silent for hang_after.",
                                  labels=["domain"])
-        reboots = CounterMetricFamily("libvirt_domain_reboots", "Guest reboots (REBOOT events).", labels=["domain"])
+        reboots = CounterMetricFamily("libvirt_domain_reboots",
+                                      "Guest reboots (REBOOT events; a burst within 2 s counts once).",
+                                      labels=["domain"])
         for name, st in sorted(self._monitor.guests().items()):
             if st.results and st.probe != "none":
                 last = st.results[-1]

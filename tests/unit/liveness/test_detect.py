@@ -105,3 +105,10 @@ def test_activity_sample_reads_bulk_fields() -> None:
              "net.0.tx.bytes": 4, "net.0.rx.pkts": 7}
     assert activity_sample(stats, 12.0) == ActivitySample(5_000_000_000, 2, 127, 12.0)
     assert activity_sample({"state.state": 1}, 1.0) is None
+
+
+def test_reboot_bursts_coalesce_from_the_last_counted_reboot() -> None:
+    w = RebootWindow()
+    assert [w.new_reboot(t) for t in (0.0, 0.05, 1.9, 2.0, 3.0, 4.1)] == [True, False, False, True, False, True]
+    w.reset()
+    assert w.new_reboot(4.2)

@@ -238,3 +238,15 @@ async def test_a_selection_change_is_seen_at_once() -> None:
         assert r.mon.policy("web").probe == "none"
     finally:
         POLICY["web"] = old
+
+
+async def test_a_burst_of_reboot_events_is_one_reboot() -> None:
+    r = Rig()
+    r.event("db", "lifecycle", "STARTED", "BOOTED")
+    for _ in range(3):
+        for _ in range(5):  # one guest reboot: five REBOOT events within 60 ms (measured)
+            r.event("db", "reboot", "REBOOT")
+            await r.clock.advance(0.015)
+        await r.clock.advance(8)
+    assert r.metric("libvirt_domain_reboots_total", domain="db") == 3
+    assert r.reports == [("db", "reboot_loop", "3 guest reboots within 60 s (reboot_limit 2)")]
