@@ -12,7 +12,6 @@ import asyncio
 import gc
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -28,12 +27,14 @@ from .demo import LivingDemo
 from .eventlog import RecentEvents
 from .handover import Retained
 from .inventory import Inventory
+from .liveness.monitor import LivenessMonitor, explain_lines
 from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
 from .metrics.history import GuestHistory, cpu_percent
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
 from .model import Event, Kind, ResyncEntry, Source, missed_lifecycle
+from .policy.config import GuestPolicy
 from .policy.select import select
 from .policy.wiring import PolicyRuntime
 from .state import GuestRegistry
@@ -43,6 +44,7 @@ from .virt.connection import ConnectionManager, Opener, SideConnection
 from .virt.devices import DeviceCache
 from .virt.events import EventPump
 from .virt.lanes import LanePool, shares_main_connection
+from .virt.migration import MigrationTracker
 from .virt.stats import Snapshot, StatsPoller
 from .web.server import WebServer, load_web_parts
 
@@ -85,9 +87,11 @@ class Daemon:
             self.guests = GuestRegistry(wall_clock)
             self.recent = RecentEvents()
             self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
+            self.migrations = MigrationTracker()
         else:
             self.registry, self.instruments, self.pump = kept.registry, kept.instruments, kept.pump
             self.guests, self.recent, self.inventory = kept.guests, kept.recent, kept.inventory
+            self.migrations = kept.migrations
             self.pump.unsubscribe_all()
         # Figures of another host are not this host's: a new URI starts without them.
         same_host = kept is not None and kept.uri == settings.libvirt.uri
@@ -117,21 +121,23 @@ class Daemon:
         self.connection.add_listener(self.devices)
         self.poller = StatsPoller(settings.stats, self.connection, self.lanes, self.instruments,
                                   wall=wall_clock, on_snapshot=self._on_snapshot, kept=self._latest,
-                                  devices=self.devices)
+                                  devices=self.devices, migrations=self.migrations)
         self.connection.add_listener(self.poller)
         self.pump.subscribe(self.inventory.on_event)
         self.alerter = Alerter(settings.alerts, self.registry, metrics=kept.alert_metrics if kept else None,
-                               active=kept.alerts if kept else None,
-                               spool_path=Path(settings.daemon.state_dir) / "alerts-spool.json")
+                               active=kept.alerts if kept else None, state_dir=settings.daemon.state_dir)
         self.pump.subscribe(self._alert_on_event)
+        self.pump.subscribe(self.migrations)  # after the alert rules: they see the phase an event ends
         self.connection.add_listener(self)
         self.exposition = Exposition(self.registry, StateCollector(self.guests,
                                                                    self.inventory.view(lambda: self.poller.latest),
-                                                                   lambda: self.connection.info))
+                                                                   lambda: self.connection.info, self.migrations),
+                                     max_series=settings.metrics.max_series)
         self.exposition.add_collector("lanes", self.lanes)
         # Console capture and guest agent (issue 5): stopped before the connection (design §3a).
         self.console = ConsoleCapture(settings.console, self.calls, self.guests, settings.daemon.state_dir,
-                                      selector=self._console_capture, wall=wall_clock,
+                                      selector=lambda n: self._guest_policy(n).captured_console_kib(),
+                                      wall=wall_clock,
                                       call_timeout=min(10.0, settings.libvirt.call_timeout),
                                       kept=kept.consoles if kept else None, writable=self.connection.writable)
         # The agent's calls may block for its response timeout: its own connection and thread
@@ -182,6 +188,15 @@ class Daemon:
                 self.demo_side = SideConnection("demo", settings.libvirt, False, self.demo_calls, self.demo)
                 self.connection.add_listener(self.demo_side)
                 self.lanes.count_also(lambda: self.demo_side is not None and self.demo_side.conn is not None)
+        # Liveness (issue 12): probes on the agent's lane, console patterns, reboot loops and the
+        # hang detector; failures alert at once and go to the policy engine like a crash.
+        self.liveness = LivenessMonitor(self.agent, self.guests, self._guest_policy, self.alerter,
+                                        policy=self.policy.engine if self.policy is not None else None,
+                                        redact=settings.console.redact, wall=wall_clock,
+                                        kept=kept.liveness if kept else None)
+        self.pump.subscribe(self.liveness.on_event)
+        self.console.data_listeners.append(self.liveness.on_console)
+        self.exposition.add_collector("liveness", self.liveness.collector)
         # Console contents (issue 13): on the operator socket always, over HTTP only when
         # http.serve_console opts in (the web config must then authenticate: load_web_parts).
         self.control = ControlServer(self, settings.daemon.socket, fd=control_fd, console=self.console)
@@ -200,16 +215,13 @@ class Daemon:
         self._prerender: asyncio.Future[Any] | None = None
 
     # -- subscribers / ports --------------------------------------------------
-    def _console_capture(self, name: str) -> int | None:
-        """``console_buffer`` KiB when ``name``'s policy sets ``capture_console``,
-        else None: the engine's merged policy (with domain metadata and
-        overrides) when policy is enabled, else the ``[policy]`` rules,
-        profiles and defaults alone."""
+    def _guest_policy(self, name: str) -> GuestPolicy:
+        """``name``'s merged policy: the engine's (with domain metadata and overrides) when
+        policy is enabled, else the ``[policy]`` rules, profiles and defaults alone."""
         if self.policy is not None:
-            return self.policy.engine.console_capture(name)
+            return self.policy.engine.policy_of(name)
         g = self.guests.by_name(name)
-        pol = select(self.settings.policy, name, g.uuid if g else "", None).policy
-        return pol.console_buffer if pol.capture_console else None
+        return select(self.settings.policy, name, g.uuid if g else "", None).policy
 
     def _count_event(self, ev: Event) -> None:
         self.instruments.events.labels(kind=ev.kind, event=ev.event, detail=ev.detail).inc()
@@ -236,7 +248,8 @@ class Daemon:
 
     def _alert_on_event(self, ev: Event) -> None:
         if ev.source == Source.DOMAIN:
-            self.alerter.on_event(ev, console=self.console.alert_text(ev.name))  # opted in, redacted
+            self.alerter.on_event(ev, console=self.console.alert_text(ev.name),  # opted in, redacted
+                                  migrating_in=self.migrations.direction(ev.uuid) == "in")
 
     # ConnectionListener: instant alert while libvirt is unreachable
     def connection_ready(self, conn: Any) -> None:
@@ -258,6 +271,7 @@ class Daemon:
     def _on_snapshot(self, snap: Snapshot) -> None:
         self.history.add(self._latest, snap)
         self._previous, self._latest = self._latest, snap
+        self.liveness.on_snapshot(snap.domains)
         # Render the new figures now, off the loop: the next scrape finds a finished body.
         self._prerender = self.exposition.prerender() or self._prerender
 
@@ -280,14 +294,15 @@ class Daemon:
         }
 
     def guest_extra(self, name: str) -> dict[str, Any]:
-        """Per-guest extras for the API and landing page (CPU %, agent, console, policy state)."""
+        """Per-guest extras for the API and landing page (CPU %, agent, console, policy, liveness)."""
         g = self.guests.by_name(name)
         if g is None:
             return {}
         agent = self.agent.info(name)
         return {"cpu_percent": cpu_percent(self._previous, self.poller.latest, g.uuid),
                 "agent": agent.as_dict() if agent else None, "console": self.console.state(name),
-                "policy": self._policy_guest(name)}
+                "policy": self._policy_guest(name), "migrating": self.migrations.direction(g.uuid),
+                "liveness": self.liveness.explain(name)}
 
     # -- ControlPort (operator Unix socket) ---------------------------------------
     def _policy_guest(self, name: str) -> dict[str, Any] | None:
@@ -299,7 +314,8 @@ class Daemon:
         return {"intent": g.intent, "managed": g.managed, "mode": g.mode, "given_up": g.given_up,
                 "given_up_reason": g.given_up_reason, "next_retry": g.next_retry,
                 "pending_action": g.pending_action, "attempt": g.attempt,
-                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override)}
+                "failures_in_window": g.failures_in_window, "restarts": dict(g.restarts), "override": dict(g.override),
+                "migrated_to": g.migrated_to}
 
     def control_status(self) -> dict[str, Any]:
         """Daemon summary plus every guest's state and policy state."""
@@ -336,9 +352,10 @@ class Daemon:
             ex = self.policy.engine.explain(name)
         except KeyError:
             raise UnknownGuest(name) from None
+        live = self.liveness.explain(name)
         return {"name": ex.name, "uuid": ex.uuid, "managed": ex.managed, "mode": ex.mode, "intent": ex.intent,
                 "policy": {k: _jsonable(v) for k, v in ex.policy.items()}, "sources": dict(ex.sources),
-                "decision_now": ex.decision_now, "lines": ex.lines()}
+                "decision_now": ex.decision_now, "liveness": live, "lines": ex.lines() + explain_lines(live)}
 
     async def control_action(self, name: str, action: str) -> dict[str, Any]:
         """hold / release / reset one guest (returns once the change is committed)."""
@@ -388,11 +405,12 @@ class Daemon:
         return Retained(
             registry=self.registry, instruments=self.instruments, alert_metrics=self.alerter.client.metrics,
             pump=self.pump, guests=self.guests, recent=self.recent, inventory=self.inventory,
+            migrations=self.migrations,
             alerts=self.alerter.active, consoles=self.console.handover(), agent_info=self.agent.all_info(),
             action_counts=(dict(self.policy.engine.snapshot().actions) if self.policy is not None
                            else self._kept_action_counts),
             snapshot=self.poller.latest, previous=self._previous, history=self.history, uri=self.settings.libvirt.uri,
-            started_at=self.started_at)
+            started_at=self.started_at, liveness=self.liveness.handover())
 
     async def reload_web(self, settings: Settings) -> None:
         """Take ``settings``, which differ from the running ones in ``http.web_config_file`` at
@@ -414,10 +432,8 @@ class Daemon:
         http = self.settings.http
         await self.web.start(http.listen, load_web_parts(http.web_config_file, http.serve_console))  # ConfigError
         self.listen_address = self.web.address
-        assert self.listen_address is not None
-        self.alerter.listening_on(parse_listen(http.listen)[0], self.listen_address[1])  # the `instance` label
         await self.console.start()  # opens console.sqlite when capture is enabled
-        await self.alerter.start()
+        await self.alerter.start(parse_listen(http.listen)[0], self.listen_address)  # and its `instance` label
         if self.policy is not None:
             await self.policy.start()  # the engine, then the event journal's pruning
         try:
@@ -434,6 +450,7 @@ class Daemon:
             self.loop.create_task(self.poller.run(), name="stats-poller"),
             self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
             self.loop.create_task(self.agent.run(), name="guest-agent"),
+            self.loop.create_task(self.liveness.run(), name="liveness"),
         ]
         if self.demo is not None:
             self._tasks.append(self.loop.create_task(self.demo.run(), name="living-demo"))
@@ -466,6 +483,7 @@ class Daemon:
             await self.policy.stop()  # in-flight actions end recorded as interrupted; retries stay persisted
         if self.policy_side is not None:
             await self.policy_side.stop()
+        await _cancel(by_name.get("liveness"))  # its probes run on the agent's lane
         await _cancel(by_name.get("guest-agent"))
         await self.agent_side.stop()
         if self.demo_side is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
@@ -73,6 +73,12 @@ class StatsSettings(Section):
         ("state", "cpu", "balloon", "vcpu", "interface", "block"), description="getAllDomainStats groups"
     )
     host: StrictBool = Field(True, description="also collect node, storage pool and network figures")
+    group_intervals: dict[str, float] | None = Field(
+        None,
+        description="seconds between reads of a group (or of the host figures, key 'host') that need not be read "
+                    "every poll; a group not named here is read every poll, a read is rounded to whole polls, "
+                    "and between reads the last figures are exported. Default: balloon, vcpu and host every "
+                    "4 polls (60 s at the default poll_interval); {} reads everything every poll")
     max_stuck_lanes: int = Field(
         4, ge=1, le=16,
         description="most stats connections left behind calls stuck on a hung guest at once; each holds one "
@@ -82,6 +88,31 @@ class StatsSettings(Section):
     def effective_poll_timeout(self) -> float:
         """The poll deadline in seconds: ``poll_timeout`` or its default."""
         return self.poll_timeout if self.poll_timeout is not None else min(10.0, 0.8 * self.poll_interval)
+
+    @property
+    def effective_group_intervals(self) -> dict[str, float]:
+        """Seconds between reads of each group read less often than every poll (see ``group_intervals``)."""
+        if self.group_intervals is None:
+            return {g: 4 * self.poll_interval for g in ("balloon", "vcpu", "host")}
+        return dict(self.group_intervals)
+
+    @field_validator("group_intervals")
+    @classmethod
+    def _positive_intervals(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        known = (*get_args(StatsGroup), "host")
+        for group, seconds in (v or {}).items():
+            if group not in known:
+                raise ValueError(f"group_intervals: unknown group {group!r} (one of {', '.join(known)})")
+            if not 0 < seconds <= 86400:
+                raise ValueError(f"group_intervals.{group}: {seconds} is not in (0, 86400] seconds")
+        return v
+
+    @model_validator(mode="after")
+    def _intervals_name_read_groups(self) -> StatsSettings:
+        for group in self.group_intervals or {}:
+            if group != "host" and group not in self.groups:
+                raise ValueError(f"group_intervals names {group!r}, which is not in stats.groups")
+        return self
 
     @field_validator("groups")
     @classmethod
@@ -106,6 +137,15 @@ class HTTPSettings(Section):
     def _listen(cls, v: str) -> str:
         parse_listen(v)
         return v
+
+
+class MetricsSettings(Section):
+    """``[metrics]``: bounds on what ``/metrics`` exposes (:mod:`~virtwatch.metrics.bounds`)."""
+
+    max_series: int = Field(
+        0, ge=0, le=100_000_000,
+        description="series budget of /metrics; past it whole tiers of guest families are left out (per-vCPU, "
+                    "then per-device detail, then per-device), never state or identity. 0 = no budget")
 
 
 class LogSettings(Section):
@@ -159,6 +199,7 @@ class Settings(Section):
     libvirt: LibvirtSettings = LibvirtSettings()
     stats: StatsSettings = StatsSettings()
     http: HTTPSettings = HTTPSettings()
+    metrics: MetricsSettings = MetricsSettings()
     log: LogSettings = LogSettings()
     daemon: DaemonSettings = DaemonSettings()
     policy: PolicySettings = PolicySettings()

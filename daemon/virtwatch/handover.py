@@ -18,10 +18,12 @@ from .alerts.rules import AlertKey
 from .console.capture import GuestConsole
 from .eventlog import RecentEvents
 from .inventory import Inventory
+from .liveness.monitor import GuestLiveness
 from .metrics.history import GuestHistory
 from .metrics.instruments import Instruments
 from .state import GuestRegistry
 from .virt.events import EventPump
+from .virt.migration import MigrationTracker
 from .virt.stats import Snapshot
 
 
@@ -35,6 +37,7 @@ class Retained:
         pump: the event pump (sequence numbers and queued events go on).
         guests, recent, inventory: the guest table, the recent-events ring, the
             network/pool overlay.
+        migrations: migrations in progress and the counts of ended ones.
         alerts: firing instant alerts (posted again at once, to the new Alertmanagers).
         consoles: each captured guest's console ring and counters.
         agent_info: what each guest agent said last.
@@ -44,6 +47,7 @@ class Retained:
         history: recent CPU and memory per guest (the status page's sparklines).
         uri: the libvirt URI these figures came from.
         started_at: when the process's first daemon started (epoch seconds).
+        liveness: each guest's liveness state (probe results, counters, reboot window).
     """
 
     registry: CollectorRegistry
@@ -53,6 +57,7 @@ class Retained:
     guests: GuestRegistry
     recent: RecentEvents
     inventory: Inventory
+    migrations: MigrationTracker
     alerts: Mapping[AlertKey, AlertRecord]
     consoles: Mapping[str, GuestConsole]
     agent_info: Mapping[str, AgentInfo]
@@ -62,3 +67,4 @@ class Retained:
     history: GuestHistory
     uri: str
     started_at: float
+    liveness: Mapping[str, GuestLiveness] = dataclasses.field(default_factory=dict)

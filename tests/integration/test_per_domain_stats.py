@@ -25,7 +25,8 @@ FALLBACK = ("cpu", "balloon", "vcpu", "interface", "block")
 @pytest_asyncio.fixture
 async def rig(actor: libvirt.virConnect) -> AsyncIterator[PollerRig]:
     """1 s poll budget."""
-    r = PollerRig(actor, **{"stats.poll_interval": 1.0, "stats.poll_timeout": 1.0, "stats.host": False})
+    r = PollerRig(actor, **{"stats.poll_interval": 1.0, "stats.poll_timeout": 1.0, "stats.host": False,
+                            "stats.group_intervals": {}})
     yield r
     await r.close()
 
@@ -183,3 +184,55 @@ async def test_a_hung_per_domain_read_costs_only_its_guest(actor, make_guests, r
         assert poller.stale == frozenset()
     finally:
         source.release.set()
+
+
+async def test_per_domain_reads_follow_the_group_intervals(actor, make_guests) -> None:
+    """With balloon and vcpu every 2nd poll, the per-domain reads that stand in for the
+    bulk call ask for them every 2nd poll only; between reads their figures are carried,
+    never from a stopped guest's last run, and a guest that starts gets every group read
+    at the poll after. (The test driver's own guest "test" runs throughout.)"""
+    rig = PollerRig(actor, **{"stats.poll_interval": 1.0, "stats.poll_timeout": 1.0, "stats.host": False,
+                              "stats.group_intervals": {"balloon": 2.0, "vcpu": 2.0}})
+    try:
+        (dom,) = await asyncio.to_thread(make_guests, "every2", 1, True)
+        uuid = dom.UUIDString()
+        source = CountingSource()
+        poller = StatsPoller(rig.settings.stats, rig.connection, rig.lanes, rig.instruments, source=source)
+        slow_ones_left = ("cpu", "interface", "block")
+
+        async def poll() -> tuple[set, dict]:
+            source.per_domain_groups.clear()
+            snap = await poller.poll_once()
+            assert snap is not None
+            return source.per_domain_groups.copy(), dict(snap.domains[uuid].stats)
+
+        asked = []
+        for _ in range(4):
+            groups, stats = await poll()
+            asked.append(groups)
+            assert "balloon.current" in stats and "vcpu.current" in stats  # read or carried
+        assert asked == [{FALLBACK}, {slow_ones_left}, {FALLBACK}, {slow_ones_left}]
+        assert source.controls == 0  # fewer groups read is not a thin answer
+        await asyncio.to_thread(dom.destroy)
+        groups, stats = await poll()  # poll 4: stopped, nothing carried (groups: the driver's own guest)
+        assert set(stats) == {"state.state", "state.reason"}
+        groups, stats = await poll()  # poll 5: still stopped
+        assert set(stats) == {"state.state", "state.reason"}
+        await asyncio.to_thread(dom.create)
+        groups, stats = await poll()  # poll 6 (due anyway)
+        assert groups == {FALLBACK} and "vcpu.current" in stats
+        await asyncio.to_thread(dom.destroy)
+        await poll()  # poll 7
+        await asyncio.to_thread(dom.create)
+        groups, stats = await poll()  # poll 8 is due: started again, all read
+        assert groups == {FALLBACK}
+        await asyncio.to_thread(dom.destroy)
+        await poll()  # poll 9
+        await poll()  # poll 10
+        await asyncio.to_thread(dom.create)
+        groups, stats = await poll()  # poll 11 is not due: started, so the slow groups are missing once
+        assert groups == {slow_ones_left} and "vcpu.current" not in stats and "cpu.time" in stats
+        groups, stats = await poll()  # poll 12 reads everything for it
+        assert groups == {FALLBACK} and "vcpu.current" in stats
+    finally:
+        await rig.close()

@@ -71,7 +71,17 @@ class PerDomainSource(LibvirtStatsSource):
 
 @pytest_asyncio.fixture
 async def rig(actor: libvirt.virConnect) -> AsyncIterator[PollerRig]:
-    r = PollerRig(actor, **{"stats.poll_interval": 5.0, "stats.host": False})
+    """Every group read every poll (``group_intervals = {}``): the balloon is judged at each poll."""
+    r = PollerRig(actor, **{"stats.poll_interval": 5.0, "stats.host": False, "stats.group_intervals": {}})
+    yield r
+    await r.close()
+
+
+@pytest_asyncio.fixture
+async def slow_balloon_rig(actor: libvirt.virConnect) -> AsyncIterator[PollerRig]:
+    """The balloon read every 4th poll (20 s at a 5 s poll)."""
+    r = PollerRig(actor, **{"stats.poll_interval": 5.0, "stats.host": False,
+                            "stats.group_intervals": {"balloon": 20.0}})
     yield r
     await r.close()
 
@@ -147,5 +157,35 @@ async def test_guest_memory_figures_dropped_after_three_balloon_periods(actor, r
         assert ("libvirt_domain_memory_usable_bytes", d) not in s
         assert ("libvirt_domain_memory_minor_faults_total", d) not in s
         assert s[("libvirt_domain_memory_balloon_current_bytes", d)] == src.rows[name]["balloon.current"] * 1024
+    finally:
+        await asyncio.to_thread(dom.destroy)
+
+
+async def test_a_balloon_read_every_fourth_poll_is_judged_when_read(actor, slow_balloon_rig: PollerRig) -> None:
+    """Between balloon reads the last balloon figures and their staleness verdict stand in;
+    the verdict changes only at the next read (poll 4), never from the carried figures' age."""
+    name = f"nics-{uuidlib.uuid4().hex[:8]}"
+    dom = await asyncio.to_thread(actor.createXML, nic_guest_xml(name), 0)
+    try:
+        last = (await asyncio.to_thread(dom.memoryStats))["last_update"]
+        clock = {"now": last + 29.0}
+        src = PerDomainSource()
+        poller = StatsPoller(slow_balloon_rig.settings.stats, slow_balloon_rig.connection, slow_balloon_rig.lanes,
+                             slow_balloon_rig.instruments, source=src, wall=lambda: clock["now"],
+                             devices=DeviceCache(wall=lambda: clock["now"]))
+        uuid = dom.UUIDString()
+        snap = await poller.poll_once()
+        assert snap.domains[uuid].memory_stale is False
+        usable = snap.domains[uuid].stats["balloon.usable"]
+        clock["now"] = last + 31.0  # the report is now older than 3 periods, but nobody read it
+        for _ in range(3):  # polls 1..3: the balloon is carried over
+            snap = await poller.poll_once()
+            ds = snap.domains[uuid]
+            assert ds.memory_stale is False and ds.stats["balloon.usable"] == usable
+            assert "cpu.time" in ds.stats  # read every poll
+        snap = await poller.poll_once()  # poll 4: read, and judged stale
+        ds = snap.domains[uuid]
+        assert ds.memory_stale is True and "balloon.usable" not in ds.stats
+        assert ds.stats["balloon.last-update"] == last
     finally:
         await asyncio.to_thread(dom.destroy)

@@ -28,7 +28,8 @@ def test_example_config_loads_and_documents_every_key() -> None:
     assert s.libvirt.uri == "qemu:///system"
     text = example.read_text()
     # every key of every core section appears in the example (commented or set)
-    for section in ("libvirt", "stats", "http", "log", "daemon", "policy", "alerts", "console", "agent", "demo"):
+    for section in ("libvirt", "stats", "http", "metrics", "log", "daemon", "policy", "alerts", "console", "agent",
+                    "demo"):
         model = getattr(s, section)
         for key in type(model).model_fields:
             documented = f"{key} =" in text or f"[{section}.{key}" in text or f"[[{section}.{key}]]" in text

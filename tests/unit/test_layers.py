@@ -27,6 +27,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("state", ["virtwatch.state", "virtwatch.eventlog"]),
     ("features", ["virtwatch.agent.*", "virtwatch.alerts.*", "virtwatch.console.*", "virtwatch.demo",
                   "virtwatch.inventory", "virtwatch.logs"]),
+    ("liveness", ["virtwatch.liveness.*"]),
     ("policy", ["virtwatch.policy.*"]),
     ("endpoints", ["virtwatch.metrics.*", "virtwatch.web.*", "virtwatch.control", "virtwatch.systemd"]),
     ("handover", ["virtwatch.handover"]),

@@ -47,11 +47,13 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ipaddress
+import math
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import libvirt
+import libvirt_qemu
 import structlog
 from prometheus_client.core import GaugeMetricFamily, Metric
 
@@ -176,6 +178,7 @@ class GuestAgent:
         self._unsupported: set[str] = set()
         self._pending_timeout: list[str] = []
         self._wake = asyncio.Event()
+        self._lane = asyncio.Lock()  # one agent call at a time: refreshes and liveness probes
         self.collector = AgentCollector(self)
         self.in_flight = 0
         self.max_in_flight_seen = 0
@@ -263,7 +266,7 @@ class GuestAgent:
         try:
             raw = await self._call("guestInfo", _guest_info, conn, uuid)
             fields = parse_guest_info(raw)
-        except _AgentError as err:
+        except AgentError as err:
             errors["guestInfo"] = err.code
             if err.code == "VIR_ERR_ARGUMENT_UNSUPPORTED":  # no agent channel configured
                 self._unsupported.add(name)
@@ -282,7 +285,7 @@ class GuestAgent:
             try:
                 addresses = parse_addresses(await self._call("interfaceAddresses", _addresses, conn, uuid, code),
                                             source, self.settings.address_filter)
-            except _AgentError as err:
+            except AgentError as err:
                 errors[f"interfaceAddresses.{source}"] = err.code
                 continue
             if addresses:
@@ -294,7 +297,7 @@ class GuestAgent:
                 gt = await self._call("getTime", _get_time, conn, uuid)
                 t1 = self._wall()
                 offset = gt["seconds"] + gt.get("nseconds", 0) / 1e9 - (t0 + t1) / 2
-            except _AgentError as err:
+            except AgentError as err:
                 errors["getTime"] = err.code
         current = self._guests.by_name(name)
         if current is None or current.uuid != uuid or current.state not in ACTIVE:
@@ -310,6 +313,34 @@ class GuestAgent:
         if errors:
             log.debug("agent_refresh_errors", guest=name, errors=errors)
         return info
+
+    async def agent_command(self, name: str, command: str, timeout: float) -> str:
+        """Send one guest agent command (JSON text, ``virDomainQemuAgentCommand``) to ``name`` on
+        the agent's lane, within ``timeout`` seconds in all: waiting for the lane included, and
+        libvirt told the rest as the command's own timeout. Returns the agent's JSON answer.
+        Raises :class:`AgentError` (``timeout``, ``lane_busy`` (other calls held the lane the whole
+        time), ``not_connected``, or libvirt's error code name)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        conn = self._conn
+        g = self._guests.by_name(name)
+        if conn is None or self._denied or g is None:
+            raise AgentError("not_connected", "no agent connection" if g else "unknown guest")
+        if timeout <= 0:
+            raise AgentError("timeout")
+        try:
+            async with asyncio.timeout(timeout):
+                await self._lane.acquire()
+        except TimeoutError:
+            raise AgentError("lane_busy", f"agent lane busy for {timeout:g} s") from None
+        try:
+            left = deadline - loop.time()
+            if left <= 0:
+                raise AgentError("timeout")
+            return await self._call_now("qemuAgentCommand", left + 1.0, _agent_command, conn, g.uuid, command,
+                                        max(1, math.ceil(left)))
+        finally:
+            self._lane.release()
 
     # -- internals ---------------------------------------------------------------------
     def _now(self) -> float:
@@ -350,7 +381,7 @@ class GuestAgent:
         self._due.setdefault(name, self._now() + self.settings.startup_delay)
         try:
             await self._call("agentSetResponseTimeout", _set_response_timeout, conn, g.uuid, self.settings.timeout)
-        except _AgentError as err:
+        except AgentError as err:
             if err.code == "VIR_ERR_OPERATION_DENIED":
                 self._denied = True
                 log.warning("agent_denied_read_only", guest=name)
@@ -358,9 +389,15 @@ class GuestAgent:
                 log.debug("agent_set_timeout_failed", guest=name, error=err.code)
 
     async def _call(self, call: str, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run one agent call in a worker thread with our own deadline.
+        """Run one agent call on the lane in a worker thread with our own deadline
+        (``timeout + 2`` s). Raises :class:`AgentError`."""
+        async with self._lane:
+            return await self._call_now(call, self.settings.timeout + 2.0, fn, *args)
+
+    async def _call_now(self, call: str, deadline: float, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one agent call in a worker thread within ``deadline`` seconds (hold the lane).
         After a timeout, wait until the C call really returns before the lane
-        goes on (it still holds a call slot). Raises :class:`_AgentError`."""
+        goes on (it still holds a call slot). Raises :class:`AgentError`."""
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
 
@@ -376,22 +413,26 @@ class GuestAgent:
         self.in_flight += 1
         self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
         try:
-            return await self._calls.run(call, wrapped, timeout=self.settings.timeout + 2.0)
+            return await self._calls.run(call, wrapped, timeout=deadline)
         except CallTimeout:
             self.stuck_calls += 1
-            log.warning("agent_call_timeout", call=call, timeout=self.settings.timeout + 2.0)
+            log.warning("agent_call_timeout", call=call, timeout=deadline)
             await done.wait()
-            raise _AgentError("timeout") from None
+            raise AgentError("timeout") from None
         except libvirt.libvirtError as err:
-            raise _AgentError(error_code_name(err)) from None
+            raise AgentError(error_code_name(err)) from None
         finally:
             self.in_flight -= 1
 
 
-class _AgentError(Exception):
-    def __init__(self, code: str) -> None:
-        super().__init__(code)
+class AgentError(Exception):
+    """A guest agent call that did not answer: ``code`` is libvirt's error code name
+    (``VIR_ERR_AGENT_UNRESPONSIVE``...), ``timeout`` or ``not_connected``; ``message`` says more."""
+
+    def __init__(self, code: str, message: str = "") -> None:
+        super().__init__(f"{code}: {message}" if message else code)
         self.code = code
+        self.message = message
 
 
 def _guest_info(conn: libvirt.virConnect, uuid: str) -> dict[str, Any]:
@@ -404,6 +445,10 @@ def _addresses(conn: libvirt.virConnect, uuid: str, source: int) -> dict[str, An
 
 def _get_time(conn: libvirt.virConnect, uuid: str) -> dict[str, int]:
     return conn.lookupByUUIDString(uuid).getTime(0)
+
+
+def _agent_command(conn: libvirt.virConnect, uuid: str, command: str, seconds: int) -> str:
+    return str(libvirt_qemu.qemuAgentCommand(conn.lookupByUUIDString(uuid), command, seconds, 0))
 
 
 def _set_response_timeout(conn: libvirt.virConnect, uuid: str, seconds: int) -> None:

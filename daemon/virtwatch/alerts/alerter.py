@@ -26,6 +26,9 @@ from .record import AlertRecord
 from .rules import AlertAction, AlertKey, RuleContext
 from .spool import Spool
 
+#: The spool file in the state directory.
+SPOOL_NAME = "alerts-spool.json"
+
 
 class Alerter:
     """Instant alerts to Alertmanager.
@@ -41,8 +44,8 @@ class Alerter:
         metrics: the self-metrics of the alerter this one replaces (a reload), else None.
         active: the firing alerts of the alerter this one replaces: kept firing, and posted
             again at :meth:`start` (the new ``[alerts]`` may name other Alertmanagers).
-        spool_path: file keeping undelivered alerts across restarts (``<state_dir>/alerts-spool.json``);
-            None: they are dropped at :meth:`stop`.
+        state_dir: the daemon's state directory: undelivered alerts are kept across restarts in
+            ``<state_dir>/alerts-spool.json`` (:data:`SPOOL_NAME`); None: they are dropped at :meth:`stop`.
 
     All methods except :meth:`start` and :meth:`stop` are synchronous, never
     block, and must be called on the event loop thread.
@@ -60,7 +63,7 @@ class Alerter:
         logger: Any = None,
         metrics: AlertMetrics | None = None,
         active: Mapping[AlertKey, AlertRecord] | None = None,
-        spool_path: str | os.PathLike[str] | None = None,
+        state_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.settings = settings
         #: the ``instance`` label: ``[alerts] instance``, else set by :meth:`listening_on`
@@ -70,7 +73,8 @@ class Alerter:
         self._log = logger or structlog.get_logger("virtwatch.alerts")
         self.client = AlertmanagerClient(
             settings, registry, clock=clock, sleep=sleep, session_factory=session_factory, jitter=jitter,
-            logger=self._log, metrics=metrics, spool=Spool(spool_path) if spool_path is not None else None,
+            logger=self._log, metrics=metrics,
+            spool=Spool(os.path.join(state_dir, SPOOL_NAME)) if state_dir is not None else None,
         )
         self._active: dict[AlertKey, AlertRecord] = dict(active or {})
         self._handed_over = list(self._active)
@@ -81,15 +85,20 @@ class Alerter:
         """Firing alerts by ``(alertname, domain)`` (a copy)."""
         return dict(self._active)
 
-    def listening_on(self, host: str | None, port: int) -> None:
-        """The metrics listener is bound to ``host`` (None: every address) and ``port``: unless
-        ``[alerts] instance`` is set, the ``instance`` label becomes what a default scrape config
-        gives this daemon (:func:`~.config.default_instance`), the one the rule alerts carry."""
-        if self.settings.instance is None:
-            self.instance = default_instance(host, port, socket.gethostname())
+    def listening_on(self, host: str | None, bound: tuple[str, int] | None) -> None:
+        """The metrics listener listens on ``host`` (``http.listen``'s; None: every address) and is
+        bound to ``bound`` (address, port; None: not bound): unless ``[alerts] instance`` is set,
+        the ``instance`` label becomes what a default scrape config gives this daemon
+        (:func:`~.config.default_instance`), the one the rule alerts carry."""
+        if self.settings.instance is None and bound is not None:
+            self.instance = default_instance(host, bound[1], socket.gethostname())
 
-    async def start(self) -> None:
-        """Start delivery (first what the spool held) and the periodic re-post of firing alerts."""
+    async def start(self, listen_host: str | None = None, bound: tuple[str, int] | None = None) -> None:
+        """Start delivery (first what the spool held) and the periodic re-post of firing alerts.
+
+        ``listen_host`` and ``bound``: the metrics listener's, for :meth:`listening_on` (the default
+        ``instance``); left out, the ``instance`` stays ``[alerts] instance`` or the host name."""
+        self.listening_on(listen_host, bound)
         await self.client.start()
         for key in self._handed_over:  # firing before a reload: post them now, not a resend later
             if key in self._active:
@@ -114,13 +123,15 @@ class Alerter:
 
     # -- inputs -----------------------------------------------------------
 
-    def on_event(self, event: Event, *, decision: str | None = None, console: str | None = None) -> list[AlertAction]:
+    def on_event(self, event: Event, *, decision: str | None = None, console: str | None = None,
+                 migrating_in: bool = False) -> list[AlertAction]:
         """Apply the alert rules to ``event``; queue what they fire or resolve.
 
         ``decision`` (policy decision text) and ``console`` (last console lines)
-        become annotations of alerts fired by this event. Returns the actions.
+        become annotations of alerts fired by this event; ``migrating_in``: the guest was
+        the incoming copy of a migration when the event came. Returns the actions.
         """
-        ctx = RuleContext(self.instance, frozenset(self._active), decision, console)
+        ctx = RuleContext(self.instance, frozenset(self._active), decision, console, migrating_in)
         try:
             actions = rules.actions_for_event(event, ctx)
         except Exception:  # a rule bug must never break the event pump

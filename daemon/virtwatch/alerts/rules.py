@@ -82,12 +82,16 @@ class RuleContext:
         active: keys ``(alertname, domain)`` of alerts currently firing.
         decision: the policy decision taken on this event, as text, if any.
         console: last console lines of the guest, if captured.
+        migrating_in: the guest is the incoming copy of a live migration (between
+            ``STARTED/MIGRATED`` and ``RESUMED/MIGRATED``): its stop is a failed migration,
+            the guest still runs on the source.
     """
 
     instance: str
     active: Collection[AlertKey] = frozenset()
     decision: str | None = None
     console: str | None = None
+    migrating_in: bool = False
 
 
 def _ts(t: float) -> str:
@@ -142,11 +146,16 @@ def actions_for_event(ev: Event, ctx: RuleContext) -> list[AlertAction]:
       ``source`` and ``reason``; lifecycle ``SUSPENDED/IOERROR`` fires it too
       unless it is already active (the I/O error event carries more detail);
     - lifecycle ``STARTED/*`` or ``RESUMED/*`` resolves the active ones of
-      ``CLEARED_BY_RUNNING`` for that guest.
+      ``CLEARED_BY_RUNNING`` for that guest;
+    - a stop of the incoming copy of a migration (``ctx.migrating_in``: libvirt reports
+      ``STOPPED/FAILED`` when a migration is aborted or refused) fires nothing: the guest
+      still runs on the source.
     """
     if ev.source != Source.DOMAIN:
         return []
     if ev.kind == Kind.LIFECYCLE:
+        if ctx.migrating_in and ev.event == Lifecycle.STOPPED:
+            return []
         if ev.event == Lifecycle.CRASHED or (ev.event == Lifecycle.STOPPED and ev.detail == "CRASHED"):
             return [_fire(ev, ctx, GUEST_CRASHED, "critical", "Guest {domain} crashed on {instance}", "crashed")]
         if ev.event == Lifecycle.STOPPED and ev.detail == "FAILED":

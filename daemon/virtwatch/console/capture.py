@@ -33,7 +33,8 @@ with graphics, a screenshot are persisted in ``console.sqlite`` in the state
 directory (:class:`CrashStore`). Two crash events of one guest within
 ``coalesce_seconds`` (CRASHED/PANICKED then STOPPED/CRASHED) make one record.
 
-Interfaces: :meth:`ConsoleCapture.tail` (alerting), :meth:`ConsoleCapture.state`,
+Every chunk read also goes to :attr:`ConsoleCapture.data_listeners` (the liveness monitor's
+console patterns). Interfaces: :meth:`ConsoleCapture.tail` (alerting), :meth:`ConsoleCapture.state`,
 :meth:`ConsoleCapture.crash` and :meth:`ConsoleCapture.crashes` (read by the HTTP
 route ``GET /api/v1/guests/{name}/console`` in :mod:`virtwatch.metrics.http`);
 ``virtwatch console-log`` (in :mod:`virtwatch.cli.console_log`) reads ``console.sqlite`` itself.
@@ -160,6 +161,9 @@ class ConsoleCapture:
         self._crash_tasks = TaskSet()
         self._last_crash: dict[str, tuple[float, int]] = {}
         self._stopping = False
+        #: called with ``(guest, bytes)`` for every chunk read (the liveness console patterns);
+        #: on the loop thread, must not block.
+        self.data_listeners: list[Callable[[str, bytes], None]] = []
 
     # -- selection -----------------------------------------------------------
     def wants(self, name: str) -> bool:
@@ -361,6 +365,11 @@ class ConsoleCapture:
                 return None
             c.ring.append(data)
             got += len(data)
+            for listener in self.data_listeners:
+                try:
+                    listener(name, data)
+                except Exception as err:  # a listener must never stop the capture
+                    log.error("console_listener_failed", guest=name, error=repr(err))
         return got
 
     # -- internals -----------------------------------------------------------------

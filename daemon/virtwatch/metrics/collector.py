@@ -15,21 +15,35 @@ Each is rendered on its own, as node_exporter does: one that raises (in
 ``collect`` or while its families are formatted) is left out of that scrape,
 never failing it, and ``virtwatch_collector_success{collector}`` is 0 for it.
 The live registry counts as collector ``daemon``, the state collector as ``state``.
+
+The state text comes first in the body, then the per-scrape text. The state text
+is rendered under the series budget, with guest label values capped
+(:mod:`~virtwatch.metrics.bounds`), and deflated once per render for gzip scrapes
+(:mod:`~virtwatch.metrics.gzipbody`). Per scrape: ``virtwatch_exposed_series``
+(every series of the body but these bounds families themselves),
+``virtwatch_exposed_family_series{family}``, ``virtwatch_series_budget``,
+``virtwatch_series_budget_tiers_dropped`` and ``virtwatch_series_dropped_total{family}``.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator, Mapping
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 import structlog
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..state import GuestRegistry
+from ..virt.migration import MigrationPhase, MigrationTracker
 from ..virt.stats import Snapshot
+from .bounds import TIERS, BudgetPlan, cap_labels, count_series, exposed_name, plan_budget
 from .domain import domain_families, host_families, stats_source_family
+from .gzipbody import EMPTY, DeflatedPart, deflate_part, gzip_body
+from .migration import migration_families
+from .text import write_text
 
 log = structlog.get_logger("virtwatch.metrics")
 
@@ -54,18 +68,21 @@ class StateCollector:
         guests: the guest registry (read only).
         snapshot: returns the latest :class:`Snapshot` or None.
         info: returns the connection identity dict (versions, driver).
+        migrations: migrations in progress and ended (None: no migration families).
     """
 
     def __init__(self, guests: GuestRegistry, snapshot: Callable[[], Snapshot | None],
-                 info: Callable[[], Mapping[str, Any]]) -> None:
+                 info: Callable[[], Mapping[str, Any]], migrations: MigrationTracker | None = None) -> None:
         self._guests = guests
         self._snapshot = snapshot
         self._info = info
+        self._migrations = migrations
 
     def key(self) -> tuple[Any, ...]:
         """Changes whenever the collected output would change."""
         snap = self._snapshot()
-        return (self._guests.version, snap.seq if snap else -1, tuple(sorted(self._info().items())))
+        return (self._guests.version, snap.seq if snap else -1, tuple(sorted(self._info().items())),
+                self._migrations.version if self._migrations is not None else -1)
 
     def collect(self) -> Iterator[Metric]:
         """Yield host and per-guest families."""
@@ -74,7 +91,9 @@ class StateCollector:
     def frozen(self) -> FrozenState:
         """An immutable copy of what :meth:`collect` reads, safe to render in
         another thread while the loop keeps changing guest state."""
-        return FrozenState(self._guests.guests(), self._snapshot(), dict(self._info()))
+        m = self._migrations
+        return FrozenState(self._guests.guests(), self._snapshot(), dict(self._info()),
+                           m.phases() if m is not None else None, dict(m.counts) if m is not None else None)
 
     def describe(self) -> list[Metric]:
         """No up-front description (families depend on the data)."""
@@ -82,23 +101,49 @@ class StateCollector:
 
 
 class FrozenState:
-    """Guest list, snapshot and connection info captured at one instant."""
+    """Guest list, snapshot, connection info and migrations (phases by UUID, counts) captured at one instant."""
 
-    def __init__(self, guests: list[Any], snapshot: Snapshot | None, info: Mapping[str, Any]) -> None:
+    def __init__(self, guests: list[Any], snapshot: Snapshot | None, info: Mapping[str, Any],
+                 phases: Mapping[str, MigrationPhase] | None = None,
+                 counts: Mapping[tuple[str, str], int] | None = None) -> None:
         self._guests = guests
         self._snap = snapshot
         self._info = info
+        self._phases = phases
+        self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
         """Yield host and per-guest families from the captured data."""
         yield from host_families(self._guests, self._snap.host if self._snap else None, self._info)
-        yield from domain_families(self._guests, self._snap)
+        phases = self._phases or {}
+        yield from domain_families(self._guests, self._snap, {u: p.direction for u, p in phases.items()})
+        if self._counts is not None:
+            yield from migration_families(phases, self._counts)
         if self._snap is not None and self._snap.sources:
             yield stats_source_family(self._snap.sources)
 
     def describe(self) -> list[Metric]:
         """No up-front description."""
         return []
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StateText:
+    """One render of the state collector.
+
+    Attributes:
+        body: the text (b"" if the render raised).
+        error: what the render raised, or None.
+        deflated: ``body`` deflated for gzip scrapes.
+        counts: series per family exposed (left-out families not included).
+        plan: the series budget's decision.
+    """
+
+    body: bytes = b""
+    error: Exception | None = None
+    deflated: DeflatedPart = EMPTY
+    counts: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    plan: BudgetPlan = dataclasses.field(default_factory=BudgetPlan)
 
 
 class Exposition:
@@ -111,24 +156,29 @@ class Exposition:
         state: the state collector, rendered once per change of :meth:`StateCollector.key`
             (collector ``state``; a failed render is cached like a good one: same key, same result).
         logger: structlog logger for ``collector_failed`` / ``collector_recovered``
-            (once per change of a collector's success, not per scrape).
+            (once per change of a collector's success, not per scrape) and for
+            ``series_budget_exceeded`` / ``series_budget_met`` (once per change of the tiers left out).
+        max_series: the series budget (``metrics.max_series``; 0: none). The state text is
+            planned against the other collectors' series of the latest scrape.
     """
 
     CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-    def __init__(self, live: CollectorRegistry, state: StateCollector, logger: Any = None) -> None:
+    def __init__(self, live: CollectorRegistry, state: StateCollector, logger: Any = None,
+                 max_series: int = 0) -> None:
         self._live = live
         self._state = state
         self._log = logger or log
-        self._state_registry = CollectorRegistry(auto_describe=False)
-        self._state_registry.register(state)
+        self._max_series = max_series
         self._components: dict[str, CollectorRegistry] = {}
         self._success: dict[str, bool] = {}
         self._cached_key: tuple[Any, ...] | None = None
-        self._cached = b""
-        self._cached_error: Exception | None = None
-        self._pending: asyncio.Future[tuple[bytes, Exception | None]] | None = None
+        self._cached = StateText()
+        self._pending: asyncio.Future[StateText] | None = None
         self._pending_key: tuple[Any, ...] | None = None
+        self._other_series = 0
+        self._dropped_total: dict[str, int] = {}
+        self._budget_state: tuple[tuple[str, ...], bool] = ((), True)
         self.renders = 0
 
     def add_collector(self, name: str, collector: Collector) -> None:
@@ -139,27 +189,25 @@ class Exposition:
         if name in (DAEMON, STATE) or name in self._components:
             raise ValueError(f"collector name {name!r} is already used")
         reg = CollectorRegistry(auto_describe=False)
-        reg.register(collector)
+        reg.register(_Capped(collector))
         self._components[name] = reg
 
-    def render(self) -> bytes:
-        """The whole exposition, rendered on the calling thread (no libvirt calls)."""
+    def render(self, gzip: bool = False) -> bytes:
+        """The whole exposition, rendered on the calling thread (no libvirt calls);
+        ``gzip``: as one gzip member."""
         try:
             key = self._state.key()
         except Exception as err:  # reading the inputs failed: nothing to cache
-            return self._assemble(b"", err)
+            return self._assemble(StateText(error=err), gzip)
         if key != self._cached_key:
-            self._cached, self._cached_error = _render(self._state_registry)
-            self._cached_key = key
-            self.renders += 1
-        return self._assemble(self._cached, self._cached_error)
+            self._adopt(key, _render_state(self._state.collect, self._max_series, self._others()))
+        return self._assemble(self._cached, gzip)
 
-    async def render_async(self) -> bytes:
+    async def render_async(self, gzip: bool = False) -> bytes:
         """Like :meth:`render`, but a cache miss renders a frozen copy of the
         state in a worker thread, so 1,000 guests (~270 ms of text) never
         stall the event loop. Concurrent misses share one render."""
-        body, error = await self._state_body()
-        return self._assemble(body, error)
+        return self._assemble(await self._state_body(), gzip)
 
     @property
     def cached_key(self) -> tuple[Any, ...] | None:
@@ -170,7 +218,7 @@ class Exposition:
         """The state collector's key now (raises what reading the inputs raises)."""
         return self._state.key()
 
-    def prerender(self) -> asyncio.Future[tuple[bytes, Exception | None]] | None:
+    def prerender(self) -> asyncio.Future[StateText] | None:
         """Start rendering the state text now, in a worker thread, unless it is cached or
         already rendering: called after each poll, so that a scrape finds a finished body
         instead of waiting for one. Returns the render (None if nothing was started)."""
@@ -182,46 +230,102 @@ class Exposition:
             return None
         return asyncio.ensure_future(self._state_body())
 
-    async def _state_body(self) -> tuple[bytes, Exception | None]:
+    async def _state_body(self) -> StateText:
         """The state text for the current key: cached, or rendered once in a worker thread."""
         try:
             key = self._state.key()
         except Exception as err:  # reading the inputs failed: nothing to cache
-            return b"", err
+            return StateText(error=err)
         if key == self._cached_key:
-            return self._cached, self._cached_error
+            return self._cached
         if self._pending is None or self._pending_key != key:
             try:
                 frozen = self._state.frozen()
             except Exception as err:
-                return b"", err
-            reg = CollectorRegistry(auto_describe=False)
-            reg.register(frozen)
+                return StateText(error=err)
             self._pending_key = key
-            self._pending = asyncio.ensure_future(asyncio.to_thread(_render, reg))
+            self._pending = asyncio.ensure_future(asyncio.to_thread(_render_state, frozen.collect, self._max_series,
+                                                                    self._others()))
         pending = self._pending
-        body, error = await asyncio.shield(pending)  # a scrape that goes away must not cancel it
+        text = await asyncio.shield(pending)  # a scrape that goes away must not cancel it
         if self._pending is pending:
-            self._cached, self._cached_error, self._cached_key, self._pending = body, error, key, None
-            self.renders += 1
-        return body, error
+            self._pending = None
+            self._adopt(key, text)
+        return text
 
-    def _assemble(self, state_body: bytes, state_error: Exception | None) -> bytes:
-        """Live and component texts (rendered now), the success family, then the state text."""
+    def _others(self) -> int:
+        """Series of the live and component collectors (and the success family) now, for the
+        budget's plan: counted on their text, rendered again only when there is a budget
+        (a poll's render must not wait for a scrape to learn them)."""
+        if self._max_series > 0:
+            texts = [_render(source)[0] for source in (self._live, *self._components.values())]
+            self._other_series = sum(count_series(b"".join(texts)).values()) + len(self._success)
+        return self._other_series
+
+    def _adopt(self, key: tuple[Any, ...], text: StateText) -> None:
+        """Cache a new state render; count what its budget left out and log a change of tiers."""
+        self._cached, self._cached_key = text, key
+        self.renders += 1
+        plan = text.plan
+        for family, n in plan.dropped.items():
+            self._dropped_total[family] = self._dropped_total.get(family, 0) + n
+        if text.error is not None or (plan.tiers, plan.met) == self._budget_state:
+            return
+        self._budget_state = (plan.tiers, plan.met)
+        if plan.tiers or not plan.met:
+            self._log.warning("series_budget_exceeded", max_series=self._max_series, exposed=plan.exposed,
+                              tiers_dropped=list(plan.tiers), dropped_series=sum(plan.dropped.values()), met=plan.met,
+                              detail="families left out of /metrics: virtwatch_series_dropped_total says which")
+        else:
+            self._log.info("series_budget_met", max_series=self._max_series, exposed=plan.exposed)
+
+    def _assemble(self, state: StateText, gzip: bool) -> bytes:
+        """The state text, then live and component texts (rendered now), the success family
+        and the bounds families; plain, or one gzip member over the cached deflated state."""
         parts: list[bytes] = []
         for name, source in ((DAEMON, self._live), *self._components.items()):
             body, error = _render(source)
             self._note(name, error)
             parts.append(body)
-        self._note(STATE, state_error)
+        self._note(STATE, state.error)
         success = GaugeMetricFamily("virtwatch_collector_success",
                                     "1 if the collector's last render succeeded; 0 if it raised and its "
                                     "families were left out of the scrape.", labels=["collector"])
         for name, ok in self._success.items():
             success.add_metric([name], 1 if ok else 0)
         parts.append(generate_latest(_Families([success])))
-        parts.append(state_body)
-        return b"".join(parts)
+        own = b"".join(parts)
+        own_counts = count_series(own)
+        self._other_series = sum(own_counts.values())
+        tail = own + generate_latest(_Families(self._bounds_families(state, own_counts)))
+        return gzip_body(state.deflated, tail) if gzip else state.body + tail
+
+    def _bounds_families(self, state: StateText, own: Mapping[str, int]) -> list[Metric]:
+        """Series counts and the budget's state (see the module docstring)."""
+        counts = {**state.counts}
+        for family, n in own.items():
+            counts[family] = counts.get(family, 0) + n
+        per_family = GaugeMetricFamily("virtwatch_exposed_family_series",
+                                       "Series of each family in this exposition.", labels=["family"])
+        for family, n in sorted(counts.items()):
+            if n:
+                per_family.add_metric([family], n)
+        dropped = CounterMetricFamily("virtwatch_series_dropped",
+                                      "Series the series budget (metrics.max_series) left out, summed over "
+                                      "renders (one per poll).", labels=["family"])
+        for family, n in sorted(self._dropped_total.items()):
+            dropped.add_metric([family], n)
+        return [
+            GaugeMetricFamily("virtwatch_exposed_series", "Series in this exposition (the bounds families "
+                              "virtwatch_exposed_* and virtwatch_series_* not counted).", value=sum(counts.values())),
+            per_family,
+            GaugeMetricFamily("virtwatch_series_budget", "The series budget, metrics.max_series (0: none).",
+                              value=self._max_series),
+            GaugeMetricFamily("virtwatch_series_budget_tiers_dropped",
+                              "Tiers of guest families the series budget leaves out now (0 to 3: vcpu, "
+                              "device_detail, device).", value=len(state.plan.tiers)),
+            dropped,
+        ]
 
     def _note(self, name: str, error: Exception | None) -> None:
         """Record one collector's result; log only when it changes (a healthy first render is silent)."""
@@ -234,6 +338,21 @@ class Exposition:
                                 exc_info=(type(error), error, error.__traceback__),
                                 detail="its families are left out of /metrics until it recovers")
         self._success[name] = ok
+
+
+class _Capped:
+    """A component collector whose label values are capped (:func:`~virtwatch.metrics.bounds.cap_labels`)."""
+
+    def __init__(self, collector: Collector) -> None:
+        self._collector = collector
+
+    def collect(self) -> Iterator[Metric]:
+        """The collector's families, capped."""
+        return cap_labels(self._collector.collect())
+
+    def describe(self) -> list[Metric]:
+        """No up-front description."""
+        return []
 
 
 class _Families:
@@ -257,3 +376,24 @@ def _render(source: CollectorRegistry) -> tuple[bytes, Exception | None]:
         return generate_latest(source), None
     except Exception as err:  # any bug in any collector: the scrape must still be answered
         return b"", err
+
+
+def _render_state(collect: Callable[[], Iterable[Metric]], max_series: int, other: int) -> StateText:
+    """Collect, cap label values, plan the budget against ``other`` series, render
+    (:func:`~virtwatch.metrics.text.write_text`: prometheus-client's text, faster) and deflate.
+
+    A failure anywhere gives ``StateText(error=…)``, never a half-written text. Safe in a worker thread.
+    """
+    try:
+        families = list(cap_labels(collect()))
+        counts: dict[str, int] = {}
+        for family in families:
+            name = exposed_name(family)
+            counts[name] = counts.get(name, 0) + len(family.samples)
+        plan = plan_budget(counts, max_series, other)
+        left_out = {f for tier, tier_families in TIERS if tier in plan.tiers for f in tier_families}
+        body = write_text(f for f in families if exposed_name(f) not in left_out)
+        kept = {name: n for name, n in counts.items() if name not in left_out}
+        return StateText(body, None, deflate_part(body), kept, plan)
+    except Exception as err:  # any bug in any collector: the scrape must still be answered
+        return StateText(error=err)

@@ -102,19 +102,22 @@ def _count(stats: Mapping[str, Any], prefix: str) -> int:
     return int(n) if isinstance(n, int) else 0
 
 
-def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> list[Metric]:
+def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None,
+                    migrating: Mapping[str, str] | None = None) -> list[Metric]:
     """Every per-guest family.
 
     Args:
         guests: state from events/resync (identity, state, agent).
         snapshot: latest poll; guests it lacks get state metrics only.
+        migrating: UUID → ``in``/``out`` of the guests migrating (the ``migrating`` label of
+            ``libvirt_domain_info``, ``""`` for the others: fleet sums leave the incoming copy out).
 
     Returns families named ``libvirt_domain_*``; a guest that vanished from
     ``guests`` produces nothing, even if the snapshot still has it.
     """
     p = "libvirt_domain_"
     info = GaugeMetricFamily(p + "info", "Guest identity and attributes (value 1).",
-                             labels=["domain", "uuid", "persistent", "autostart"])
+                             labels=["domain", "uuid", "persistent", "autostart", "migrating"])
     state = GaugeMetricFamily(p + "state_code", "virDomainState: 0 nostate, 1 running, 2 blocked, 3 paused, "
                               "4 shutdown, 5 shutoff, 6 crashed, 7 pmsuspended.", labels=["domain"])
     reason = GaugeMetricFamily(p + "state_reason_code", "Reason code of the current state (virDomainGetState).",
@@ -150,7 +153,7 @@ def domain_families(guests: Iterable[GuestView], snapshot: Snapshot | None) -> l
     domains = snapshot.domains if snapshot is not None else {}
     for g in guests:
         name = g.name
-        info.add_metric([name, g.uuid, _tri(g.persistent), _tri(g.autostart)], 1)
+        info.add_metric([name, g.uuid, _tri(g.persistent), _tri(g.autostart), (migrating or {}).get(g.uuid, "")], 1)
         state.add_metric([name], g.state)
         reason.add_metric([name], g.reason)
         if g.agent_connected is not None:
@@ -207,10 +210,26 @@ def host_families(guests: list[GuestView], host: HostStats | None, info: Mapping
     """Host-level families: versions, guests per state, node, pools, networks.
 
     ``info`` is the connection's identity dict (libvirt_version,
-    hypervisor_version, driver, hostname); empty while never connected.
+    hypervisor_version, driver, hostname, host_uuid); empty while never connected.
+
+    ``libvirt_host_info`` is the host's identity for a fleet: ``hostname``
+    (``virConnectGetHostname``), ``host_uuid`` (libvirt's host UUID, "" if it has
+    none: :func:`~virtwatch.virt.host.host_uuid`), ``hypervisor`` (the driver,
+    ``virConnectGetType``: ``QEMU``). No family carries ``instance`` or ``job``:
+    those are target labels that service discovery and the scrape config give.
+    ``libvirt_version_info`` (same versions, older label names) stays for existing
+    dashboards and queries.
     """
     out: list[Metric] = []
     if info:
+        h = GaugeMetricFamily("libvirt_host_info",
+                              "Host identity (value 1): hostname, libvirt's host UUID, versions and hypervisor "
+                              "driver; join on the target labels (instance) to name a series' host.",
+                              labels=["hostname", "host_uuid", "libvirt_version", "hypervisor", "hypervisor_version"])
+        h.add_metric([str(info.get("hostname", "")), str(info.get("host_uuid", "")),
+                      str(info.get("libvirt_version", "")), str(info.get("driver", "")),
+                      str(info.get("hypervisor_version", ""))], 1)
+        out.append(h)
         v = GaugeMetricFamily("libvirt_version_info", "Versions of libvirt and the hypervisor (value 1).",
                               labels=["libvirt", "hypervisor", "driver"])
         v.add_metric([str(info.get("libvirt_version", "")), str(info.get("hypervisor_version", "")),

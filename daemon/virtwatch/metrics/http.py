@@ -19,6 +19,7 @@ from ..state import GuestRegistry, GuestView
 from ..virt.decode import state_name, state_reason_name
 from ..virt.stats import Snapshot
 from .collector import Exposition
+from .gzipbody import accepts_gzip
 from .history import GuestHistory
 from .landing import GuestRow, render_page
 
@@ -123,10 +124,15 @@ class HTTPApp:
             self._console.add_routes(app)
         return app
 
-    async def metrics(self, _request: web.Request) -> web.Response:
-        """Prometheus text exposition."""
-        body = await self._exposition.render_async()
-        return web.Response(body=body, headers={"Content-Type": Exposition.CONTENT_TYPE})
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus text exposition; gzip when ``Accept-Encoding`` admits it (as
+        Prometheus' scrapes do), from the state text deflated once per poll."""
+        gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
+        body = await self._exposition.render_async(gzip=gzip)
+        headers = {"Content-Type": Exposition.CONTENT_TYPE, "Vary": "Accept-Encoding"}
+        if gzip:
+            headers["Content-Encoding"] = "gzip"
+        return web.Response(body=body, headers=headers)
 
     async def healthz(self, _request: web.Request) -> web.Response:
         """Liveness: the loop answers."""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from ..model import ACTIVE, RUNNING, DomainState, RunningReason
 from . import budget
+from .classify import LIVENESS_CAUSES
 from .decide import restore_failure_plan
 from .guests import ActionJournal, GuestTable, Outcome
 from .model import GuestEntry
@@ -97,12 +98,16 @@ class ActionRunner:
             g.pending_due = None
             await self._t.persist(g, g.st.replace(pending_action=None, history=g.st.history.replace(next_retry=None)))
             return
+        if g.last_cause in LIVENESS_CAUSES and action in ("reset", "kill") and await self._busy(g):
+            return
         g.pending_due = None
         self._action_times.append(self._clock.monotonic())
         if action == "resume":
             await self._do_resume(g, sel)
         elif action == "kill":
             await self._do_kill(g, sel)
+        elif action == "reset":
+            await self._do_reset(g, sel)
         else:
             await self._do_restart(g, sel, action)
 
@@ -114,9 +119,37 @@ class ActionRunner:
                                       on_error=_ok_unless_invalid("not paused any more"))
         self._journal.log_action(g, "resume", out)
 
+    async def _busy(self, g: GuestEntry) -> bool:
+        """A liveness action is never taken while libvirt runs a job on the guest (a migration,
+        a save): True (the action dropped, logged) when one runs or the check itself failed."""
+        try:
+            job = await self._t.call("job", self._hv.job(g.st.name))
+        except HypervisorError as err:
+            job = f"unknown (job check failed: [{err.code}] {err.message})"
+        if job is None:
+            return False
+        self._log.info("policy_pending_dropped", guest=g.st.name, action=g.st.pending_action, job=job)
+        g.pending_due = None
+        await self._t.persist(g, g.st.replace(pending_action=None, history=g.st.history.replace(next_retry=None)))
+        return True
+
+    async def _do_reset(self, g: GuestEntry, sel: Selection) -> None:
+        """``on_probe_failure = reset``: virDomainReset, counted as a restart by its cause."""
+        cause = g.last_cause or "probe_failed"
+        h = budget.record_restart(g.st.history.replace(next_retry=None), cause)
+        g.st = g.st.replace(pending_action=None, history=h)
+        out = await self._journal.run(g, "reset", f"policy on_probe_failure = reset ({cause})",
+                                      lambda: self._t.tagged(g, "reset", self._hv.reset(g.st.name)),
+                                      on_error=_ok_unless_invalid("not running"))
+        if out.error is None:
+            g.st = g.st.replace(history=budget.record_start(g.st.history, self._clock.time(), sel.policy))
+            await self._t.persist(g, g.st)
+        self._journal.log_action(g, "reset", out)
+
     async def _do_kill(self, g: GuestEntry, sel: Selection) -> None:
         g.st = g.st.replace(pending_action="restart")
-        out = await self._journal.run(g, "kill", "policy on_io_error = kill",
+        key = "on_probe_failure" if g.last_cause in LIVENESS_CAUSES else "on_io_error"
+        out = await self._journal.run(g, "kill", f"policy {key} = {getattr(sel.policy, key)}",
                                       lambda: self._t.tagged(g, "kill", self._hv.destroy(g.st.name)),
                                       on_error=_ok_unless_invalid("not running"))
         self._journal.log_action(g, "kill", out)

@@ -123,7 +123,8 @@ class BootFlow:
                 self._t.first_sight(g, sel, info.state)
                 if boot_candidate(autostart=sel.policy.autostart, managed=sel.managed, persistent=info.persistent,
                                   state=info.state, intent=g.st.intent, was_running=g.st.was_running,
-                                  given_up=g.st.history.given_up, stopped_this_boot=g.stop_seen == boot_id):
+                                  given_up=g.st.history.given_up, stopped_this_boot=g.stop_seen == boot_id,
+                                  migrated_away=g.st.migrated_to is not None):
                     g.st = g.st.replace(boot_pending=boot_id)
                     marked.append(g.st)
             self.handled = boot_id

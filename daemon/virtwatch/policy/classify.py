@@ -14,6 +14,9 @@ Facts recorded on libvirt 9.0 / QEMU 7.2 (tests/fixtures):
 - QEMU killed with SIGTERM: SHUTDOWN/HOST, STOPPED/SHUTDOWN; SIGKILL: STOPPED/FAILED
 - ``virsh managedsave``: SUSPENDED/PAUSED, STOPPED/SAVED; restore: STARTED/RESTORED
 - disk full with ``error_policy='stop'``: io_error ``enospc`` then SUSPENDED/IOERROR
+- live migration, source: SUSPENDED/MIGRATED, STOPPED/MIGRATED; destination: STARTED/MIGRATED
+  (the incoming copy, paused) then RESUMED/MIGRATED; aborted or refused: the destination's copy
+  gets STOPPED/FAILED and the source no event at all (tests/e2e/test_migration.py)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class StopCause(enum.StrEnum):
     ADMIN_DESTROY = "admin_destroy"    # virDomainDestroy by someone else
     SAVED = "saved"                    # managed save / save by someone else
     MIGRATED = "migrated"              # migrated away
+    MIGRATION_FAILED = "migration_failed"  # the incoming copy of a failed migration stopped (guest stays on the source)
     SNAPSHOT = "snapshot"              # reverted to / stopped by a snapshot
     OURS = "ours"                      # caused by virtwatch's own in-flight operation
     HOST_SHUTDOWN = "host_shutdown"    # the host is shutting down
@@ -44,6 +48,15 @@ class StopCause(enum.StrEnum):
     TRANSIENT_PAUSE = "transient_pause"  # migration, save, dump, snapshot, starting up...
     PM_SUSPEND = "pm_suspend"          # guest suspended itself (S3/S4)
     UNKNOWN = "unknown"                # a stop libvirt gives no reason for
+    # liveness failures (issue 12): the guest still runs, libvirt reports nothing
+    PROBE_FAILED = "probe_failed"      # probe_failure_threshold consecutive failed probes
+    CONSOLE_PANIC = "console_panic"    # a console_failure_patterns line on the captured console
+    REBOOT_LOOP = "reboot_loop"        # more than reboot_limit guest reboots within reboot_interval
+    HUNG = "hung"                      # vCPU time pegged, no block or network I/O for hang_after
+
+
+#: The causes a liveness detector reports (:mod:`virtwatch.liveness`); on_probe_failure reacts.
+LIVENESS_CAUSES = frozenset({StopCause.PROBE_FAILED, StopCause.CONSOLE_PANIC, StopCause.REBOOT_LOOP, StopCause.HUNG})
 
 
 class Transition(enum.StrEnum):
@@ -54,8 +67,11 @@ class Transition(enum.StrEnum):
     CRASHED = "crashed"          # in libvirt's CRASHED state (on_crash=preserve) or crash noted
     STARTED = "started"
     RESUMED = "resumed"
+    MIGRATING_IN = "migrating_in"  # STARTED/MIGRATED: an incoming copy, paused; the guest still runs on the source
+    MIGRATED_IN = "migrated_in"    # RESUMED/MIGRATED after STARTED/MIGRATED: the guest now runs here
     SHUTTING_DOWN = "shutting_down"  # SHUTDOWN/* pre-event: remember its detail
     NOTE = "note"                # io_error / watchdog event: remember, the lifecycle event follows
+    UNHEALTHY = "unhealthy"      # still running, but a liveness detector declared it failed
     NONE = "none"                # nothing relevant (defined, undefined, agent...)
 
 
@@ -72,6 +88,8 @@ class ClassifyInput:
             ``POWEROFF``...) or None.
         ours: tag of virtwatch's own operation in flight (``destroy``, ``start``...) or None.
         host_shutdown: True while the host is shutting down.
+        migrating_in: the guest is the incoming copy of a migration (``STARTED/MIGRATED`` seen,
+            not yet ``RESUMED/MIGRATED``).
     """
 
     kind: str
@@ -81,6 +99,7 @@ class ClassifyInput:
     watchdog_action: str | None = None
     ours: str | None = None
     host_shutdown: bool = False
+    migrating_in: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -150,6 +169,13 @@ def classify(inp: ClassifyInput) -> Classification:
     ev, det = inp.event, inp.detail
     if ev == Lifecycle.SHUTDOWN:
         return Classification(Transition.SHUTTING_DOWN, None, f"shutdown initiated ({det})")
+    if ev == Lifecycle.STARTED and det == "MIGRATED":
+        return Classification(Transition.MIGRATING_IN, None, "incoming migration started")
+    if inp.migrating_in and ev == Lifecycle.RESUMED and det == "MIGRATED":
+        return Classification(Transition.MIGRATED_IN, None, "migration in complete")
+    if inp.migrating_in and ev in (Lifecycle.STOPPED, Lifecycle.CRASHED):
+        return Classification(Transition.STOPPED, StopCause.MIGRATION_FAILED,
+                              f"incoming migration failed ({ev}/{det}): the guest stays on the source")
     if ev == Lifecycle.STARTED:
         return Classification(Transition.STARTED, None, det.lower())
     if ev == Lifecycle.RESUMED:

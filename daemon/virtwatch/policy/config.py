@@ -25,9 +25,11 @@ sizes are as documented per key. Precedence of the layers is implemented in
 from __future__ import annotations
 
 import re
+import shlex
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -45,6 +47,8 @@ RestoreFailure = Literal["keep", "discard", "force-boot"]
 IntentDefault = Literal["auto", "running", "stopped"]
 Autostart = Literal["never", "was-running", "always"]
 ShutdownAction = Literal["managedsave", "shutdown", "destroy"]
+ProbeKind = Literal["none", "agent_ping", "exec"]
+ProbeFailureReaction = Literal["leave", "reset", "restart"]
 
 #: Conservativeness order of modes: a more conservative mode always wins.
 MODE_RANK: dict[str, int] = {"enforce": 0, "dry-run": 1, "observe": 2}
@@ -79,6 +83,45 @@ def _parse_steps(value: Any) -> Any:
 
 
 ShutdownSteps = Annotated[tuple[ShutdownStep, ...], BeforeValidator(_parse_steps)]
+
+def _parse_argv(value: Any) -> Any:
+    """Accept an argv list, or one string split like a shell would (``"/bin/test -f /tmp/ok"``,
+    the form XML metadata gives)."""
+    if isinstance(value, str):
+        try:
+            return tuple(shlex.split(value))
+        except ValueError as err:
+            raise ValueError(f"cannot split {value!r} into arguments: {err}") from None
+    return value
+
+
+def _parse_patterns(value: Any) -> Any:
+    """Accept a list of regular expressions, or one string holding one per line (XML metadata)."""
+    if isinstance(value, str):
+        return tuple(line.strip() for line in value.splitlines() if line.strip())
+    return value
+
+
+def _compile_all(value: tuple[str, ...]) -> tuple[str, ...]:
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"invalid regular expression {pattern!r}: {err}") from None
+    return value
+
+
+Argv = Annotated[tuple[str, ...], BeforeValidator(_parse_argv)]
+Patterns = Annotated[tuple[str, ...], BeforeValidator(_parse_patterns), AfterValidator(_compile_all)]
+
+#: Default ``console_failure_patterns``: what the Linux kernel prints on a panic, a BUG, an oops
+#: and a soft lockup (regular expressions, searched in each console line).
+DEFAULT_CONSOLE_FAILURE_PATTERNS = (
+    r"Kernel panic - not syncing",
+    r"\bBUG: ",
+    r"\bOops: ",
+    r"watchdog: BUG: soft lockup",
+)
 
 DEFAULT_SHUTDOWN_STEPS = (
     ShutdownStep(action="managedsave", timeout=300.0),
@@ -155,6 +198,37 @@ class GuestPolicy(BaseModel):
     )
     console_buffer: int = Field(64, ge=1, le=65536, description="console tail size, KiB")
 
+    # -- liveness (issue 12): failures libvirt reports no event for
+    probe: ProbeKind = Field(
+        "none", description="liveness probe through the guest agent: none, agent_ping (guest-ping) or exec "
+        "(probe_command via guest-exec; exit status 0 passes)")
+    probe_command: Argv = Field((), description="argv of the exec probe, e.g. ['/bin/test', '-f', '/tmp/healthy']")
+    probe_interval: float = Field(30.0, ge=0.5, le=86400, description="seconds between two probes of one guest")
+    probe_timeout: float = Field(
+        5.0, gt=0, le=300, description="seconds a probe may take (our own deadline, on the agent's lane)")
+    probe_failure_threshold: int = Field(
+        3, ge=1, le=1000, description="consecutive failed probes that make a probe_failed failure")
+    probe_initial_delay: float = Field(
+        60.0, ge=0, le=86400, description="seconds after each start (or guest reboot) before the first probe "
+        "and before the hang detector looks (a booting guest is busy and silent)")
+    on_probe_failure: ProbeFailureReaction = Field(
+        "leave", description="a liveness failure (probe_failed, console_panic, reboot_loop, hung): leave (alert), "
+        "reset (virDomainReset) or restart (destroy + start), by the restart budget")
+    console_failure_patterns: Patterns = Field(
+        DEFAULT_CONSOLE_FAILURE_PATTERNS, description="regular expressions searched in each captured console "
+        "line (capture_console must be on); a match is a console_panic failure")
+    reboot_limit: int = Field(
+        3, ge=1, le=1000, description="more guest reboots (REBOOT events) than this within reboot_interval "
+        "is a reboot_loop failure")
+    reboot_interval: float = Field(300.0, gt=0, le=7 * 86400, description="window for reboot_limit, seconds")
+    hang_after: float = Field(
+        0.0, ge=0, le=86400, description="busy but silent this long (vCPU time pegged, no block or network I/O) "
+        "is a hung failure, seconds; 0 = off (a compute-only guest looks the same)")
+
+    def captured_console_kib(self) -> int | None:
+        """``console_buffer`` (KiB) when ``capture_console`` is set, else None."""
+        return self.console_buffer if self.capture_console else None
+
     @field_validator("on_host_shutdown")
     @classmethod
     def _steps_nonempty(cls, v: tuple[ShutdownStep, ...]) -> tuple[ShutdownStep, ...]:
@@ -170,7 +244,8 @@ POLICY_KEYS: tuple[str, ...] = tuple(GuestPolicy.model_fields)
 def _overlay_fields() -> dict[str, Any]:
     fields: dict[str, Any] = {}
     for key, info in GuestPolicy.model_fields.items():
-        ann = ShutdownSteps if key == "on_host_shutdown" else info.annotation
+        ann = {"on_host_shutdown": ShutdownSteps, "probe_command": Argv,
+               "console_failure_patterns": Patterns}.get(key, info.annotation)
         if info.metadata:  # keep the bounds (ge, gt, le...) the key has in [policy.defaults]
             ann = Annotated[(ann, *info.metadata)]
         fields[key] = (Optional[ann], Field(None, description=info.description))  # noqa: UP045 -- ann is a runtime value
@@ -324,6 +399,11 @@ class PolicySettings(BaseModel):
                     "burst limit, "
                     "so a crash-looping guest is never given up"
                 )
+            if v["probe"] == "exec" and not v["probe_command"]:
+                out.append(f"{where}: probe = 'exec' without probe_command: the guest is not probed")
+            if v["probe"] != "none" and v["probe_timeout"] >= v["probe_interval"]:
+                out.append(f"{where}: probe_timeout ({v['probe_timeout']:g} s) >= probe_interval "
+                           f"({v['probe_interval']:g} s): probes run back to back")
             if v["restart_max_delay"] < v["restart_delay"]:
                 out.append(
                     f"{where}: restart_max_delay is below restart_delay; the delay is capped at restart_max_delay"

@@ -13,10 +13,10 @@ import dataclasses
 import enum
 from typing import Literal
 
-from ..model import ACTIVE, DomainState
+from ..model import ACTIVE, RUNNING, DomainState
 from . import budget
 from .budget import History
-from .classify import Classification, StopCause, Transition
+from .classify import LIVENESS_CAUSES, Classification, StopCause, Transition
 from .config import GuestPolicy
 from .select import Selection
 
@@ -30,6 +30,7 @@ class Action(enum.StrEnum):
     RESTART = "restart"   # (destroy if still active, then) start after ``delay``
     RESUME = "resume"     # resume a paused guest after ``delay``
     KILL = "kill"         # destroy now, restart after ``delay`` by budget
+    RESET = "reset"       # virDomainReset a running guest after ``delay`` (on_probe_failure = reset)
     ALERT = "alert"       # only raise an alert
     GIVE_UP = "give_up"   # budget exhausted: alert, no more actions
 
@@ -64,6 +65,8 @@ class Decision:
         alert: alert text when an alert should fire, else None.
         keep_pending: True when an already scheduled action must be kept (duplicate stop event).
         key: the policy key that decided (``on_crash``...), or "".
+        migrated_to: the guest left this host by migration: its destination (``""``: not named);
+            the engine stores it. None: no change.
     """
 
     action: Action
@@ -75,6 +78,7 @@ class Decision:
     alert: str | None = None
     keep_pending: bool = False
     key: str = ""
+    migrated_to: str | None = None
 
     def message(self, mode: str) -> str:
         """The log line for ``mode``: dry-run and observe prefix acting decisions with "would"."""
@@ -172,6 +176,8 @@ def decide(
         )
     if tr == Transition.RESUMED:
         return Decision(Action.NONE, 0.0, f"{name} resumed ({event.note})", None, intent, h, keep_pending=False)
+    if tr in (Transition.MIGRATING_IN, Transition.MIGRATED_IN) or cause == StopCause.MIGRATION_FAILED:
+        return _migration(guest, event, h, now, policy)
     if not event.is_stop or cause is None:
         return Decision(Action.NONE, 0.0, f"{name}: {event.note or tr.value}", cause, intent, h, keep_pending=True)
 
@@ -187,6 +193,9 @@ def decide(
         )
     if cause in STOPPING_CAUSES:
         new = intent if intent == "held" else "stopped"
+        if cause == StopCause.MIGRATED:
+            return Decision(Action.NONE, 0.0, f"{name} migrated away: intent {new}, nothing to do here", cause,
+                            new, h, migrated_to="")
         return Decision(Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {new}", cause, new, h)
     if not policy.managed:
         return Decision(
@@ -249,6 +258,99 @@ def decide(
             Action.NONE, 0.0, f"{name} {tr.value}: {cause.value}, intent {intent}: no action", cause, intent, h
         )
     return _restart(guest, event, h, now, policy, rand, key)
+
+
+def decide_liveness(
+    guest: GuestRecord,
+    cause: StopCause,
+    detail: str,
+    history: History,
+    now: float,
+    policy: Selection,
+    *,
+    busy: str | None = None,
+    rand: float = 0.0,
+) -> Decision:
+    """Decide what to do about a liveness failure of a guest that still runs. Pure.
+
+    Args:
+        guest: the guest as known now (``state`` is libvirt's last state code).
+        cause: one of :data:`~virtwatch.policy.classify.LIVENESS_CAUSES`.
+        detail: what the detector saw (one line: the console line, the probe's error...).
+        history: restart history.
+        now: wall-clock seconds.
+        policy: the guest's :class:`Selection`; ``on_probe_failure`` decides.
+        busy: the libvirt job running on the guest (``migration``, ``save``...) or None:
+            never act during one.
+        rand: a number in [0, 1) for the jitter.
+
+    ``leave`` (the default) is :attr:`Action.NONE` with the cause set: the detector's own
+    instant alert is the alert, and the decision becomes its annotation. ``reset`` schedules
+    :attr:`Action.RESET` and ``restart`` :attr:`Action.KILL` (destroy now, start after the
+    backoff delay), both counted against the restart budget like a crash.
+    """
+    if cause not in LIVENESS_CAUSES:
+        raise ValueError(f"not a liveness cause: {cause}")
+    name = guest.name
+    h = budget.record_stable(history, now, policy.policy)
+    what = f"{name} unhealthy: {cause.value} ({detail})" if detail else f"{name} unhealthy: {cause.value}"
+
+    def none(why: str, keep: bool = False) -> Decision:
+        return Decision(Action.NONE, 0.0, f"{what}, {why}", cause, guest.intent, h, keep_pending=keep)
+
+    if not policy.managed:
+        return none("not managed (observed only)")
+    if guest.intent == "held":
+        return none("held by operator: no action")
+    if busy:
+        return none(f"{busy} job in progress: no action")
+    if guest.state not in RUNNING:
+        return none("not running any more: its lifecycle event decides")
+    if h.given_up:
+        return none(f"given up ({h.given_up_reason})")
+    if h.next_retry is not None:
+        return none("action already scheduled", keep=True)
+    if guest.intent != "running":
+        return none(f"intent {guest.intent}: no action")
+    key = "on_probe_failure"
+    reaction = policy.policy.on_probe_failure
+    src = f"policy {key} from {policy.source(key)}"
+    if reaction == "leave":
+        return Decision(Action.NONE, 0.0, f"{what}: left alone, {src}", cause, guest.intent, h, key=key)
+    cls = Classification(Transition.UNHEALTHY, cause, detail)
+    if reaction == "restart":
+        return _restart(guest, cls, h, now, policy, rand, key, kill=True)
+    d = _restart(guest, cls, h, now, policy, rand, key)
+    if d.action != Action.RESTART:
+        return d  # given up
+    return dataclasses.replace(d, action=Action.RESET, reason="reset" + d.reason.removeprefix("restart"))
+
+
+def _migration(guest: GuestRecord, event: Classification, h: History, now: float, policy: Selection) -> Decision:
+    """The destination's side of a migration: the incoming copy appears, is adopted, or fails."""
+    if event.transition == Transition.MIGRATED_IN:
+        return decide_migrated_in(guest, h, now, policy)
+    if event.transition == Transition.MIGRATING_IN:
+        return Decision(Action.NONE, 0.0, f"{guest.name}: {event.note}, still running on the source", None,
+                        guest.intent, h, keep_pending=True)
+    # the incoming copy stopped: the guest never ran here, whatever intent its first sight gave it
+    intent: Intent = "held" if guest.intent == "held" else "stopped"
+    return Decision(Action.NONE, 0.0, f"{guest.name}: {event.note}, no action", event.cause, intent, h)
+
+
+def decide_migrated_in(guest: GuestRecord, history: History, now: float, policy: Selection) -> Decision:
+    """A guest migrated in and runs here now (``RESUMED/MIGRATED``): adopt it. Pure.
+
+    Intent ``running`` (``held`` stays held); the restart budget starts fresh (failures,
+    attempt, given-up, pending retry of an earlier stay here are dropped: they were this
+    host's past, and the source's budget does not travel). ``restarts`` counts stay (they
+    are the ``libvirt_domain_restarts_total`` counter). Its policy is whatever selects it
+    here, the domain XML metadata travelling with it first."""
+    fresh = budget.record_start(History(restarts=history.restarts), now, policy.policy)
+    intent: Intent = "held" if guest.intent == "held" else "running"
+    how = "managed" if policy.managed else "observed only"
+    return Decision(Action.NONE, 0.0, f"{guest.name} migrated in: adopted ({how}), intent {intent}, "
+                    "restart budget fresh", None, intent, fresh, migrated_to=None)
 
 
 def decide_recover(guest: GuestRecord, history: History, now: float, policy: Selection, why: str) -> Decision:
@@ -317,13 +419,15 @@ def boot_candidate(
     was_running: bool,
     given_up: bool,
     stopped_this_boot: bool,
+    migrated_away: bool = False,
 ) -> bool:
     """Whether the boot flow starts (or restores) a guest it lists after libvirt's autostart settled. Pure.
 
     Yes for a managed, persistent guest that is shut off, not held nor given up, not seen
     stopping by an event in this boot (that stop's own decision stands), whose ``autostart``
     is ``always``, or ``was-running`` with intent running or saved by the save path
-    (``was_running``). ``state`` is libvirt's domain state code.
+    (``was_running``), and that did not migrate away (``migrated_away``: it runs on another
+    host, starting this definition would run it twice). ``state`` is libvirt's domain state code.
     """
     wanted = autostart == "always" or (autostart == "was-running" and (intent == "running" or was_running))
     return (
@@ -334,6 +438,7 @@ def boot_candidate(
         and intent != "held"
         and not given_up
         and not stopped_this_boot
+        and not migrated_away
     )
 
 

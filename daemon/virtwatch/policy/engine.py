@@ -41,10 +41,10 @@ from ..model import DomainState, Event, Kind, Lifecycle, Source, is_guest_failur
 from . import budget
 from .actions import ActionRunner
 from .boot import BootFlow
-from .classify import Classification, ClassifyInput, Transition, classify, classify_state
+from .classify import LIVENESS_CAUSES, Classification, ClassifyInput, StopCause, Transition, classify, classify_state
 from .clock import Clock, SystemClock
-from .config import PolicySettings
-from .decide import Action, Decision, ResyncStep, decide, decide_recover, resync_step
+from .config import GuestPolicy, PolicySettings
+from .decide import Action, Decision, ResyncStep, decide, decide_liveness, decide_recover, resync_step
 from .guests import ActionJournal, GuestTable
 from .host import BOOT_ID_PATH, LibvirtGuestsPaths
 from .model import (
@@ -59,8 +59,8 @@ from .model import (
     WorkItem,
 )
 from .operator import Operator
-from .ports import Hypervisor, HypervisorError
-from .select import Selection
+from .ports import ErrorCode, Hypervisor, HypervisorError
+from .select import Selection, select
 from .shutdown import SavePath
 from .store import AsyncStore
 
@@ -210,6 +210,23 @@ class PolicyEngine:
         g.queue.put_nowait(WorkItem("event", event, self._clock.monotonic()))
         self._ensure_worker(g)
 
+    def on_liveness(self, name: str, cause: str, detail: str) -> None:
+        """Enqueue a liveness failure of guest ``name`` (``cause``: ``probe_failed``,
+        ``console_panic``, ``reboot_loop`` or ``hung``; ``detail``: what the detector saw).
+        Decided like a crash (:func:`~virtwatch.policy.decide.decide_liveness`). Never blocks;
+        raises ValueError for another cause."""
+        if StopCause(cause) not in LIVENESS_CAUSES:
+            raise ValueError(f"not a liveness cause: {cause}")
+        g = self._t.get(name)
+        g.queue.put_nowait(WorkItem("liveness", None, self._clock.monotonic(), why=detail, cause=cause))
+        self._ensure_worker(g)
+
+    def own_operation(self, name: str) -> str | None:
+        """Our operation (``reset``, ``destroy``, ``start``...) on ``name`` running now or ended
+        within ``own_event_grace``, or None: an event arriving now is its doing."""
+        g = self._t.guests.get(name)
+        return self._t.is_ours(g, self._clock.monotonic()) if g is not None else None
+
     async def resync(self) -> None:
         """Reconcile with libvirt's current guest list (after every (re)connect). Errors are logged."""
         try:
@@ -306,6 +323,8 @@ class PolicyEngine:
                 await self._process_resync(g, item.state)
             elif item.kind == "recover":
                 await self._process_recover(g, item.why)
+            elif item.kind == "liveness" and item.cause is not None:
+                await self._process_liveness(g, StopCause(item.cause), item.why)
             elif item.kind == "crash_timeout" and item.event is not None and g.crash_deferred is item.event:
                 g.crash_deferred = None
                 await self._process_event(g, item, defer_crash=False)
@@ -321,9 +340,11 @@ class PolicyEngine:
         # full pauses again seconds after we restarted it).
         ours = None if is_guest_failure(ev.kind, ev.event, ev.detail) else self._t.is_ours(g, item.arrived)
         inp = ClassifyInput(
-            ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours, self._t.host_shutdown
+            ev.kind, ev.event, ev.detail, g.prev_shutdown, g.watchdog_action, ours, self._t.host_shutdown,
+            g.migrating_in,
         )
         cls = classify(inp)
+        self._track_migration(g, cls)
         # context for the next events
         if cls.transition == Transition.SHUTTING_DOWN:
             g.prev_shutdown = ev.detail
@@ -338,7 +359,9 @@ class PolicyEngine:
             await self._forget(g, ev)
             return
         sel = self._t.selection(g)
-        self._t.first_sight(g, sel, g.live[0] if g.live else DomainState.SHUTOFF)
+        # an incoming copy is not running here yet: a guest first seen that way starts as "stopped"
+        live = g.live[0] if g.live and cls.transition != Transition.MIGRATING_IN else DomainState.SHUTOFF
+        self._t.first_sight(g, sel, live)
         if cls.transition == Transition.STARTED:
             self._recover.discard(g.st.name)
         if cls.transition in (Transition.STARTED, Transition.STOPPED):
@@ -375,6 +398,17 @@ class PolicyEngine:
             g.queue.put_nowait(WorkItem("crash_timeout", ev, self._clock.monotonic()))
             self._ensure_worker(g)
 
+    @staticmethod
+    def _track_migration(g: GuestEntry, cls: Classification) -> None:
+        """Incoming-migration context for the next events; a guest that runs here has not
+        migrated away (any more)."""
+        if cls.transition == Transition.MIGRATING_IN:
+            g.migrating_in = True
+        elif cls.transition in (Transition.MIGRATED_IN, Transition.STARTED, Transition.STOPPED):
+            g.migrating_in = False
+        if cls.transition in (Transition.MIGRATED_IN, Transition.STARTED) and g.st.migrated_to is not None:
+            g.st = g.st.replace(migrated_to=None)
+
     def _track_live(self, g: GuestEntry, ev: Event, cls: Classification) -> None:
         live = lifecycle_state(ev.event, ev.detail) if ev.kind == Kind.LIFECYCLE else None
         if live is not None:
@@ -395,6 +429,8 @@ class PolicyEngine:
         self._recover.discard(g.st.name)
         found = classify_state(*state)
         h = g.st.history
+        if found.transition == Transition.STARTED and g.st.migrated_to is not None:
+            g.st = g.st.replace(migrated_to=None)  # it runs here: back, by a move no event reported
         step = resync_step(
             found,
             interrupted=interrupted,
@@ -428,12 +464,33 @@ class PolicyEngine:
         d = decide_recover(self._t.record(g), g.st.history, self._clock.time(), sel, why)
         await self._apply(g, d, sel, None)
 
+    async def _process_liveness(self, g: GuestEntry, cause: StopCause, detail: str) -> None:
+        """A liveness failure: read the guest's state and job (only when the policy would act),
+        decide, journal it as a ``liveness`` event and apply the decision."""
+        sel = self._t.selection(g)
+        busy = None
+        if sel.managed and sel.mode == "enforce" and sel.policy.on_probe_failure != "leave":
+            try:
+                g.live = await self._t.call("state", self._hv.state(g.st.name))
+                busy = await self._t.call("job", self._hv.job(g.st.name))
+            except HypervisorError as err:
+                if err.code != ErrorCode.NO_DOMAIN:
+                    self._log.warning("policy_state_failed", guest=g.st.name, code=err.code, error=err.message)
+                    return
+                g.live = (DomainState.SHUTOFF, 0)
+        self._t.first_sight(g, sel, g.live[0] if g.live else DomainState.RUNNING)
+        d = decide_liveness(self._t.record(g), cause, detail, g.st.history, self._clock.time(), sel, busy=busy,
+                            rand=self._rand())
+        ev = Event(time=self._clock.time(), seq=0, source=Source.DOMAIN, kind="liveness", name=g.st.name,
+                   uuid=g.st.uuid, event=cause.value.upper(), detail=detail[:200])
+        await self._apply(g, d, sel, ev)
+
     async def _apply(self, g: GuestEntry, d: Decision, sel: Selection, ev: Event | None) -> None:
         """Persist a decision's transition, log it, and (enforce mode) schedule its action."""
         mode = sel.mode
         h = d.history
         pending: str | None = g.st.pending_action
-        acting = d.action in (Action.RESTART, Action.RESUME, Action.KILL)
+        acting = d.action in (Action.RESTART, Action.RESUME, Action.KILL, Action.RESET)
         if mode != "enforce" and h.given_up and not g.st.history.given_up:
             h = h.replace(given_up=False, given_up_reason="")  # dry-run/observe never give up for real
         if acting and mode == "enforce":
@@ -446,7 +503,8 @@ class PolicyEngine:
         elif not d.keep_pending:
             pending, g.pending_due = None, None
             h = h.replace(next_retry=None)
-        st = g.st.replace(intent=d.intent, history=h, pending_action=pending)
+        st = g.st.replace(intent=d.intent, history=h, pending_action=pending,
+                          migrated_to=d.migrated_to if d.migrated_to is not None else g.st.migrated_to)
         text = d.message(mode)
         if ev is not None:
             g.st = st
@@ -506,6 +564,14 @@ class PolicyEngine:
     def explain(self, name: str) -> Explanation:
         """Merged policy with sources and the decision the engine would take now. Raises KeyError."""
         return self._ops.explain(name)
+
+    def policy_of(self, name: str) -> GuestPolicy:
+        """Guest ``name``'s merged policy (override, metadata, rules, profile, defaults); a guest
+        never seen gets the rules and defaults alone."""
+        g = self._t.guests.get(name)
+        if g is None:
+            return select(self._settings, name, "", None).policy
+        return self._t.selection(g).policy
 
     def console_capture(self, name: str) -> int | None:
         """Guest ``name``'s ``console_buffer`` (KiB) when its policy captures the console, else None."""

@@ -28,6 +28,7 @@ class FakeGuest:
     managed_save: bool = False
     metadata: str | None = None
     corrupt_image: bool = False
+    job: str | None = None      # a libvirt job running on it (``migration_out``, ``save``...)
 
 
 class FakeHypervisor:
@@ -163,6 +164,19 @@ class FakeHypervisor:
         g = await self._enter("metadata", name)
         assert g is not None
         return g.metadata
+
+    async def reset(self, name: str) -> None:
+        """Hard reset: the guest keeps running (a real libvirt emits REBOOT, no lifecycle event)."""
+        g = await self._enter("reset", name)
+        assert g is not None
+        if g.state not in ACTIVE:
+            raise HypervisorError(ErrorCode.OPERATION_INVALID, "domain is not running")
+
+    async def job(self, name: str) -> str | None:
+        """The job set on the fake guest, or None."""
+        g = await self._enter("job", name)
+        assert g is not None
+        return g.job
 
     # -- test helpers: things that happen to guests behind our back --------------
 

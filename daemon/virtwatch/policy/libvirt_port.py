@@ -21,6 +21,10 @@ from .ports import METADATA_NS, ErrorCode, GuestInfo, HypervisorError
 
 T = TypeVar("T")
 
+#: ``virDomainJobOperation`` -> name (libvirt 4.3+; 0 = unknown operation).
+JOB_OPERATIONS = {0: "unknown", 1: "start", 2: "save", 3: "restore", 4: "migration_in", 5: "migration_out",
+                  6: "snapshot", 7: "snapshot_revert", 8: "dump", 9: "backup", 10: "snapshot_delete"}
+
 
 class LibvirtHypervisor:
     """Hypervisor port over ``connection()``, a callable returning the current ``virConnect`` (or None when down).
@@ -145,3 +149,25 @@ class LibvirtHypervisor:
                 raise
 
         return await self._call("metadata", name, run)
+
+    async def reset(self, name: str) -> None:
+        """``virDomainReset``."""
+        await self._call("reset", name, lambda c: self._dom(c, name).reset(0))
+
+    async def job(self, name: str) -> str | None:
+        """``virDomainGetJobStats``: None when its ``type`` is ``VIR_DOMAIN_JOB_NONE`` (or the driver
+        has no jobs: ``VIR_ERR_NO_SUPPORT``), else the ``operation`` (:data:`JOB_OPERATIONS`)."""
+
+        def run(conn: libvirt.virConnect) -> str | None:
+            try:
+                stats = self._dom(conn, name).jobStats(0)
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_SUPPORT:
+                    return None  # a driver without jobs (the test driver) runs no migration or save
+                raise
+            if int(stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE)) == libvirt.VIR_DOMAIN_JOB_NONE:
+                return None
+            op = int(stats.get("operation", 0))
+            return JOB_OPERATIONS.get(op, f"operation {op}")
+
+        return await self._call("job", name, run)

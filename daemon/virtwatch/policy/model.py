@@ -31,6 +31,9 @@ class GuestState:
         boot_pending: boot id whose boot flow still has to handle this guest, or None.
         override: runtime policy override (per-guest keys, ``profile``, ``mode``).
         pending_action: action scheduled at ``history.next_retry`` (``restart``/``resume``), or None.
+        migrated_to: set when the guest migrated away from this host (``STOPPED/MIGRATED``): the
+            destination's name, or ``""`` when libvirt did not say (libvirt 9.0 never does);
+            None while the guest has not left. Cleared when it starts or migrates in here again.
     """
 
     name: str
@@ -41,6 +44,7 @@ class GuestState:
     boot_pending: str | None = None
     override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
     pending_action: str | None = None
+    migrated_to: str | None = None
 
     def replace(self, **changes: Any) -> GuestState:
         """A copy with ``changes`` applied."""
@@ -87,6 +91,7 @@ class GuestSnapshot:
     state: int | None
     reason: int | None
     override: Mapping[str, Any] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
+    migrated_to: str | None = None
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -164,15 +169,17 @@ class WorkItem:
 
     ``kind``: ``event`` (``event`` set), ``resync`` (``state`` = libvirt's ``(state, reason)``),
     ``recover`` (``why`` says why), ``wake`` (re-check the pending action), ``crash_timeout``
-    (``event`` = the CRASHED event still waiting for its STOPPED). ``arrived`` is the clock's
+    (``event`` = the CRASHED event still waiting for its STOPPED), ``liveness`` (``cause`` = a
+    liveness failure's cause, ``why`` = what the detector saw). ``arrived`` is the clock's
     monotonic seconds.
     """
 
-    kind: str                 # "event", "resync", "recover", "wake", "crash_timeout"
+    kind: str                 # "event", "resync", "recover", "wake", "crash_timeout", "liveness"
     event: Event | None
     arrived: float            # monotonic
     state: tuple[int, int] | None = None
     why: str = ""
+    cause: str | None = None
 
 
 @dataclasses.dataclass(slots=True)
@@ -193,7 +200,8 @@ class GuestEntry:
     domain's policy XML once read (``metadata_known``); ``prev_shutdown``/``watchdog_action``
     the context the next event is classified in; ``ops`` our operations; ``pending_due`` when
     the pending action is due (monotonic); ``gone`` once libvirt no longer lists it;
-    ``last_cause`` the cause of the failure being recovered from.
+    ``last_cause`` the cause of the failure being recovered from; ``migrating_in`` True from an
+    incoming migration's ``STARTED/MIGRATED`` until it ends (the guest still lives on the source).
     """
 
     st: GuestState
@@ -210,3 +218,4 @@ class GuestEntry:
     last_cause: str | None = None
     crash_deferred: Event | None = None   # a CRASHED event waiting for libvirt's STOPPED/CRASHED
     stop_seen: str | None = None          # boot id when a live STOPPED/CRASHED event last arrived
+    migrating_in: bool = False

@@ -87,7 +87,7 @@ class Operator:
                              h.next_retry, g.st.pending_action, h.attempt,
                              len(budget.window(h, self._clock.time(), sel.policy)), MappingProxyType(dict(h.restarts)),
                              g.live[0] if g.live else None, g.live[1] if g.live else None,
-                             MappingProxyType(dict(g.st.override)))
+                             MappingProxyType(dict(g.st.override)), g.st.migrated_to)
 
     def guests(self) -> Mapping[str, GuestSnapshot]:
         """Every guest libvirt still lists, by name (sorted)."""

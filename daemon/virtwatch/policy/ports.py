@@ -109,3 +109,10 @@ class Hypervisor(Protocol):
 
     async def metadata(self, name: str) -> str | None:
         """Our metadata element (namespace :data:`METADATA_NS`) as XML text, or None."""
+
+    async def reset(self, name: str) -> None:
+        """``virDomainReset``: hard reset of a running guest (no shutdown; it reboots at once)."""
+
+    async def job(self, name: str) -> str | None:
+        """The job libvirt runs on the guest (``virDomainGetJobStats`` ``operation``: ``migration_out``,
+        ``save``, ``dump``...), or None when none runs."""

@@ -102,8 +102,11 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_guest ON events (guest, id);
 """
 
+#: Version 2: ``guests.migrated_to`` (NULL: not migrated away; '' : to a host libvirt did not name).
+_MIGRATED_TO = "ALTER TABLE guests ADD COLUMN migrated_to TEXT"
+
 #: ``MIGRATIONS[i]`` takes the schema from version i to i + 1 (:func:`~virtwatch.infra.sqlite.open_database`).
-MIGRATIONS = (_SCHEMA,)
+MIGRATIONS = (_SCHEMA, _MIGRATED_TO)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -211,25 +214,26 @@ class Store:
             last_resume=r["last_resume"],
         )
         return GuestState(r["name"], r["uuid"], r["intent"], h, bool(r["was_running"]), r["boot_pending"],
-                          MappingProxyType(json.loads(r["override"])), r["pending_action"])
+                          MappingProxyType(json.loads(r["override"])), r["pending_action"], r["migrated_to"])
 
     def _put_guest(self, conn: sqlite3.Connection, g: GuestState) -> None:
         h = g.history
         conn.execute(
             """INSERT INTO guests (name, uuid, intent, attempt, failures, last_start, last_failure, last_resume,
                    io_resumes, given_up, given_up_reason, next_retry, restarts, was_running, boot_pending, override,
-                   updated, pending_action)
-               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
+                   updated, pending_action, migrated_to)
+               VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)
                ON CONFLICT(name) DO UPDATE SET uuid=excluded.uuid, intent=excluded.intent, attempt=excluded.attempt,
                    failures=excluded.failures, last_start=excluded.last_start, last_failure=excluded.last_failure,
                    last_resume=excluded.last_resume, io_resumes=excluded.io_resumes, given_up=excluded.given_up,
                    given_up_reason=excluded.given_up_reason, next_retry=excluded.next_retry, restarts=excluded.restarts,
                    was_running=excluded.was_running, boot_pending=excluded.boot_pending, override=excluded.override,
-                   updated=excluded.updated, pending_action=excluded.pending_action""",
+                   updated=excluded.updated, pending_action=excluded.pending_action,
+                   migrated_to=excluded.migrated_to""",
             (g.name, g.uuid, g.intent, h.attempt, json.dumps(list(h.failures)), h.last_start, h.last_failure,
              h.last_resume, h.io_resumes, int(h.given_up), h.given_up_reason, h.next_retry,
              json.dumps(dict(h.restarts), sort_keys=True), int(g.was_running), g.boot_pending,
-             json.dumps(dict(g.override), sort_keys=True), self._clock(), g.pending_action),
+             json.dumps(dict(g.override), sort_keys=True), self._clock(), g.pending_action, g.migrated_to),
         )
 
     def load_guests(self) -> dict[str, GuestState]:

@@ -37,8 +37,11 @@ _ALERTS = {
     "breaker_open": ("VirtwatchPolicyBreakerOpen", "critical"),
 }
 #: kinds already alerted from the event itself: the decision is attached as an annotation.
+#: The liveness causes' alerts are fired by the liveness monitor (virtwatch.liveness.monitor.ALERTS).
 _ANNOTATE = {"crash": "VirtwatchGuestCrashed", "io_error": "VirtwatchGuestIOError",
-             "watchdog": "VirtwatchWatchdogFired", "qemu_failure": "VirtwatchQemuFailed"}
+             "watchdog": "VirtwatchWatchdogFired", "qemu_failure": "VirtwatchQemuFailed",
+             "probe_failed": "VirtwatchProbeFailed", "console_panic": "VirtwatchConsolePanic",
+             "reboot_loop": "VirtwatchRebootLoop", "hung": "VirtwatchGuestHung"}
 
 
 class PolicyCollector:

@@ -35,6 +35,7 @@ from ..infra.timing import DriftFreeSchedule, wait_event
 from ..model import ResyncEntry
 from .calls import Calls, CallTimeout, error_code_name
 from .events import EventPump, EventSubscriptions
+from .host import read_host_uuid
 from .ports import VirtInstruments
 
 log = structlog.get_logger("virtwatch.connection")
@@ -376,7 +377,8 @@ def _close(conn: libvirt.virConnect) -> None:
 
 
 def _read_info(conn: libvirt.virConnect) -> dict[str, Any]:
-    """Version and identity of the far end (``getLibVersion``, ``getType``, …)."""
+    """Version and identity of the far end (``getLibVersion``, ``getType``, ``getVersion``,
+    ``getHostname``; ``host_uuid`` from :func:`~virtwatch.virt.host.read_host_uuid`)."""
     info: dict[str, Any] = {"libvirt_version": _version_str(conn.getLibVersion()), "driver": conn.getType()}
     try:
         info["hypervisor_version"] = _version_str(conn.getVersion())
@@ -386,6 +388,7 @@ def _read_info(conn: libvirt.virConnect) -> dict[str, Any]:
         info["hostname"] = conn.getHostname()
     except libvirt.libvirtError:
         info["hostname"] = ""
+    info["host_uuid"] = read_host_uuid(conn)
     return info
 
 

@@ -1,4 +1,4 @@
-"""Host figures: node info, memory and CPU, storage pools and networks.
+"""Host figures: node info, memory and CPU, storage pools and networks; the host's identity.
 
 Read on the poller's ``host`` lane (:mod:`~virtwatch.virt.stats`): they never touch
 a guest, but a storage pool on dead NFS storage can hang them, and guest statistics
@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import uuid as uuidlib
+import xml.etree.ElementTree as ET
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import libvirt
 
 from .calls import attempt as refusable
+
+#: libvirt's own answer when it has no host UUID of its own (an all-zero SMBIOS UUID).
+_NO_UUID = "00000000-0000-0000-0000-000000000000"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -91,3 +96,44 @@ def read_host(conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirt
     return HostStats(node_info=tuple(node_info) if node_info else None, memory=memory, cpu=cpu,
                      pools=tuple(sorted(pools, key=lambda p: p.name)),
                      networks=tuple(sorted(networks, key=lambda n: n.name)))
+
+
+def host_uuid(capabilities: str | None, sysinfo: str | None) -> str:
+    """The host's UUID as libvirt reports it, lower case; "" when it reports none.
+
+    First ``<host><uuid>`` of ``virConnectGetCapabilities`` (what libvirtd uses itself:
+    ``host_uuid`` of libvirtd.conf, else SMBIOS or /etc/machine-id per ``host_uuid_source``),
+    then ``<system><entry name='uuid'>`` of ``virConnectGetSysinfo`` (SMBIOS). Never made
+    up: the test driver reports neither, so its hosts have "". Malformed XML or a value
+    that is not a UUID counts as none.
+    """
+    for text, path in ((capabilities, "./host/uuid"), (sysinfo, "./system/entry[@name='uuid']")):
+        if not text:
+            continue
+        try:
+            node = ET.fromstring(text).find(path)
+        except ET.ParseError:
+            continue
+        if node is None or not node.text:
+            continue
+        try:
+            value = str(uuidlib.UUID(node.text.strip()))
+        except ValueError:
+            continue
+        if value != _NO_UUID:
+            return value
+    return ""
+
+
+def read_host_uuid(conn: libvirt.virConnect) -> str:
+    """:func:`host_uuid` of this connection (``getCapabilities``, then ``getSysinfo`` only
+    when the capabilities have none); a refused call counts as no answer. Blocking."""
+
+    def ignore(_call: str, _err: libvirt.libvirtError) -> None:
+        """An unsupported call (no SMBIOS, the test driver) only means no UUID from it."""
+
+    caps = refusable("getCapabilities", conn.getCapabilities, ignore)
+    found = host_uuid(caps, None)
+    if found:
+        return found
+    return host_uuid(None, refusable("getSysinfo", lambda: conn.getSysinfo(0), ignore))

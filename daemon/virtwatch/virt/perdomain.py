@@ -43,7 +43,7 @@ import dataclasses
 import functools
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 import libvirt
@@ -328,12 +328,13 @@ class PerDomainReader:
         """Each requested group's path now (:func:`group_sources`)."""
         return group_sources(self.requested, self._seen)
 
-    async def fill(self, role: str, rows: list[Row], end: float) -> Filled:
-        """Add the missing groups to each row, one guest per call on ``role``'s lane, by
-        ``end`` (monotonic). Stops at the first call that outlives it (that guest is
-        ``hung``, its lane quarantined) or that no lane can take; the guests not read
-        by then are ``held``. A guest gone meanwhile keeps its bulk row."""
-        groups = self.missing
+    async def fill(self, role: str, rows: list[Row], end: float, only: Collection[str] | None = None) -> Filled:
+        """Add the missing groups (those in ``only``, when given: the groups due this poll)
+        to each row, one guest per call on ``role``'s lane, by ``end`` (monotonic). Stops at
+        the first call that outlives it (that guest is ``hung``, its lane quarantined) or
+        that no lane can take; the guests not read by then are ``held``. A guest gone
+        meanwhile keeps its bulk row."""
+        groups = self.missing if only is None else tuple(g for g in self.missing if g in only)
         if not groups:
             return Filled(rows)
         out: list[Row] = []

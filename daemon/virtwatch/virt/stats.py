@@ -41,40 +41,25 @@ from ..config import StatsSettings
 from ..infra.timing import DriftFreeSchedule
 from .calls import CallTimeout, error_code_name
 from .devices import DeviceCache, DomainDevices, guest_memory_stale, without_guest_memory
+from .groups import carried_fields, due_groups, group_counts, has_figures, polls_per_read, stats_flags
 from .host import (
     HostStats,
     NetworkInfo as NetworkInfo,  # re-exported: the inventory and the metrics read them here
     PoolInfo as PoolInfo,
-    read_host,
 )
 from .lanes import LanePool, LaneUnavailable
-from .perdomain import OnError, PerDomainReader, read_guest
+from .migration import MigrationTracker
+from .perdomain import PerDomainReader
 from .ports import VirtInstruments
+from .source import (
+    ControlState as ControlState,  # re-exported: tests and the lanes read them here
+    DomainRow,
+    LibvirtStatsSource as LibvirtStatsSource,
+    StatsSource,
+    stuck_guests as stuck_guests,
+)
 
 log = structlog.get_logger("virtwatch.stats")
-
-GROUP_FLAGS: Mapping[str, str] = {
-    "state": "VIR_DOMAIN_STATS_STATE",
-    "cpu": "VIR_DOMAIN_STATS_CPU_TOTAL",
-    "balloon": "VIR_DOMAIN_STATS_BALLOON",
-    "vcpu": "VIR_DOMAIN_STATS_VCPU",
-    "interface": "VIR_DOMAIN_STATS_INTERFACE",
-    "block": "VIR_DOMAIN_STATS_BLOCK",
-    "perf": "VIR_DOMAIN_STATS_PERF",
-    "iothread": "VIR_DOMAIN_STATS_IOTHREAD",
-    "memory": "VIR_DOMAIN_STATS_MEMORY",
-    "dirtyrate": "VIR_DOMAIN_STATS_DIRTYRATE",
-    "vm": "VIR_DOMAIN_STATS_VM",
-}
-
-
-def stats_flags(groups: tuple[str, ...]) -> int:
-    """OR of the ``VIR_DOMAIN_STATS_*`` flags for ``groups`` this libvirt knows."""
-    flags = 0
-    for g in groups:
-        flags |= getattr(libvirt, GROUP_FLAGS[g], 0)
-    return flags
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class DomainStats:
@@ -105,32 +90,6 @@ class DomainStats:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class ControlState:
-    """``virDomainGetControlInfo`` of one running guest (answered without QEMU).
-
-    ``state`` is virDomainControlState (0 ok, 1 job, 2 occupied, 3 error);
-    ``state_ms`` how long the monitor has been in it, in milliseconds.
-    """
-
-    name: str
-    uuid: str
-    state: int
-    state_ms: int
-
-
-def stuck_guests(states: Mapping[str, ControlState], min_ms: float) -> set[str]:
-    """UUIDs whose monitor looks stuck: occupied by one command for at least
-    ``min_ms`` milliseconds, or in error (libvirt's "stuck in a job" case)."""
-    return {u for u, s in states.items()
-            if (s.state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and s.state_ms >= min_ms)
-            or s.state == libvirt.VIR_DOMAIN_CONTROL_ERROR}
-
-
-DomainRow = tuple[str, str, dict[str, Any]]
-"""One guest's answer: (name, uuid, typed-parameter stats dict)."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
 class Snapshot:
     """The result of one poll: every guest's stats plus host figures.
 
@@ -145,96 +104,6 @@ class Snapshot:
     domains: Mapping[str, DomainStats]
     host: HostStats | None
     sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
-
-
-class StatsSource(Protocol):
-    """Where the poller reads from (libvirt in the daemon; injectable in tests).
-
-    Every method blocks, takes the lane's connection first, and is run on a
-    lane's thread by the poller. Rows carry names and UUIDs, never virDomain
-    objects: those belong to the lane's connection and stay on its thread.
-    """
-
-    def bulk(self, conn: Any, exclude: frozenset[str], flags: int) -> list[DomainRow]:
-        """Every guest's stats except the UUIDs in ``exclude`` (NOWAIT)."""
-
-    def control(self, conn: Any, uuids: frozenset[str] | None = None) -> dict[str, ControlState]:
-        """Control state of every running guest (or of ``uuids``), by UUID."""
-
-    def probe(self, conn: Any, uuid: str, flags: int) -> DomainRow | None:
-        """One guest's stats, or None when its monitor is still occupied (not asked).
-        Raises libvirtError ``VIR_ERR_NO_DOMAIN`` when it is gone."""
-
-    def host(self, conn: Any, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
-        """Host figures; each refused call is reported to ``on_error`` and left None/empty."""
-
-    def per_domain(self, conn: Any, uuid: str, groups: tuple[str, ...], on_error: OnError) -> dict[str, Any]:
-        """One guest's ``groups`` by the classic per-domain calls, as bulk fields
-        (:func:`~virtwatch.virt.perdomain.read_guest`)."""
-
-
-def _rows(results: list[tuple[Any, dict[str, Any]]]) -> list[DomainRow]:
-    return [(dom.name(), dom.UUIDString(), st) for dom, st in results]
-
-
-class LibvirtStatsSource:
-    """:class:`StatsSource` over a real ``virConnect``."""
-
-    NOWAIT = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
-
-    def bulk(self, conn: libvirt.virConnect, exclude: frozenset[str], flags: int) -> list[DomainRow]:
-        """One ``getAllDomainStats`` RPC for every guest, active or not; with
-        ``exclude``, ``listAllDomains`` plus one ``domainListGetStats`` for the rest."""
-        if not exclude:
-            return _rows(conn.getAllDomainStats(flags, self.NOWAIT))
-        doms = [d for d in conn.listAllDomains() if d.UUIDString() not in exclude]
-        return _rows(conn.domainListGetStats(doms, flags, self.NOWAIT)) if doms else []
-
-    def control(self, conn: libvirt.virConnect, uuids: frozenset[str] | None = None) -> dict[str, ControlState]:
-        """``controlInfo()`` (no QEMU involved) of every running guest (``listAllDomains(ACTIVE)``)
-        or of ``uuids`` (``lookupByUUIDString``; gone or stopped ones are left out)."""
-        out = {}
-        if uuids is None:
-            doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-        else:
-            doms = []
-            for uuid in sorted(uuids):
-                try:
-                    doms.append(conn.lookupByUUIDString(uuid))
-                except libvirt.libvirtError:
-                    continue
-        for dom in doms:
-            try:
-                state, _details, ms = dom.controlInfo()
-            except libvirt.libvirtError:
-                continue  # stopped or vanished meanwhile
-            uuid = dom.UUIDString()
-            out[uuid] = ControlState(name=dom.name(), uuid=uuid, state=state, state_ms=ms)
-        return out
-
-    def probe(self, conn: libvirt.virConnect, uuid: str, flags: int) -> DomainRow | None:
-        """``lookupByUUIDString``, ``controlInfo`` and, when the monitor is free,
-        ``domainListGetStats([dom])``."""
-        dom = conn.lookupByUUIDString(uuid)
-        try:
-            state = dom.controlInfo()[0]
-        except libvirt.libvirtError as err:
-            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-                raise
-            state = libvirt.VIR_DOMAIN_CONTROL_OK  # not running: nothing can be stuck
-        if state in (libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, libvirt.VIR_DOMAIN_CONTROL_ERROR):
-            return None
-        rows = _rows(conn.domainListGetStats([dom], flags, self.NOWAIT))
-        return rows[0] if rows else None
-
-    def per_domain(self, conn: libvirt.virConnect, uuid: str, groups: tuple[str, ...],
-                   on_error: OnError) -> dict[str, Any]:
-        """:func:`~virtwatch.virt.perdomain.read_guest`."""
-        return read_guest(conn, uuid, groups, on_error)
-
-    def host(self, conn: libvirt.virConnect, on_error: Callable[[str, libvirt.libvirtError], None]) -> HostStats:
-        """Node info, memory and CPU stats, pools and networks (never refreshes a pool)."""
-        return read_host(conn, on_error)
 
 
 class ConnectionPort(Protocol):
@@ -262,13 +131,15 @@ class StatsPoller:
             that are stuck at the first poll) until the next poll replaces it.
         devices: the per-guest XML cache; it reads what it lacks on the stats lane
             after the bulk call (:meth:`DeviceCache.refresh`); None: never read.
+        migrations: guests migrating out get a ``jobStats`` read on the stats lane after the
+            bulk call, reported to it (progress, and the end of a migration that failed).
     """
 
     def __init__(self, settings: StatsSettings, connection: ConnectionPort, lanes: LanePool,
                  instruments: VirtInstruments, source: StatsSource | None = None,
                  monotonic: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
                  on_snapshot: Callable[[Snapshot], None] | None = None, kept: Snapshot | None = None,
-                 devices: DeviceCache | None = None) -> None:
+                 devices: DeviceCache | None = None, migrations: MigrationTracker | None = None) -> None:
         self.settings = settings
         self._connection = connection
         self._lanes = lanes
@@ -278,11 +149,18 @@ class StatsPoller:
         self._wall = wall
         self._on_snapshot = on_snapshot
         self._devices = devices
+        self._migrations = migrations
         self._flags = stats_flags(settings.groups)
+        # groups read less often than every poll (stats.group_intervals), counted in polls
+        # since the connection came up: the first poll on a connection reads everything
+        self._every = polls_per_read(settings.effective_group_intervals, settings.poll_interval)
+        self._index = 0
+        self._host_retry = False
+        self._read_all = False  # a guest started: read every group at the next poll
         self._seq = kept.seq if kept else 0
         self._suspects: dict[str, str] = {}          # uuid -> name of guests not asked in bulk
         self._last: dict[str, DomainStats] = dict(kept.domains) if kept else {}
-        self._fields: dict[str, int] = {}             # uuid -> fields in its last answer given with a free monitor
+        self._fields: dict[str, dict[str, int]] = {}  # uuid -> fields per group, free-monitor answers
         self._host: HostStats | None = kept.host if kept else None
         # groups the bulk call lacks on this connection, read guest by guest (issue 14)
         self._per_domain = PerDomainReader(settings.groups, lanes, self._source.per_domain, self._per_domain_error,
@@ -296,6 +174,7 @@ class StatsPoller:
         the bulk call returns is learnt again (it may be another libvirt)."""
         self._suspects.clear()
         self._per_domain.reset()
+        self._index = 0
 
     def connection_lost(self) -> None:
         """libvirt is gone: no guest is suspect any more (nothing to probe)."""
@@ -346,25 +225,29 @@ class StatsPoller:
     async def _poll(self, started: float) -> Snapshot:
         end = started + self.settings.effective_poll_timeout
         probe_now = dict(self._suspects)
+        due, read, carried = self._plan()
         async with asyncio.TaskGroup() as tg:
-            host_task = tg.create_task(self._host_figures(end)) if self.settings.host else None
+            # host figures when due, and again at the next poll after a failed read
+            host_due = self.settings.host and ("host" in due or self._host_retry)
+            host_task = tg.create_task(self._host_figures(end)) if host_due else None
             probe_task = tg.create_task(self._probe(probe_now, end)) if probe_now else None
-            rows = await self._bulk(end)
+            rows = await self._bulk(end, stats_flags(read))
             held: frozenset[str] = frozenset()
             if rows:
                 self._per_domain.observe(rows)
-                rows, held = await self._drop_thin(rows, end)
-                filled = await self._per_domain.fill("stats", rows, end)
+                rows, held = await self._drop_thin(rows, end, read)
+                filled = await self._per_domain.fill("stats", rows, end, only=due)
                 rows, held = filled.rows, held | filled.held
                 self._add_suspects(filled.hung, filled.hung, "per-domain statistics call outlived the poll deadline")
                 if self._devices is not None:
                     await self._devices.refresh(rows, end, self._lanes, self.settings.poll_interval)
+            if self._migrations is not None:
+                await self._read_jobs(end)
         host_ok = host_task.result() if host_task is not None else True
+        self._host_retry = not host_ok
         probed, gone = probe_task.result() if probe_task is not None else ({}, set())
         now = self._wall()
-        domains: dict[str, DomainStats] = {}
-        for name, uuid, st in rows or ():
-            domains[uuid] = self._fresh(name, uuid, st, now)
+        domains = self._answers(rows or [], now, carried)
         for uuid, (name, st) in probed.items():
             self._suspects.pop(uuid, None)  # answered: back in the bulk call from the next poll
             domains[uuid] = self._fresh(name, uuid, st, now)
@@ -407,16 +290,63 @@ class StatsPoller:
         log.debug("poll_done", guests=len(domains), stale=len(stale_names), duration_seconds=round(duration, 4))
         return snap
 
-    def _fresh(self, name: str, uuid: str, st: dict[str, Any], now: float) -> DomainStats:
+    async def _read_jobs(self, end: float) -> None:
+        """``jobStats`` of each guest migrating out, on the stats lane, reported to the tracker."""
+        assert self._migrations is not None
+        for uuid in sorted(self._migrations.outgoing()):
+            try:
+                active, stats = await self._lanes.run("stats", "jobStats", self._source.job, uuid,
+                                                      timeout=max(0.05, end - self._monotonic()))
+            except (CallTimeout, LaneUnavailable):
+                return
+            except libvirt.libvirtError as err:
+                if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                    active, stats = False, {}
+                else:
+                    self._per_domain_error("jobStats", err)
+                    continue
+            self._migrations.on_job(uuid, active, stats, self._wall())
+
+    def _plan(self) -> tuple[frozenset[str], tuple[str, ...], tuple[str, ...]]:
+        """This poll's groups (:func:`due_groups`): (due ones and maybe ``host``, groups
+        read, groups carried over). Everything is due at the first poll on a connection
+        and at the poll after a guest started."""
+        due = due_groups(self.settings.groups, self._every, 0 if self._read_all else self._index)
+        self._index += 1
+        read = tuple(g for g in self.settings.groups if g in due)
+        return due, read, tuple(g for g in self.settings.groups if g not in due)
+
+    def _answers(self, rows: list[DomainRow], now: float, carried: tuple[str, ...]) -> dict[str, DomainStats]:
+        """This poll's fresh answers by UUID (:meth:`_fresh`); notes whether a guest started."""
+        domains = {}
+        started = False
+        for name, uuid, st in rows:
+            last = self._last.get(uuid)
+            started = started or (has_figures(st) and (last is None or not has_figures(last.stats)))
+            domains[uuid] = self._fresh(name, uuid, st, now, carried)
+        # a guest that started has nothing to carry: its other groups come with the next poll
+        self._read_all = bool(carried) and started
+        return domains
+
+    def _fresh(self, name: str, uuid: str, st: dict[str, Any], now: float,
+               carried: tuple[str, ...] = ()) -> DomainStats:
         """This poll's answer of one guest, with its devices; guest-reported memory figures
-        older than 3 balloon periods are dropped (:func:`guest_memory_stale`)."""
+        older than 3 balloon periods are dropped (:func:`guest_memory_stale`). The
+        ``carried`` groups, not read this poll, keep the guest's last figures (none for a
+        guest seen for the first time), and the balloon's staleness as judged when read."""
         devices = self._devices.get(uuid) if self._devices is not None else None
+        last = self._last.get(uuid)
+        if carried and last is not None and has_figures(st):
+            st = {**carried_fields(last.stats, carried), **st}
+            if "balloon" in carried:
+                return DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now, devices=devices,
+                                   memory_stale=last.memory_stale)
         period = devices.balloon_period if devices is not None else None
         memory_stale = guest_memory_stale(st, now, period, self.settings.poll_interval)
         return DomainStats(name=name, uuid=uuid, stats=without_guest_memory(st) if memory_stale else st, stale=False,
                            collected_at=now, devices=devices, memory_stale=memory_stale)
 
-    async def _bulk(self, end: float) -> list[DomainRow] | None:
+    async def _bulk(self, end: float, flags: int) -> list[DomainRow] | None:
         """The bulk call on the stats lane; None when it gave nothing this poll.
 
         The first attempt gets half the poll's budget. When it times out, the
@@ -428,7 +358,7 @@ class StatsPoller:
             deadline = remaining / 2 if attempt == 1 else remaining
             call = "domainListGetStats" if exclude else "getAllDomainStats"
             try:
-                return await self._lanes.run("stats", call, self._source.bulk, exclude, self._flags,
+                return await self._lanes.run("stats", call, self._source.bulk, exclude, flags,
                                              timeout=max(0.05, deadline))
             except CallTimeout:
                 log.warning("poll_timeout", timeout_seconds=round(deadline, 3), attempt=attempt,
@@ -447,7 +377,14 @@ class StatsPoller:
             exclude = exclude | newly
         return None
 
-    async def _drop_thin(self, rows: list[DomainRow], end: float) -> tuple[list[DomainRow], frozenset[str]]:
+    def _note_fields(self, uuid: str, counts: Mapping[str, int], read: Iterable[str]) -> None:
+        """Remember how many fields each group in ``read`` had in a free-monitor answer."""
+        ref = self._fields.setdefault(uuid, {})
+        for group in read:
+            ref[group] = counts.get(group, 0)
+
+    async def _drop_thin(self, rows: list[DomainRow], end: float,
+                         read: tuple[str, ...]) -> tuple[list[DomainRow], frozenset[str]]:
         """Rows of guests held by somebody else's call, taken out; returns (kept, held).
 
         NOWAIT skips, rather than waits for, a guest whose job another call holds.
@@ -459,11 +396,14 @@ class StatsPoller:
         held (stale this poll, last figures kept), and once occupied for half the
         first attempt's deadline the guest becomes a suspect. With the monitor
         free the smaller answer is real (a device went away) and becomes the new
-        reference. A healthy poll makes no extra call."""
-        thin = frozenset(uuid for _n, uuid, st in rows if len(st) < self._fields.get(uuid, 0))
-        for _n, uuid, st in rows:
+        reference. Fields are counted per group, and only the groups ``read`` this poll
+        are compared. A healthy poll makes no extra call."""
+        counts = {uuid: group_counts(st) for _n, uuid, st in rows}
+        thin = frozenset(uuid for uuid, c in counts.items()
+                         if any(c.get(g, 0) < n for g, n in self._fields.get(uuid, {}).items() if g in read))
+        for uuid, c in counts.items():
             if uuid not in thin:
-                self._fields[uuid] = len(st)
+                self._note_fields(uuid, c, read)
         if not thin:
             return rows, frozenset()
         min_ms = self.settings.effective_poll_timeout / 2 * 1000 / 2
@@ -475,7 +415,7 @@ class StatsPoller:
         held = frozenset(u for u in thin if u in states and states[u].state in (
             libvirt.VIR_DOMAIN_CONTROL_OCCUPIED, libvirt.VIR_DOMAIN_CONTROL_ERROR))
         for uuid in thin - held:
-            self._fields[uuid] = next(len(st) for _n, u, st in rows if u == uuid)
+            self._note_fields(uuid, counts[uuid], read)
         self._add_suspects(stuck_guests({u: states[u] for u in held}, min_ms), states,
                            "answered without monitor figures while its monitor is occupied by another call")
         return [r for r in rows if r[1] not in held], held
@@ -530,7 +470,8 @@ class StatsPoller:
                 continue
             if row is None:
                 continue
-            self._fields[uuid] = len(row[2])  # bulk fields, asked only once its monitor was free
+            # bulk fields, asked only once its monitor was free
+            self._note_fields(uuid, group_counts(row[2]), self.settings.groups)
             filled = await self._per_domain.fill("probe", [row], end)
             if not filled.rows:
                 break  # no time or lane left, or it hung again (still a suspect)

@@ -29,7 +29,6 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from typing import Any
 
-import bcrypt
 import structlog
 from aiohttp import web
 
@@ -102,6 +101,8 @@ def basic_auth_middleware(
         cost = max(_cost(h) for h in hashes.values())
     except (IndexError, ValueError):
         raise ValueError("basic_auth_users: malformed bcrypt hash") from None
+    import bcrypt  # only with users: keeps the bcrypt library out of a daemon that has none (issue 16)
+
     dummy = bcrypt.hashpw(secrets.token_bytes(16), bcrypt.gensalt(rounds=cost))
     cache_key = secrets.token_bytes(32)
     cache: OrderedDict[bytes, None] = OrderedDict()

@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
 
 from ..config import ConfigError
@@ -221,6 +220,8 @@ def load_web_config(path: str | Path | None) -> WebConfig:
         raise WebConfigError(source, [f"cannot read file: {err.strerror or err}"]) from None
     except UnicodeDecodeError as err:
         raise WebConfigError(source, [f"not UTF-8: {err}"]) from None
+    import yaml  # only with a web config: keeps pyyaml out of a daemon that has none (issue 16)
+
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:

@@ -5,6 +5,8 @@
 - :mod:`hostlib.guests`  GuestFactory: start ``vwe2e-*`` guests, wait for boot, clean up.
 - :mod:`hostlib.daemon`  run the real ``virtwatch`` command and scrape it.
 - :mod:`hostlib.host`    start libvirtd (``.ci/start-libvirtd.sh``) and check prerequisites.
+- :mod:`hostlib.twohosts` two more libvirtds (host A, host B) in their own mount + UTS
+  namespaces, for live-migration tests (import it from there: it is not re-exported).
 """
 
 from .daemon import VirtwatchProcess, free_port, sample

@@ -17,6 +17,11 @@
 #   vw.panic=SECONDS     kernel panic (sysrq c) after SECONDS
 #   vw.panic_on_boot=1   kernel panic right after "VW READY"
 #   vw.poweroff=SECONDS  poweroff -f after SECONDS
+#   vw.kpanic=N          kernel.panic after a panic: 0 (default) halts, -1 reboots at once
+#   vw.touch=PATH        creates PATH at boot (an exec liveness probe's "healthy" file)
+#   vw.rm_after=SECONDS  removes the vw.touch file SECONDS after boot
+#   vw.once=1            the timers (panic, agent_kill_after, rm_after, poweroff) run on the
+#                        first boot of the disk only: a marker on /dev/vda says it booted before
 # Prints "VW READY name=NAME" once the modules are loaded and the services started.
 
 /bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys /dev /tmp /run /var/run /mnt
@@ -50,7 +55,7 @@ say "VW BOOT name=${VW_name:-} kernel=$(uname -r)"
 # Panic handling: an oops panics, a panic halts (no reboot) so pvpanic's report to QEMU
 # decides what happens (<on_crash>destroy</on_crash> -> CRASHED/PANICKED, STOPPED/CRASHED).
 echo 1 > /proc/sys/kernel/panic_on_oops
-echo 0 > /proc/sys/kernel/panic
+echo "${VW_kpanic:-0}" > /proc/sys/kernel/panic
 echo 1 > /proc/sys/kernel/sysrq
 
 # Modules in dependency order (written at image build time).
@@ -71,6 +76,17 @@ for p in /sys/class/virtio-ports/*; do
     [ -f "$p/name" ] || continue
     ln -sf "/dev/${p##*/}" "/dev/virtio-ports/$(cat "$p/name")"
 done
+
+# vw.once: a guest restarted on the same disk (reset, destroy + start) runs no timer again.
+if [ -n "${VW_once:-}" ] && [ -b /dev/vda ]; then
+    if [ "$(dd if=/dev/vda bs=8 count=1 2>/dev/null)" = "VWBOOTED" ]; then
+        say "VW AGAIN (vw.once: timers off)"
+        VW_panic=; VW_agent_kill_after=; VW_rm_after=; VW_poweroff=
+    else
+        printf VWBOOTED | dd of=/dev/vda bs=8 count=1 conv=fsync 2>/dev/null
+    fi
+fi
+[ -n "${VW_touch:-}" ] && touch "$VW_touch"
 
 hostname "${VW_hostname:-${VW_name:-vwguest}}"
 ip link set lo up
@@ -133,6 +149,9 @@ if [ -n "${VW_panic_on_boot:-}" ]; then
 fi
 if [ -n "${VW_panic:-}" ]; then
     ( sleep "$VW_panic"; say "VW PANIC"; echo c > /proc/sysrq-trigger ) &
+fi
+if [ -n "${VW_rm_after:-}" ] && [ -n "${VW_touch:-}" ]; then
+    ( sleep "$VW_rm_after"; rm -f "$VW_touch"; say "VW RM $VW_touch" ) &
 fi
 if [ -n "${VW_poweroff:-}" ]; then
     ( sleep "$VW_poweroff"; say "VW POWEROFF"; poweroff -f ) &

@@ -58,7 +58,7 @@ def am(tmp_path: Path, hook: WebhookReceiver) -> Iterator[AlertmanagerProcess]:
 def alerter(url: str, spool: Path | None = None, **kw) -> tuple[Alerter, CollectorRegistry]:
     reg = CollectorRegistry()
     s = AlertSettings(alertmanager_urls=[url], instance=INSTANCE, retry_min_delay=0.05, retry_max_delay=0.2, **kw)
-    return Alerter(s, reg, spool_path=spool), reg
+    return Alerter(s, reg, state_dir=spool.parent if spool is not None else None), reg
 
 
 def event(name: str, ev: str, detail: str, t: float, seq: int) -> Event:

@@ -92,7 +92,7 @@ def test_runbooks_are_installed_and_the_rules_get_the_operators_runbook_base(tmp
     assert "promtool check rules" in r.stdout
     text = rules.read_text()
     urls = re.findall(r'runbook_url: "([^"]+)"', text)
-    assert len(urls) == 22 and "virtwatch.dev/docs/runbooks/" not in text
+    assert len(urls) == 24 and "virtwatch.dev/docs/runbooks/" not in text
     for url in urls:
         assert url.startswith("https://wiki.example.org/ops/runbooks/"), url
         assert url.rsplit("/", 1)[1] in shipped
@@ -102,7 +102,7 @@ def test_runbooks_are_installed_and_the_rules_get_the_operators_runbook_base(tmp
     promtool = shutil.which("promtool")
     if promtool:
         check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True, timeout=60)
-        assert check.returncode == 0 and "SUCCESS: 22 rules found" in check.stdout, check.stdout + check.stderr
+        assert check.returncode == 0 and "SUCCESS: 24 rules found" in check.stdout, check.stdout + check.stderr
 
     bad = subprocess.run(["make", "--no-print-directory", "-f", str(REPO / "mk" / "install.mk"),
                           "install-prometheus-rules", f"DESTDIR={dest}", "RUNBOOK_BASE_URL=wiki/runbooks"],

@@ -246,9 +246,11 @@ async def test_exempt_path_skips_auth(pki: PKI, tmp_path: Path) -> None:
 async def test_unknown_user_costs_a_bcrypt_and_success_is_cached(pki: PKI, tmp_path: Path) -> None:
     cost = 11
     hashed = _hash(PASSWORD, cost)
-    t0 = time.perf_counter()
-    bcrypt.checkpw(b"x", hashed.encode())
-    one_bcrypt = time.perf_counter() - t0
+    one_bcrypt = float("inf")
+    for _ in range(3):  # the fastest of 3: a loaded machine only ever adds time
+        t0 = time.perf_counter()
+        bcrypt.checkpw(b"x", hashed.encode())
+        one_bcrypt = min(one_bcrypt, time.perf_counter() - t0)
     assert one_bcrypt > 0.03  # a meaningful cost on this machine
 
     ctx = ssl.create_default_context(cafile=str(pki.ca_crt))
@@ -263,10 +265,13 @@ async def test_unknown_user_costs_a_bcrypt_and_success_is_cached(pki: PKI, tmp_p
                     return r.status, time.perf_counter() - t
 
             await timed(USER, "warm-up-the-connection")
-            status, unknown = await timed("no-such-user", PASSWORD)
-            assert status == 401
-            status, wrong = await timed(USER, "wrong-password")
-            assert status == 401
+            # the fastest of 3 of each: a loaded machine only ever adds time (failures are never cached)
+            tries = [await timed("no-such-user", PASSWORD) for _ in range(3)]
+            assert {st for st, _ in tries} == {401}
+            unknown = min(t for _, t in tries)
+            tries = [await timed(USER, "wrong-password") for _ in range(3)]
+            assert {st for st, _ in tries} == {401}
+            wrong = min(t for _, t in tries)
             # Both paths pay one bcrypt: user existence does not show in the timing.
             assert unknown > 0.5 * one_bcrypt
             assert wrong > 0.5 * one_bcrypt

@@ -200,7 +200,7 @@ def test_settings_defaults_and_validation():
 async def test_extra_labels_and_default_instance_follow_the_listener(clock, session, fakes):
     al = Alerter(AlertSettings(alertmanager_urls=[A], labels={"site": "par1"}), CollectorRegistry(), clock=clock,
                  sleep=clock.sleep, session_factory=lambda: session)
-    al.listening_on(None, 9177)  # http.listen ":9177": scraped as HOSTNAME:9177
+    al.listening_on(None, ("0.0.0.0", 9177))  # http.listen ":9177": scraped as HOSTNAME:9177
     await al.start()
     al.on_event(ev(clock.t, 1, "lifecycle", "CRASHED", "PANICKED"))
     await fakes.settle()
@@ -209,7 +209,7 @@ async def test_extra_labels_and_default_instance_follow_the_listener(clock, sess
                                "uuid": "u-1", "instance": f"{socket.gethostname()}:9177", "site": "par1"}
     await al.stop(0)
     fixed = Alerter(AlertSettings(instance="hv1.example.org:9177"), CollectorRegistry())
-    fixed.listening_on("127.0.0.1", 40000)  # an explicit instance wins
+    fixed.listening_on("127.0.0.1", ("127.0.0.1", 40000))  # an explicit instance wins
     assert fixed.instance == "hv1.example.org:9177"
 
 

@@ -28,7 +28,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 def test_promtool_check_rules():
     r = run(tool("promtool"), "check", "rules", str(RULES))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 22 rules found" in r.stdout
+    assert "SUCCESS: 24 rules found" in r.stdout
 
 
 def test_promtool_test_rules():
@@ -53,13 +53,13 @@ def test_every_alert_has_for_severity_texts_and_a_firing_promtool_test():
         # At least one eval that expects it to fire (exp_alerts followed by an entry) and one silent.
         assert re.search(rf"alertname: {name}\n\s+exp_alerts:\n\s+- exp_labels", tested), f"{name} never fires"
         assert re.search(rf"alertname: {name}\n\s+exp_alerts: \[\]", tested), f"{name} never proven silent"
-    assert len(names) == 22
+    assert len(names) == 24
 
 
 def test_prometheus_example_config_is_valid_and_loads_the_rules():
     r = run(tool("promtool"), "check", "config", str(PROM_EXAMPLE))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "virtwatch-alerts.yml" in r.stdout and "SUCCESS: 22 rules found" in r.stdout
+    assert "virtwatch-alerts.yml" in r.stdout and "SUCCESS: 24 rules found" in r.stdout
 
 
 def test_alertmanager_example_config_is_valid():

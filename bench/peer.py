@@ -1,0 +1,512 @@
+"""virtwatch side by side with the peers on one real libvirtd: a benchmark, never a test.
+
+    .venv/bin/python bench/peer.py [--guests 20] [--rounds 3] [--window 20]   (make bench-peer)
+
+Needs root, the system libvirtd (``.ci/start-libvirtd.sh``), the e2e guest image and
+Debian's ``prometheus-libvirt-exporter`` and ``collectd-core`` (``make bench-peer`` installs
+them). It starts ``--guests`` real TCG guests (disk + NIC, light I/O) with tests/e2e/hostlib, then:
+
+1. **What libvirtd pays per stats group and per host call**: each ``getAllDomainStats``
+   group alone and each host-figure call virtwatch makes, ``--calls`` times, with the
+   libvirtd process' CPU time (``/proc/PID/stat`` utime + stime) read around them.
+2. **Side by side**, in ``--rounds`` alternating rounds so every tool sees the same noise;
+   in each round each tool is started, warmed up, measured over ``--window`` seconds and
+   stopped (only one monitor talks to libvirtd at a time):
+   - ``exporter``: prometheus-libvirt-exporter, which reads libvirt on every scrape; one
+     collection = one scrape, paced at 1 s;
+   - ``collectd``: collectd's virt plugin with ``Interval 1``, exposing through
+     write_prometheus; one collection = one interval;
+   - ``virtwatch``: ``poll_interval = 1``; one collection = one poll (counted by
+     ``libvirt_poll_duration_seconds_count``); a second phase scrapes it with two
+     concurrent scrapers (an HA Prometheus pair) for the latency figures and the CPU
+     per scrape;
+   - ``raw``: ``getAllDomainStats`` with virtwatch's groups and with all groups, called
+     in this process (client CPU from ``time.process_time``).
+
+Printed per collection: daemon CPU, libvirtd CPU, RSS at the end of the window, scrape
+p50/p99, body bytes, samples and metric families; then the ratios virtwatch ÷ each peer
+and virtwatch ÷ raw call with the same groups. Medians over the rounds. Anything else
+using libvirtd at the same time (other tests, other guests' agents) inflates every
+libvirtd figure alike; the load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "e2e"))
+sys.path.insert(0, str(ROOT / "tests"))  # testkit, used by hostlib
+
+from hostlib import GuestFactory, VirtwatchProcess, ensure_image, free_port, libvirtd_pid, start_libvirtd  # noqa: E402
+from virtwatch.virt.groups import GROUP_FLAGS, stats_flags  # noqa: E402
+
+URI = "qemu:///system"
+TICK = os.sysconf("SC_CLK_TCK")
+#: virtwatch's default ``stats.groups`` (config.StatsSettings)
+VIRTWATCH_GROUPS = ("state", "cpu", "balloon", "vcpu", "interface", "block")
+EXPORTER = "/usr/bin/prometheus-libvirt-exporter"
+COLLECTD = "/usr/sbin/collectd"
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of process ``pid`` (all its threads), seconds (/proc/PID/stat fields 14, 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` (VmRSS of /proc/PID/status), bytes."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def fetch(url: str) -> tuple[float, bytes]:
+    """GET ``url``: (seconds, body)."""
+    t0 = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=30) as r:
+        body = r.read()
+    return time.perf_counter() - t0, body
+
+
+def exposition_counts(body: bytes, self_prefixes: tuple[str, ...]) -> tuple[int, int]:
+    """(samples, families) in a text exposition, leaving out the exporter's own runtime
+    families (``go_``, ``process_``, ``python_``...), which say nothing about guests."""
+    samples = 0
+    families: set[str] = set()
+    for line in body.decode(errors="replace").splitlines():
+        if line.startswith("# TYPE "):
+            name = line.split()[2]
+            if not name.startswith(self_prefixes):
+                families.add(name)
+        elif line and not line.startswith("#") and not line.startswith(self_prefixes):
+            samples += 1
+    return samples, len(families)
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``values`` by nearest rank; NaN if empty."""
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+@dataclass
+class Figures:
+    """One tool's figures for one round. CPU in seconds per collection, RSS in bytes."""
+
+    daemon_cpu: float = float("nan")
+    libvirtd_cpu: float = float("nan")
+    rss: int = 0
+    scrape_cpu: float = float("nan")
+    latencies: list[float] = field(default_factory=list)
+    body_bytes: int = 0
+    samples: int = 0
+    families: int = 0
+    collections: int = 0
+
+
+class Libvirtd:
+    """CPU time of the system libvirtd, read around a measured window."""
+
+    def __init__(self) -> None:
+        self.pid = libvirtd_pid()  # RuntimeError if none runs
+
+    def cpu(self) -> float:
+        return cpu_seconds(self.pid)
+
+
+# --- 1. cost of each group and host call ------------------------------------------------
+
+def group_costs(conn: libvirt.virConnect, libvirtd: Libvirtd, calls: int) -> list[tuple[str, float, float]]:
+    """(what, libvirtd ms per call, client ms per call) for each stats group alone, all
+    groups, virtwatch's groups, and each host call of virt/host.read_host."""
+    nowait = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+    cases: list[tuple[str, Callable[[], object]]] = []
+    for group in GROUP_FLAGS:
+        flags = stats_flags((group,))
+        if flags:
+            cases.append((f"group {group}", lambda f=flags: conn.getAllDomainStats(f, nowait)))
+    cases.append(("groups: virtwatch's", lambda: conn.getAllDomainStats(stats_flags(VIRTWATCH_GROUPS), nowait)))
+    cases.append(("groups: all (0)", lambda: conn.getAllDomainStats(0, nowait)))
+    cases += [
+        ("host getInfo", conn.getInfo),
+        ("host getMemoryStats", lambda: conn.getMemoryStats(libvirt.VIR_NODE_MEMORY_STATS_ALL_CELLS)),
+        ("host getCPUStats", lambda: conn.getCPUStats(libvirt.VIR_NODE_CPU_STATS_ALL_CPUS)),
+        ("host pools + info", lambda: [p.info() for p in conn.listAllStoragePools()]),
+        ("host listAllNetworks", conn.listAllNetworks),
+        ("host getVersion + getLibVersion", lambda: (conn.getVersion(), conn.getLibVersion())),
+        ("listAllDomains", conn.listAllDomains),
+    ]
+    out = []
+    for what, fn in cases:
+        fn()  # warm: the first call of a kind pays one-off costs
+        d0, c0 = libvirtd.cpu(), time.process_time()
+        for _ in range(calls):
+            fn()
+        d1, c1 = libvirtd.cpu(), time.process_time()
+        out.append((what, 1000 * (d1 - d0) / calls, 1000 * (c1 - c0) / calls))
+    return out
+
+
+# --- 2. the tools -------------------------------------------------------------------------
+
+class Tool:
+    """A monitor measured over one window. Subclasses start/stop a process."""
+
+    name = ""
+    self_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def pid(self) -> int: ...  # type: ignore[empty-body]
+    def measure(self, libvirtd: Libvirtd, window: float) -> Figures: ...  # type: ignore[empty-body]
+
+
+class Exporter(Tool):
+    """prometheus-libvirt-exporter: every scrape is a collection."""
+
+    name = "exporter"
+    self_prefixes = ("go_", "process_", "promhttp_")
+
+    def start(self) -> None:
+        self.port = free_port()
+        self.log = open(self.workdir / "exporter.log", "wb")  # noqa: SIM115 -- closed in stop()
+        self.proc = subprocess.Popen([EXPORTER, f"--web.listen-address=127.0.0.1:{self.port}",
+                                      f"--libvirt.uri={URI}"], stdout=self.log, stderr=subprocess.STDOUT)
+        _wait_http(f"http://127.0.0.1:{self.port}/metrics", self.proc)
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+        self.log.close()
+
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def measure(self, libvirtd: Libvirtd, window: float) -> Figures:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        fetch(url)  # warm
+        f = Figures()
+        d0, c0 = libvirtd.cpu(), cpu_seconds(self.pid())
+        end = time.monotonic() + window
+        body = b""
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            seconds, body = fetch(url)
+            f.latencies.append(seconds)
+            time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
+        f.collections = len(f.latencies)
+        f.daemon_cpu = (cpu_seconds(self.pid()) - c0) / f.collections
+        f.libvirtd_cpu = (libvirtd.cpu() - d0) / f.collections
+        f.scrape_cpu = f.daemon_cpu  # the collection is the scrape
+        f.rss = rss_bytes(self.pid())
+        f.body_bytes = len(body)
+        f.samples, f.families = exposition_counts(body, self.self_prefixes)
+        return f
+
+
+class Collectd(Tool):
+    """collectd 5.12's virt plugin, one read per ``Interval`` (1 s), exposed by write_prometheus."""
+
+    name = "collectd"
+    self_prefixes = ("collectd_write_prometheus",)
+
+    def start(self) -> None:
+        self.port = free_port()
+        conf = self.workdir / "collectd.conf"
+        conf.write_text(f"""
+Hostname "peerbench"
+FQDNLookup false
+BaseDir "{self.workdir}"
+PIDFile "{self.workdir}/collectd.pid"
+TypesDB "/usr/share/collectd/types.db"
+Interval 1
+LoadPlugin virt
+LoadPlugin write_prometheus
+<Plugin virt>
+  Connection "{URI}"
+  RefreshInterval 60
+  HostnameFormat "name"
+  PluginInstanceFormat "none"
+</Plugin>
+<Plugin write_prometheus>
+  Host "127.0.0.1"
+  Port "{self.port}"
+</Plugin>
+""")
+        self.log = open(self.workdir / "collectd.log", "wb")  # noqa: SIM115 -- closed in stop()
+        self.proc = subprocess.Popen([COLLECTD, "-f", "-C", str(conf)], stdout=self.log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        _wait_http(url, self.proc)
+        # write_prometheus answers before the first read: wait for guest samples
+        _wait_until(lambda: b"virt_" in fetch(url)[1], 30, "collectd never exported virt_ samples")
+
+    def stop(self) -> None:
+        _terminate(self.proc)
+        self.log.close()
+
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def measure(self, libvirtd: Libvirtd, window: float) -> Figures:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        f = Figures()
+        d0, c0, t0 = libvirtd.cpu(), cpu_seconds(self.pid()), time.monotonic()
+        time.sleep(window)
+        elapsed = time.monotonic() - t0
+        d1, c1 = libvirtd.cpu(), cpu_seconds(self.pid())
+        f.collections = round(elapsed)  # Interval 1
+        f.daemon_cpu = (c1 - c0) / f.collections
+        f.libvirtd_cpu = (d1 - d0) / f.collections
+        f.rss = rss_bytes(self.pid())
+        for _ in range(10):
+            seconds, body = fetch(url)
+            f.latencies.append(seconds)
+        f.body_bytes = len(body)
+        f.samples, f.families = exposition_counts(body, self.self_prefixes)
+        return f
+
+
+class Virtwatch(Tool):
+    """virtwatch with ``poll_interval = 1``: polls are collections, scrapes answer a body
+    rendered after the poll."""
+
+    name = "virtwatch"
+    self_prefixes = ("virtwatch_", "process_", "python_")
+
+    def start(self) -> None:
+        self.proc = VirtwatchProcess(self.workdir / "virtwatch", config="", uri=URI, poll_interval=1.0).start()
+        self.proc.wait_until(lambda: _polls(self.proc.scrape()) >= 2, 30, "virtwatch never polled twice")
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+    def pid(self) -> int:
+        assert self.proc.proc is not None
+        return self.proc.proc.pid
+
+    def measure(self, libvirtd: Libvirtd, window: float) -> Figures:
+        f = Figures()
+        # phase 1: polls only (no scrape in the window but the two that count the polls)
+        p0 = _polls(self.proc.scrape())
+        d0, c0 = libvirtd.cpu(), cpu_seconds(self.pid())
+        time.sleep(window)
+        d1, c1 = libvirtd.cpu(), cpu_seconds(self.pid())
+        p1 = _polls(self.proc.scrape())
+        f.collections = max(1, p1 - p0)
+        f.daemon_cpu = (c1 - c0) / f.collections
+        f.libvirtd_cpu = (d1 - d0) / f.collections
+        # phase 2: two concurrent scrapers, 1 scrape/s each, like an HA Prometheus pair
+        url = self.proc.base + "/metrics"
+        scrapes = max(10, int(window))
+        p0, c0 = _polls(self.proc.scrape()), cpu_seconds(self.pid())
+        bodies: list[bytes] = []
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            for _ in range(scrapes):
+                tick = time.monotonic()
+                for seconds, answer in pool.map(fetch, [url, url]):
+                    f.latencies.append(seconds)
+                    bodies = [answer]
+                time.sleep(max(0.0, 1.0 - (time.monotonic() - tick)))
+        c1 = cpu_seconds(self.pid())
+        p1 = _polls(self.proc.scrape())
+        # the polls in phase 2 cost what they cost in phase 1; the rest is the scrapes'
+        f.scrape_cpu = max(0.0, (c1 - c0) - (p1 - p0) * f.daemon_cpu) / (2 * scrapes)
+        f.rss = rss_bytes(self.pid())
+        f.body_bytes = len(bodies[0])
+        f.samples, f.families = exposition_counts(bodies[0], self.self_prefixes)
+        return f
+
+
+def _polls(body: str) -> int:
+    for line in body.splitlines():
+        if line.startswith("libvirt_poll_duration_seconds_count"):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+class Raw(Tool):
+    """``getAllDomainStats`` called here: what the data costs with no monitor around it."""
+
+    def __init__(self, workdir: Path, groups: tuple[str, ...] | None) -> None:
+        super().__init__(workdir)
+        self.groups = groups
+        self.name = "raw (virtwatch's groups)" if groups else "raw (all groups)"
+
+    def start(self) -> None:
+        self.conn = libvirt.openReadOnly(URI)
+
+    def stop(self) -> None:
+        self.conn.close()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def measure(self, libvirtd: Libvirtd, window: float) -> Figures:
+        flags = stats_flags(self.groups) if self.groups else 0
+        nowait = libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT
+        f = Figures()
+        d0, c0, t0 = libvirtd.cpu(), time.process_time(), time.monotonic()
+        while time.monotonic() - t0 < window / 4:  # a call per 100 ms: plenty of samples
+            tick = time.monotonic()
+            self.conn.getAllDomainStats(flags, nowait)
+            f.collections += 1
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - tick)))
+        f.daemon_cpu = (time.process_time() - c0) / f.collections
+        f.libvirtd_cpu = (libvirtd.cpu() - d0) / f.collections
+        return f
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes]) -> None:
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise SystemExit(f"{url}: the process exited with {proc.returncode}")
+        try:
+            fetch(url)
+            return True
+        except OSError:
+            return False
+    _wait_until(up, 30, f"{url} never answered")
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float, message: str) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise SystemExit(message)
+
+
+def _terminate(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+# --- report -------------------------------------------------------------------------------
+
+def med(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(rounds: dict[str, list[Figures]]) -> dict[str, dict[str, float]]:
+    """Medians over the rounds: CPU in ms per collection, RSS in MiB, latencies in ms."""
+    out = {}
+    for name, figs in rounds.items():
+        lat = [s for f in figs for s in f.latencies]
+        out[name] = {
+            "daemon_ms": 1000 * med([f.daemon_cpu for f in figs]),
+            "libvirtd_ms": 1000 * med([f.libvirtd_cpu for f in figs]),
+            "scrape_ms": 1000 * med([f.scrape_cpu for f in figs]),
+            "rss_mib": med([f.rss for f in figs]) / 2**20,
+            "p50_ms": 1000 * percentile(lat, 0.5),
+            "p99_ms": 1000 * percentile(lat, 0.99),
+            "bytes": med([f.body_bytes for f in figs]),
+            "samples": med([f.samples for f in figs]),
+            "families": med([f.families for f in figs]),
+            "collections": sum(f.collections for f in figs),
+        }
+    return out
+
+
+def print_report(costs: list[tuple[str, float, float]], table: dict[str, dict[str, float]], guests: int) -> None:
+    print(f"\n== libvirtd CPU per call, {guests} guests (ms; client = this process)")
+    for what, daemon_ms, client_ms in costs:
+        print(f"  {what:34s} libvirtd {daemon_ms:7.2f}   client {client_ms:6.2f}")
+    print(f"\n== per collection, {guests} guests (medians over rounds; CPU ms, RSS MiB, latency ms)")
+    head = f"  {'tool':26s}{'daemon CPU':>11s}{'libvirtd':>10s}{'scrape CPU':>11s}{'RSS':>7s}" \
+           f"{'p50':>8s}{'p99':>8s}{'bytes':>9s}{'samples':>9s}{'families':>9s}{'n':>6s}"
+    print(head)
+    for name, r in table.items():
+        print(f"  {name:26s}{r['daemon_ms']:11.2f}{r['libvirtd_ms']:10.2f}{r['scrape_ms']:11.2f}"
+              f"{r['rss_mib']:7.1f}{r['p50_ms']:8.2f}{r['p99_ms']:8.2f}{r['bytes']:9.0f}{r['samples']:9.0f}"
+              f"{r['families']:9.0f}{r['collections']:6.0f}")
+    vw = table["virtwatch"]
+    print("\n== ratios (virtwatch ÷ other; < 1 means virtwatch is cheaper)")
+    for other in ("exporter", "collectd", "raw (virtwatch's groups)", "raw (all groups)"):
+        o = table.get(other)
+        if not o:
+            continue
+        parts = [f"libvirtd CPU {vw['libvirtd_ms'] / o['libvirtd_ms']:.2f}"]
+        if not other.startswith("raw"):
+            parts += [f"daemon CPU {vw['daemon_ms'] / o['daemon_ms']:.2f}", f"RSS {vw['rss_mib'] / o['rss_mib']:.2f}",
+                      f"families {vw['families'] / o['families']:.2f}"]
+        print(f"  vs {other:26s} " + ", ".join(parts))
+    exp = table.get("exporter")
+    if exp:
+        print(f"  goal: daemon CPU per poll <= 0.25 x exporter CPU per scrape: "
+              f"{vw['daemon_ms']:.2f} ms vs {0.25 * exp['daemon_ms']:.2f} ms")
+    print(f"  load average: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}, cpus {os.cpu_count()}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--guests", type=int, default=20, help="real TCG guests to start (default 20)")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
+    ap.add_argument("--window", type=float, default=20.0, help="seconds measured per tool per round (default 20)")
+    ap.add_argument("--calls", type=int, default=50, help="calls per group/host-call cost figure (default 50)")
+    args = ap.parse_args()
+    for binary, package in ((EXPORTER, "prometheus-libvirt-exporter"), (COLLECTD, "collectd-core")):
+        if not shutil.which(binary):
+            raise SystemExit(f"{binary} is missing: apt-get install {package}")
+    start_libvirtd()
+    libvirtd = Libvirtd()
+    factory = GuestFactory(ensure_image(), test_name="peerbench")
+    workdir = Path(tempfile.mkdtemp(prefix="vw-peer-"))
+    try:
+        print(f"starting {args.guests} guests...", flush=True)
+        t0 = time.monotonic()
+        factory.create_many(args.guests, "peer", options={"io": 1, "net": 1}, boot_timeout=300)
+        print(f"  booted in {time.monotonic() - t0:.0f} s", flush=True)
+        conn = libvirt.openReadOnly(URI)
+        try:
+            costs = group_costs(conn, libvirtd, args.calls)
+        finally:
+            conn.close()
+        tools: list[Tool] = [Exporter(workdir), Collectd(workdir), Virtwatch(workdir),
+                             Raw(workdir, VIRTWATCH_GROUPS), Raw(workdir, None)]
+        rounds: dict[str, list[Figures]] = {t.name: [] for t in tools}
+        for r in range(args.rounds):
+            order = tools[r % len(tools):] + tools[:r % len(tools)]  # rotate who goes first
+            for tool in order:
+                print(f"round {r + 1}/{args.rounds}: {tool.name}", flush=True)
+                tool.start()
+                try:
+                    rounds[tool.name].append(tool.measure(libvirtd, args.window))
+                finally:
+                    tool.stop()
+        print_report(costs, summarize(rounds), args.guests)
+    finally:
+        factory.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
