@@ -98,15 +98,7 @@ class Watched:
         return int(self.metric("libvirt_domain_migrations_total", direction=direction, result=result) or 0)
 
     def log(self, event: str, **match: Any) -> list[dict[str, Any]]:
-        out = []
-        for line in self.vw.log_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == event and all(rec.get(k) == v for k, v in match.items()):
-                out.append(rec)
-        return out
+        return self.vw.log_records(event, **match)
 
     def acting_decisions(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.log("policy_decision", guest=name) if r.get("action") != "none"]

@@ -170,15 +170,7 @@ class ProbeDaemon:
         return sum(1 for e in self.events(name) if e["event"] == "STARTED")
 
     def log(self, event: str, **match: Any) -> list[dict[str, Any]]:
-        out = []
-        for line in self.proc.log_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except ValueError:
-                continue
-            if rec.get("event") == event and all(rec.get(k) == v for k, v in match.items()):
-                out.append(rec)
-        return out
+        return self.proc.log_records(event, **match)
 
     def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "virtwatch", *args[:1], "--socket",

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from testkit import sample  # noqa: F401  (re-exported: hostlib.sample)
 
@@ -91,6 +92,18 @@ class VirtwatchProcess:
     def log_text(self) -> str:
         """Everything the daemon logged so far."""
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_records(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        """The JSON log records (``[log] format = "json"``) of ``event`` whose fields equal ``match``."""
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == event and all(rec.get(k) == v for k, v in match.items()):
+                out.append(rec)
+        return out
 
     def log_tail(self, lines: int = 40) -> str:
         """The last log lines."""
