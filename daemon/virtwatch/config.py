@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, field_validator, model_validator
 
 from .agent.settings import AgentSettings
 from .alerts.config import AlertSettings
@@ -73,7 +73,7 @@ class StatsSettings(Section):
         ("state", "cpu", "balloon", "vcpu", "interface", "block"), description="getAllDomainStats groups"
     )
     host: StrictBool = Field(True, description="also collect node, storage pool and network figures")
-    group_intervals: dict[str, float] | None = Field(
+    group_intervals: dict[str, StrictFloat] | None = Field(
         None,
         description="seconds between reads of a group (or of the host figures, key 'host') that need not be read "
                     "every poll; a group not named here is read every poll, a read is rounded to whole polls, "
@@ -102,9 +102,9 @@ class StatsSettings(Section):
         known = (*get_args(StatsGroup), "host")
         for group, seconds in (v or {}).items():
             if group not in known:
-                raise ValueError(f"group_intervals: unknown group {group!r} (one of {', '.join(known)})")
+                raise ValueError(f"unknown group {group!r} (one of {', '.join(known)})")
             if not 0 < seconds <= 86400:
-                raise ValueError(f"group_intervals.{group}: {seconds} is not in (0, 86400] seconds")
+                raise ValueError(f"{group}: {seconds} is not in (0, 86400] seconds")
         return v
 
     @model_validator(mode="after")

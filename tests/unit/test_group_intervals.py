@@ -35,7 +35,7 @@ def test_intervals_round_to_whole_polls_and_never_below_one() -> None:
 
 @pytest.mark.parametrize(("table", "message"), [
     ({"perf": 30.0}, "group_intervals names 'perf', which is not in stats.groups"),
-    ({"vcpu": 0}, "group_intervals.vcpu: 0.0 is not in (0, 86400] seconds"),
+    ({"vcpu": 0}, "group_intervals: vcpu: 0.0 is not in (0, 86400] seconds"),
     ({"disk": 30.0}, "unknown group 'disk'"),
 ])
 def test_bad_intervals_are_refused_by_name(table: dict, message: str) -> None:
@@ -66,3 +66,16 @@ def test_only_an_active_guests_answer_has_figures_to_carry() -> None:
     assert not has_figures({"state.state": libvirt.VIR_DOMAIN_NOSTATE})
     assert has_figures({"cpu.time": 1})  # no state group read: any field counts
     assert not has_figures({})
+
+
+@pytest.mark.parametrize("value", ["60", True])
+def test_interval_values_are_numbers_strictly(value: object) -> None:
+    """A quoted number or a boolean is refused, as everywhere else in the config."""
+    with pytest.raises(ConfigError, match=r"group_intervals\.balloon"):
+        load_settings(None, {"stats.group_intervals": {"balloon": value}})
+
+
+@pytest.mark.parametrize("label", ["delivery", "instance", "alertname"])
+def test_labels_virtwatch_sets_itself_are_refused(label: str) -> None:
+    with pytest.raises(ConfigError, match="set by virtwatch itself"):
+        load_settings(None, {"alerts.labels": {label: "x"}})

@@ -15,7 +15,7 @@ DEFAULT_RUNBOOK_BASE_URL = "https://virtwatch.dev/docs/runbooks"
 
 
 #: Labels the daemon sets on its alerts (``[alerts] labels`` may not).
-RESERVED_LABELS = frozenset({"alertname", "severity", "instance", "domain", "uuid"})
+RESERVED_LABELS = frozenset({"alertname", "severity", "instance", "domain", "uuid", "delivery"})
 
 
 def default_instance(listen_host: str | None, port: int, hostname: str) -> str:

@@ -305,6 +305,7 @@ class LivenessMonitor:
             if pol.probe == "none":
                 if st is not None:
                     st.probe = "none"
+                    self._resolve(st, "probe_failed")  # probing was turned off: nothing fails any more
                 continue
             st = st or self._entry(g.name, g.uuid)
             if st.next_probe is None:  # first seen running (daemon start): as after a start

@@ -58,9 +58,10 @@ class ProbeResult:
 _UNAVAILABLE = frozenset({"VIR_ERR_ARGUMENT_UNSUPPORTED", "VIR_ERR_AGENT_UNRESPONSIVE"})
 
 #: Reasons that are about virtwatch's side, not the guest: no libvirt connection for the agent's
-#: lane (libvirtd restarting, a read-only connection), or the lane busy with other guests for
-#: the whole probe_timeout. Such a probe says nothing about the guest: it is not counted.
-OUR_SIDE = frozenset({"not_connected", "lane_busy"})
+#: lane (libvirtd restarting, a read-only connection), the lane busy with other guests for the
+#: whole probe_timeout, or an exec probe with no command (check-config warns of it). Such a
+#: probe says nothing about the guest: it is not counted.
+OUR_SIDE = frozenset({"not_connected", "lane_busy", "misconfigured"})
 
 
 def ping_command() -> str:

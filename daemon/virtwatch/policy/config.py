@@ -105,9 +105,11 @@ def _parse_patterns(value: Any) -> Any:
 def _compile_all(value: tuple[str, ...]) -> tuple[str, ...]:
     for pattern in value:
         try:
-            re.compile(pattern)
+            compiled = re.compile(pattern)
         except re.error as err:
             raise ValueError(f"invalid regular expression {pattern!r}: {err}") from None
+        if compiled.search(""):  # "" or "a|": every console line would be a panic
+            raise ValueError(f"regular expression {pattern!r} matches an empty line, so every console line")
     return value
 
 

@@ -250,3 +250,39 @@ async def test_a_burst_of_reboot_events_is_one_reboot() -> None:
         await r.clock.advance(8)
     assert r.metric("libvirt_domain_reboots_total", domain="db") == 3
     assert r.reports == [("db", "reboot_loop", "3 guest reboots within 60 s (reboot_limit 2)")]
+
+
+async def test_turning_probing_off_resolves_its_alert() -> None:
+    """Review finding: a VirtwatchProbeFailed kept firing (and was re-posted) after the probe was
+    turned off by a reload or an override."""
+    r = Rig()
+    r.event("web", "lifecycle", "STARTED", "BOOTED")
+    r.agent.ok = False
+    for _ in range(4):
+        await r.tick(10)
+    assert r.firing() == {("VirtwatchProbeFailed", "web")}
+    POLICY["web"], old = GuestPolicy(), POLICY["web"]
+    try:
+        r.selection_listeners[0]("web")
+        await r.tick(2)
+        assert r.firing() == set()
+        assert r.agent.sent.count("web") == 4  # not probed any more
+    finally:
+        POLICY["web"] = old
+
+
+async def test_an_exec_probe_without_a_command_is_never_counted_against_the_guest() -> None:
+    """Review finding: it failed as ``misconfigured`` and the policy restarted the guest over and
+    over, while check-config said the guest was not probed."""
+    r = Rig()
+    POLICY["bare"] = GuestPolicy(probe="exec", probe_interval=1, probe_failure_threshold=2, probe_initial_delay=0,
+                                 on_probe_failure="restart")
+    try:
+        r.event("bare", "lifecycle", "STARTED", "BOOTED")
+        for _ in range(6):
+            await r.tick(1)
+        assert r.reports == [] and r.firing() == set()
+        assert r.agent.sent == []  # nothing was sent to the agent
+        assert r.metric("libvirt_domain_probe_failures_total", domain="bare") is None
+    finally:
+        del POLICY["bare"]

@@ -46,6 +46,8 @@ def test_full_section_via_top_level_loader():
     ({"match": [{"profile": "p"}]}, "at least one selector"),
     ({"match": [{"glob": "x", "profile": "missing"}]}, "unknown profile 'missing'"),
     ({"match": [{"regex": "(unclosed"}]}, "invalid regular expression"),
+    ({"defaults": {"console_failure_patterns": ["BUG:", ""]}}, "matches an empty line"),
+    ({"defaults": {"console_failure_patterns": ["panic|"]}}, "matches an empty line"),
     ({"defaults": {"limit_burst": 0}}, "policy.defaults.limit_burst"),
     ({"defaults": {"on_host_shutdown": []}}, "at least one step"),
     ({"defaults": {"on_host_shutdown": ["hibernate:10"]}}, "policy.defaults.on_host_shutdown"),
