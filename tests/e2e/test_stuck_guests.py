@@ -46,8 +46,10 @@ def fleet(module_guest_factory: GuestFactory) -> list[Guest]:
 
 
 def daemon(workdir: Path, poll: float, extra: str = "") -> VirtwatchProcess:
+    # every group and the host figures read at every poll (stats.group_intervals = {}): the most
+    # calls a frozen guest can block, and host figures that must be fresh at each poll
     return VirtwatchProcess(workdir, config=(
-        "[agent]\nenabled = false\n[log]\nevents = false\n"
+        "[stats]\ngroup_intervals = {}\n[agent]\nenabled = false\n[log]\nevents = false\n"
         f"[daemon]\nstate_dir = \"{workdir}\"\nsocket = \"{workdir / 'vw.sock'}\"\n{extra}"),
         poll_interval=poll)
 
