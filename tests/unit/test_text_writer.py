@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from virtwatch.metrics.collector import StateCollector
-from virtwatch.metrics.text import go_float, write_text
+from virtwatch.metrics.text import write_text
 from virtwatch.state import GuestRegistry, ResyncEntry
 from virtwatch.virt.stats import DomainStats, Snapshot
 
@@ -63,13 +63,6 @@ def test_the_recorded_real_statistics_render_to_the_same_bytes() -> None:
 
 ODD_VALUES = [0, 1, -1, 0.5, -0.0, 1e-9, 999999.0, 1000000.0, 1234567.0, 12345678.9, 1e16, 1.5e300,
               12345678901234567890, -12345678.0, float("inf"), float("-inf"), float("nan"), True, 7 / 3]
-
-
-def test_odd_values_are_formatted_like_go() -> None:
-    from prometheus_client.utils import floatToGoString
-
-    for v in ODD_VALUES:
-        assert go_float(v) == floatToGoString(v), v
 
 
 def test_odd_names_labels_and_family_kinds_render_to_the_same_bytes() -> None:

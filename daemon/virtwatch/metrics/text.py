@@ -20,23 +20,13 @@ from prometheus_client.utils import floatToGoString
 _TYPES = {"counter": ("_total", "counter"), "info": ("_info", "gauge"), "stateset": ("", "gauge"),
           "gaugehistogram": ("", "histogram"), "unknown": ("", "untyped")}
 _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
-_INF = float("inf")
 
 
 def go_float(value: Any) -> str:
-    """``prometheus_client.utils.floatToGoString``: Python's ``repr`` of the float, with
-    Go's exponent form for positive values of 10**7 and more (the common case inlined;
-    infinities and NaN go to the library)."""
-    d = float(value)
-    if d != d or d == _INF or d == -_INF:
-        return str(floatToGoString(d))  # type: ignore[no-untyped-call]
-    s = repr(d)
-    if d > 0:
-        dot = s.find(".")
-        if dot > 6:
-            mantissa = f"{s[0]}.{s[1:dot]}{s[dot + 1:]}".rstrip("0.")
-            return f"{mantissa}e+{dot - 1:02d}"
-    return s
+    """``prometheus_client.utils.floatToGoString``, typed: Python's ``repr`` of the float, with
+    Go's exponent form for positive values of 10**7 and more. (An inlined copy measured no
+    faster: label escaping, not values, is what this module saves.)"""
+    return str(floatToGoString(value))  # type: ignore[no-untyped-call]
 
 
 def escape_label_value(value: str) -> str:
