@@ -50,18 +50,13 @@ import libvirt
 import structlog
 
 from .calls import CallTimeout, attempt as refusable
+from .groups import GROUP_PREFIXES
 from .lanes import LanePool, LaneUnavailable
 
 log = structlog.get_logger("virtwatch.stats")
 
 #: Bulk group -> prefix of its fields; the groups a per-domain read can stand in for.
-FALLBACK_PREFIXES: Mapping[str, str] = {
-    "cpu": "cpu.",
-    "balloon": "balloon.",
-    "vcpu": "vcpu.",
-    "block": "block.",
-    "interface": "net.",
-}
+FALLBACK_PREFIXES: Mapping[str, str] = {g: GROUP_PREFIXES[g] for g in ("cpu", "balloon", "vcpu", "block", "interface")}
 
 #: ``virDomainMemoryStats`` keys and the bulk ``balloon.*`` field each one is
 #: (``actual`` is ``balloon.current``, taken from ``virDomainGetInfo`` as the bulk call does).
