@@ -195,6 +195,7 @@ class Daemon:
                                         redact=settings.console.redact, wall=wall_clock,
                                         kept=kept.liveness if kept else None)
         self.pump.subscribe(self.liveness.on_event)
+        self.pump.subscribe(self.exposition.on_event)  # last: the body follows the guest table at once
         self.console.data_listeners.append(self.liveness.on_console)
         self.exposition.add_collector("liveness", self.liveness.collector)
         # Console contents (issue 13): on the operator socket always, over HTTP only when
@@ -212,7 +213,6 @@ class Daemon:
         self.wall_clock = wall_clock
         self._kept_action_counts = dict(kept.action_counts) if kept else {}  # while policy is off
         self._stopped = False
-        self._prerender: asyncio.Future[Any] | None = None
 
     # -- subscribers / ports --------------------------------------------------
     def _guest_policy(self, name: str) -> GuestPolicy:
@@ -272,8 +272,7 @@ class Daemon:
         self.history.add(self._latest, snap)
         self._previous, self._latest = self._latest, snap
         self.liveness.on_snapshot(snap.domains)
-        # Render the new figures now, off the loop: the next scrape finds a finished body.
-        self._prerender = self.exposition.prerender() or self._prerender
+        self.exposition.prerender()  # off the loop, now: the next scrape finds a finished body
 
     def status(self) -> dict[str, Any]:
         """JSON-ready daemon summary (HTTP ``/api/v1/status``, systemd STATUS=)."""

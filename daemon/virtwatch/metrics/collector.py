@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
 import structlog
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from ..state import GuestRegistry
@@ -41,6 +41,7 @@ from ..virt.migration import MigrationPhase, MigrationTracker
 from ..virt.stats import Snapshot
 from .bounds import TIERS, BudgetPlan, cap_labels, count_series, exposed_name, plan_budget
 from .domain import domain_families, host_families, stats_source_family
+from .guesttext import GuestText
 from .gzipbody import EMPTY, DeflatedPart, deflate_part, gzip_body
 from .migration import migration_families
 from .text import write_text
@@ -113,14 +114,31 @@ class FrozenState:
         self._counts = counts
 
     def collect(self) -> Iterator[Metric]:
-        """Yield host and per-guest families from the captured data."""
-        yield from host_families(self._guests, self._snap.host if self._snap else None, self._info)
-        phases = self._phases or {}
-        yield from domain_families(self._guests, self._snap, {u: p.direction for u, p in phases.items()})
+        """Yield host and per-guest families from the captured data (as metric objects: the
+        reference :meth:`render` is tested against)."""
+        yield from self.host_families()
+        yield from domain_families(self._guests, self._snap, self._migrating())
+        yield from self.tail_families()
+
+    def host_families(self) -> list[Metric]:
+        """The families before the per-guest ones: host identity, guests by state, host figures."""
+        return host_families(self._guests, self._snap.host if self._snap else None, self._info)
+
+    def guest_lines(self, writer: GuestText) -> list[list[str]]:
+        """The per-guest families' sample lines (:meth:`GuestText.render`)."""
+        return writer.render(self._guests, self._snap, self._migrating())
+
+    def tail_families(self) -> list[Metric]:
+        """The families after the per-guest ones: migrations and the statistics' sources."""
+        out: list[Metric] = []
         if self._counts is not None:
-            yield from migration_families(phases, self._counts)
+            out.extend(migration_families(self._phases or {}, self._counts))
         if self._snap is not None and self._snap.sources:
-            yield stats_source_family(self._snap.sources)
+            out.append(stats_source_family(self._snap.sources))
+        return out
+
+    def _migrating(self) -> dict[str, str]:
+        return {u: p.direction for u, p in (self._phases or {}).items()}
 
     def describe(self) -> list[Metric]:
         """No up-front description."""
@@ -176,9 +194,12 @@ class Exposition:
         self._cached = StateText()
         self._pending: asyncio.Future[StateText] | None = None
         self._pending_key: tuple[Any, ...] | None = None
+        self._again = False
+        self._refresh: asyncio.Future[StateText] | None = None
         self._other_series = 0
         self._dropped_total: dict[str, int] = {}
         self._budget_state: tuple[tuple[str, ...], bool] = ((), True)
+        self._guest_text = GuestText()
         self.renders = 0
 
     def add_collector(self, name: str, collector: Collector) -> None:
@@ -200,13 +221,31 @@ class Exposition:
         except Exception as err:  # reading the inputs failed: nothing to cache
             return self._assemble(StateText(error=err), gzip)
         if key != self._cached_key:
-            self._adopt(key, _render_state(self._state.collect, self._max_series, self._others()))
+            try:
+                frozen = self._state.frozen()
+            except Exception as err:
+                return self._assemble(StateText(error=err), gzip)
+            self._adopt(key, _render_state(frozen, self._guest_text, self._max_series, self._others()))
         return self._assemble(self._cached, gzip)
 
-    async def render_async(self, gzip: bool = False) -> bytes:
-        """Like :meth:`render`, but a cache miss renders a frozen copy of the
-        state in a worker thread, so 1,000 guests (~270 ms of text) never
-        stall the event loop. Concurrent misses share one render."""
+    async def render_async(self, gzip: bool = False, wait: bool = False) -> bytes:
+        """Like :meth:`render`, but the state text is rendered from a frozen copy of the
+        state in a worker thread, so 1,000 guests (~45 ms of text) never stall the event loop.
+
+        A scrape never waits for a render (``wait=False``, ``/metrics``): when the state changed
+        since the cached text, it answers the cached text, one render behind, and starts the
+        render the next scrape will find (:meth:`prerender`, after each poll and each guest
+        event, has usually started it already). Only the first scrape, with nothing cached,
+        waits. ``wait=True`` waits for the text of the state now (concurrent waits share one
+        render)."""
+        if not wait and self._cached_key is not None:
+            try:
+                key = self._state.key()
+            except Exception as err:  # reading the inputs failed: say so, as render() does
+                return self._assemble(StateText(error=err), gzip)
+            if key != self._cached_key:
+                self.prerender()
+            return self._assemble(self._cached, gzip)
         return self._assemble(await self._state_body(), gzip)
 
     @property
@@ -220,15 +259,25 @@ class Exposition:
 
     def prerender(self) -> asyncio.Future[StateText] | None:
         """Start rendering the state text now, in a worker thread, unless it is cached or
-        already rendering: called after each poll, so that a scrape finds a finished body
-        instead of waiting for one. Returns the render (None if nothing was started)."""
+        already rendering: called after each poll and each guest event, so that a scrape
+        finds a finished body. One render at a time: a change while one runs starts the next
+        when it ends (an event storm costs a render per render time, not one per event).
+        Returns the render (None if nothing was started)."""
         try:
             key = self._state.key()
         except Exception:  # the scrape will report it
             return None
-        if key == self._cached_key or (self._pending is not None and self._pending_key == key):
+        if key == self._cached_key:
             return None
-        return asyncio.ensure_future(self._state_body())
+        if self._pending is not None:
+            self._again = self._again or self._pending_key != key
+            return None
+        self._refresh = asyncio.ensure_future(self._state_body())  # kept: the loop holds tasks weakly
+        return self._refresh
+
+    def on_event(self, _event: object) -> None:
+        """Pump subscriber (after the guest table's): render the changed guest state now."""
+        self.prerender()
 
     async def _state_body(self) -> StateText:
         """The state text for the current key: cached, or rendered once in a worker thread."""
@@ -244,13 +293,16 @@ class Exposition:
             except Exception as err:
                 return StateText(error=err)
             self._pending_key = key
-            self._pending = asyncio.ensure_future(asyncio.to_thread(_render_state, frozen.collect, self._max_series,
-                                                                    self._others()))
+            self._pending = asyncio.ensure_future(asyncio.to_thread(_render_state, frozen, self._guest_text,
+                                                                    self._max_series, self._others()))
         pending = self._pending
         text = await asyncio.shield(pending)  # a scrape that goes away must not cancel it
         if self._pending is pending:
             self._pending = None
             self._adopt(key, text)
+            if self._again:  # the state changed while this one rendered
+                self._again = False
+                self.prerender()
         return text
 
     def _others(self) -> int:
@@ -293,11 +345,11 @@ class Exposition:
                                     "families were left out of the scrape.", labels=["collector"])
         for name, ok in self._success.items():
             success.add_metric([name], 1 if ok else 0)
-        parts.append(generate_latest(_Families([success])))
+        parts.append(write_text([success]))
         own = b"".join(parts)
         own_counts = count_series(own)
         self._other_series = sum(own_counts.values())
-        tail = own + generate_latest(_Families(self._bounds_families(state, own_counts)))
+        tail = own + write_text(self._bounds_families(state, own_counts))
         return gzip_body(state.deflated, tail) if gzip else state.body + tail
 
     def _bounds_families(self, state: StateText, own: Mapping[str, int]) -> list[Metric]:
@@ -355,44 +407,43 @@ class _Capped:
         return []
 
 
-class _Families:
-    """Already-built families as a collector, for :func:`generate_latest`."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterator[Metric]:
-        """Yield the families."""
-        return iter(self._families)
-
-
 def _render(source: CollectorRegistry) -> tuple[bytes, Exception | None]:
     """``(text, None)``, or ``(b"", the exception)`` when collecting or formatting raised.
 
-    The whole text is built before it is returned, so a family that fails halfway
-    is never half-written into the scrape. Safe to run in a worker thread.
+    The text is prometheus-client's (:func:`~virtwatch.metrics.text.write_text` writes
+    the bytes ``generate_latest`` would, in less time: this runs at every scrape). The whole
+    text is built before it is returned, so a family that fails halfway is never
+    half-written into the scrape. Safe to run in a worker thread.
     """
     try:
-        return generate_latest(source), None
+        return write_text(source.collect()), None
     except Exception as err:  # any bug in any collector: the scrape must still be answered
         return b"", err
 
 
-def _render_state(collect: Callable[[], Iterable[Metric]], max_series: int, other: int) -> StateText:
-    """Collect, cap label values, plan the budget against ``other`` series, render
-    (:func:`~virtwatch.metrics.text.write_text`: prometheus-client's text, faster) and deflate.
+def _render_state(frozen: FrozenState, guest_text: GuestText, max_series: int, other: int) -> StateText:
+    """Collect, cap label values, plan the budget against ``other`` series, render and deflate.
 
-    A failure anywhere gives ``StateText(error=…)``, never a half-written text. Safe in a worker thread.
+    The host and tail families go through :func:`~virtwatch.metrics.text.write_text`
+    (prometheus-client's text, faster), the per-guest ones through ``guest_text`` (the same
+    text again, without metric objects). A failure anywhere gives ``StateText(error=…)``,
+    never a half-written text. Safe in a worker thread.
     """
     try:
-        families = list(cap_labels(collect()))
+        head = list(cap_labels(frozen.host_families()))
+        lines = frozen.guest_lines(guest_text)
+        tail = list(cap_labels(frozen.tail_families()))
         counts: dict[str, int] = {}
-        for family in families:
+        for family in (*head, *tail):
             name = exposed_name(family)
             counts[name] = counts.get(name, 0) + len(family.samples)
+        for name, family_lines in zip(guest_text.family_names, lines, strict=True):
+            counts[name] = counts.get(name, 0) + len(family_lines)
         plan = plan_budget(counts, max_series, other)
         left_out = {f for tier, tier_families in TIERS if tier in plan.tiers for f in tier_families}
-        body = write_text(f for f in families if exposed_name(f) not in left_out)
+        body = b"".join((write_text(f for f in head if exposed_name(f) not in left_out),
+                         guest_text.text(lines, left_out).encode("utf-8"),
+                         write_text(f for f in tail if exposed_name(f) not in left_out)))
         kept = {name: n for name, n in counts.items() if name not in left_out}
         return StateText(body, None, deflate_part(body), kept, plan)
     except Exception as err:  # any bug in any collector: the scrape must still be answered

@@ -24,7 +24,7 @@ _OM_SUFFIXES = ("_created", "_gsum", "_gcount")
 
 def go_float(value: Any) -> str:
     """``prometheus_client.utils.floatToGoString``, typed: Python's ``repr`` of the float, with
-    Go's exponent form for positive values of 10**7 and more. (An inlined copy measured no
+    Go's exponent form for positive values of 10**6 and more. (An inlined copy measured no
     faster: label escaping, not values, is what this module saves.)"""
     return str(floatToGoString(value))  # type: ignore[no-untyped-call]
 
