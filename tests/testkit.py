@@ -31,6 +31,15 @@ async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "con
     return loop.time() - start
 
 
+async def rendered(d: Any, timeout: float = 10.0) -> None:
+    """Wait until an in-process daemon's cached ``/metrics`` state text is of its state now: a
+    scrape answers the latest finished render, which an event starts (it is one render behind
+    while that render runs)."""
+    exp = d.exposition
+    await until(lambda: exp.cached_key is not None and exp.cached_key == exp.current_key(), timeout,
+                "the /metrics render of the current state")
+
+
 async def scrape(d: Any, path: str = "/metrics") -> tuple[int, str]:
     """GET ``path`` from a running in-process :class:`~virtwatch.app.Daemon`; (status, body)."""
     host, port = d.listen_address

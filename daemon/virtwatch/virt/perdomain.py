@@ -310,9 +310,15 @@ class PerDomainReader:
         self._seen.clear()
 
     def observe(self, rows: Iterable[Row]) -> None:
-        """Note the groups a bulk answer has."""
+        """Note the groups a bulk answer has (once every group was seen on this connection,
+        nothing is left to look for: a scan of every key of every guest saved per poll)."""
+        wanted = [g for g in self.requested if g in FALLBACK_PREFIXES and g not in self._seen]
         for _n, _u, st in rows:
-            self._seen |= groups_present(st, self.requested)
+            if not wanted:
+                return
+            found = groups_present(st, wanted)
+            self._seen |= found
+            wanted = [g for g in wanted if g not in found]
 
     @property
     def missing(self) -> tuple[str, ...]:

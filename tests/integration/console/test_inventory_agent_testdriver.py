@@ -16,7 +16,7 @@ import libvirt
 import pytest_asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
-from testkit import sample as value, scrape, until
+from testkit import rendered, sample as value, scrape, until
 from virtwatch.app import Daemon
 from virtwatch.config import load_settings
 from virtwatch.control import request
@@ -72,6 +72,7 @@ async def test_network_and_pool_events_show_before_the_next_poll(rw_daemon: Daem
         await until(lambda: d.inventory.counts.get(("network", "STARTED"), 0) >= 1
                     and d.inventory.counts.get(("storage_pool", "STOPPED"), 0) >= 1
                     and d.inventory.counts.get(("network", "STOPPED"), 0) >= 1)
+        await rendered(d)  # the events started it: a scrape answers the latest finished render
         _, text = await scrape(d)
         assert value(text, "libvirt_storage_pool_state", pool="default-pool") == 0
         assert value(text, "libvirt_storage_pool_capacity_bytes", pool="default-pool") is None  # inactive: no sizes
@@ -79,6 +80,7 @@ async def test_network_and_pool_events_show_before_the_next_poll(rw_daemon: Daem
         assert value(text, "libvirt_network_active", network=name) == 1
         await asyncio.to_thread(transient.destroy)
         await until(lambda: d.inventory.counts.get(("network", "STOPPED"), 0) >= 2)
+        await rendered(d)
         _, text = await scrape(d)
         assert value(text, "libvirt_network_active", network=name) == 0
         assert d.poller.latest.seq == seq_before  # no poll ran: the events did it
@@ -88,7 +90,9 @@ async def test_network_and_pool_events_show_before_the_next_poll(rw_daemon: Daem
                 await asyncio.to_thread(obj.create)
             except libvirt.libvirtError:
                 pass
-    await until(lambda: d.inventory.counts.get(("storage_pool", "STARTED"), 0) >= 1)
+    await until(lambda: d.inventory.counts.get(("storage_pool", "STARTED"), 0) >= 1
+                and d.inventory.counts.get(("network", "STARTED"), 0) >= 2)  # the transient one, then default
+    await rendered(d)
     _, text = await scrape(d)
     assert value(text, "libvirt_storage_pool_state", pool="default-pool") == 2
     assert value(text, "libvirt_network_active", network="default") == 1
