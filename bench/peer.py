@@ -1,6 +1,6 @@
 """virtwatch side by side with the peers on one real libvirtd: a benchmark, never a test.
 
-    .venv/bin/python bench/peer.py [--guests 20] [--rounds 3] [--window 20]   (make bench-peer)
+    .venv/bin/python bench/peer.py [--guests 20] [--rounds 3] [--window 20] [--pause]   (make bench-peer)
 
 Needs root, the system libvirtd (``.ci/start-libvirtd.sh``), the e2e guest image and
 Debian's ``prometheus-libvirt-exporter`` and ``collectd-core`` (``make bench-peer`` installs
@@ -435,11 +435,13 @@ def summarize(rounds: dict[str, list[Figures]]) -> dict[str, dict[str, float]]:
     return out
 
 
-def print_report(costs: list[tuple[str, float, float]], table: dict[str, dict[str, float]], guests: int) -> None:
-    print(f"\n== libvirtd CPU per call, {guests} guests (ms; client = this process)")
+def print_report(costs: list[tuple[str, float, float]], table: dict[str, dict[str, float]], guests: int,
+                 paused: bool = False) -> None:
+    state = "paused" if paused else "running"
+    print(f"\n== libvirtd CPU per call, {guests} {state} guests (ms; client = this process)")
     for what, daemon_ms, client_ms in costs:
         print(f"  {what:34s} libvirtd {daemon_ms:7.2f}   client {client_ms:6.2f}")
-    print(f"\n== per collection, {guests} guests (medians over rounds; CPU ms, RSS MiB, latency ms)")
+    print(f"\n== per collection, {guests} {state} guests (medians over rounds; CPU ms, RSS MiB, latency ms)")
     head = f"  {'tool':26s}{'daemon CPU':>11s}{'libvirtd':>10s}{'scrape CPU':>11s}{'RSS':>7s}" \
            f"{'p50':>8s}{'p99':>8s}{'bytes':>9s}{'samples':>9s}{'families':>9s}{'n':>6s}"
     print(head)
@@ -471,6 +473,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (default 3)")
     ap.add_argument("--window", type=float, default=20.0, help="seconds measured per tool per round (default 20)")
     ap.add_argument("--calls", type=int, default=50, help="calls per group/host-call cost figure (default 50)")
+    ap.add_argument("--pause", action="store_true",
+                    help="pause the guests once booted: every monitor reads the same groups of the same guests, "
+                         "and the guests' own CPU (a TCG guest costs 2-5 %% of a core idle) stays out of the "
+                         "figures; for 100 guests on 2 cores")
     args = ap.parse_args()
     for binary, package in ((EXPORTER, "prometheus-libvirt-exporter"), (COLLECTD, "collectd-core")):
         if not shutil.which(binary):
@@ -482,8 +488,12 @@ def main() -> int:
     try:
         print(f"starting {args.guests} guests...", flush=True)
         t0 = time.monotonic()
-        factory.create_many(args.guests, "peer", options={"io": 1, "net": 1}, boot_timeout=300)
+        guests = factory.create_many(args.guests, "peer", options={"io": 1, "net": 1}, boot_timeout=600)
         print(f"  booted in {time.monotonic() - t0:.0f} s", flush=True)
+        if args.pause:
+            for g in guests:
+                g.dom.suspend()
+            print(f"  paused {len(guests)} guests", flush=True)
         conn = libvirt.openReadOnly(URI)
         try:
             costs = group_costs(conn, libvirtd, args.calls)
@@ -501,7 +511,7 @@ def main() -> int:
                     rounds[tool.name].append(tool.measure(libvirtd, args.window))
                 finally:
                     tool.stop()
-        print_report(costs, summarize(rounds), args.guests)
+        print_report(costs, summarize(rounds), args.guests, args.pause)
     finally:
         factory.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -4,7 +4,7 @@
 
 1. poll time for N guests on libvirt's test driver (getAllDomainStats + snapshot);
 2. /metrics render time for 100 and 1,000 synthetic guests built from recorded real
-   getAllDomainStats dicts (cold = cache miss, warm = cached state part);
+   getAllDomainStats dicts (first = the first render, cold = a new snapshot, warm = cached state part);
 3. events/s through the pump, end to end (test-driver lifecycle events → subscribers);
 4. RSS of a real ``virtwatch run`` process on a generated test-driver host with N guests.
 """
@@ -104,7 +104,9 @@ def bench_render(recorded: dict, sizes: list[int]) -> list[dict]:
             t0 = time.perf_counter()
             exp.render()
             warm.append(time.perf_counter() - t0)
-        out.append({"guests": n, "render_cold_median_ms": round(statistics.median(cold) * 1000, 1),
+        # first: the very first render (every guest's label prefixes built); cold: a new snapshot
+        out.append({"guests": n, "render_first_ms": round(cold[0] * 1000, 1),
+                    "render_cold_median_ms": round(statistics.median(cold[1:]) * 1000, 1),
                     "render_warm_median_ms": round(statistics.median(warm) * 1000, 2),
                     "body_bytes": len(body), "samples": body.count(b"\n") - body.count(b"\n#")})
     return out
