@@ -84,6 +84,8 @@ class Daemon:
             PlatformCollector(registry=self.registry)
             self.instruments = Instruments(self.registry)
             self.pump = EventPump(self.loop, wall_clock)
+            pump = self.pump  # read at each scrape: no task waking the loop every second to set it
+            self.instruments.event_backlog.set_function(lambda: pump.backlog)
             self.guests = GuestRegistry(wall_clock)
             self.recent = RecentEvents()
             self.inventory = Inventory()  # network/pool events overlay the poll snapshot until the next poll
@@ -447,7 +449,6 @@ class Daemon:
             self.loop.create_task(self.pump.run(), name="event-pump"),
             self.loop.create_task(self.connection.run(), name="connection"),
             self.loop.create_task(self.poller.run(), name="stats-poller"),
-            self.loop.create_task(self._backlog_gauge(), name="backlog-gauge"),
             self.loop.create_task(self.agent.run(), name="guest-agent"),
             self.loop.create_task(self.liveness.run(), name="liveness"),
         ]
@@ -459,11 +460,6 @@ class Daemon:
                  bound=self.listen_address, uri=self.settings.libvirt.uri, read_only=self.read_only,
                  poll_interval=self.settings.stats.poll_interval)
 
-    async def _backlog_gauge(self) -> None:
-        while True:
-            self.instruments.event_backlog.set(self.pump.backlog)
-            await asyncio.sleep(1.0)
-
     async def stop(self) -> None:
         """Stop in order: poller, libvirt connection (teardown order of design
         doc §3a), drain libvirtaio, event pump, HTTP. Bounded by
@@ -474,7 +470,7 @@ class Daemon:
         self._stopping = True
         deadline = self.loop.time() + self.settings.daemon.shutdown_timeout
         by_name = {t.get_name(): t for t in self._tasks}
-        for name in ("living-demo", "stats-poller", "backlog-gauge"):
+        for name in ("living-demo", "stats-poller"):
             await _cancel(by_name.get(name))
         await self.lanes.stop(timeout=max(0.1, min(2.0, deadline - self.loop.time())))
         await self.control.stop()

@@ -46,6 +46,9 @@ class GuestView:
 class GuestLookup(Protocol):
     """The read side of :class:`GuestRegistry` that features (agent, console capture) use."""
 
+    #: Increases with every change of the table.
+    version: int
+
     def guests(self) -> list[GuestView]:
         """Every known guest (``name``, ``uuid``, ``state``, ``agent_connected``...)."""
 

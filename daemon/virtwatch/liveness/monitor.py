@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import re
 import time
@@ -68,6 +69,9 @@ ALERTS: dict[str, tuple[str, str, str]] = {
 #: a reload) drops it at once, so this is only a safety net. Short, it cost the most of any
 #: part of the daemon's loop at 20 guests (a merge per guest every 2 s, for a tick every 0.25 s).
 POLICY_TTL = 30.0
+
+#: Seconds between two passes of the probe schedule over every guest when nothing is due sooner.
+FULL_PASS = 5.0
 
 #: Probe results kept per guest for ``virtwatch explain``.
 KEEP_RESULTS = 5
@@ -178,6 +182,9 @@ class LivenessMonitor:
         for st in self._state.values():
             st.in_flight, st.next_probe = False, None
         self._policies: dict[str, tuple[float, GuestPolicy]] = {}
+        # the schedule's next pass (see schedule()): marked dirty by anything that may move it
+        self._dirty, self._next_pass, self._seen_version = True, 0.0, -1
+        self._wake: asyncio.Event | None = None  # set by _touch while run() waits
         self._patterns: dict[tuple[str, ...], tuple[re.Pattern[str], ...]] = {}
         self._tasks = TaskSet()
         self.collector = LivenessCollector(self)
@@ -196,6 +203,13 @@ class LivenessMonitor:
     def reselect(self, name: str) -> None:
         """``name``'s merged policy may have changed (metadata, override): read it again."""
         self._policies.pop(name, None)
+        self._touch()
+
+    def _touch(self) -> None:
+        """Something may have moved the schedule: the next pass looks at every guest, soon."""
+        self._dirty = True
+        if self._wake is not None:
+            self._wake.set()
 
     def _entry(self, name: str, uuid: str = "") -> GuestLiveness:
         st = self._state.get(name)
@@ -212,6 +226,7 @@ class LivenessMonitor:
         REBOOT also counts, and may make a reboot loop."""
         if ev.source != Source.DOMAIN or not ev.name:
             return
+        self._touch()
         if ev.kind == Kind.LIFECYCLE and ev.event == Lifecycle.UNDEFINED:
             st = self._state.pop(ev.name, None)
             if st is not None:
@@ -281,8 +296,12 @@ class LivenessMonitor:
 
     # -- probes -------------------------------------------------------------------------
     async def run(self) -> None:
-        """The probe schedule, until cancelled: every ``tick`` seconds, start the probes that
-        are due (one at a time per guest), and resolve reboot loops that calmed down."""
+        """The probe schedule, until cancelled: a pass (:meth:`schedule`) starts the probes that
+        are due (one at a time per guest) and resolves reboot loops that calmed down. The task
+        then sleeps until the next pass is due or something marks the schedule dirty, passes
+        at least ``tick`` seconds apart: every wakeup of the loop costs (300 µs of CPU here),
+        so an idle schedule wakes once per :data:`FULL_PASS`, not four times a second."""
+        self._wake = asyncio.Event()
         try:
             while True:
                 try:
@@ -290,20 +309,38 @@ class LivenessMonitor:
                 except Exception as err:  # a bug must not end every guest's probes
                     log.exception("liveness_schedule_failed", error=repr(err))
                 await asyncio.sleep(self._tick)
+                wait = min(FULL_PASS, self._next_pass - self._mono())
+                if not self._dirty and wait > 0:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(wait):
+                            await self._wake.wait()
+                self._wake.clear()
         finally:
             self._tasks.cancel()
 
     def schedule(self) -> list[str]:
-        """Start every probe that is due now; returns the guests probed."""
+        """Start every probe that is due now; returns the guests probed.
+
+        A pass over every guest runs only when something may be due: the earliest next probe,
+        a reboot loop to look at again, a change of the guest table, an event, a selection
+        change or a probe that ended, and at least every :data:`FULL_PASS` seconds. (A pass at
+        every tick cost 13 µs per guest, 4 times a second: 52 ms/s at 1,000 guests.)"""
         now = self._mono()
+        if not self._dirty and now < self._next_pass and self._guests.version == self._seen_version:
+            return []
+        self._dirty, self._seen_version = False, self._guests.version
+        next_pass = now + FULL_PASS
         started = []
         for g in self._guests.guests():
             st = self._state.get(g.name)
             if g.state not in RUNNING:
                 continue
             pol = self.policy(g.name)
-            if st is not None and st.reboots.calm(now, pol.reboot_limit, pol.reboot_interval):
-                self._resolve(st, "reboot_loop")
+            if st is not None and "reboot_loop" in st.firing:
+                if st.reboots.calm(now, pol.reboot_limit, pol.reboot_interval):
+                    self._resolve(st, "reboot_loop")
+                else:
+                    next_pass = min(next_pass, now + 1.0)
             if pol.probe == "none":
                 if st is not None:
                     st.probe = "none"
@@ -312,13 +349,18 @@ class LivenessMonitor:
             st = st or self._entry(g.name, g.uuid)
             if st.next_probe is None:  # first seen running (daemon start): as after a start
                 st.next_probe = now + pol.probe_initial_delay
-            if st.in_flight or now < st.next_probe:
+            if st.in_flight:
+                continue  # its end marks the schedule dirty
+            if now < st.next_probe:
+                next_pass = min(next_pass, st.next_probe)
                 continue
             st.in_flight = True
             st.probe = pol.probe
             st.next_probe = now + pol.probe_interval
+            next_pass = min(next_pass, st.next_probe)
             self._tasks.spawn(self._probe(st, pol), name=f"probe-{g.name}")
             started.append(g.name)
+        self._next_pass = next_pass
         return started
 
     async def _probe(self, st: GuestLiveness, pol: GuestPolicy) -> None:
@@ -328,6 +370,7 @@ class LivenessMonitor:
                                   mono=self._mono, wall=self._wall)
         finally:
             st.in_flight = False
+            self._touch()
         if st.run != run or self._state.get(st.name) is not st:
             return  # the guest started over (or went away) while it ran: says nothing now
         self.record(st, pol, res)

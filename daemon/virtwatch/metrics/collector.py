@@ -195,6 +195,7 @@ class Exposition:
         self._pending: asyncio.Future[StateText] | None = None
         self._pending_key: tuple[Any, ...] | None = None
         self._again = False
+        self._bounds_text: tuple[StateText, dict[str, int], bytes] | None = None
         self._refresh: asyncio.Future[StateText] | None = None
         self._other_series = 0
         self._dropped_total: dict[str, int] = {}
@@ -349,7 +350,11 @@ class Exposition:
         own = b"".join(parts)
         own_counts = count_series(own)
         self._other_series = sum(own_counts.values())
-        tail = own + write_text(self._bounds_families(state, own_counts))
+        cached = self._bounds_text
+        if cached is None or cached[0] is not state or cached[1] != own_counts:
+            # they change with a render or a new series of the daemon's own, not per scrape
+            cached = self._bounds_text = (state, own_counts, write_text(self._bounds_families(state, own_counts)))
+        tail = own + cached[2]
         return gzip_body(state.deflated, tail) if gzip else state.body + tail
 
     def _bounds_families(self, state: StateText, own: Mapping[str, int]) -> list[Metric]:

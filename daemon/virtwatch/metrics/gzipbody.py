@@ -16,7 +16,9 @@ import zlib
 
 #: magic, deflate, no flags, mtime 0, no extra flags, OS unknown (RFC 1952 section 2.3).
 _HEADER = b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"
-LEVEL = 6
+#: zlib level 1: on the recorded 20-guest text, 0.14 ms and 10.9 KB against level 6's 0.56 ms and
+#: 10.0 KB; the per-poll CPU matters more than 9 % of a body that is a tenth of the plain one.
+LEVEL = 1
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
