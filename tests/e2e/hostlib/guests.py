@@ -141,6 +141,7 @@ class GuestFactory:
         tiny_fs_size: str = "2M",
         wait: bool = True,
         boot_timeout: float = 60.0,
+        paused: bool = False,
         **xml_kwargs: object,
     ) -> Guest:
         """Create and start one guest; by default wait for its ``VW READY`` line.
@@ -152,6 +153,8 @@ class GuestFactory:
         tiny_fs    put the qcow2 on a tiny tmpfs (tiny_fs_size) and set error_policy='stop':
                    with ``options={"fill": 8}`` the guest pauses with PAUSED/IOERROR.
         wait       wait for the ready marker (a guest that panics on boot: pass False).
+        paused     start it paused (``VIR_DOMAIN_START_PAUSED``): QEMU and every device are
+                   up, the guest never runs a CPU instruction; implies ``wait=False``.
         xml_kwargs passed to :func:`hostlib.domain.domain_xml` (agent, graphics, ...).
         """
         name = self.new_name(label)
@@ -177,6 +180,7 @@ class GuestFactory:
             serial_log=serial_log,
             **xml_kwargs,  # type: ignore[arg-type]
         )
+        start_flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
         started = time.monotonic()
         try:
             if persistent:
@@ -184,9 +188,9 @@ class GuestFactory:
                 guest = Guest(name, dom, xml, gdir, serial_log, disk_path, True, started,
                               tinyfs=tinyfs)
                 self.guests.append(guest)
-                dom.create()
+                dom.createWithFlags(start_flags)
             else:
-                dom = self.conn.createXML(xml, 0)
+                dom = self.conn.createXML(xml, start_flags)
                 guest = Guest(name, dom, xml, gdir, serial_log, disk_path, False, started,
                               tinyfs=tinyfs)
                 self.guests.append(guest)
@@ -194,13 +198,13 @@ class GuestFactory:
             if tinyfs is not None and not any(g.tinyfs is tinyfs for g in self.guests):
                 tinyfs.unmount()
             raise
-        if wait:
+        if wait and not paused:
             guest.boot_seconds = guest.wait_for_serial(READY_MARKER, boot_timeout)
         return guest
 
     def create_many(self, count: int, label: str = "g", **kwargs: object) -> list[Guest]:
         """Start count guests at once, then wait for all of them (boots overlap)."""
-        wait = bool(kwargs.pop("wait", True))
+        wait = bool(kwargs.pop("wait", True)) and not kwargs.get("paused", False)
         timeout = float(kwargs.pop("boot_timeout", 60.0))  # type: ignore[arg-type]
         guests = [self.create(label, wait=False, **kwargs) for _ in range(count)]  # type: ignore[arg-type]
         if wait:
