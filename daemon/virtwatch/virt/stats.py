@@ -231,11 +231,11 @@ class StatsPoller:
             host_due = self.settings.host and ("host" in due or self._host_retry)
             host_task = tg.create_task(self._host_figures(end)) if host_due else None
             probe_task = tg.create_task(self._probe(probe_now, end)) if probe_now else None
-            rows = await self._bulk(end, stats_flags(read))
+            rows, counts = await self._bulk(end, stats_flags(read))
             held: frozenset[str] = frozenset()
             if rows:
                 self._per_domain.observe(rows)
-                rows, held = await self._drop_thin(rows, end, read)
+                rows, held = await self._drop_thin(rows, counts, end, read)
                 filled = await self._per_domain.fill("stats", rows, end, only=due)
                 rows, held = filled.rows, held | filled.held
                 self._add_suspects(filled.hung, filled.hung, "per-domain statistics call outlived the poll deadline")
@@ -346,8 +346,10 @@ class StatsPoller:
         return DomainStats(name=name, uuid=uuid, stats=without_guest_memory(st) if memory_stale else st, stale=False,
                            collected_at=now, devices=devices, memory_stale=memory_stale)
 
-    async def _bulk(self, end: float, flags: int) -> list[DomainRow] | None:
-        """The bulk call on the stats lane; None when it gave nothing this poll.
+    async def _bulk(self, end: float, flags: int) -> tuple[list[DomainRow] | None, dict[str, dict[str, int]]]:
+        """The bulk call on the stats lane: (rows, fields per group of each row by UUID,
+        :func:`group_counts`, counted on the lane's thread so that 1,000 guests' keys are
+        not scanned on the loop); rows None when it gave nothing this poll.
 
         The first attempt gets half the poll's budget. When it times out, the
         guests it is stuck on are found (:meth:`_identify`) and a second
@@ -358,24 +360,24 @@ class StatsPoller:
             deadline = remaining / 2 if attempt == 1 else remaining
             call = "domainListGetStats" if exclude else "getAllDomainStats"
             try:
-                return await self._lanes.run("stats", call, self._source.bulk, exclude, flags,
+                return await self._lanes.run("stats", call, _counted, self._source.bulk, exclude, flags,
                                              timeout=max(0.05, deadline))
             except CallTimeout:
                 log.warning("poll_timeout", timeout_seconds=round(deadline, 3), attempt=attempt,
                             excluded=len(exclude))
             except LaneUnavailable as err:
                 log.warning("poll_no_lane", reason=err.reason)
-                return None
+                return None, {}
             except libvirt.libvirtError as err:
                 log.warning("poll_failed", error=str(err).strip(), code=error_code_name(err))
-                return None
+                return None, {}
             if attempt == 2:
-                return None
+                return None, {}
             newly = await self._identify(end, min_ms=deadline * 1000 / 2)
             if not newly:
-                return None
+                return None, {}
             exclude = exclude | newly
-        return None
+        return None, {}
 
     def _note_fields(self, uuid: str, counts: Mapping[str, int], read: Iterable[str]) -> None:
         """Remember how many fields each group in ``read`` had in a free-monitor answer."""
@@ -383,9 +385,10 @@ class StatsPoller:
         for group in read:
             ref[group] = counts.get(group, 0)
 
-    async def _drop_thin(self, rows: list[DomainRow], end: float,
+    async def _drop_thin(self, rows: list[DomainRow], counts: Mapping[str, Mapping[str, int]], end: float,
                          read: tuple[str, ...]) -> tuple[list[DomainRow], frozenset[str]]:
         """Rows of guests held by somebody else's call, taken out; returns (kept, held).
+        ``counts``: each row's fields per group (:func:`group_counts`) by UUID.
 
         NOWAIT skips, rather than waits for, a guest whose job another call holds.
         When that call is stuck on a hung QEMU (another client's, or ours on a
@@ -398,7 +401,6 @@ class StatsPoller:
         free the smaller answer is real (a device went away) and becomes the new
         reference. Fields are counted per group, and only the groups ``read`` this poll
         are compared. A healthy poll makes no extra call."""
-        counts = {uuid: group_counts(st) for _n, uuid, st in rows}
         thin = frozenset(uuid for uuid, c in counts.items()
                          if any(c.get(g, 0) < n for g, n in self._fields.get(uuid, {}).items() if g in read))
         for uuid, c in counts.items():
@@ -502,3 +504,11 @@ class StatsPoller:
         code = error_code_name(err)
         if code != "VIR_ERR_NO_SUPPORT":
             self._instruments.api_errors.labels(call=call, code=code).inc()
+
+
+def _counted(conn: Any, bulk: Callable[[Any, frozenset[str], int], list[DomainRow]], exclude: frozenset[str],
+             flags: int) -> tuple[list[DomainRow], dict[str, dict[str, int]]]:
+    """``bulk(conn, exclude, flags)`` and each row's fields per group by UUID
+    (:func:`group_counts`); runs on the stats lane's thread."""
+    rows = bulk(conn, exclude, flags)
+    return rows, {uuid: group_counts(st) for _n, uuid, st in rows}
