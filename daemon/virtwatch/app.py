@@ -30,7 +30,7 @@ from .inventory import Inventory
 from .liveness.monitor import LivenessMonitor, explain_lines
 from .logs import EventLogger
 from .metrics.collector import Exposition, StateCollector
-from .metrics.history import GuestHistory, cpu_percent
+from .metrics.history import GuestHistory, cpu_percent, cpu_reference
 from .metrics.http import HTTPApp, guest_json
 from .metrics.instruments import Instruments
 from .model import Event, Kind, ResyncEntry, Source, missed_lifecycle
@@ -272,7 +272,8 @@ class Daemon:
 
     def _on_snapshot(self, snap: Snapshot) -> None:
         self.history.add(self._latest, snap)
-        self._previous, self._latest = self._latest, snap
+        # the poll before is kept for CPU % only: its cpu.time, not every guest's statistics
+        self._previous, self._latest = cpu_reference(self._latest) if self._latest else None, snap
         self.liveness.on_snapshot(snap.domains)
         self.exposition.prerender()  # off the loop, now: the next scrape finds a finished body
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from virtwatch.metrics.history import GuestHistory, Point, cpu_percent, memory_figure
+from virtwatch.metrics.history import GuestHistory, Point, cpu_percent, cpu_reference, memory_figure
 from virtwatch.metrics.landing import GuestRow, cpu_sparkline, guest_path, memory_sparkline, render_page, sparkline
 from virtwatch.virt.stats import DomainStats, Snapshot
 
@@ -32,6 +32,20 @@ def test_history_points_cpu_and_memory_per_poll() -> None:
     assert h.series("a") == (Point(100.0, None, 20 * 2**20, "rss"), Point(105.0, 40.0, 30 * 2**20, "rss"))
     assert cpu_percent(s1, s2, "a") == pytest.approx(40.0)  # 2 s of CPU in 5 s
     assert h.series("unknown") == ()
+
+
+def test_cpu_reference_keeps_only_what_cpu_percent_reads() -> None:
+    s1 = snap(1, 100.0, a={"cpu.time": 10 * S, "balloon.rss": 20480, "block.0.rd.bytes": 7}, b=None,
+              c={"state.state": 5})
+    s2 = snap(2, 104.0, a={"cpu.time": 13 * S}, b={"cpu.time": 2 * S}, c={"state.state": 5})
+    ref = cpu_reference(s1)
+    assert {u: dict(d.stats) for u, d in ref.domains.items()} == {"a": {"cpu.time": 10 * S}, "b": {}, "c": {}}
+    assert [(d.name, d.stale, d.collected_at) for d in ref.domains.values()] == [("a", False, 100.0),
+                                                                               ("b", True, 100.0),
+                                                                               ("c", False, 100.0)]
+    assert (ref.seq, ref.time) == (1, 100.0)
+    assert cpu_percent(ref, s2, "a") == cpu_percent(s1, s2, "a") == pytest.approx(75.0)  # 3 s of CPU in 4 s
+    assert cpu_percent(ref, s2, "b") is None and cpu_percent(ref, s2, "c") is None
 
 
 def test_history_is_bounded_and_forgets_guests_that_leave() -> None:
