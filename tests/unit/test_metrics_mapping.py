@@ -209,3 +209,27 @@ async def test_render_async_matches_render_and_shares_one_render(recorded_domsta
     assert all(b == bodies[0] for b in bodies)
     assert bodies[0] == exp.render()
     assert exp.renders == 1  # the sync path reuses the cached state text
+
+
+async def test_a_scrape_never_waits_and_says_when_it_is_one_render_behind(recorded_domstats: dict) -> None:
+    import dataclasses
+
+    reg, snap = build(recorded_domstats)
+    holder = {"snap": snap}
+    exp = Exposition(CollectorRegistry(), StateCollector(reg, lambda: holder["snap"], lambda: {}))
+    first = await exp.render_async()  # nothing cached: the first scrape waits
+    assert exp.answered_behind is False and exp.renders == 1
+    one = next(iter(snap.domains.values()))
+    changed = dict(one.stats, **{"cpu.time": one.stats["cpu.time"] + 10**9})
+    holder["snap"] = dataclasses.replace(snap, seq=snap.seq + 1,
+                                         domains={**snap.domains, one.uuid: dataclasses.replace(one, stats=changed)})
+    behind = await exp.render_async()  # the state changed: the cached body, and a render started
+    assert behind == first and exp.answered_behind is True
+    await exp._refresh  # the render the scrape started
+    now = await exp.render_async()
+    assert exp.answered_behind is False and exp.renders == 2
+    assert now != first and now == exp.render()
+    line = f'libvirt_domain_cpu_time_seconds_total{{domain="{one.name}"}}'
+    assert line.encode() in now and line.encode() in first
+    value = next(ln for ln in now.decode().splitlines() if ln.startswith(line)).split()[-1]
+    assert float(value) == pytest.approx(changed["cpu.time"] / 1e9)

@@ -202,6 +202,8 @@ class Exposition:
         self._budget_state: tuple[tuple[str, ...], bool] = ((), True)
         self._guest_text = GuestText()
         self.renders = 0
+        # whether the last render_async answered a render older than the state (set before it returns)
+        self.answered_behind = False
 
     def add_collector(self, name: str, collector: Collector) -> None:
         """Render ``collector`` on every scrape as ``virtwatch_collector_success{collector=name}``.
@@ -239,12 +241,14 @@ class Exposition:
         event, has usually started it already). Only the first scrape, with nothing cached,
         waits. ``wait=True`` waits for the text of the state now (concurrent waits share one
         render)."""
+        self.answered_behind = False
         if not wait and self._cached_key is not None:
             try:
                 key = self._state.key()
             except Exception as err:  # reading the inputs failed: say so, as render() does
                 return self._assemble(StateText(error=err), gzip)
             if key != self._cached_key:
+                self.answered_behind = True
                 self.prerender()
             return self._assemble(self._cached, gzip)
         return self._assemble(await self._state_body(), gzip)

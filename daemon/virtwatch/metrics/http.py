@@ -24,6 +24,9 @@ from .history import GuestHistory
 from .landing import GuestRow, render_page
 
 MAX_BODY_BYTES = 64 * 1024
+#: on a ``/metrics`` answer whose guest state text is one render behind the state (a change
+#: arrived while its render ran; the scrape did not wait for it): value ``1``
+RENDER_BEHIND_HEADER = "X-Virtwatch-Render-Behind"
 
 
 class StatusPort(Protocol):
@@ -130,6 +133,8 @@ class HTTPApp:
         gzip = accepts_gzip(request.headers.get("Accept-Encoding", ""))
         body = await self._exposition.render_async(gzip=gzip)
         headers = {"Content-Type": Exposition.CONTENT_TYPE, "Vary": "Accept-Encoding"}
+        if self._exposition.answered_behind:  # the state changed while its render ran: the next scrape has it
+            headers[RENDER_BEHIND_HEADER] = "1"
         if gzip:
             headers["Content-Encoding"] = "gzip"
         return web.Response(body=body, headers=headers)

@@ -66,11 +66,25 @@ class VirtwatchProcess:
         except (TimeoutError, urllib.error.URLError, ConnectionError):
             return 0, ""
 
-    def scrape(self) -> str:
-        """The ``/metrics`` body (raises on non-200)."""
-        status, body = self.get("/metrics")
-        assert status == 200, f"/metrics answered {status}"
-        return body
+    def scrape(self, timeout: float = 5.0) -> str:
+        """The ``/metrics`` body of the daemon's state now (raises on non-200).
+
+        A scrape answers the latest finished render: one that says it was a render behind the
+        state (``X-Virtwatch-Render-Behind``, a change arrived while its render ran) is asked
+        again, for up to ``timeout`` s, so that a test reads the state it just caused."""
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                with urllib.request.urlopen(self.base + "/metrics", timeout=5) as r:
+                    status, behind, body = r.status, r.headers.get("X-Virtwatch-Render-Behind"), r.read().decode()
+            except urllib.error.HTTPError as err:
+                status, behind, body = err.code, None, err.read().decode()
+            except (TimeoutError, urllib.error.URLError, ConnectionError):
+                status, behind, body = 0, None, ""
+            assert status == 200, f"/metrics answered {status}"
+            if not behind or time.monotonic() > end:
+                return body
+            time.sleep(0.02)
 
     def json(self, path: str) -> dict:
         """GET a JSON document."""
