@@ -58,13 +58,18 @@ class VirtwatchProcess:
 
     def get(self, path: str) -> tuple[int, str]:
         """HTTP GET; (status, body); (0, "") while the port is closed."""
+        status, _headers, body = self._get(path)
+        return status, body
+
+    def _get(self, path: str) -> tuple[int, Any, str]:
+        """HTTP GET; (status, response headers or None, body); (0, None, "") while the port is closed."""
         try:
             with urllib.request.urlopen(self.base + path, timeout=5) as r:
-                return r.status, r.read().decode()
+                return r.status, r.headers, r.read().decode()
         except urllib.error.HTTPError as err:
-            return err.code, err.read().decode()
+            return err.code, err.headers, err.read().decode()
         except (TimeoutError, urllib.error.URLError, ConnectionError):
-            return 0, ""
+            return 0, None, ""
 
     def scrape(self, timeout: float = 5.0) -> str:
         """The ``/metrics`` body of the daemon's state now (raises on non-200).
@@ -74,15 +79,10 @@ class VirtwatchProcess:
         again, for up to ``timeout`` s, so that a test reads the state it just caused."""
         end = time.monotonic() + timeout
         while True:
-            try:
-                with urllib.request.urlopen(self.base + "/metrics", timeout=5) as r:
-                    status, behind, body = r.status, r.headers.get("X-Virtwatch-Render-Behind"), r.read().decode()
-            except urllib.error.HTTPError as err:
-                status, behind, body = err.code, None, err.read().decode()
-            except (TimeoutError, urllib.error.URLError, ConnectionError):
-                status, behind, body = 0, None, ""
+            status, headers, body = self._get("/metrics")
             assert status == 200, f"/metrics answered {status}"
-            if not behind or time.monotonic() > end:
+            # the header is virtwatch.metrics.http.RENDER_BEHIND_HEADER (this harness is black-box)
+            if not headers.get("X-Virtwatch-Render-Behind") or time.monotonic() > end:
                 return body
             time.sleep(0.02)
 
