@@ -113,7 +113,7 @@ class Daemon:
         # each), so a call stuck on a hung QEMU never holds up events, resync or console opens,
         # nor the next poll (issue 9). Statistics never need write access.
         self.lanes = LanePool(settings.libvirt, True, self.instruments, settings.stats.max_stuck_lanes,
-                              shared=shares_main_connection(settings.libvirt.uri))
+                              shared=shares_main_connection(settings.libvirt.uri), unwatched=impl.unwatched)
         self.connection.add_listener(self.lanes)
         self.lanes.count_also(lambda: self.connection.conn is not None)
         # NICs (alias, MAC, tap) and the balloon period from each guest's live XML, read on the

@@ -18,6 +18,12 @@ thread gets its id back at once.
 Removals after the loop has closed (objects freed at process exit) never
 call libvirt's free callback: see :meth:`ThreadSafeAsyncIOImpl._submit`.
 
+Connections opened inside :meth:`ThreadSafeAsyncIOImpl.unwatched` get no socket
+watch: libvirt's RPC client then has no async IO, so their calls never touch the
+loop (each call on a watched connection disables and re-enables its watch from the
+calling thread: two loop wakeups and epoll changes per call). Such a connection
+receives no events and has no keepalive; the lanes use it.
+
 It also fixes libvirtaio's timers: changing a running timer's interval
 restarts its sleep (stock libvirtaio finished the old sleep first, so a 3 s
 timer changed to 10 ms still fired after 3 s).
@@ -27,9 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import libvirt
@@ -64,7 +71,9 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         self._known: set[int] = set()
         self._ids = itertools.count(1)
         self._flush_scheduled = False
+        self._thread = threading.local()  # .unwatched: refuse socket watches on this thread
         self.dropped_after_close = 0  # removals after the loop closed whose free was left to process exit
+        self.submitted_off_loop = 0  # add/update/remove calls libvirt made from other threads than the loop's
 
     # -- ordering machinery -------------------------------------------------
     def _submit(self, fn: Callable[..., Any], *args: Any) -> None:
@@ -87,6 +96,7 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         with self._lock:
             self._ops.append((fn, args))
             on_loop = threading.get_ident() == self._loop_thread
+            self.submitted_off_loop += not on_loop
             schedule = not on_loop and not self._flush_scheduled
             if schedule:
                 self._flush_scheduled = True
@@ -122,8 +132,28 @@ class ThreadSafeAsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         with self._lock:
             return len(self._ops)
 
+    @contextlib.contextmanager
+    def unwatched(self) -> Iterator[None]:
+        """Open libvirt connections without a socket watch, on this thread, inside the block.
+
+        libvirt registers a connection's socket watch from the thread that opens it
+        (``virNetClientRegisterAsyncIO`` in ``virConnectOpen``); inside this block
+        that registration is refused, and the remote driver goes on without async IO
+        ("disabling events and support for keep-alive messages"). The connection's
+        calls then do their own I/O on the calling thread and never wake the loop.
+        It gets no events, and ``setKeepAlive`` on it raises ``libvirtError``
+        (VIR_ERR_INTERNAL_ERROR). Watches and timers registered later, by calls
+        made outside the block, are unaffected."""
+        self._thread.unwatched = True
+        try:
+            yield
+        finally:
+            self._thread.unwatched = False
+
     # -- handles ------------------------------------------------------------
     def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
+        if getattr(self._thread, "unwatched", False):
+            return -1  # libvirt treats it as "no event loop" for this connection
         iden = self._new_id()
         self._submit(self._do_add_handle, iden, fd, event, cb, opaque)
         return iden
