@@ -225,7 +225,8 @@ async def test_a_scrape_never_waits_and_says_when_it_is_one_render_behind(record
                                          domains={**snap.domains, one.uuid: dataclasses.replace(one, stats=changed)})
     behind = await exp.render_async()  # the state changed: the cached body, and a render started
     assert behind == first and exp.answered_behind is True
-    await exp._refresh  # the render the scrape started
+    assert exp.rendering is not None
+    await exp.rendering  # the render the scrape started
     now = await exp.render_async()
     assert exp.answered_behind is False and exp.renders == 2
     assert now != first and now == exp.render()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol
 
@@ -196,7 +197,6 @@ class Exposition:
         self._pending_key: tuple[Any, ...] | None = None
         self._again = False
         self._bounds_text: tuple[StateText, dict[str, int], bytes] | None = None
-        self._refresh: asyncio.Future[StateText] | None = None
         self._other_series = 0
         self._dropped_total: dict[str, int] = {}
         self._budget_state: tuple[tuple[str, ...], bool] = ((), True)
@@ -258,6 +258,11 @@ class Exposition:
         """The :meth:`StateCollector.key` of the cached state text (None before the first render)."""
         return self._cached_key
 
+    @property
+    def rendering(self) -> asyncio.Future[StateText] | None:
+        """The render running in a worker thread now (None when none is)."""
+        return self._pending
+
     def current_key(self) -> tuple[Any, ...]:
         """The state collector's key now (raises what reading the inputs raises)."""
         return self._state.key()
@@ -277,38 +282,55 @@ class Exposition:
         if self._pending is not None:
             self._again = self._again or self._pending_key != key
             return None
-        self._refresh = asyncio.ensure_future(self._state_body())  # kept: the loop holds tasks weakly
-        return self._refresh
+        try:
+            return self._start(key)
+        except Exception:  # freezing the state failed: the scrape will report it
+            return None
 
     def on_event(self, _event: object) -> None:
         """Pump subscriber (after the guest table's): render the changed guest state now."""
         self.prerender()
 
+    def _start(self, key: tuple[Any, ...]) -> asyncio.Future[StateText]:
+        """Render the state of ``key`` in a worker thread; its result is adopted by a done
+        callback (:meth:`_rendered`), not by a task: one loop pass when the thread ends, where
+        a task awaiting it took four. Raises what freezing the state raises."""
+        frozen = self._state.frozen()
+        self._pending_key = key
+        self._pending = asyncio.get_running_loop().run_in_executor(
+            None, _render_state, frozen, self._guest_text, self._max_series, self._others())
+        self._pending.add_done_callback(functools.partial(self._rendered, key))
+        return self._pending
+
+    def _rendered(self, key: tuple[Any, ...], render: asyncio.Future[StateText]) -> None:
+        """Adopt a finished render unless a newer one replaced it; start the next when the
+        state changed meanwhile."""
+        if self._pending is not render:
+            return
+        self._pending = None
+        if render.cancelled():  # the executor shut down: nothing to adopt
+            return
+        self._adopt(key, render.result())
+        if self._again:  # the state changed while this one rendered
+            self._again = False
+            self.prerender()
+
     async def _state_body(self) -> StateText:
-        """The state text for the current key: cached, or rendered once in a worker thread."""
+        """The state text for the current key: cached, or rendered once in a worker thread
+        (concurrent callers share one render)."""
         try:
             key = self._state.key()
         except Exception as err:  # reading the inputs failed: nothing to cache
             return StateText(error=err)
         if key == self._cached_key:
             return self._cached
-        if self._pending is None or self._pending_key != key:
+        pending = self._pending
+        if pending is None or self._pending_key != key:
             try:
-                frozen = self._state.frozen()
+                pending = self._start(key)
             except Exception as err:
                 return StateText(error=err)
-            self._pending_key = key
-            self._pending = asyncio.ensure_future(asyncio.to_thread(_render_state, frozen, self._guest_text,
-                                                                    self._max_series, self._others()))
-        pending = self._pending
-        text = await asyncio.shield(pending)  # a scrape that goes away must not cancel it
-        if self._pending is pending:
-            self._pending = None
-            self._adopt(key, text)
-            if self._again:  # the state changed while this one rendered
-                self._again = False
-                self.prerender()
-        return text
+        return await asyncio.shield(pending)  # a scrape that goes away must not cancel it
 
     def _others(self) -> int:
         """Series of the live and component collectors (and the success family) now, for the
