@@ -161,6 +161,28 @@ async def test_guest_memory_figures_dropped_after_three_balloon_periods(actor, r
         await asyncio.to_thread(dom.destroy)
 
 
+async def test_guest_memory_figures_are_not_judged_before_the_xml_gives_the_period(actor, rig: PollerRig) -> None:
+    """Without its live XML (not read yet) a guest's balloon period is unknown: its memory
+    figures are kept and not judged, however old its last report."""
+    name = f"nics-{uuidlib.uuid4().hex[:8]}"
+    dom = await asyncio.to_thread(actor.createXML, nic_guest_xml(name), 0)
+    try:
+        last = (await asyncio.to_thread(dom.memoryStats))["last_update"]
+        src = PerDomainSource()
+        poller = StatsPoller(rig.settings.stats, rig.connection, rig.lanes, rig.instruments, source=src,
+                             wall=lambda: last + 3 * rig.settings.stats.poll_interval + 1.0, devices=None)
+        snap = await poller.poll_once()
+        ds = snap.domains[dom.UUIDString()]
+        assert ds.devices is None and ds.memory_stale is None
+        assert ds.stats["balloon.usable"] == src.rows[name]["balloon.usable"]
+        s = samples([GuestView(name, dom.UUIDString(), 1, 1)], snap)
+        d = (("domain", name),)
+        assert ("libvirt_domain_memory_stats_stale", d) not in s
+        assert s[("libvirt_domain_memory_usable_bytes", d)] == src.rows[name]["balloon.usable"] * 1024
+    finally:
+        await asyncio.to_thread(dom.destroy)
+
+
 async def test_a_balloon_read_every_fourth_poll_is_judged_when_read(actor, slow_balloon_rig: PollerRig) -> None:
     """Between balloon reads the last balloon figures and their staleness verdict stand in;
     the verdict changes only at the next read (poll 4), never from the carried figures' age."""

@@ -77,7 +77,8 @@ class DomainStats:
             (:mod:`~virtwatch.virt.devices`), None when not read (yet).
         memory_stale: :func:`~virtwatch.virt.devices.guest_memory_stale` at
             ``collected_at``: True when the guest's last balloon report is older
-            than 3 periods (its figures were dropped), None when there is none.
+            than 3 periods (its figures were dropped), None when there is none or
+            ``devices`` is None (the period is unknown: not judged).
     """
 
     name: str
@@ -341,8 +342,11 @@ class StatsPoller:
             if "balloon" in carried:
                 return DomainStats(name=name, uuid=uuid, stats=st, stale=False, collected_at=now, devices=devices,
                                    memory_stale=last.memory_stale)
-        period = devices.balloon_period if devices is not None else None
-        memory_stale = guest_memory_stale(st, now, period, self.settings.poll_interval)
+        # Its XML not read yet (a first poll, or reads deferred by a slow one): the period is
+        # unknown, so the figures are not judged. 3 poll intervals stood in for it and, with a
+        # short poll interval, dropped a guest's figures that its 5 s period made current.
+        memory_stale = (guest_memory_stale(st, now, devices.balloon_period, self.settings.poll_interval)
+                        if devices is not None else None)
         return DomainStats(name=name, uuid=uuid, stats=without_guest_memory(st) if memory_stale else st, stale=False,
                            collected_at=now, devices=devices, memory_stale=memory_stale)
 
