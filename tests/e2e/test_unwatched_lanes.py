@@ -62,7 +62,7 @@ async def test_an_unwatched_lane_never_calls_the_event_implementation(event_impl
 
 
 async def test_an_unwatched_connection_has_no_keepalive(event_impl: Any) -> None:
-    def open_and_keepalive() -> int:
+    def open_and_keepalive() -> list[str]:
         with event_impl.unwatched():
             conn = libvirt.openReadOnly(URI)
         try:
