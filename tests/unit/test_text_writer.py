@@ -8,7 +8,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeHistogramMetricFamily,
@@ -22,7 +22,7 @@ from prometheus_client.core import (
 )
 
 from virtwatch.metrics.collector import StateCollector
-from virtwatch.metrics.text import write_text
+from virtwatch.metrics.text import FamilyTexts, write_text
 from virtwatch.state import GuestRegistry, ResyncEntry
 from virtwatch.virt.stats import DomainStats, Snapshot
 
@@ -96,3 +96,50 @@ def test_an_unformattable_value_raises_like_the_library() -> None:
         library([bad])
     with pytest.raises(ValueError):
         write_text([bad])
+
+
+def test_family_texts_reuse_only_what_did_not_change_and_write_the_library_bytes() -> None:
+    reg = CollectorRegistry()
+    scrapes = Counter("demo_scrapes", "scrapes answered", ["code"], registry=reg)
+    level = Gauge("demo_level", "a level", registry=reg)
+    seconds = Histogram("demo_seconds", "a duration", ["call"], buckets=(0.1, 1.0), registry=reg)
+    scrapes.labels("200").inc()
+    level.set(3)
+    seconds.labels("x").observe(0.5)
+    texts = FamilyTexts()
+    assert texts.write(reg.collect()) == generate_latest(reg)
+    assert texts.reused == 0
+    # nothing changed: every family is reused
+    assert texts.write(reg.collect()) == generate_latest(reg)
+    assert texts.reused == 3
+    # one counter child added, one gauge changed: those two families are written again
+    scrapes.labels("500").inc()
+    level.set(4.5)
+    text = texts.write(reg.collect())
+    assert text == generate_latest(reg)
+    assert b'demo_scrapes_total{code="500"} 1.0' in text and b"demo_level 4.5" in text
+    assert texts.reused == 3 + 1
+    seconds.labels("x").observe(2)
+    assert texts.write(reg.collect()) == generate_latest(reg)
+    assert texts.reused == 4 + 2
+
+
+def test_family_texts_write_a_family_again_when_its_help_or_type_changed() -> None:
+    texts = FamilyTexts()
+    first = GaugeMetricFamily("demo", "first help", value=1)
+    assert texts.write([first]) == library([first])
+    helped = GaugeMetricFamily("demo", "second help", value=1)
+    assert texts.write([helped]) == library([helped])
+    typed = UnknownMetricFamily("demo", "second help", value=1)
+    assert texts.write([typed]) == library([typed])
+    assert texts.reused == 0
+
+
+def test_family_texts_raise_like_write_text_and_recover() -> None:
+    texts = FamilyTexts()
+    good = GaugeMetricFamily("good", "fine", value=1)
+    bad = GaugeMetricFamily("bad", "a string value", labels=["domain"])
+    bad.add_metric(["a"], "not a number")  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        texts.write([good, bad])
+    assert texts.write([good]) == library([good])

@@ -45,7 +45,7 @@ from .domain import domain_families, host_families, stats_source_family
 from .guesttext import GuestText
 from .gzipbody import EMPTY, DeflatedPart, deflate_part, gzip_body
 from .migration import migration_families
-from .text import write_text
+from .text import FamilyTexts, write_text
 
 log = structlog.get_logger("virtwatch.metrics")
 
@@ -201,6 +201,8 @@ class Exposition:
         self._dropped_total: dict[str, int] = {}
         self._budget_state: tuple[tuple[str, ...], bool] = ((), True)
         self._guest_text = GuestText()
+        # the daemon's own families at each scrape: most are as the last scrape wrote them
+        self._own_texts: dict[str, FamilyTexts] = {}
         self.renders = 0
         # whether the last render_async answered a render older than the state (set before it returns)
         self.answered_behind = False
@@ -363,7 +365,7 @@ class Exposition:
         and the bounds families; plain, or one gzip member over the cached deflated state."""
         parts: list[bytes] = []
         for name, source in ((DAEMON, self._live), *self._components.items()):
-            body, error = _render(source)
+            body, error = _render(source, self._own_texts.setdefault(name, FamilyTexts()))
             self._note(name, error)
             parts.append(body)
         self._note(STATE, state.error)
@@ -438,16 +440,17 @@ class _Capped:
         return []
 
 
-def _render(source: CollectorRegistry) -> tuple[bytes, Exception | None]:
+def _render(source: CollectorRegistry, texts: FamilyTexts | None = None) -> tuple[bytes, Exception | None]:
     """``(text, None)``, or ``(b"", the exception)`` when collecting or formatting raised.
 
     The text is prometheus-client's (:func:`~virtwatch.metrics.text.write_text` writes
-    the bytes ``generate_latest`` would, in less time: this runs at every scrape). The whole
-    text is built before it is returned, so a family that fails halfway is never
+    the bytes ``generate_latest`` would, in less time: this runs at every scrape; given
+    ``texts``, the families unchanged since its last call are not formatted again). The
+    whole text is built before it is returned, so a family that fails halfway is never
     half-written into the scrape. Safe to run in a worker thread.
     """
     try:
-        return write_text(source.collect()), None
+        return (texts.write(source.collect()) if texts is not None else write_text(source.collect())), None
     except Exception as err:  # any bug in any collector: the scrape must still be answered
         return b"", err
 

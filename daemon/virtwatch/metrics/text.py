@@ -12,7 +12,7 @@ prometheus-client.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client.openmetrics.exposition import UNDERSCORES, escape_label_name, escape_metric_name
 from prometheus_client.utils import floatToGoString
@@ -87,3 +87,43 @@ def write_text(families: Iterable[Any]) -> bytes:
             out.append(f"# HELP {om_name} {doc}\n# TYPE {om_name} gauge\n")
             out.extend(lines)
     return "".join(out).encode("utf-8")
+
+
+class _Written(NamedTuple):
+    """One family as :class:`FamilyTexts` last wrote it: what it was written from, and the bytes."""
+
+    type: str
+    documentation: str
+    samples: list[Any]
+    text: bytes
+
+
+class FamilyTexts:
+    """:func:`write_text` with a memory of the last call: a family whose type, help and
+    samples (names, labels, values, timestamps) equal those it had then is not formatted
+    again; its bytes are reused. For the daemon's own metrics, written at every scrape,
+    most of which do not change between scrapes. The bytes are those :func:`write_text`
+    writes for the same families (the text of a list of families is the concatenation of
+    each family's). Keeps one entry per family name of the last call. Entries are immutable
+    and replaced whole, so calls from two threads at once still write the right bytes
+    (they may only format a family again)."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, _Written] = {}
+        self.reused = 0  # families not formatted again, since creation
+
+    def write(self, families: Iterable[Any]) -> bytes:
+        """The families' text (as :func:`write_text`; raises what it raises)."""
+        last, seen = self._last, {}
+        out: list[bytes] = []
+        for metric in families:
+            hit = last.get(metric.name)
+            if (hit is not None and hit.samples == metric.samples and hit.type == metric.type
+                    and hit.documentation == metric.documentation):
+                self.reused += 1
+            else:
+                hit = _Written(metric.type, metric.documentation, metric.samples, write_text([metric]))
+            seen[metric.name] = hit
+            out.append(hit.text)
+        self._last = seen
+        return b"".join(out)
