@@ -5,8 +5,10 @@
 Each line is a fresh interpreter that imports the modules above it first and then the
 module named, so the figure is that module's own increment (RSS from
 ``/proc/self/status`` VmRSS, MiB); "alone" is the module imported first in a fresh
-interpreter, with everything it pulls in. Then the RSS of a whole ``virtwatch run`` on
-the test driver with the default settings, and which optional libraries it loaded.
+interpreter, with everything it pulls in. Then the RSS of a fresh interpreter that has
+imported the stack's libraries alone (:data:`STACK`: the floor under any daemon on this
+stack), and of a whole ``virtwatch run`` on the test driver with the default settings, and
+which optional libraries it loaded.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ MODULES = [
     "virtwatch.alerts.alerter", "virtwatch.console.capture", "virtwatch.agent.lane", "virtwatch.metrics.http",
     "virtwatch.web.server", "virtwatch.app", "virtwatch.cli.main",
 ]
+#: the agreed stack's libraries, as the daemon uses them (``pydantic.main``: BaseModel, which any model needs)
+STACK = ["asyncio", "libvirt", "prometheus_client", "structlog", "pydantic.main", "aiohttp.web"]
 PROBE = """
 import sys, importlib
 def rss():
@@ -48,6 +52,15 @@ def increment(before: list[str], target: str) -> float:
     out = subprocess.run([sys.executable, "-c", PROBE, ",".join(before), target], capture_output=True, text=True,
                          check=True)
     return float(out.stdout)
+
+
+def stack_rss() -> float:
+    """VmRSS (MiB) of a fresh interpreter that has imported :data:`STACK` and nothing of
+    virtwatch: the floor under any daemon written on this stack."""
+    code = ("import importlib\n"
+            f"for m in {STACK!r}:\n    importlib.import_module(m)\n"
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")
+    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
 def daemon_rss() -> tuple[float, list[str]]:
@@ -81,8 +94,10 @@ def main() -> int:
         alone = increment([], name)
         inc = increment(MODULES[:i], name)
         print(f"{name:32s}{alone:10.1f}{inc:15.1f}")
+    floor = stack_rss()
+    print(f"\nthe stack alone ({', '.join(STACK)}), fresh interpreter: RSS {floor:.1f} MiB")
     rss, loaded = daemon_rss()
-    print(f"\nvirtwatch run, test:///default, default settings: RSS {rss:.1f} MiB; "
+    print(f"virtwatch run, test:///default, default settings: RSS {rss:.1f} MiB; "
           f"optional native libraries mapped: {', '.join(loaded) or 'none'}")
     return 0
 

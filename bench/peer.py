@@ -56,6 +56,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "e2e"))
 sys.path.insert(0, str(ROOT / "tests"))  # testkit, used by hostlib
 
+from imports import STACK, stack_rss  # noqa: E402  (bench/, this script's directory)
+
 from hostlib import GuestFactory, VirtwatchProcess, ensure_image, free_port, libvirtd_pid, start_libvirtd  # noqa: E402
 from virtwatch.virt.groups import GROUP_FLAGS, stats_flags  # noqa: E402
 
@@ -476,7 +478,7 @@ def summarize(rounds: dict[str, list[Figures]]) -> dict[str, dict[str, float]]:
 
 
 def print_report(costs: list[tuple[str, float, float]], table: dict[str, dict[str, float]], guests: int,
-                 state: str = "running") -> None:
+                 state: str = "running", floor_mib: float | None = None) -> None:
     print(f"\n== libvirtd CPU per call, {guests} {state} guests (ms; client = this process)")
     for what, daemon_ms, client_ms in costs:
         print(f"  {what:34s} libvirtd {daemon_ms:7.2f}   client {client_ms:6.2f}")
@@ -503,6 +505,9 @@ def print_report(costs: list[tuple[str, float, float]], table: dict[str, dict[st
     if exp:
         print(f"  goal: daemon CPU per poll <= 0.25 x exporter CPU per scrape: "
               f"{vw['daemon_ms']:.2f} ms vs {0.25 * exp['daemon_ms']:.2f} ms")
+    if floor_mib is not None:
+        print(f"  RSS: virtwatch {vw['rss_mib']:.1f} MiB; the stack alone {floor_mib:.1f} MiB (a fresh Python that "
+              f"imported {', '.join(STACK)}); virtwatch above it {vw['rss_mib'] - floor_mib:.1f} MiB")
     print(f"  load average: {' '.join(Path('/proc/loadavg').read_text().split()[:3])}, cpus {os.cpu_count()}")
 
 
@@ -563,7 +568,7 @@ def main() -> int:
                 finally:
                     tool.stop()
         print_report(costs, summarize({name: figs for name, figs in rounds.items() if figs}), args.guests,
-                     "never-booted paused" if args.no_boot else "paused" if args.pause else "running")
+                     "never-booted paused" if args.no_boot else "paused" if args.pause else "running", stack_rss())
     finally:
         factory.cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
