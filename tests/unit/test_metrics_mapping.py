@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 
 import pytest
@@ -189,6 +190,21 @@ def test_render_is_cached_until_state_or_snapshot_changes(recorded_domstats: dic
     assert exp.renders == 2
 
 
+def test_a_render_after_changed_host_figures_writes_what_a_first_render_writes(recorded_domstats: dict) -> None:
+    """The host families' text is reused from the render before only where it is unchanged."""
+    reg, snap = build(recorded_domstats)
+    holder = {"snap": snap}
+    exp = Exposition(CollectorRegistry(), StateCollector(reg, lambda: holder["snap"], lambda: {}))
+    before = exp.render()
+    assert b"libvirt_node_memory_free_bytes 524288.0" in before
+    changed = dataclasses.replace(snap.host, memory={"total": 1024, "free": 256}, collected_at=100.5)
+    holder["snap"] = dataclasses.replace(snap, seq=2, time=101.0, host=changed)
+    again = exp.render()
+    assert exp.renders == 2
+    assert b"libvirt_node_memory_free_bytes 262144.0" in again
+    assert again == Exposition(CollectorRegistry(), StateCollector(reg, lambda: holder["snap"], lambda: {})).render()
+
+
 def test_promtool_accepts_the_exposition(recorded_domstats: dict) -> None:
     reg, snap = build(recorded_domstats)
     live = CollectorRegistry()
@@ -212,7 +228,6 @@ async def test_render_async_matches_render_and_shares_one_render(recorded_domsta
 
 
 async def test_a_scrape_never_waits_and_says_when_it_is_one_render_behind(recorded_domstats: dict) -> None:
-    import dataclasses
 
     reg, snap = build(recorded_domstats)
     holder = {"snap": snap}

@@ -201,8 +201,10 @@ class Exposition:
         self._dropped_total: dict[str, int] = {}
         self._budget_state: tuple[tuple[str, ...], bool] = ((), True)
         self._guest_text = GuestText()
-        # the daemon's own families at each scrape: most are as the last scrape wrote them
+        # the daemon's own families at each scrape: most are as the last scrape wrote them;
+        # and the host and tail families at each render: most are as the last render wrote them
         self._own_texts: dict[str, FamilyTexts] = {}
+        self._state_texts = (FamilyTexts(), FamilyTexts())  # before and after the guests' families
         self.renders = 0
         # whether the last render_async answered a render older than the state (set before it returns)
         self.answered_behind = False
@@ -230,7 +232,8 @@ class Exposition:
                 frozen = self._state.frozen()
             except Exception as err:
                 return self._assemble(StateText(error=err), gzip)
-            self._adopt(key, _render_state(frozen, self._guest_text, self._max_series, self._others()))
+            self._adopt(key, _render_state(frozen, self._guest_text, self._state_texts, self._max_series,
+                                             self._others()))
         return self._assemble(self._cached, gzip)
 
     async def render_async(self, gzip: bool = False, wait: bool = False) -> bytes:
@@ -300,7 +303,7 @@ class Exposition:
         frozen = self._state.frozen()
         self._pending_key = key
         self._pending = asyncio.get_running_loop().run_in_executor(
-            None, _render_state, frozen, self._guest_text, self._max_series, self._others())
+            None, _render_state, frozen, self._guest_text, self._state_texts, self._max_series, self._others())
         self._pending.add_done_callback(functools.partial(self._rendered, key))
         return self._pending
 
@@ -455,13 +458,14 @@ def _render(source: CollectorRegistry, texts: FamilyTexts | None = None) -> tupl
         return b"", err
 
 
-def _render_state(frozen: FrozenState, guest_text: GuestText, max_series: int, other: int) -> StateText:
+def _render_state(frozen: FrozenState, guest_text: GuestText, family_texts: tuple[FamilyTexts, FamilyTexts],
+                  max_series: int, other: int) -> StateText:
     """Collect, cap label values, plan the budget against ``other`` series, render and deflate.
 
-    The host and tail families go through :func:`~virtwatch.metrics.text.write_text`
-    (prometheus-client's text, faster), the per-guest ones through ``guest_text`` (the same
-    text again, without metric objects). A failure anywhere gives ``StateText(error=…)``,
-    never a half-written text. Safe in a worker thread.
+    The host and tail families go through ``family_texts`` (one for each: prometheus-client's
+    text, faster, and not formatted again when a family is as the last render wrote it), the
+    per-guest ones through ``guest_text`` (the same text again, without metric objects). A
+    failure anywhere gives ``StateText(error=…)``, never a half-written text. Safe in a worker thread.
     """
     try:
         head = list(cap_labels(frozen.host_families()))
@@ -475,9 +479,9 @@ def _render_state(frozen: FrozenState, guest_text: GuestText, max_series: int, o
             counts[name] = counts.get(name, 0) + len(family_lines)
         plan = plan_budget(counts, max_series, other)
         left_out = {f for tier, tier_families in TIERS if tier in plan.tiers for f in tier_families}
-        body = b"".join((write_text(f for f in head if exposed_name(f) not in left_out),
+        body = b"".join((family_texts[0].write(f for f in head if exposed_name(f) not in left_out),
                          guest_text.text(lines, left_out).encode("utf-8"),
-                         write_text(f for f in tail if exposed_name(f) not in left_out)))
+                         family_texts[1].write(f for f in tail if exposed_name(f) not in left_out)))
         kept = {name: n for name, n in counts.items() if name not in left_out}
         return StateText(body, None, deflate_part(body), kept, plan)
     except Exception as err:  # any bug in any collector: the scrape must still be answered
