@@ -182,6 +182,7 @@ class _Entry:
     devices: DomainDevices
     names: frozenset[str]     # net names of the stats the read was made for
     read_at: float            # wall time of the read
+    known: frozenset[str]     # every name the XML gives a NIC (target, alias, MAC): matched at each poll
 
 
 class DeviceCache:
@@ -258,8 +259,7 @@ class DeviceCache:
             if entry is None or uuid in self._dirty or now - entry.read_at > self.max_age:
                 out.append(uuid)
                 continue
-            known = {name for n in entry.devices.interfaces for name in (n.target, n.alias, n.mac) if name}
-            if not names <= known and names != entry.names:
+            if not names <= entry.known and names != entry.names:
                 out.append(uuid)
                 continue
             period = entry.devices.balloon_period
@@ -276,7 +276,8 @@ class DeviceCache:
         if devices is None:
             self._entries.pop(uuid, None)
             return
-        self._entries[uuid] = _Entry(devices, names, now)
+        known = frozenset(name for n in devices.interfaces for name in (n.target, n.alias, n.mac) if name)
+        self._entries[uuid] = _Entry(devices, names, now, known)
         self.reads += 1
 
     async def refresh(self, rows: Sequence[tuple[str, str, Mapping[str, Any]]], end: float, lanes: LanePool,
@@ -289,7 +290,10 @@ class DeviceCache:
         spreads its reads over several polls rather than let one outlive its deadline.
         A guest not read keeps its cached devices (or none). Never raises for libvirt."""
         wanted = self.wanted(((u, st) for _n, u, st in rows), self._wall(), poll_interval)
-        names = {u: net_names(st) for _n, u, st in rows}
+        if not wanted:
+            return
+        wanted_set = set(wanted)
+        names = {u: net_names(st) for _n, u, st in rows if u in wanted_set}
         took = 0.0
         for i in range(0, len(wanted), self.BATCH):
             remaining = end - self._monotonic()
