@@ -101,12 +101,12 @@ class _Written(NamedTuple):
 class FamilyTexts:
     """:func:`write_text` with a memory of the last call: a family whose type, help and
     samples (names, labels, values, timestamps) equal those it had then is not formatted
-    again; its bytes are reused. For the daemon's own metrics, written at every scrape,
-    most of which do not change between scrapes. The bytes are those :func:`write_text`
-    writes for the same families (the text of a list of families is the concatenation of
-    each family's). Keeps one entry per family name of the last call. Entries are immutable
-    and replaced whole, so calls from two threads at once still write the right bytes
-    (they may only format a family again)."""
+    again; its bytes are reused. For families written again and again, most of which do not
+    change in between: the daemon's own at every scrape, the host families at every render.
+    The bytes are those :func:`write_text` writes for the same families (the text of a list
+    of families is the concatenation of each family's). Keeps one entry per family name of
+    the last call. Entries are immutable and replaced whole, so calls from two threads at
+    once still write the right bytes (they may only format a family again)."""
 
     def __init__(self) -> None:
         self._last: dict[str, _Written] = {}
