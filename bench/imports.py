@@ -43,24 +43,27 @@ for m in before_list:
     importlib.import_module(m)
 r0 = rss()
 importlib.import_module(target)
-print(rss() - r0)
+print(rss() - r0, rss())
 """
+
+
+def _probe(before: list[str], target: str) -> tuple[float, float]:
+    """(RSS increase of importing ``target`` after ``before``, RSS after it), MiB, in a fresh interpreter."""
+    out = subprocess.run([sys.executable, "-c", PROBE, ",".join(before), target], capture_output=True, text=True,
+                         check=True)
+    increase, total = out.stdout.split()
+    return float(increase), float(total)
 
 
 def increment(before: list[str], target: str) -> float:
     """RSS increase (MiB) of importing ``target`` after ``before`` in a fresh interpreter."""
-    out = subprocess.run([sys.executable, "-c", PROBE, ",".join(before), target], capture_output=True, text=True,
-                         check=True)
-    return float(out.stdout)
+    return _probe(before, target)[0]
 
 
 def stack_rss() -> float:
     """VmRSS (MiB) of a fresh interpreter that has imported :data:`STACK` and nothing of
     virtwatch: the floor under any daemon written on this stack."""
-    code = ("import importlib\n"
-            f"for m in {STACK!r}:\n    importlib.import_module(m)\n"
-            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS:')) / 1024)")
-    return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    return _probe(STACK[:-1], STACK[-1])[1]
 
 
 def daemon_rss() -> tuple[float, list[str]]:
